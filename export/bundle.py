@@ -154,7 +154,9 @@ class Manifest(_Strict):
     version: int = Field(0, ge=0, description="0 until published; then >= 1")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     embed_dim: int = Field(ge=1)
-    logit_scale: float = Field(gt=0, description="exp() already applied: scores are softmax(logit_scale * cos)")
+    logit_scale: float = Field(
+        gt=0, description="exp() already applied: scores are softmax(logit_scale * cos)"
+    )
     logit_bias: float | None = None
     image: ImagePreprocess
     tokenizer: TokenizerSpec
@@ -216,11 +218,18 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_file(bundle_dir: Path, relpath: str, role: str, precision: str | None = None, **extra) -> BundleFile:
+def describe_file(
+    bundle_dir: Path, relpath: str, role: str, precision: str | None = None, **extra
+) -> BundleFile:
     """A manifest entry for a file already written in `bundle_dir` (hash and size computed)."""
     path = Path(bundle_dir) / relpath
     return BundleFile(
-        path=relpath, sha256=sha256_file(path), size=path.stat().st_size, role=role, precision=precision, **extra
+        path=relpath,
+        sha256=sha256_file(path),
+        size=path.stat().st_size,
+        role=role,
+        precision=precision,
+        **extra,
     )
 
 
@@ -332,20 +341,26 @@ class ModelRepository:
         if not self.root.is_dir():
             return []
         return sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and _NAME_RE.match(p.name) and self.versions(p.name)
+            p.name
+            for p in self.root.iterdir()
+            if p.is_dir() and _NAME_RE.match(p.name) and self.versions(p.name)
         )
 
     def versions(self, name: str) -> list[int]:
         model_dir = self.root / name
         if not model_dir.is_dir():
             return []
-        return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file())
+        return sorted(
+            int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST_FILE).is_file()
+        )
 
     def latest(self, name: str) -> int:
         versions = self.versions(name)
         if not versions:
             known = ", ".join(self.models()) or "none"
-            raise BundleNotFoundError(f"no published version of model {name!r} in {self.root} (models: {known})")
+            raise BundleNotFoundError(
+                f"no published version of model {name!r} in {self.root} (models: {known})"
+            )
         return versions[-1]
 
     def bundle_dir(self, name: str, version: int | None = None) -> Path:
@@ -364,11 +379,15 @@ class ModelRepository:
         while not probe_dir.exists():
             probe_dir = probe_dir.parent
         if not probe_dir.is_dir() or not os.access(probe_dir, os.W_OK | os.X_OK):
-            raise RepositoryNotWritableError(f"model repository {self.root} is not writable (checked {probe_dir})")
+            raise RepositoryNotWritableError(
+                f"model repository {self.root} is not writable (checked {probe_dir})"
+            )
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RepositoryNotWritableError(f"cannot create model repository {self.root}: {exc.strerror}") from exc
+            raise RepositoryNotWritableError(
+                f"cannot create model repository {self.root}: {exc.strerror}"
+            ) from exc
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[Staging]:
@@ -437,7 +456,9 @@ class ModelRepository:
                 os.rename(staging.path, target)
             except OSError as exc:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                    raise VersionExistsError(f"{staging.name} version {version} appeared while publishing") from exc
+                    raise VersionExistsError(
+                        f"{staging.name} version {version} appeared while publishing"
+                    ) from exc
                 raise
             _fsync_dir(model_dir)
         return Bundle(manifest=final, path=target)
