@@ -1,0 +1,243 @@
+"""docker-compose.yml and deploy/: schema-valid, consistent with the service settings and the proxy.
+
+No container engine runs here, so the file is checked as Compose would check it: variables
+interpolated with their defaults, then validated against the Compose Specification JSON schema
+(vendored in tests/data/compose, see SOURCE.md), then the cross-references Compose resolves at
+`up` time (services, volumes, profiles, files), then what the deployment relies on.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+SCHEMA_FILE = ROOT / "tests" / "data" / "compose" / "compose-spec.json"
+NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def interpolate(value: Any, env: dict[str, str]) -> Any:
+    """Compose's variable substitution: ${VAR}, $VAR, ${VAR:-default}, ${VAR-default}, $$."""
+    if isinstance(value, dict):
+        return {key: interpolate(item, env) for key, item in value.items()}
+    if isinstance(value, list):
+        return [interpolate(item, env) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1) or match.group(4)
+        operator, default = match.group(2), match.group(3) or ""
+        current = env.get(name)
+        missing = current is None if operator in ("-", "?") else not current
+        if operator in (":-", "-") and missing:
+            return default
+        if operator in (":?", "?") and missing:
+            raise ValueError(f"required variable {name} is not set: {default}")
+        return current or ""
+
+    return _VAR.sub(substitute, value)
+
+
+def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
+    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env or {})
+
+
+def schema_errors(document: dict[str, Any]) -> list[str]:
+    schema = json.loads(SCHEMA_FILE.read_text())
+    validator = jsonschema.Draft201909Validator(schema)
+    return [
+        f"{'/'.join(str(p) for p in error.absolute_path) or '<root>'}: {error.message}"
+        for error in validator.iter_errors(document)
+    ]
+
+
+def reference_errors(document: dict[str, Any], root: Path = ROOT) -> list[str]:
+    """What Compose itself refuses at `up` even when the schema is satisfied."""
+    errors: list[str] = []
+    services: dict[str, Any] = document["services"]
+    declared_volumes = set(document.get("volumes") or {})
+    for name, service in services.items():
+        depends = service.get("depends_on") or {}
+        errors += [f"{name}: depends on unknown service {dep}" for dep in depends if dep not in services]
+        if "image" not in service and "build" not in service:
+            errors.append(f"{name}: neither image nor build")
+        build = service.get("build")
+        if isinstance(build, dict):
+            dockerfile = root / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+            if not dockerfile.is_file():
+                errors.append(f"{name}: Dockerfile {dockerfile} does not exist")
+        for mount in service.get("volumes") or []:
+            source = mount.split(":")[0]
+            if source.startswith((".", "/")):
+                if not (root / source).exists():
+                    errors.append(f"{name}: bind mount source {source} does not exist")
+            elif source not in declared_volumes:
+                errors.append(f"{name}: volume {source} is not declared at the top level")
+    return errors
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose()
+
+
+def test_compose_file_is_valid_against_the_compose_schema(compose: dict[str, Any]) -> None:
+    assert schema_errors(compose) == []
+    assert reference_errors(compose) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("services", "api", "depends_on", "redis", "condition"), "healthy"),
+        (("services", "redis", "healthcheck", "retries"), "ten"),
+        (("services", "api", "restart_policy"), "always"),
+    ],
+    ids=["bad-condition", "bad-type", "unknown-key"],
+)
+def test_schema_check_rejects_a_broken_compose_file(
+    compose: dict[str, Any], path: tuple[str, ...], value: object
+) -> None:
+    broken = copy.deepcopy(compose)
+    target = broken
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    errors = schema_errors(broken)
+    assert errors, f"setting {'.'.join(path)} = {value!r} should not validate"
+    assert any(path[1] in error for error in errors)
+
+
+def test_reference_check_rejects_unknown_service_and_undeclared_volume(compose: dict[str, Any]) -> None:
+    broken = copy.deepcopy(compose)
+    broken["services"]["api"]["depends_on"]["cache"] = {"condition": "service_healthy"}
+    broken["services"]["api"]["volumes"].append("weights:/weights")
+    errors = reference_errors(broken)
+    assert "api: depends on unknown service cache" in errors
+    assert "api: volume weights is not declared at the top level" in errors
+
+
+def test_interpolation_uses_defaults_and_environment() -> None:
+    assert load_compose()["services"]["proxy"]["ports"] == ["127.0.0.1:8000:8080"]
+    env = {"CLIPSERVE_BIND": "0.0.0.0", "CLIPSERVE_PUBLIC_PORT": "9000", "POSTGRES_PASSWORD": "s3cret"}
+    document = load_compose(env)
+    assert document["services"]["proxy"]["ports"] == ["0.0.0.0:9000:8080"]
+    assert "clipserve:s3cret@postgres" in document["services"]["api"]["environment"]["CLIPSERVE_POSTGRES_DSN"]
+    assert interpolate("$${literal} ${MISSING-x} ${EMPTY-y} ${EMPTY:-z}", {"EMPTY": ""}) == "${literal} x  z"
+    with pytest.raises(ValueError, match="NEEDED"):
+        interpolate("${NEEDED:?set it}", {})
+
+
+def test_api_replicas_can_scale_behind_the_proxy(compose: dict[str, Any]) -> None:
+    api = compose["services"]["api"]
+    # A published host port or a fixed container name makes `--scale api=3` fail.
+    assert "ports" not in api
+    assert "container_name" not in api
+    assert api["depends_on"]["redis"] == {"condition": "service_healthy"}
+    assert api["depends_on"]["postgres"] == {"condition": "service_healthy"}
+    assert "models:/models:ro" in api["volumes"]
+    assert compose["services"]["proxy"]["depends_on"] == {"api": {"condition": "service_started"}}
+
+
+def test_every_api_variable_is_a_valid_service_setting(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for service in ("api", "api-gpu"):
+        environment: dict[str, str | None] = compose["services"][service]["environment"]
+        for key in list(Settings.model_fields):
+            monkeypatch.delenv(f"CLIPSERVE_{key.upper()}", raising=False)
+        for key, value in environment.items():
+            assert key.startswith("CLIPSERVE_"), f"{service}: {key} is not a service setting"
+            field = key.removeprefix("CLIPSERVE_").lower()
+            assert field in Settings.model_fields, f"{service}: {key} matches no field of service.settings"
+            if value is not None:
+                monkeypatch.setenv(key, str(value))
+        settings = Settings()
+        assert settings.models_dir == Path("/models")
+        assert settings.redis_url == "redis://redis:6379/0"
+        assert settings.collections_backend == "pgvector"
+        assert settings.api_keys == []
+    assert settings.providers == ["tensorrt", "cuda", "cpu"]
+
+
+def test_redis_has_a_memory_policy_and_persistence(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    args = redis["command"]
+    options = dict(zip(args[1::2], args[2::2], strict=True))
+    assert options["--maxmemory"] == "1gb"
+    # Only keys with a TTL (text vectors) may be evicted: label sets have none and must stay.
+    assert options["--maxmemory-policy"] == "volatile-lru"
+    assert options["--appendonly"] == "yes"
+    assert any(mount.endswith(":/data") for mount in redis["volumes"])
+    api_env = compose["services"]["api"]["environment"]
+    assert api_env["CLIPSERVE_REDIS_URL"].startswith("redis://redis:")
+
+
+def test_postgres_is_pgvector_and_matches_the_dsn(compose: dict[str, Any]) -> None:
+    postgres = compose["services"]["postgres"]
+    assert postgres["image"].startswith("pgvector/pgvector:")
+    dsn = compose["services"]["api"]["environment"]["CLIPSERVE_POSTGRES_DSN"]
+    env = postgres["environment"]
+    expected = (
+        f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
+    )
+    assert dsn == expected
+    init = next(m for m in postgres["volumes"] if "docker-entrypoint-initdb.d" in m)
+    assert "CREATE EXTENSION IF NOT EXISTS vector" in (ROOT / init.split(":")[0]).read_text()
+
+
+def test_trainer_and_gpu_profiles(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    trainer, gpu = services["trainer"], services["api-gpu"]
+    assert trainer["profiles"] == ["trainer"]
+    assert "models:/models" in trainer["volumes"]
+    assert "--repo" in trainer["command"]
+    assert trainer["command"][trainer["command"].index("--repo") + 1] == "/models"
+    assert gpu["profiles"] == ["gpu"]
+    assert gpu["build"]["dockerfile"] == "docker/Dockerfile.serve-gpu"
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "api" in gpu["networks"]["default"]["aliases"]
+    # Services without a profile are what a plain `docker compose up` starts.
+    assert {name for name, s in services.items() if "profiles" not in s} == {
+        "redis",
+        "postgres",
+        "api",
+        "proxy",
+    }
+
+
+def nginx_directives(text: str) -> list[list[str]]:
+    cleaned = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    statements = re.split(r"[;{}]", cleaned)
+    return [shlex.split(statement) for statement in statements if statement.strip()]
+
+
+def test_proxy_targets_the_api_service_and_accepts_the_largest_body(compose: dict[str, Any]) -> None:
+    directives = nginx_directives(NGINX_CONF.read_text())
+    servers = [d for d in directives if d[0] == "server" and len(d) > 1]
+    assert servers, "no upstream server in deploy/nginx.conf"
+    host, port = servers[0][1].split(":")
+    assert host == "api" and "resolve" in servers[0]
+    api = compose["services"]["api"]
+    assert port in api["expose"]
+    listen = next(d[1] for d in directives if d[0] == "listen")
+    assert compose["services"]["proxy"]["ports"][0].endswith(f":{listen}")
+    body_limit = next(d[1] for d in directives if d[0] == "client_max_body_size")
+    assert int(body_limit.removesuffix("m")) * 1024 * 1024 >= Settings().max_body_bytes
+    mount = next(m for m in compose["services"]["proxy"]["volumes"] if "nginx" in m)
+    assert (ROOT / mount.split(":")[0]).resolve() == NGINX_CONF
