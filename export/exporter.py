@@ -1,0 +1,328 @@
+"""Export an in-memory open_clip model to a verified, published model bundle.
+
+`export_bundle` is the one entry point: the CLI calls it after loading a model, training calls it
+to publish a student. Everything is written into a staging directory of the repository, checked
+against the torch model, and only then published; on any failure nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import open_clip
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from pydantic import ValidationError
+from timm.utils import reparameterize_model
+from torch import nn
+
+from export.bundle import (
+    Bundle,
+    BundleFile,
+    ImagePreprocess,
+    Manifest,
+    ModelRepository,
+    ModelSource,
+    ParityReport,
+    Precision,
+    Staging,
+    TextGraph,
+    TokenizerSpec,
+    VersionExistsError,
+    validate_name,
+)
+from export.errors import ExportError, ParityError
+from export.logs import quiet_logs
+from export.quantize import convert_fp16, quantize_int8
+from export.tokenizer import VOCAB_FILENAME
+from export.towers import ImageTower, TextTowerPlan, plan_text_tower
+from export.verify import (
+    cosine_threshold,
+    fixed_images,
+    fixed_token_ids,
+    image_outputs,
+    make_session,
+    report,
+    text_outputs,
+    token_counts,
+    torch_embeddings,
+)
+
+ONNX_OPSET = 18
+# An example batch of 1 lets the exporter specialize the batch axis to 1.
+EXAMPLE_BATCH = 2
+MAX_BATCH = 4096
+VOCAB_SOURCE = Path(open_clip.__file__).parent / VOCAB_FILENAME
+IMAGE_INPUT, IMAGE_OUTPUT = "pixel_values", "image_embeds"
+TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeds"
+
+
+class Progress:
+    """One line per step on stderr, with the time it took."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        print(f"  {what} ...", end="", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            print(" failed", file=sys.stderr, flush=True)
+            raise
+        print(f" {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _mha_fastpath_disabled() -> Iterator[None]:
+    # The fused fast path of nn.MultiheadAttention is not exportable; the plain path computes the same.
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+def export_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
+                 dynamic_axes: Mapping[int, torch.export.Dim]) -> None:
+    """torch.export-based ONNX export (the legacy tracer bakes the sequence length into reshapes)."""
+    with _mha_fastpath_disabled(), torch.no_grad(), quiet_logs():
+        try:
+            torch.onnx.export(
+                module, (example,), str(path), input_names=[input_name], output_names=[output_name],
+                dynamo=True, dynamic_shapes={input_name: dict(dynamic_axes)}, opset_version=ONNX_OPSET,
+                external_data=False, optimize=True, verbose=False,
+            )
+        except Exception as exc:
+            raise ExportError(f"ONNX export of {path.name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def dynamic_input_axes(path: Path, input_name: str) -> set[int]:
+    """Axes of an input that the saved graph leaves symbolic."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+    for value in graph.input:
+        if value.name == input_name:
+            dims = value.type.tensor_type.shape.dim
+            return {axis for axis, dim in enumerate(dims) if dim.dim_param or not dim.HasField("dim_value")}
+    raise ExportError(f"{path.name} has no input named {input_name!r}")
+
+
+def preprocess_from_model(model: nn.Module) -> ImagePreprocess:
+    """The image preprocessing the model was built with (open_clip keeps it on model.visual)."""
+    config = dict(open_clip.get_model_preprocess_cfg(model))
+    if "size" not in config or "mean" not in config or "std" not in config:
+        raise ExportError("the model carries no image preprocess config (size, mean, std); pass preprocess=")
+    size = config["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    try:
+        return ImagePreprocess(
+            size=size, mean=tuple(config["mean"]), std=tuple(config["std"]),
+            interpolation=config.get("interpolation", "bicubic"),
+            resize_mode=config.get("resize_mode", "shortest"),
+            fill_color=config.get("fill_color", 0),
+        )
+    except ValidationError as exc:
+        raise ExportError(f"unsupported image preprocess config {config}: {exc}") from exc
+
+
+def tokenizer_spec(context_length: int, source: ModelSource) -> TokenizerSpec:
+    text_cfg = (source.config or {}).get("text_cfg", {})
+    if text_cfg.get("hf_tokenizer_name"):
+        raise ExportError(
+            f"{source.architecture} uses the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}; "
+            "clipserve bundles support CLIP-BPE tokenizers only for now"
+        )
+    clean = text_cfg.get("tokenizer_kwargs", {}).get("clean", "lower")
+    bpe = SimpleTokenizer(context_length=context_length)
+    return TokenizerSpec(
+        context_length=context_length, vocab_file=VOCAB_SOURCE.name, lowercase=clean != "whitespace",
+        clean=clean, sot_token_id=bpe.sot_token_id, eot_token_id=bpe.eot_token_id,
+    )
+
+
+def _scalar(parameter: torch.Tensor | None) -> float | None:
+    if parameter is None:
+        return None
+    return float(parameter.detach().float().reshape(-1)[0])
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """The model with re-parameterizable blocks (MobileCLIP, FastViT, RepVGG) fused for inference."""
+    fusable = any(
+        hasattr(module, "reparameterize") or hasattr(module, "switch_to_deploy") for module in model.modules()
+    )
+    return reparameterize_model(model).eval() if fusable else model
+
+
+@dataclass
+class _Towers:
+    image: nn.Module
+    text: TextTowerPlan
+    images: np.ndarray
+    token_ids: np.ndarray
+    image_reference: np.ndarray
+    text_reference: np.ndarray
+
+
+class _BundleWriter:
+    """Writes and checks the files of one bundle inside a staging directory."""
+
+    def __init__(self, staging: Staging, towers: _Towers, thresholds: Mapping[str, float], progress: Progress):
+        self.staging = staging
+        self.towers = towers
+        self.thresholds = thresholds
+        self.progress = progress
+        self.files: list[BundleFile] = []
+        self.parity: list[ParityReport] = []
+        self.length_free = False
+
+    def export_fp32(self) -> None:
+        towers = self.towers
+        image_path = self.staging.path / "image.onnx"
+        with self.progress.step("exporting image tower to image.onnx"):
+            example = torch.from_numpy(towers.images[:EXAMPLE_BATCH])
+            export_graph(towers.image, example, image_path, IMAGE_INPUT, IMAGE_OUTPUT,
+                         {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)})
+        text_path = self.staging.path / "text.onnx"
+        with self.progress.step("exporting text tower to text.onnx"):
+            self._export_text(text_path)
+        self.files += [self.staging.describe("image.onnx", "image", "fp32"),
+                       self.staging.describe("text.onnx", "text", "fp32")]
+
+    def _export_text(self, path: Path) -> None:
+        plan = self.towers.text
+        ids = self.towers.token_ids[:EXAMPLE_BATCH]
+        axes = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+        if plan.length_free:
+            ids = ids[:, : max(3, int(token_counts(ids).max()))]
+            axes[1] = torch.export.Dim("sequence", min=2, max=plan.context_length)
+        export_graph(plan.module, torch.from_numpy(np.ascontiguousarray(ids)), path, TEXT_INPUT, TEXT_OUTPUT, axes)
+        self.length_free = plan.length_free and 1 in dynamic_input_axes(path, TEXT_INPUT)
+
+    def copy_vocab(self) -> None:
+        shutil.copyfile(VOCAB_SOURCE, self.staging.path / VOCAB_SOURCE.name)
+        self.files.append(self.staging.describe(VOCAB_SOURCE.name, "tokenizer"))
+
+    def verify(self, precision: Precision, image_file: str, text_file: str) -> None:
+        with self.progress.step(f"checking {precision} parity with the torch model"):
+            reports = [self._image_report(precision, image_file), self._text_report(precision, text_file)]
+        self.parity += reports
+        failed = [r for r in reports if not r.passed]
+        if failed:
+            details = "; ".join(
+                f"{r.file}: min cosine {r.min_cosine:.6f} < {r.threshold} (max abs diff {r.max_abs_diff:.2e})"
+                for r in failed
+            )
+            raise ParityError(f"exported {precision} graphs disagree with the torch model: {details}")
+
+    def _image_report(self, precision: Precision, file: str) -> ParityReport:
+        towers = self.towers
+        session = make_session(self.staging.path / file)
+        actual = image_outputs(session, towers.images)
+        return report("image", precision, file, towers.image_reference, actual, len(towers.images),
+                      self.thresholds[precision])
+
+    def _text_report(self, precision: Precision, file: str) -> ParityReport:
+        towers = self.towers
+        session = make_session(self.staging.path / file)
+        actual = text_outputs(session, towers.token_ids, self.length_free)
+        return report("text", precision, file, towers.text_reference, actual, len(towers.token_ids),
+                      self.thresholds[precision])
+
+    def add_int8(self) -> None:
+        with self.progress.step("quantizing MatMul/Gemm to int8"):
+            for tower in ("image", "text"):
+                quantize_int8(self.staging.path / f"{tower}.onnx", self.staging.path / f"{tower}.int8.onnx")
+        self.files += [self.staging.describe(f"{tower}.int8.onnx", tower, "int8") for tower in ("image", "text")]
+        self.verify("int8", "image.int8.onnx", "text.int8.onnx")
+
+    def add_fp16(self) -> None:
+        with self.progress.step("converting to fp16"):
+            for tower in ("image", "text"):
+                convert_fp16(self.staging.path / f"{tower}.onnx", self.staging.path / f"{tower}.fp16.onnx")
+        self.files += [self.staging.describe(f"{tower}.fp16.onnx", tower, "fp16") for tower in ("image", "text")]
+        self.verify("fp16", "image.fp16.onnx", "text.fp16.onnx")
+
+    def add_tensorrt(self) -> None:
+        from export.tensorrt import build_engines
+
+        with self.progress.step("building TensorRT engines"):
+            self.files += build_engines(self.staging, self.towers.images.shape[2:], self.towers.text.context_length,
+                                        self.length_free)
+
+
+def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:
+    reference_image, reference_text = ImageTower(model).eval(), plan_text_tower(model)
+    deployed = inference_copy(model)
+    text_plan = plan_text_tower(deployed) if deployed is not model else reference_text
+    images = fixed_images(*preprocess.size)
+    token_ids = fixed_token_ids(text_plan.context_length)
+    return _Towers(
+        image=ImageTower(deployed).eval(), text=text_plan, images=images, token_ids=token_ids,
+        image_reference=torch_embeddings(reference_image, images),
+        text_reference=torch_embeddings(reference_text.module.eval(), token_ids),
+    )
+
+
+def _check_can_publish(repository: ModelRepository, name: str, version: int | None) -> None:
+    validate_name(name)
+    repository.check_writable()
+    if version is not None and version in repository.versions(name):
+        raise VersionExistsError(f"{name} version {version} already exists in {repository.root}; "
+                                 "versions are immutable: pick another version or leave it out")
+
+
+def export_bundle(model: nn.Module, repo: ModelRepository | Path | str, name: str, *, source: ModelSource,
+                  preprocess: ImagePreprocess | None = None, int8: bool = False, fp16: bool = False,
+                  tensorrt: bool = False, min_cosine: float | Mapping[str, float] | None = None,
+                  version: int | None = None, progress: bool = True) -> Bundle:
+    """Export both towers of `model`, verify them against it, and publish the bundle as `name`.
+
+    `min_cosine`: a float sets the fp32 parity threshold; a mapping {"fp32"|"int8"|"fp16": value}
+    sets any of them. Below its threshold, a graph is refused and nothing is published.
+    """
+    repository = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
+    _check_can_publish(repository, name, version)
+    steps = Progress(progress)
+    model.eval()
+    preprocess = preprocess or preprocess_from_model(model)
+    if source.open_clip_version is None:
+        source = source.model_copy(update={"open_clip_version": open_clip.__version__})
+    with steps.step("preparing towers and reference outputs"):
+        towers = _prepare_towers(model, preprocess)
+    tokenizer = tokenizer_spec(towers.text.context_length, source)
+    thresholds = {p: cosine_threshold(p, min_cosine) for p in ("fp32", "int8", "fp16")}
+    with repository.stage(name) as staging:
+        writer = _BundleWriter(staging, towers, thresholds, steps)
+        writer.export_fp32()
+        writer.copy_vocab()
+        writer.verify("fp32", "image.onnx", "text.onnx")
+        if int8:
+            writer.add_int8()
+        if fp16:
+            writer.add_fp16()
+        if tensorrt:
+            writer.add_tensorrt()
+        manifest = Manifest(
+            name=name, embed_dim=int(towers.image_reference.shape[1]),
+            logit_scale=float(np.exp(_scalar(model.logit_scale))), logit_bias=_scalar(model.logit_bias),
+            image=preprocess, tokenizer=tokenizer,
+            text=TextGraph(dynamic_length=writer.length_free, pooling=towers.text.pooling),
+            files=writer.files, source=source, parity=writer.parity,
+        )
+        with steps.step("publishing"):
+            return staging.publish(manifest, version=version)

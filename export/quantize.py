@@ -1,0 +1,35 @@
+"""Precision variants of an exported fp32 graph: int8 for CPU, fp16 for GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+from export.logs import quiet_logs
+
+# Conv in int8 (ConvInteger) is many times slower than fp32 Conv in ONNX Runtime on CPU; only the
+# matrix products gain. quant_pre_process is skipped: its symbolic shape inference fails on ViT graphs.
+INT8_OP_TYPES = ("MatMul", "Gemm")
+# Normalizations and softmax lose too much in fp16 (sums of squares overflow, exp saturates).
+FP16_KEEP_FP32 = ("LayerNormalization", "ReduceMean", "Softmax", "Pow", "Sqrt", "Div", "ReduceL2")
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """Dynamic int8 quantization of the weights of MatMul/Gemm; activations quantized at run time."""
+    with quiet_logs():
+        quantize_dynamic(
+            source, target, op_types_to_quantize=list(INT8_OP_TYPES), weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
+
+
+def convert_fp16(source: Path, target: Path) -> None:
+    """fp16 weights and compute, fp32 inputs and outputs (callers feed and read float32 as before)."""
+    model = onnx.load(str(source))
+    block = sorted(set(DEFAULT_OP_BLOCK_LIST) | set(FP16_KEEP_FP32))
+    with quiet_logs():
+        converted = convert_float_to_float16(model, keep_io_types=True, op_block_list=block)
+    onnx.save(converted, str(target))

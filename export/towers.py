@@ -1,0 +1,115 @@
+"""The two exportable towers of an open_clip model, each ending in an L2-normalized embedding.
+
+The text tower is rebuilt from the model's own parts (never copied weights) so that it slices the
+positional embedding and the causal mask to the length of the input: with a causal mask and
+end-token pooling, the vectors do not depend on padding, and the exported graph can keep its
+sequence axis dynamic. Models without a causal mask (e.g. MobileCLIP text towers) or with a pad
+mask or class token do see the padding, so they are wrapped as they are, at their full length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip import CLIP, CustomTextCLIP
+from open_clip.transformer import TextTransformer
+from torch import nn
+
+from export.errors import ExportError
+
+CLIP_BPE_VOCAB_SIZE = 49408
+SUPPORTED_POOLING = ("argmax", "last", "first")
+
+
+class ImageTower(nn.Module):
+    """pixel_values [B,3,H,W] -> image_embeds [B,D], L2-normalized."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_image(pixel_values), dim=-1)
+
+
+class WholeTextTower(nn.Module):
+    """input_ids [B,L] -> text_embeds [B,D] through the model's own encode_text (fixed length)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(input_ids), dim=-1)
+
+
+class CausalTextTower(nn.Module):
+    """input_ids [B,L<=context] -> text_embeds [B,D], pooled at the end token; the same vectors for any
+    padding length."""
+
+    def __init__(self, text: nn.Module):
+        super().__init__()
+        self.text = text
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        text = self.text
+        x = text.token_embedding(input_ids) + text.positional_embedding[:length]
+        x = text.transformer(x, attn_mask=text.attn_mask[:length, :length])
+        x = text.ln_final(x)
+        # The end token has the highest id of the vocabulary: argmax finds it.
+        pooled = x[torch.arange(x.shape[0], device=x.device), input_ids.argmax(dim=-1)]
+        projection = text.text_projection
+        if isinstance(projection, nn.Linear):
+            pooled = projection(pooled)
+        elif projection is not None:
+            pooled = pooled @ projection
+        return F.normalize(pooled, dim=-1)
+
+
+@dataclass(frozen=True)
+class TextTowerPlan:
+    module: nn.Module
+    context_length: int
+    pooling: str
+    # True when padding cannot change the vectors, so the graph may take any length <= context.
+    length_free: bool
+
+
+def _text_parts(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding token_embedding/transformer/ln_final, and its pooling type."""
+    if isinstance(model, CLIP):
+        return model, model.text_pool_type
+    if isinstance(model, CustomTextCLIP):
+        if not isinstance(model.text, TextTransformer):
+            raise ExportError(
+                f"the text tower is a {type(model.text).__name__} (a Hugging Face text model with its own "
+                "tokenizer); clipserve bundles support CLIP-BPE text towers only for now"
+            )
+        return model.text, model.text.pool_type
+    raise ExportError(
+        f"cannot export a {type(model).__name__}: expected an open_clip CLIP or CustomTextCLIP model"
+    )
+
+
+def plan_text_tower(model: nn.Module) -> TextTowerPlan:
+    text, pool_type = _text_parts(model)
+    vocab_size = text.token_embedding.num_embeddings
+    if vocab_size != CLIP_BPE_VOCAB_SIZE:
+        raise ExportError(
+            f"the text tower has a vocabulary of {vocab_size} tokens, not CLIP-BPE's {CLIP_BPE_VOCAB_SIZE}: "
+            "its tokenizer is not supported by clipserve bundles yet"
+        )
+    if pool_type not in SUPPORTED_POOLING:
+        raise ExportError(
+            f"text pooling {pool_type!r} is not supported (supported: {', '.join(SUPPORTED_POOLING)})"
+        )
+    context_length = int(text.positional_embedding.shape[0])
+    causal = getattr(text, "attn_mask", None) is not None
+    plain = getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False)
+    # Only argmax pooling reads a position that does not move with the padding.
+    if causal and plain and pool_type == "argmax":
+        return TextTowerPlan(CausalTextTower(text), context_length, pool_type, length_free=True)
+    return TextTowerPlan(WholeTextTower(model), context_length, pool_type, length_free=False)
