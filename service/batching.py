@@ -1,0 +1,174 @@
+"""Dynamic batching: one bounded queue per model and tower.
+
+`Batcher.submit(items)` enqueues already-preprocessed rows (image tensors or token-id rows) and
+resolves to their outputs, in order. A loop takes up to `max_batch` rows, or whatever arrived
+within `max_wait_ms` of the oldest one, and runs the batch in the tower's own inference thread,
+so the event loop and the preprocessing pool keep working while the model runs (decode of the
+next requests overlaps inference of the current batch).
+
+- a full queue raises `ApiError` 429 with a Retry-After estimate;
+- a request waiting longer than `timeout_s` raises `ApiError` 503;
+- rows of a cancelled request (client gone, timed out) are dropped before they reach the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import ApiError
+from service.metrics import Metrics
+
+log = logging.getLogger("clipserve.batching")
+
+RunBatch = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+@dataclass
+class _Item:
+    row: np.ndarray
+    future: asyncio.Future
+    enqueued: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        model: str,
+        tower: str,
+        run_batch: RunBatch,
+        *,
+        max_batch: int,
+        max_wait_ms: float,
+        max_queue: int,
+        timeout_s: float,
+        metrics: Metrics,
+    ):
+        self.model, self.tower = model, tower
+        self.run_batch = run_batch
+        self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000.0
+        self.max_queue, self.timeout_s = max_queue, timeout_s
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}-{tower}")
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._last_batch_s = 0.05
+        self._labels = {"model": model, "tower": tower}
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batch-{self.model}-{self.tower}")
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(ApiError(503, "unavailable", "the model was unloaded; retry"))
+        self._queue.clear()
+        self.executor.shutdown(wait=False)
+
+    def retry_after_s(self) -> int:
+        return max(1, math.ceil(len(self._queue) / self.max_batch * self._last_batch_s))
+
+    async def submit(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        if not self.alive:
+            raise ApiError(503, "unavailable", f"the {self.tower} encoder of {self.model} is not running")
+        if len(self._queue) + len(rows) > self.max_queue:
+            self.metrics.rejected.labels(reason="queue_full", **self._labels).inc(len(rows))
+            raise ApiError(
+                429,
+                "overloaded",
+                f"the {self.tower} queue of {self.model} is full ({len(self._queue)} items waiting); retry later",
+                headers={"Retry-After": str(self.retry_after_s())},
+            )
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        futures = []
+        for row in rows:
+            future = loop.create_future()
+            self._queue.append(_Item(row, future, now))
+            futures.append(future)
+        self.metrics.queue_depth.labels(**self._labels).set(len(self._queue))
+        self._arrived.set()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+        except TimeoutError as exc:
+            self.metrics.rejected.labels(reason="timeout", **self._labels).inc(len(rows))
+            raise ApiError(
+                503, "timeout", f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s"
+            ) from exc
+        return np.stack(results)
+
+    def _take(self) -> list[_Item]:
+        batch: list[_Item] = []
+        dropped = 0
+        while self._queue and len(batch) < self.max_batch:
+            item = self._queue.popleft()
+            if item.future.done():
+                dropped += 1
+                continue
+            batch.append(item)
+        if dropped:
+            self.metrics.rejected.labels(reason="cancelled", **self._labels).inc(dropped)
+        self.metrics.queue_depth.labels(**self._labels).set(len(self._queue))
+        return batch
+
+    async def _wait_for_batch(self) -> None:
+        while not self._queue:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = self._queue[0].enqueued + self.max_wait
+        while len(self._queue) < self.max_batch:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_batch()
+            batch = self._take()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                output = await loop.run_in_executor(self.executor, self.run_batch, [i.row for i in batch])
+            except Exception as exc:  # a failing model must fail its requests, never the loop
+                log.exception("%s %s batch of %d failed", self.model, self.tower, len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(
+                            ApiError(500, "inference_error", f"the {self.tower} encoder failed: {type(exc).__name__}")
+                        )
+                continue
+            self._last_batch_s = time.perf_counter() - started
+            self.metrics.batch_size.labels(**self._labels).observe(len(batch))
+            self.metrics.inference_seconds.labels(**self._labels).observe(self._last_batch_s)
+            for item, vector in zip(batch, output, strict=True):
+                if not item.future.done():
+                    item.future.set_result(vector)

@@ -1,0 +1,169 @@
+"""Vector cache: Redis (redis-py asyncio) shared by every replica, with an in-process stand-in.
+
+Keys are built by the callers from the bundle's content hash, never the model name
+(`clipserve:v1:<content-hash>:...`). Two kinds of values:
+
+- vectors (`get_vectors` / `set_vectors`): text embeddings, float32 bytes, with a TTL; the stand-in
+  is an LRU of `cache_lru_size` entries;
+- blobs (`get_blob` / `set_blob` / `delete` / `scan`): label-set definitions and class matrices,
+  no TTL; the stand-in is a plain dict.
+
+When Redis fails, the cache logs one warning, counts the error, sets the fallback gauge and
+serves from the stand-in; it tries Redis again after `redis_retry_s` and logs when it is back.
+A request never fails because of the cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from service.metrics import Metrics
+
+log = logging.getLogger("clipserve.cache")
+T = TypeVar("T")
+KEY_PREFIX = "clipserve:v1"
+
+
+class LRU:
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._data: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+
+    def get(self, key: str) -> bytes | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def set(self, key: str, value: bytes) -> None:
+        if self.capacity <= 0:
+            return
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.capacity:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class VectorCache:
+    def __init__(
+        self,
+        redis_url: str | None,
+        *,
+        lru_size: int,
+        ttl_s: int,
+        retry_s: float,
+        metrics: Metrics,
+    ):
+        self.metrics = metrics
+        self.ttl_s = ttl_s or None
+        self.retry_s = retry_s
+        self._redis = (
+            aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0, retry_on_timeout=False)
+            if redis_url
+            else None
+        )
+        self._vectors = LRU(lru_size)
+        self._blobs: dict[str, bytes] = {}
+        self._down_until = 0.0
+        self._down = redis_url is None
+        metrics.cache_fallback.set(1 if self._down else 0)
+
+    @property
+    def using_redis(self) -> bool:
+        return self._redis is not None and not self._down
+
+    async def aclose(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _try(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> tuple[bool, T | None]:
+        if self._redis is None or time.monotonic() < self._down_until:
+            return False, None
+        try:
+            result = await operation(self._redis)
+        except (RedisError, OSError) as exc:
+            self.metrics.cache_errors.inc()
+            if not self._down:
+                log.warning("Redis unavailable (%s: %s); using the in-process cache", type(exc).__name__, exc)
+            self._down = True
+            self._down_until = time.monotonic() + self.retry_s
+            self.metrics.cache_fallback.set(1)
+            return False, None
+        if self._down:
+            log.info("Redis is reachable again; using it")
+            self._down = False
+            self.metrics.cache_fallback.set(0)
+        return True, result
+
+    def _count(self, kind: str, values: Iterable[bytes | None]) -> None:
+        hits = misses = 0
+        for value in values:
+            if value is None:
+                misses += 1
+            else:
+                hits += 1
+        if hits:
+            self.metrics.cache_requests.labels(kind=kind, result="hit").inc(hits)
+        if misses:
+            self.metrics.cache_requests.labels(kind=kind, result="miss").inc(misses)
+
+    async def get_vectors(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        ok, values = await self._try(lambda r: r.mget(keys))
+        if not ok:
+            values = [self._vectors.get(k) for k in keys]
+        assert values is not None
+        self._count("vector", values)
+        return list(values)
+
+    async def set_vectors(self, items: dict[str, bytes]) -> None:
+        if not items:
+            return
+
+        async def write(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, ex=self.ttl_s)
+                await pipe.execute()
+
+        ok, _ = await self._try(write)
+        if not ok:
+            for key, value in items.items():
+                self._vectors.set(key, value)
+
+    async def get_blob(self, key: str, kind: str = "blob") -> bytes | None:
+        ok, value = await self._try(lambda r: r.get(key))
+        if not ok:
+            value = self._blobs.get(key)
+        self._count(kind, [value])
+        return value
+
+    async def set_blob(self, key: str, value: bytes) -> None:
+        ok, _ = await self._try(lambda r: r.set(key, value))
+        if not ok:
+            self._blobs[key] = value
+
+    async def delete(self, *keys: str) -> int:
+        ok, count = await self._try(lambda r: r.delete(*keys))
+        local = sum(self._blobs.pop(k, None) is not None for k in keys)
+        return int(count or 0) + local if ok else local
+
+    async def scan(self, prefix: str) -> list[str]:
+        async def collect(r: aioredis.Redis) -> list[str]:
+            return [k.decode() async for k in r.scan_iter(match=f"{prefix}*", count=500)]
+
+        ok, keys = await self._try(collect)
+        found = set(keys or []) if ok else set()
+        found.update(k for k in self._blobs if k.startswith(prefix))
+        return sorted(found)

@@ -1,0 +1,65 @@
+"""Retrieval collections: a small store interface and its two backends.
+
+`EmbeddedStore` (FAISS + SQLite under a data dir) is the default for a single instance;
+`PgVectorStore` (PostgreSQL + pgvector, by DSN) lets every replica share the same collections.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from .base import (
+    BackendUnavailableError,
+    CollectionExistsError,
+    CollectionInfo,
+    CollectionNotFoundError,
+    CollectionStore,
+    IndexParams,
+    IndexStoreError,
+    InvalidInputError,
+    ItemNotFoundError,
+    ModelBinding,
+    ModelMismatchError,
+    SearchHit,
+    Source,
+    StoredItem,
+)
+
+BackendName = Literal["embedded", "pgvector"]
+
+__all__ = [
+    "BackendName",
+    "BackendUnavailableError",
+    "CollectionExistsError",
+    "CollectionInfo",
+    "CollectionNotFoundError",
+    "CollectionStore",
+    "IndexParams",
+    "IndexStoreError",
+    "InvalidInputError",
+    "ItemNotFoundError",
+    "ModelBinding",
+    "ModelMismatchError",
+    "SearchHit",
+    "Source",
+    "StoredItem",
+    "open_store",
+]
+
+
+def open_store(backend: BackendName, *, data_dir: Path | str | None = None, dsn: str | None = None) -> CollectionStore:
+    """The configured backend; imports only what that backend needs."""
+    if backend == "embedded":
+        if data_dir is None:
+            raise BackendUnavailableError("the embedded collections backend needs a data dir")
+        from .embedded import EmbeddedStore
+
+        return EmbeddedStore(Path(data_dir) / "collections")
+    if backend == "pgvector":
+        if not dsn:
+            raise BackendUnavailableError("the pgvector collections backend needs a PostgreSQL DSN (postgres_dsn)")
+        from .pgvector import PgVectorStore
+
+        return PgVectorStore(dsn)
+    raise BackendUnavailableError(f"unknown collections backend {backend!r}: use 'embedded' or 'pgvector'")

@@ -1,0 +1,335 @@
+"""The collection store interface shared by the embedded (FAISS + SQLite) and PostgreSQL backends.
+
+A collection is bound to one embedding space: the bundle content hash of the model that made its
+vectors. Every write and every search names the hash it expects, so vectors of two spaces never mix.
+
+Conventions both backends follow (the behaviour tests check them):
+- vectors are L2-normalized on the way in; scores are cosine similarities (inner products);
+- an upsert with the same id twice in one call keeps the last one ("last wins");
+- a filter is an equality test on top-level metadata fields, all of which must match; a field that
+  no item has simply matches nothing (empty results, not an error);
+- a write returns only once it is durable (a committed transaction).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+IndexKind = Literal["flat", "hnsw", "ivf"]
+SourceKind = Literal["text", "image"]
+FilterValue = str | int | float | bool | None
+
+_COLLECTION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_MAX_ITEM_ID_CHARS = 256
+_MAX_FILTER_FIELD_CHARS = 128
+IVF_TRAIN_POINTS_PER_LIST = 39
+"""FAISS wants about 39 training points per IVF list; below that the collection stays exact."""
+
+
+class IndexStoreError(Exception):
+    """Base of every error a collection store raises; `index` names the offending item, if one."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.index = index
+
+
+class CollectionNotFoundError(IndexStoreError):
+    pass
+
+
+class CollectionExistsError(IndexStoreError):
+    pass
+
+
+class ItemNotFoundError(IndexStoreError):
+    pass
+
+
+class InvalidInputError(IndexStoreError):
+    """A bad vector, id, filter, name or parameter from the caller."""
+
+
+class ModelMismatchError(IndexStoreError):
+    """The collection's vectors come from a different embedding space than the one asked for."""
+
+
+class BackendUnavailableError(IndexStoreError):
+    """The storage behind the store cannot be reached or lacks something it needs."""
+
+
+class IndexParams(BaseModel):
+    """ANN index kind and its knobs. Defaults reach Recall@10 >= 0.95 on clustered 512-d data."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: IndexKind = "flat"
+    m: int = Field(16, ge=4, le=100, description="HNSW: links per node")
+    ef_construction: int = Field(64, ge=8, le=1000, description="HNSW: candidate list size while building")
+    ef_search: int = Field(128, ge=1, le=1000, description="HNSW: candidate list size while searching")
+    nlist: int = Field(256, ge=1, le=65536, description="IVF: number of lists (k-means centroids)")
+    nprobe: int = Field(16, ge=1, le=65536, description="IVF: lists visited per search")
+
+    @model_validator(mode="after")
+    def _nprobe_within_nlist(self) -> IndexParams:
+        if self.nprobe > self.nlist:
+            raise ValueError(f"nprobe ({self.nprobe}) cannot exceed nlist ({self.nlist})")
+        return self
+
+    @property
+    def ivf_train_size(self) -> int:
+        return IVF_TRAIN_POINTS_PER_LIST * self.nlist
+
+
+@dataclass(frozen=True)
+class ModelBinding:
+    """The embedding space a collection lives in."""
+
+    model: str
+    version: int
+    content_hash: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    binding: ModelBinding
+    index: IndexParams
+    count: int
+    created_at: str
+
+
+@dataclass(frozen=True)
+class Source:
+    """What an item was embedded from, kept so the collection can be re-embedded by another model."""
+
+    kind: SourceKind
+    value: str
+
+
+@dataclass
+class StoredItem:
+    id: str
+    vector: np.ndarray
+    metadata: dict[str, Any]
+    source: Source | None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+ProgressCallback = Callable[[int, int], None]
+"""Called as progress(done, total) after each durable batch of a bulk upsert."""
+
+
+class CollectionStore(Protocol):
+    """What the HTTP layer needs from a backend. All methods are blocking; call them off the event loop."""
+
+    def create_collection(self, name: str, binding: ModelBinding, index: IndexParams) -> CollectionInfo: ...
+
+    def drop_collection(self, name: str) -> None: ...
+
+    def list_collections(self) -> list[CollectionInfo]: ...
+
+    def describe(self, name: str) -> CollectionInfo: ...
+
+    def upsert(
+        self,
+        name: str,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        *,
+        content_hash: str,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        sources: Sequence[Source | None] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> int: ...
+
+    def get(self, name: str, item_id: str) -> StoredItem: ...
+
+    def delete(self, name: str, item_id: str) -> None: ...
+
+    def count(self, name: str) -> int: ...
+
+    def search(
+        self,
+        name: str,
+        query: np.ndarray,
+        *,
+        content_hash: str,
+        top_k: int,
+        filter: dict[str, FilterValue] | None = None,
+    ) -> list[SearchHit]: ...
+
+    def iter_sources(self, name: str, batch_size: int = 1000) -> Iterator[list[tuple[str, Source | None]]]: ...
+
+    def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def validate_collection_name(name: str) -> None:
+    if not isinstance(name, str) or not _COLLECTION_NAME_RE.match(name):
+        raise InvalidInputError(
+            f"invalid collection name {name!r}: use letters, digits, '.', '_' or '-' (at most 128), "
+            "starting with a letter or digit"
+        )
+
+
+def check_binding(name: str, binding: ModelBinding, content_hash: str) -> None:
+    if binding.content_hash != content_hash:
+        raise ModelMismatchError(
+            f"collection {name!r} holds vectors of {binding.model}@{binding.version} "
+            f"(bundle {binding.content_hash[:12]}), not of the requested model's embedding space "
+            f"(bundle {content_hash[:12]}); re-embed the collection or query it with the model it was built with"
+        )
+
+
+def normalize_rows(vectors: np.ndarray, dim: int, what: str = "vector") -> np.ndarray:
+    """float32 (n, dim), every row finite, non-zero and L2-normalized; errors name the first bad row."""
+    array = np.asarray(vectors, dtype=np.float32)
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise InvalidInputError(f"{what}s must be a 2-d array, got {array.ndim} dimensions")
+    if array.shape[1] != dim:
+        raise InvalidInputError(f"{what} has dimension {array.shape[1]}, the collection expects {dim}", index=0)
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        bad = int(np.argmin(finite))
+        raise InvalidInputError(f"{what} {bad} contains NaN or infinity", index=bad)
+    norms = np.linalg.norm(array, axis=1)
+    if (norms == 0).any():
+        bad = int(np.argmin(norms))
+        raise InvalidInputError(f"{what} {bad} is all zeros and has no direction", index=bad)
+    return np.ascontiguousarray(array / norms[:, None], dtype=np.float32)
+
+
+def validate_top_k(top_k: int, limit: int | None = None) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
+    if limit is not None and top_k > limit:
+        raise InvalidInputError(f"top_k {top_k} is over the limit of {limit}")
+
+
+def validate_filter(filter: dict[str, FilterValue] | None) -> dict[str, FilterValue]:
+    if not filter:
+        return {}
+    if not isinstance(filter, dict):
+        raise InvalidInputError("filter must be an object of field: value")
+    for key, value in filter.items():
+        if not isinstance(key, str) or not key or len(key) > _MAX_FILTER_FIELD_CHARS or '"' in key or "\\" in key:
+            raise InvalidInputError(
+                f"invalid filter field {key!r}: a non-empty name of at most {_MAX_FILTER_FIELD_CHARS} "
+                "characters, without quotes or backslashes"
+            )
+        if value is not None and not isinstance(value, str | int | float | bool):
+            raise InvalidInputError(f"filter field {key!r}: only strings, numbers, booleans and null can be matched")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInputError(f"filter field {key!r}: value must be finite")
+    return dict(filter)
+
+
+def prepare_upsert(
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    dim: int,
+    metadata: Sequence[dict[str, Any]] | None,
+    sources: Sequence[Source | None] | None,
+) -> tuple[list[str], np.ndarray, list[dict[str, Any]], list[Source | None]]:
+    """Validate a whole upsert before anything is written, then keep the last of duplicate ids."""
+    count = len(ids)
+    if count == 0:
+        return [], np.zeros((0, dim), dtype=np.float32), [], []
+    for what, column in (("metadata", metadata), ("sources", sources)):
+        if column is not None and len(column) != count:
+            raise InvalidInputError(f"{len(ids)} ids but {len(column)} {what} entries")
+    if len(vectors) != count:
+        raise InvalidInputError(f"{count} ids but {len(vectors)} vectors")
+    for position, item_id in enumerate(ids):
+        if not isinstance(item_id, str) or not item_id or len(item_id) > _MAX_ITEM_ID_CHARS:
+            raise InvalidInputError(
+                f"item {position}: id must be a non-empty string of at most {_MAX_ITEM_ID_CHARS} characters",
+                index=position,
+            )
+    metadata = list(metadata) if metadata is not None else [{} for _ in range(count)]
+    for position, entry in enumerate(metadata):
+        if not isinstance(entry, dict):
+            raise InvalidInputError(f"item {position}: metadata must be an object", index=position)
+    normalized = normalize_rows(vectors, dim)
+    last_position = {item_id: position for position, item_id in enumerate(ids)}
+    keep = sorted(last_position.values())
+    source_list = list(sources) if sources is not None else [None] * count
+    return (
+        [ids[p] for p in keep],
+        normalized[keep] if len(keep) != count else normalized,
+        [metadata[p] for p in keep],
+        [source_list[p] for p in keep],
+    )
+
+
+def encode_metadata(entry: dict[str, Any], position: int) -> str:
+    try:
+        return json.dumps(entry, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"item {position}: metadata is not plain JSON ({exc})", index=position) from exc
+
+
+def batches(total: int, size: int) -> Iterator[slice]:
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers so bulk writes make progress."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writing or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()

@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per app (so two apps in one process do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "clipserve_request_seconds", "HTTP request latency", ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("clipserve_queue_depth", "items waiting", ["model", "tower"], registry=r)
+        self.batch_size = Histogram(
+            "clipserve_batch_size", "items per inference batch", ["model", "tower"], buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "clipserve_inference_seconds", "time in the model per batch", ["model", "tower"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            "clipserve_preprocess_seconds", "decode and preprocessing time per item", ["model", "tower"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.encoder_calls = Counter(
+            "clipserve_encoder_calls_total", "inference calls (batches)", ["model", "tower"], registry=r
+        )
+        self.rejected = Counter(
+            "clipserve_rejected_total", "items refused or dropped", ["model", "tower", "reason"], registry=r
+        )
+        self.cache_requests = Counter(
+            "clipserve_cache_requests_total", "cache lookups", ["kind", "result"], registry=r
+        )
+        self.cache_errors = Counter("clipserve_cache_errors_total", "Redis failures", registry=r)
+        self.cache_fallback = Gauge(
+            "clipserve_cache_fallback", "1 while the in-process cache stands in for Redis", registry=r
+        )
+        self.reloads = Counter("clipserve_reloads_total", "model (re)loads", ["model", "result"], registry=r)
+        self.model_info = Gauge(
+            "clipserve_model_loaded", "served model versions", ["model", "version", "content_hash"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,142 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware: it would hide client disconnects from the routes).
+
+- `RequestContext`: request id (from `X-Request-ID` or new), JSON log context, latency metric per
+  route template, the id echoed in the response headers;
+- `Auth`: Bearer API keys on everything but `/livez` and `/readyz` when keys are configured; the
+  admin key on `/v1/admin/*`;
+- `BodyLimit`: refuses bodies above `max_body_bytes` (by Content-Length, and while streaming).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import json
+import time
+import uuid
+
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_body
+from service.metrics import Metrics
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+OPEN_PATHS = frozenset({"/livez", "/readyz"})
+ADMIN_PREFIX = "/v1/admin/"
+
+
+async def send_error(send: Send, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(type, message)).encode()
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            self.metrics.request_latency.labels(
+                route=template, method=scope["method"], status=str(status_holder["status"])
+            ).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+
+class Auth:
+    def __init__(self, app: ASGIApp, api_keys: list[str], admin_key: str | None):
+        self.app = app
+        self.api_keys = [k.encode() for k in api_keys]
+        self.admin_key = admin_key.encode() if admin_key else None
+
+    @staticmethod
+    def _bearer(scope: Scope) -> bytes | None:
+        value = _header(scope, b"authorization")
+        if value is None:
+            return None
+        scheme, _, token = value.partition(" ")
+        return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
+
+    @staticmethod
+    def _matches(token: bytes | None, keys: list[bytes]) -> bool:
+        return token is not None and any(hmac.compare_digest(token, key) for key in keys)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        token = self._bearer(scope)
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if scope["path"].startswith(ADMIN_PREFIX):
+            if self.admin_key is None:
+                await send_error(send, 403, "forbidden", "the admin API is off: no admin key is configured")
+                return
+            if not self._matches(token, [self.admin_key]):
+                await send_error(send, 401, "unauthorized", "the admin API needs the admin key as a Bearer token",
+                                 challenge)
+                return
+        elif self.api_keys and not self._matches(token, [*self.api_keys, *([self.admin_key] if self.admin_key else [])]):
+            message = "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
+            await send_error(send, 401, "unauthorized", message, challenge)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self) -> str:
+        return f"request body is larger than this server's limit of {self.max_bytes} bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await send_error(send, 413, "body_too_large", self._too_large())
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise HTTPException(413, self._too_large())
+            return message
+
+        await self.app(scope, counted, send)

@@ -1,0 +1,152 @@
+"""Image decoding and preprocessing without torch, as the bundle's manifest says.
+
+`ImagePreprocessor(spec, max_pixels).__call__(data, index) -> float32 [3, H, W]` reproduces
+open_clip's inference transforms (torchvision Resize / CenterCrop / ResizeKeepRatio /
+CenterCropOrPad on PIL images, ToTensor, Normalize): the same PIL resampling, the same output
+size rounding, the same crop offsets. On top of that, for robustness and speed:
+EXIF orientation is applied, every mode is converted to RGB, an animation gives its first frame,
+images above `max_pixels` are refused before decoding, and JPEGs decode in draft mode (DCT
+scaling) while the decoded size stays at least the size the resize needs.
+
+Any failure raises `ApiError` (400/413) naming the image index.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from export.bundle import ImagePreprocess
+from service.errors import ApiError
+
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+}
+
+
+def _shortest_edge_size(width: int, height: int, target: int) -> tuple[int, int]:
+    """torchvision Resize(int): the short side becomes `target`, the long side is truncated."""
+    if width <= height:
+        return target, int(target * height / width)
+    return int(target * width / height), target
+
+
+def _keep_ratio_size(width: int, height: int, target_hw: tuple[int, int], longest: bool) -> tuple[int, int]:
+    """open_clip ResizeKeepRatio: scale by the ratio of the longest (or shortest) side, rounded."""
+    ratio_h, ratio_w = height / target_hw[0], width / target_hw[1]
+    ratio = max(ratio_h, ratio_w) if longest else min(ratio_h, ratio_w)
+    return round(width / ratio), round(height / ratio)
+
+
+class ImagePreprocessor:
+    def __init__(self, spec: ImagePreprocess, max_pixels: int):
+        self.spec = spec
+        self.max_pixels = max_pixels
+        self.height, self.width = spec.size
+        self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
+        self._inv_std = (1.0 / np.asarray(spec.std, dtype=np.float32)).reshape(3, 1, 1)
+        fill = spec.fill_color
+        self._fill = (fill, fill, fill)
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) after the resize step, before crop or pad."""
+        spec = self.spec
+        if spec.resize_mode == "squash":
+            return self.width, self.height
+        if spec.resize_mode == "longest":
+            return _keep_ratio_size(width, height, spec.size, longest=True)
+        if self.height == self.width:
+            return _shortest_edge_size(width, height, self.height)
+        return _keep_ratio_size(width, height, spec.size, longest=False)
+
+    def resample(self) -> Image.Resampling:
+        # open_clip uses ResizeKeepRatio with its default (bicubic) for non-square shortest-edge targets.
+        if self.spec.resize_mode == "shortest" and self.height != self.width:
+            return Image.Resampling.BICUBIC
+        return _RESAMPLE[self.spec.interpolation]
+
+    def open(self, data: bytes, index: int) -> Image.Image:
+        """Decode to an RGB PIL image, applying every guard."""
+        if not data:
+            raise ApiError(400, "invalid_image", f"image {index} is empty", index=index)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                if width * height > self.max_pixels:
+                    raise ApiError(
+                        413,
+                        "image_too_large",
+                        f"image {index} is {width}x{height} pixels, more than this server's limit of "
+                        f"{self.max_pixels} pixels",
+                        index=index,
+                    )
+                if getattr(image, "n_frames", 1) > 1:
+                    image.seek(0)
+                self._draft(image)
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return self._to_rgb(image)
+        except ApiError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ApiError(413, "image_too_large", f"image {index} is too large to decode: {exc}", index) from exc
+        except UnidentifiedImageError as exc:
+            raise ApiError(400, "invalid_image", f"image {index} is not an image in a known format", index) from exc
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ApiError(400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index) from exc
+
+    def _draft(self, image: Image.Image) -> None:
+        if image.format != "JPEG":
+            return
+        # EXIF rotation may swap the axes after decoding: ask for enough pixels in both orientations.
+        need = max(self.resized_size(*image.size))
+        image.draft("RGB", (need, need))
+
+    def _to_rgb(self, image: Image.Image) -> Image.Image:
+        if image.mode == "RGB":
+            return image
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+
+    def transform(self, image: Image.Image) -> np.ndarray:
+        """RGB PIL image -> normalized float32 [3, H, W], exactly like open_clip's eval transform."""
+        spec = self.spec
+        new_w, new_h = self.resized_size(*image.size)
+        if image.size != (new_w, new_h):
+            image = image.resize((new_w, new_h), self.resample())
+        if spec.resize_mode != "squash":
+            image = self._crop_or_pad(image)
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / np.float32(255.0)
+        return ((pixels - self._mean) * self._inv_std).astype(np.float32, copy=False)
+
+    def _crop_or_pad(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        if width < self.width or height < self.height:
+            pad_w, pad_h = max(self.width - width, 0), max(self.height - height, 0)
+            canvas = Image.new("RGB", (width + pad_w, height + pad_h), self._fill)
+            canvas.paste(image, (pad_w // 2, pad_h // 2))
+            image = canvas
+            width, height = image.size
+        top = round((height - self.height) / 2.0)
+        left = round((width - self.width) / 2.0)
+        if (left, top, width, height) == (0, 0, self.width, self.height):
+            return image
+        return image.crop((left, top, left + self.width, top + self.height))
+
+    def __call__(self, data: bytes, index: int = 0) -> np.ndarray:
+        image = self.open(data, index)
+        try:
+            return self.transform(image)
+        except (OSError, ValueError) as exc:
+            raise ApiError(400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index) from exc
+
