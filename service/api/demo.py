@@ -15,7 +15,11 @@ from fastapi.responses import FileResponse
 from service.errors import ApiError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
-MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8"}
+MEDIA_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+}
 # Cheap to revalidate, and a new release must never run against an old cached script.
 CACHE_CONTROL = "no-cache"
 

@@ -1,0 +1,334 @@
+"""The Dockerfiles, checked without a container engine (none runs here).
+
+What a build would do is checked piece by piece against the real project: the files each image
+COPYs exist and, copied alone, build a wheel that carries the service and the demo page; the
+extras each image installs exist in pyproject.toml (and the serving image's hold no torch); the
+images run as a non-root user; the serving image's CMD, run here exactly as written, starts the
+real service and its HEALTHCHECK command passes against it; and the README and docs give the
+same install and start commands as the images, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
+IMAGES = ("serve", "serve-gpu", "train")
+TORCH_PACKAGES = ("torch", "torchvision", "open_clip_torch", "open-clip-torch")
+HEALTHCHECK_IN_IMAGE = "/opt/clipserve/healthcheck.py"
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+
+    @property
+    def exec_form(self) -> list[str] | None:
+        """The JSON-array form of CMD/ENTRYPOINT/RUN, or None for the shell form."""
+        text = self.args.strip()
+        if not text.startswith("["):
+            return None
+        return json.loads(text)
+
+
+def parse_dockerfile(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments dropped, as the builder reads them."""
+    instructions: list[Instruction] = []
+    pending = ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, args = (pending + line).partition(" ")
+        instructions.append(Instruction(keyword.upper(), args.strip()))
+        pending = ""
+    assert not pending, f"{path}: dangling line continuation"
+    return instructions
+
+
+def dockerfile(image: str) -> list[Instruction]:
+    return parse_dockerfile(DOCKER / f"Dockerfile.{image}")
+
+
+def only(instructions: list[Instruction], keyword: str) -> Instruction:
+    found = [i for i in instructions if i.keyword == keyword]
+    assert len(found) == 1, f"expected one {keyword}, found {len(found)}"
+    return found[0]
+
+
+def shell_commands(script: str) -> list[list[str]]:
+    return [shlex.split(part) for part in re.split(r"&&|;|\n", script) if part.strip()]
+
+
+def pip_installed_extras(instructions: list[Instruction]) -> set[str]:
+    """Extras of the project installed by `pip install '.[a,b]'` in the RUN lines."""
+    extras: set[str] = set()
+    for instruction in instructions:
+        if instruction.keyword != "RUN":
+            continue
+        for argv in shell_commands(instruction.args):
+            extras |= project_extras(argv)
+    return extras
+
+
+def project_extras(argv: list[str]) -> set[str]:
+    if argv[:2] != ["pip", "install"] and argv[1:4] != ["-m", "pip", "install"]:
+        return set()
+    found: set[str] = set()
+    for arg in argv:
+        match = re.fullmatch(r"\.\[([a-z0-9_,-]+)\]", arg)
+        if match:
+            found |= set(match.group(1).split(","))
+    return found
+
+
+def env_of(instructions: list[Instruction]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "ENV":
+            for pair in shlex.split(instruction.args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    return env
+
+
+def pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in requirements}
+
+
+def markdown_commands(text: str) -> list[list[str]]:
+    """Every command line in the fenced shell blocks and inline code spans of a Markdown text."""
+    commands: list[str] = []
+    for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        commands += [line.split(" #", 1)[0] for line in joined.splitlines()]
+    commands += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    parsed = []
+    for command in commands:
+        command = command.strip().removeprefix("$ ")
+        try:
+            parsed += [argv for argv in shell_commands(command) if argv]
+        except ValueError:
+            continue
+    return parsed
+
+
+def documented_commands() -> list[list[str]]:
+    texts = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [argv for path in texts if path.is_file() for argv in markdown_commands(path.read_text())]
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_dockerfile_copies_only_what_exists(image: str) -> None:
+    for instruction in dockerfile(image):
+        if instruction.keyword != "COPY" or "--from=" in instruction.args:
+            continue
+        *sources, _target = shlex.split(instruction.args)
+        for source in sources:
+            assert (ROOT / source).exists(), f"Dockerfile.{image} copies {source}, which does not exist"
+    ignore = (DOCKER / f"Dockerfile.{image}.dockerignore").read_text().split()
+    assert {".venv", "models", ".git"} <= set(ignore)
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_images_run_as_a_non_root_user(image: str) -> None:
+    instructions = dockerfile(image)
+    keywords = [i.keyword for i in instructions]
+    user = [i for i in instructions if i.keyword == "USER"][-1]
+    assert user.args not in ("root", "0", "0:0")
+    assert keywords.index("CMD") > len(keywords) - 1 - keywords[::-1].index("USER")
+    assert any(f"--uid {10001}" in i.args for i in instructions if i.keyword == "RUN")
+
+
+def test_serve_image_installs_the_serve_extra_and_no_torch() -> None:
+    instructions = dockerfile("serve")
+    assert pip_installed_extras(instructions) == {"serve"}
+    project = pyproject()["project"]
+    installed = requirement_names(project["dependencies"] + project["optional-dependencies"]["serve"])
+    assert not installed & set(TORCH_PACKAGES), f"the serve extra pulls in {installed & set(TORCH_PACKAGES)}"
+    assert "onnxruntime" in installed
+    assert only(instructions, "CMD").exec_form[0] == "clip-serve"
+
+
+def test_gpu_image_has_cuda_onnxruntime_gpu_and_tensorrt() -> None:
+    instructions = dockerfile("serve-gpu")
+    base = next(i.args for i in instructions if i.keyword == "ARG" and i.args.startswith("CUDA_IMAGE="))
+    assert re.fullmatch(r"CUDA_IMAGE=nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+", base)
+    assert pip_installed_extras(instructions) == {"serve", "gpu"}
+    gpu = requirement_names(pyproject()["project"]["optional-dependencies"]["gpu"])
+    assert {"onnxruntime-gpu", "tensorrt"} <= gpu
+    run = next(i.args for i in instructions if i.keyword == "RUN" and "onnxruntime-gpu" in i.args)
+    # The CPU build shares the import name: it must be removed and the GPU build put back over it.
+    assert run.index("pip uninstall -y onnxruntime") < run.index(
+        "--force-reinstall --no-deps onnxruntime-gpu"
+    )
+    assert env_of(instructions)["CLIPSERVE_PROVIDERS"] == "tensorrt,cuda,cpu"
+
+
+def test_train_image_has_torch_and_open_clip() -> None:
+    instructions = dockerfile("train")
+    assert pip_installed_extras(instructions) == {"train"}
+    train = requirement_names(pyproject()["project"]["optional-dependencies"]["train"])
+    assert {"torch", "open_clip_torch", "onnx"} <= train
+
+
+@pytest.mark.parametrize("image", ["serve", "serve-gpu"])
+def test_serving_images_check_health_on_readyz(image: str) -> None:
+    instructions = dockerfile(image)
+    healthcheck = only(instructions, "HEALTHCHECK")
+    options, _, command = healthcheck.args.partition("CMD ")
+    assert "--interval=" in options and "--start-period=" in options
+    assert json.loads(command) == ["python", HEALTHCHECK_IN_IMAGE]
+    copies = [shlex.split(i.args) for i in instructions if i.keyword == "COPY"]
+    assert ["docker/healthcheck.py", HEALTHCHECK_IN_IMAGE] in copies
+    assert "/readyz" in (DOCKER / "healthcheck.py").read_text()
+    assert env_of(instructions)["CLIPSERVE_PORT"] == only(instructions, "EXPOSE").args
+
+
+def test_copied_sources_build_a_wheel_with_the_service_and_the_demo_page(tmp_path: Path) -> None:
+    """The build stage of Dockerfile.serve, minus the network: copy what it copies, build the wheel."""
+    context = tmp_path / "context"
+    for instruction in dockerfile("serve"):
+        if instruction.keyword == "COPY" and "--from=" not in instruction.args:
+            *sources, _target = shlex.split(instruction.args)
+            for source in sources:
+                if source.startswith("docker/"):
+                    continue
+                target = context / source
+                if (ROOT / source).is_dir():
+                    shutil.copytree(ROOT / source, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / source, target)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("clipserve-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "service/static/index.html",
+        "service/static/app.js",
+        "service/static/style.css",
+        "service/api/demo.py",
+        "export/bundle.py",
+    ):
+        assert required in names, f"the image would lack {required}"
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "clip-serve = service.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_docs_give_the_images_install_and_start_commands() -> None:
+    commands = documented_commands()
+    serve = dockerfile("serve")
+    installs = [project_extras(argv) for argv in commands if project_extras(argv)]
+    assert pip_installed_extras(serve) in installs, "no `pip install '.[serve]'` in README.md or docs/"
+    cmd = only(serve, "CMD").exec_form
+    starts = [argv for argv in commands if argv and argv[0] == cmd[0]]
+    assert starts, "README.md and docs/ never show how to start clip-serve"
+    image_flags = {arg for arg in cmd if arg.startswith("--")}
+    for argv in starts:
+        flags = {arg.split("=")[0] for arg in argv if arg.startswith("--")}
+        assert flags <= image_flags | {"--help"}, (
+            f"documented {shlex.join(argv)} uses flags the image does not"
+        )
+    assert any({arg.split("=")[0] for arg in argv if arg.startswith("--")} == image_flags for argv in starts)
+    builds = [argv for argv in commands if argv[:2] == ["docker", "build"]]
+    assert builds, "docs never show how to build the images"
+    for argv in builds:
+        assert (ROOT / argv[argv.index("-f") + 1]).is_file()
+
+
+def test_markdown_command_extraction() -> None:
+    text = "Run `pip install '.[serve]'` then:\n```bash\nclip-serve --models models/ \\\n  --port 8000  # comment\n```\n"
+    assert markdown_commands(text) == [
+        ["clip-serve", "--models", "models/", "--port", "8000"],
+        ["pip", "install", ".[serve]"],
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_healthcheck(command: list[str], port: int) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable if arg == "python" else arg for arg in command]
+    argv = [str(DOCKER / "healthcheck.py") if arg == HEALTHCHECK_IN_IMAGE else arg for arg in argv]
+    env = {**os.environ, "CLIPSERVE_PORT": str(port)}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_serve_image_cmd_starts_the_service_and_its_healthcheck_passes(
+    tiny_repo: Path, tmp_path: Path
+) -> None:
+    """Dockerfile.serve's CMD and HEALTHCHECK, run as written with the image's paths mapped to temp dirs."""
+    instructions = dockerfile("serve")
+    port = free_port()
+    mapping = {
+        "/models": str(tiny_repo),
+        "/data": str(tmp_path / "data"),
+        "0.0.0.0": "127.0.0.1",
+        "8000": str(port),
+    }
+    image_env = {
+        key: mapping.get(value, value) for key, value in env_of(instructions).items() if key != "PATH"
+    }
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CLIPSERVE_")}
+    env |= image_env | {"CLIPSERVE_INTRA_OP_THREADS": "1", "CLIPSERVE_PREPROCESS_WORKERS": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    healthcheck = json.loads(only(instructions, "HEALTHCHECK").args.partition("CMD ")[2])
+
+    assert run_healthcheck(healthcheck, port).returncode == 1, "the healthcheck passes with no server"
+    cmd = [mapping.get(arg, arg) for arg in only(instructions, "CMD").exec_form]
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while (result := run_healthcheck(healthcheck, port)).returncode != 0:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, f"not ready in 90 s: {result.stderr}"
+            time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
