@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import admin, classify, embed, health, labelsets, models, openai
+from service.api import admin, classify, demo, embed, health, labelsets, models, openai
 
 ROUTERS: list[APIRouter] = [
     embed.router,
@@ -21,4 +21,5 @@ ROUTERS: list[APIRouter] = [
     models.router,
     admin.router,
     health.router,
+    demo.router,
 ]
