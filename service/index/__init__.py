@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 
-def open_store(backend: BackendName, *, data_dir: Path | str | None = None, dsn: str | None = None) -> CollectionStore:
+def open_store(
+    backend: BackendName, *, data_dir: Path | str | None = None, dsn: str | None = None
+) -> CollectionStore:
     """The configured backend; imports only what that backend needs."""
     if backend == "embedded":
         if data_dir is None:
@@ -58,7 +60,9 @@ def open_store(backend: BackendName, *, data_dir: Path | str | None = None, dsn:
         return EmbeddedStore(Path(data_dir) / "collections")
     if backend == "pgvector":
         if not dsn:
-            raise BackendUnavailableError("the pgvector collections backend needs a PostgreSQL DSN (postgres_dsn)")
+            raise BackendUnavailableError(
+                "the pgvector collections backend needs a PostgreSQL DSN (postgres_dsn)"
+            )
         from .pgvector import PgVectorStore
 
         return PgVectorStore(dsn)

@@ -177,7 +177,9 @@ class CollectionStore(Protocol):
         filter: dict[str, FilterValue] | None = None,
     ) -> list[SearchHit]: ...
 
-    def iter_sources(self, name: str, batch_size: int = 1000) -> Iterator[list[tuple[str, Source | None]]]: ...
+    def iter_sources(
+        self, name: str, batch_size: int = 1000
+    ) -> Iterator[list[tuple[str, Source | None]]]: ...
 
     def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None: ...
 
@@ -209,7 +211,9 @@ def normalize_rows(vectors: np.ndarray, dim: int, what: str = "vector") -> np.nd
     if array.ndim != 2:
         raise InvalidInputError(f"{what}s must be a 2-d array, got {array.ndim} dimensions")
     if array.shape[1] != dim:
-        raise InvalidInputError(f"{what} has dimension {array.shape[1]}, the collection expects {dim}", index=0)
+        raise InvalidInputError(
+            f"{what} has dimension {array.shape[1]}, the collection expects {dim}", index=0
+        )
     finite = np.isfinite(array).all(axis=1)
     if not finite.all():
         bad = int(np.argmin(finite))
@@ -234,13 +238,21 @@ def validate_filter(filter: dict[str, FilterValue] | None) -> dict[str, FilterVa
     if not isinstance(filter, dict):
         raise InvalidInputError("filter must be an object of field: value")
     for key, value in filter.items():
-        if not isinstance(key, str) or not key or len(key) > _MAX_FILTER_FIELD_CHARS or '"' in key or "\\" in key:
+        if (
+            not isinstance(key, str)
+            or not key
+            or len(key) > _MAX_FILTER_FIELD_CHARS
+            or '"' in key
+            or "\\" in key
+        ):
             raise InvalidInputError(
                 f"invalid filter field {key!r}: a non-empty name of at most {_MAX_FILTER_FIELD_CHARS} "
                 "characters, without quotes or backslashes"
             )
         if value is not None and not isinstance(value, str | int | float | bool):
-            raise InvalidInputError(f"filter field {key!r}: only strings, numbers, booleans and null can be matched")
+            raise InvalidInputError(
+                f"filter field {key!r}: only strings, numbers, booleans and null can be matched"
+            )
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidInputError(f"filter field {key!r}: value must be finite")
     return dict(filter)
@@ -288,7 +300,9 @@ def encode_metadata(entry: dict[str, Any], position: int) -> str:
     try:
         return json.dumps(entry, allow_nan=False, separators=(",", ":"))
     except (TypeError, ValueError) as exc:
-        raise InvalidInputError(f"item {position}: metadata is not plain JSON ({exc})", index=position) from exc
+        raise InvalidInputError(
+            f"item {position}: metadata is not plain JSON ({exc})", index=position
+        ) from exc
 
 
 def batches(total: int, size: int) -> Iterator[slice]:

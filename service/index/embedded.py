@@ -111,7 +111,11 @@ def _new_faiss_index(params: IndexParams, vectors: np.ndarray, dim: int) -> tupl
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, params.nlist, faiss.METRIC_INNER_PRODUCT)
         cap = params.nlist * _IVF_TRAIN_POINTS_PER_LIST_CAP
-        sample = vectors if len(vectors) <= cap else vectors[np.random.default_rng(0).choice(len(vectors), cap, False)]
+        sample = (
+            vectors
+            if len(vectors) <= cap
+            else vectors[np.random.default_rng(0).choice(len(vectors), cap, False)]
+        )
         index.train(sample)
         built = "ivf"
     else:
@@ -136,7 +140,9 @@ class _LiveIndex:
         self.added_since_snapshot = len(labels)
 
     @classmethod
-    def restored(cls, binding: ModelBinding, params: IndexParams, index: faiss.Index, labels: np.ndarray) -> _LiveIndex:
+    def restored(
+        cls, binding: ModelBinding, params: IndexParams, index: faiss.Index, labels: np.ndarray
+    ) -> _LiveIndex:
         live = cls.__new__(cls)
         live.binding, live.params, live.lock = binding, params, ReadWriteLock()
         live.labels, live.index, live.built = labels.astype(np.int64), index, "hnsw"
@@ -166,7 +172,9 @@ class _LiveIndex:
 
     def needs_rebuild(self) -> bool:
         too_many_dead = len(self.dead) >= max(_COMPACT_MIN_DEAD, _COMPACT_DEAD_FRACTION * len(self.labels))
-        ivf_ready = self.params.kind == "ivf" and self.built != "ivf" and self.alive >= self.params.ivf_train_size
+        ivf_ready = (
+            self.params.kind == "ivf" and self.built != "ivf" and self.alive >= self.params.ivf_train_size
+        )
         return too_many_dead or ivf_ready
 
     def _selector(self, allowed_positions: np.ndarray | None) -> faiss.IDSelector | None:
@@ -200,7 +208,9 @@ class _LiveIndex:
             selector = self._selector(allowed)
             scores, positions = self.index.search(query, top_k, params=self._search_params(selector, top_k))
             found = positions[0] >= 0
-            return list(zip(self.labels[positions[0][found]].tolist(), scores[0][found].tolist(), strict=True))
+            return list(
+                zip(self.labels[positions[0][found]].tolist(), scores[0][found].tolist(), strict=True)
+            )
 
     def _dead_positions(self) -> np.ndarray:
         return np.fromiter(self.dead, dtype=np.int64, count=len(self.dead))
@@ -234,7 +244,9 @@ class EmbeddedStore:
         try:
             (self.data_dir / "hnsw").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise BackendUnavailableError(f"cannot create the collections data dir {self.data_dir}: {exc.strerror}") from exc
+            raise BackendUnavailableError(
+                f"cannot create the collections data dir {self.data_dir}: {exc.strerror}"
+            ) from exc
         self._lock_file = self._acquire_dir_lock()
         self._db_path = self.data_dir / "collections.sqlite3"
         self._writer = self._connect()
@@ -244,6 +256,7 @@ class EmbeddedStore:
         self._reader_connections: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._live: dict[int, _LiveIndex] = {}
+        self._closed = False
 
     def _acquire_dir_lock(self) -> Any:
         handle = open(self.data_dir / "LOCK", "a+")  # noqa: SIM115 - held for the store's lifetime
@@ -284,7 +297,9 @@ class EmbeddedStore:
         return _Catalog(row)
 
     def _info(self, conn: sqlite3.Connection, catalog: _Catalog) -> CollectionInfo:
-        count = conn.execute("SELECT count(*) FROM items WHERE collection_id = ?", (catalog.id,)).fetchone()[0]
+        count = conn.execute("SELECT count(*) FROM items WHERE collection_id = ?", (catalog.id,)).fetchone()[
+            0
+        ]
         return CollectionInfo(catalog.name, catalog.binding, catalog.params, count, catalog.created_at)
 
     def create_collection(self, name: str, binding: ModelBinding, index: IndexParams) -> CollectionInfo:
@@ -295,8 +310,15 @@ class EmbeddedStore:
                 self._writer.execute(
                     "INSERT INTO collections (name, model, version, content_hash, dim, index_params, created_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, binding.model, binding.version, binding.content_hash, binding.dim,
-                     index.model_dump_json(), created_at),
+                    (
+                        name,
+                        binding.model,
+                        binding.version,
+                        binding.content_hash,
+                        binding.dim,
+                        index.model_dump_json(),
+                        created_at,
+                    ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise CollectionExistsError(f"collection {name!r} already exists") from exc
@@ -353,7 +375,12 @@ class EmbeddedStore:
             log.warning("ignoring unreadable HNSW snapshot %s: %s", path, exc)
             return None
         live_labels = np.array(
-            [r[0] for r in self._writer.execute("SELECT label FROM items WHERE collection_id = ?", (catalog.id,))],
+            [
+                r[0]
+                for r in self._writer.execute(
+                    "SELECT label FROM items WHERE collection_id = ?", (catalog.id,)
+                )
+            ],
             dtype=np.int64,
         )
         missing = np.setdiff1d(live_labels, labels)
@@ -370,8 +397,12 @@ class EmbeddedStore:
         for chunk in batches(len(labels), _SQLITE_VARIABLES):
             part = labels[chunk].tolist()
             marks = ",".join("?" * len(part))
-            blobs.update(self._writer.execute(f"SELECT label, vector FROM items WHERE label IN ({marks})", part))
-        return np.frombuffer(b"".join(blobs[int(label)] for label in labels), dtype=np.float32).reshape(-1, dim)
+            blobs.update(
+                self._writer.execute(f"SELECT label, vector FROM items WHERE label IN ({marks})", part)
+            )
+        return np.frombuffer(b"".join(blobs[int(label)] for label in labels), dtype=np.float32).reshape(
+            -1, dim
+        )
 
     def _live_index(self, catalog: _Catalog) -> _LiveIndex:
         live = self._live.get(catalog.id)
@@ -382,7 +413,9 @@ class EmbeddedStore:
             if live is None:
                 live = self._restore_snapshot(catalog)
                 if live is None:
-                    live = _LiveIndex(catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim))
+                    live = _LiveIndex(
+                        catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim)
+                    )
                 self._live[catalog.id] = live
             return live
 
@@ -412,11 +445,15 @@ class EmbeddedStore:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             check_binding(name, catalog.binding, content_hash)
-            ids, vectors, metadata, sources = prepare_upsert(ids, vectors, catalog.binding.dim, metadata, sources)
+            ids, vectors, metadata, sources = prepare_upsert(
+                ids, vectors, catalog.binding.dim, metadata, sources
+            )
             encoded = [encode_metadata(entry, position) for position, entry in enumerate(metadata)]
             live = self._live_index(catalog)
             for chunk in batches(len(ids), self.batch_size):
-                removed, labels = self._write_batch(catalog, ids[chunk], vectors[chunk], encoded[chunk], sources[chunk])
+                removed, labels = self._write_batch(
+                    catalog, ids[chunk], vectors[chunk], encoded[chunk], sources[chunk]
+                )
                 live.apply(removed, labels, vectors[chunk])
                 if progress is not None:
                     progress(chunk.stop, len(ids))
@@ -437,7 +474,9 @@ class EmbeddedStore:
         try:
             current = self._catalog(conn, catalog.name)
             if current.id != catalog.id or current.binding != catalog.binding:
-                raise CollectionNotFoundError(f"collection {catalog.name!r} was dropped or re-bound during the write")
+                raise CollectionNotFoundError(
+                    f"collection {catalog.name!r} was dropped or re-bound during the write"
+                )
             removed: list[int] = []
             for chunk in batches(len(ids), _SQLITE_VARIABLES):
                 part = ids[chunk]
@@ -456,9 +495,18 @@ class EmbeddedStore:
                 "INSERT INTO items (label, collection_id, item_id, vector, metadata, source_kind, source) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    (int(label), catalog.id, item_id, vector.tobytes(), meta,
-                     source.kind if source else None, source.value if source else None)
-                    for label, item_id, vector, meta, source in zip(labels, ids, vectors, metadata, sources, strict=True)
+                    (
+                        int(label),
+                        catalog.id,
+                        item_id,
+                        vector.tobytes(),
+                        meta,
+                        source.kind if source else None,
+                        source.value if source else None,
+                    )
+                    for label, item_id, vector, meta, source in zip(
+                        labels, ids, vectors, metadata, sources, strict=True
+                    )
                 ),
             )
             conn.execute("COMMIT")
@@ -485,15 +533,20 @@ class EmbeddedStore:
         if row is None:
             raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
         source = Source(row["source_kind"], row["source"]) if row["source_kind"] else None
-        return StoredItem(row["item_id"], np.frombuffer(row["vector"], dtype=np.float32).copy(),
-                          json.loads(row["metadata"]), source)
+        return StoredItem(
+            row["item_id"],
+            np.frombuffer(row["vector"], dtype=np.float32).copy(),
+            json.loads(row["metadata"]),
+            source,
+        )
 
     def delete(self, name: str, item_id: str) -> None:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             live = self._live_index(catalog)
             row = self._writer.execute(
-                "DELETE FROM items WHERE collection_id = ? AND item_id = ? RETURNING label", (catalog.id, item_id)
+                "DELETE FROM items WHERE collection_id = ? AND item_id = ? RETURNING label",
+                (catalog.id, item_id),
             ).fetchone()
             if row is None:
                 raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
@@ -526,7 +579,9 @@ class EmbeddedStore:
         scored = live.search(query, top_k, content_hash, name, allowed)
         return self._hits(conn, scored)
 
-    def _matching_labels(self, conn: sqlite3.Connection, collection_id: int, filter: dict[str, FilterValue]) -> np.ndarray:
+    def _matching_labels(
+        self, conn: sqlite3.Connection, collection_id: int, filter: dict[str, FilterValue]
+    ) -> np.ndarray:
         clauses, params = [], []
         for key, value in filter.items():
             clause, args = _filter_clause(key, value)
@@ -561,12 +616,15 @@ class EmbeddedStore:
         rows = {
             row[0]: row
             for row in conn.execute(
-                f"SELECT label, item_id, metadata FROM items WHERE label IN ({marks})", [label for label, _ in scored]
+                f"SELECT label, item_id, metadata FROM items WHERE label IN ({marks})",
+                [label for label, _ in scored],
             )
         }
         # a label missing here was replaced or deleted after the index answered: skip it
         return [
-            SearchHit(rows[label][1], score, json.loads(rows[label][2])) for label, score in scored if label in rows
+            SearchHit(rows[label][1], score, json.loads(rows[label][2]))
+            for label, score in scored
+            if label in rows
         ]
 
     # re-embedding
@@ -588,7 +646,9 @@ class EmbeddedStore:
 
     def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Move the collection to another embedding space: new vectors for every item, in one transaction."""
-        normalized = normalize_rows(vectors, binding.dim) if len(ids) else np.zeros((0, binding.dim), np.float32)
+        normalized = (
+            normalize_rows(vectors, binding.dim) if len(ids) else np.zeros((0, binding.dim), np.float32)
+        )
         if len(normalized) != len(ids):
             raise InvalidInputError(f"{len(ids)} ids but {len(normalized)} vectors")
         with self._write_mutex:
@@ -596,7 +656,12 @@ class EmbeddedStore:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
-                stored = {row[0] for row in conn.execute("SELECT item_id FROM items WHERE collection_id = ?", (catalog.id,))}
+                stored = {
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT item_id FROM items WHERE collection_id = ?", (catalog.id,)
+                    )
+                }
                 if stored != set(ids):
                     raise InvalidInputError(
                         f"re-embedding of {name!r} must cover exactly its {len(stored)} items; "
@@ -604,7 +669,10 @@ class EmbeddedStore:
                     )
                 conn.executemany(
                     "UPDATE items SET vector = ? WHERE collection_id = ? AND item_id = ?",
-                    ((vector.tobytes(), catalog.id, item_id) for item_id, vector in zip(ids, normalized, strict=True)),
+                    (
+                        (vector.tobytes(), catalog.id, item_id)
+                        for item_id, vector in zip(ids, normalized, strict=True)
+                    ),
                 )
                 conn.execute(
                     "UPDATE collections SET model = ?, version = ?, content_hash = ?, dim = ? WHERE id = ?",
@@ -618,6 +686,10 @@ class EmbeddedStore:
             self._rebuild(self._catalog(conn, name))
 
     def close(self) -> None:
+        """Snapshot HNSW graphs and release the data dir; closing twice is harmless."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self.snapshot()
         finally:
@@ -637,5 +709,9 @@ def _filter_clause(key: str, value: FilterValue) -> tuple[str, list[Any]]:
     if isinstance(value, bool):
         return "json_type(metadata, ?) = ?", [path, "true" if value else "false"]
     if isinstance(value, int | float):
-        return "json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?", [path, path, value]
+        return "json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?", [
+            path,
+            path,
+            value,
+        ]
     return "json_type(metadata, ?) = 'text' AND json_extract(metadata, ?) = ?", [path, path, value]

@@ -128,7 +128,9 @@ class _Pool:
 class PgVectorStore:
     """Collections in PostgreSQL with pgvector, configured by a DSN."""
 
-    def __init__(self, dsn: str, *, batch_size: int = 5000, pool_size: int = 8, maintenance_work_mem: str = "512MB"):
+    def __init__(
+        self, dsn: str, *, batch_size: int = 5000, pool_size: int = 8, maintenance_work_mem: str = "512MB"
+    ):
         self.batch_size = batch_size
         self.maintenance_work_mem = maintenance_work_mem
         self._pool = _Pool(dsn, pool_size)
@@ -166,7 +168,9 @@ class PgVectorStore:
         return conn.execute(sql.SQL("SELECT count(*) FROM {}").format(catalog.table)).fetchone()[0]
 
     def _info(self, conn: psycopg.Connection, catalog: _Catalog) -> CollectionInfo:
-        return CollectionInfo(catalog.name, catalog.binding, catalog.params, self._count(conn, catalog), catalog.created_at)
+        return CollectionInfo(
+            catalog.name, catalog.binding, catalog.params, self._count(conn, catalog), catalog.created_at
+        )
 
     # collections
 
@@ -178,8 +182,14 @@ class PgVectorStore:
                     "INSERT INTO clipserve_collections (name, model, version, content_hash, dim, index_params) "
                     "VALUES (%s, %s, %s, %s, %s, %s) "
                     "RETURNING id, name, model, version, content_hash, dim, index_params, created_at",
-                    (name, binding.model, binding.version, binding.content_hash, binding.dim,
-                     psycopg.types.json.Jsonb(index.model_dump())),
+                    (
+                        name,
+                        binding.model,
+                        binding.version,
+                        binding.content_hash,
+                        binding.dim,
+                        psycopg.types.json.Jsonb(index.model_dump()),
+                    ),
                 ).fetchone()
                 catalog = _Catalog(row)
                 self._create_items_table(conn, catalog.table, binding.dim)
@@ -237,7 +247,9 @@ class PgVectorStore:
         ids, vectors, metadata, sources = prepare_upsert(ids, vectors, catalog.binding.dim, metadata, sources)
         encoded = [encode_metadata(entry, position) for position, entry in enumerate(metadata)]
         for chunk in batches(len(ids), self.batch_size):
-            self._write_batch(catalog, content_hash, ids[chunk], vectors[chunk], encoded[chunk], sources[chunk])
+            self._write_batch(
+                catalog, content_hash, ids[chunk], vectors[chunk], encoded[chunk], sources[chunk]
+            )
             if progress is not None:
                 progress(chunk.stop, len(ids))
         self._ensure_ann_index(catalog)
@@ -267,7 +279,13 @@ class PgVectorStore:
                 copy.set_types(_STAGING_COLUMNS)
                 for item_id, vector, meta, source in zip(ids, vectors, metadata, sources, strict=True):
                     copy.write_row(
-                        (item_id, vector, meta, source.kind if source else None, source.value if source else None)
+                        (
+                            item_id,
+                            vector,
+                            meta,
+                            source.kind if source else None,
+                            source.value if source else None,
+                        )
                     )
             conn.execute(
                 sql.SQL(
@@ -293,36 +311,40 @@ class PgVectorStore:
             conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (self.maintenance_work_mem,))
             params = catalog.params
             if params.kind == "hnsw":
-                method, options = "hnsw", sql.SQL("m = {}, ef_construction = {}").format(
-                    sql.Literal(params.m), sql.Literal(params.ef_construction)
+                method, options = (
+                    "hnsw",
+                    sql.SQL("m = {}, ef_construction = {}").format(
+                        sql.Literal(params.m), sql.Literal(params.ef_construction)
+                    ),
                 )
             else:
                 method, options = "ivfflat", sql.SQL("lists = {}").format(sql.Literal(params.nlist))
             conn.execute(
-                sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} USING {} (embedding vector_ip_ops) WITH ({})").format(
-                    sql.Identifier(catalog.index_name), catalog.table, sql.SQL(method), options
-                )
+                sql.SQL(
+                    "CREATE INDEX IF NOT EXISTS {} ON {} USING {} (embedding vector_ip_ops) WITH ({})"
+                ).format(sql.Identifier(catalog.index_name), catalog.table, sql.SQL(method), options)
             )
 
     def get(self, name: str, item_id: str) -> StoredItem:
         with self._transaction() as conn:
             catalog = self._catalog(conn, name)
             row = conn.execute(
-                sql.SQL("SELECT item_id, embedding, metadata, source_kind, source FROM {} WHERE item_id = %s").format(
-                    catalog.table
-                ),
+                sql.SQL(
+                    "SELECT item_id, embedding, metadata, source_kind, source FROM {} WHERE item_id = %s"
+                ).format(catalog.table),
                 (item_id,),
             ).fetchone()
         if row is None:
             raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
         source = Source(row[3], row[4]) if row[3] else None
-        return StoredItem(row[0], np.asarray(row[1], dtype=np.float32), row[2], source)
+        return StoredItem(row[0], row[1].to_numpy().astype(np.float32), row[2], source)
 
     def delete(self, name: str, item_id: str) -> None:
         with self._transaction() as conn:
             catalog = self._catalog(conn, name)
             deleted = conn.execute(
-                sql.SQL("DELETE FROM {} WHERE item_id = %s RETURNING item_id").format(catalog.table), (item_id,)
+                sql.SQL("DELETE FROM {} WHERE item_id = %s RETURNING item_id").format(catalog.table),
+                (item_id,),
             ).fetchone()
         if deleted is None:
             raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
@@ -360,7 +382,9 @@ class PgVectorStore:
         return sorted(hits, key=lambda hit: -hit.score)
 
     @staticmethod
-    def _set_search_options(conn: psycopg.Connection, params: IndexParams, top_k: int, filtered: bool) -> None:
+    def _set_search_options(
+        conn: psycopg.Connection, params: IndexParams, top_k: int, filtered: bool
+    ) -> None:
         options = {
             "hnsw.ef_search": str(min(1000, max(params.ef_search, top_k))),
             "ivfflat.probes": str(params.nprobe),
@@ -393,7 +417,9 @@ class PgVectorStore:
 
     def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Move the collection to another embedding space: new vectors for every item, in one transaction."""
-        normalized = normalize_rows(vectors, binding.dim) if len(ids) else np.zeros((0, binding.dim), np.float32)
+        normalized = (
+            normalize_rows(vectors, binding.dim) if len(ids) else np.zeros((0, binding.dim), np.float32)
+        )
         if len(normalized) != len(ids):
             raise InvalidInputError(f"{len(ids)} ids but {len(normalized)} vectors")
         with self._transaction() as conn:
@@ -405,9 +431,9 @@ class PgVectorStore:
                     f"got {len(set(ids))} ids, of which {len(set(ids) - stored)} unknown"
                 )
             conn.execute(
-                sql.SQL("CREATE TEMP TABLE clipserve_rebind (item_id TEXT, embedding vector({})) ON COMMIT DROP").format(
-                    sql.Literal(binding.dim)
-                )
+                sql.SQL(
+                    "CREATE TEMP TABLE clipserve_rebind (item_id TEXT, embedding vector({})) ON COMMIT DROP"
+                ).format(sql.Literal(binding.dim))
             )
             with conn.cursor().copy("COPY clipserve_rebind FROM STDIN (FORMAT BINARY)") as copy:
                 copy.set_types(["text", "vector"])
@@ -415,11 +441,15 @@ class PgVectorStore:
                     copy.write_row((item_id, vector))
             table = catalog.table
             conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN embedding").format(table))
-            conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN embedding vector({})").format(table, sql.Literal(binding.dim)))
             conn.execute(
-                sql.SQL("UPDATE {} t SET embedding = r.embedding FROM clipserve_rebind r WHERE t.item_id = r.item_id").format(
-                    table
+                sql.SQL("ALTER TABLE {} ADD COLUMN embedding vector({})").format(
+                    table, sql.Literal(binding.dim)
                 )
+            )
+            conn.execute(
+                sql.SQL(
+                    "UPDATE {} t SET embedding = r.embedding FROM clipserve_rebind r WHERE t.item_id = r.item_id"
+                ).format(table)
             )
             conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN embedding SET NOT NULL").format(table))
             conn.execute(
