@@ -6,7 +6,7 @@ CenterCropOrPad on PIL images, ToTensor, Normalize): the same PIL resampling, th
 size rounding, the same crop offsets. On top of that, for robustness and speed:
 EXIF orientation is applied, every mode is converted to RGB, an animation gives its first frame,
 images above `max_pixels` are refused before decoding, and JPEGs decode in draft mode (DCT
-scaling) while the decoded size stays at least the size the resize needs.
+scaling) while the decoded size stays at least twice the size the resize needs.
 
 Any failure raises `ApiError` (400/413) naming the image index.
 """
@@ -27,6 +27,7 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
+_DRAFT_MARGIN = 2
 
 
 def _shortest_edge_size(width: int, height: int, target: int) -> tuple[int, int]:
@@ -83,7 +84,7 @@ class ImagePreprocessor:
                     raise ApiError(
                         413,
                         "image_too_large",
-                        f"image {index} is {width}x{height} pixels, more than this server's limit of "
+                        f"image {index} is too large: {width}x{height} pixels, more than this server's limit of "
                         f"{self.max_pixels} pixels",
                         index=index,
                     )
@@ -106,7 +107,8 @@ class ImagePreprocessor:
         if image.format != "JPEG":
             return
         # EXIF rotation may swap the axes after decoding: ask for enough pixels in both orientations.
-        need = max(self.resized_size(*image.size))
+        # Twice the resize target keeps the antialiased downscale close to a full decode's.
+        need = _DRAFT_MARGIN * max(self.resized_size(*image.size))
         image.draft("RGB", (need, need))
 
     def _to_rgb(self, image: Image.Image) -> Image.Image:

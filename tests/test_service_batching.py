@@ -1,0 +1,166 @@
+"""The dynamic batcher: batch limits, waiting, back-pressure, timeouts, dropped work, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from service.batching import Batcher
+from service.errors import ApiError
+from service.metrics import Metrics
+
+
+class Recorder:
+    """A real batch function: doubles rows, records batch sizes, can be slowed or made to fail."""
+
+    def __init__(self, delay_s: float = 0.0, fail: bool = False):
+        self.batches: list[int] = []
+        self.seen: list[float] = []
+        self.delay_s, self.fail = delay_s, fail
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        self.release.wait(5)
+        time.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("boom")
+        self.batches.append(len(rows))
+        self.seen.extend(float(r[0]) for r in rows)
+        return np.stack(rows) * 2
+
+
+def make(run, **kw) -> Batcher:
+    options = dict(max_batch=4, max_wait_ms=20, max_queue=16, timeout_s=5.0)
+    options.update(kw)
+    return Batcher("m@1", "text", run, metrics=Metrics(), **options)
+
+
+def rows(*values: float) -> list[np.ndarray]:
+    return [np.array([v], dtype=np.float32) for v in values]
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+def test_results_come_back_in_order_and_batches_respect_the_limit() -> None:
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = make(recorder)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(rows(i, i + 0.5)) for i in range(5)))
+        await batcher.close()
+        return results
+
+    results = run_async(scenario())
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out[:, 0], [2 * i, 2 * i + 1])
+    assert max(recorder.batches) <= 4 and sum(recorder.batches) == 10 and len(recorder.batches) >= 3
+
+
+def test_a_lone_item_waits_at_most_max_wait() -> None:
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = make(recorder, max_batch=64, max_wait_ms=30)
+        batcher.start()
+        started = time.perf_counter()
+        await batcher.submit(rows(1))
+        elapsed = time.perf_counter() - started
+        await batcher.close()
+        return elapsed
+
+    assert run_async(scenario()) < 1.0
+    assert recorder.batches == [1]
+
+
+def test_full_queue_gives_429_with_retry_after() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario():
+        batcher = make(recorder, max_queue=6, max_batch=2, max_wait_ms=0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(rows(1, 2)))
+        await asyncio.sleep(0.05)  # the first batch is now inside the (blocked) model
+        waiting = asyncio.ensure_future(batcher.submit(rows(3, 4, 5, 6)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(rows(7, 8, 9))
+        recorder.release.set()
+        await asyncio.gather(first, waiting)
+        await batcher.close()
+        return err.value
+
+    error = run_async(scenario())
+    assert error.status_code == 429 and int(error.headers["Retry-After"]) >= 1 and "full" in error.message
+
+
+def test_timeout_gives_503_and_its_rows_never_reach_the_model() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario():
+        batcher = make(recorder, timeout_s=0.2, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        blocker = asyncio.ensure_future(batcher.submit(rows(1)))
+        await asyncio.sleep(0.05)
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(rows(2))
+        recorder.release.set()
+        with pytest.raises(ApiError):
+            await blocker  # waited past its own timeout too
+        await asyncio.sleep(0.1)
+        await batcher.close()
+        return err.value
+
+    error = run_async(scenario())
+    assert error.status_code == 503 and "did not answer" in error.message
+    assert 2.0 not in recorder.seen
+
+
+def test_cancelled_requests_are_dropped_before_inference() -> None:
+    recorder = Recorder()
+    recorder.release.clear()
+
+    async def scenario():
+        batcher = make(recorder, max_batch=1, max_wait_ms=0)
+        batcher.start()
+        blocker = asyncio.ensure_future(batcher.submit(rows(1)))
+        await asyncio.sleep(0.05)
+        gone = asyncio.ensure_future(batcher.submit(rows(2, 3)))
+        kept = asyncio.ensure_future(batcher.submit(rows(4)))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # what the disconnect guard does when a client goes away
+        recorder.release.set()
+        await asyncio.gather(blocker, kept)
+        await batcher.close()
+
+    run_async(scenario())
+    assert recorder.seen == [1.0, 4.0]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_loop_survives() -> None:
+    recorder = Recorder(fail=True)
+
+    async def scenario():
+        batcher = make(recorder)
+        batcher.start()
+        with pytest.raises(ApiError) as err:
+            await batcher.submit(rows(1))
+        recorder.fail = False
+        out = await batcher.submit(rows(5))
+        alive = batcher.alive
+        await batcher.close()
+        return err.value, out, alive
+
+    error, out, alive = run_async(scenario())
+    assert error.status_code == 500 and "failed" in error.message
+    assert out[0, 0] == 10 and alive
