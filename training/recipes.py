@@ -1,0 +1,139 @@
+"""Ready-made runs on the synthetic shapes set: a teacher from scratch, a student distilled from it,
+and the first-run demo bundle (teacher -> student -> verified, published bundle)."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training import synthetic
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SHAPES_TEACHER_CONFIG = CONFIG_DIR / "shapes-teacher.json"
+SHAPES_STUDENT_CONFIG = CONFIG_DIR / "shapes-student.json"
+SHAPES_DATA = "synthetic:shapes"
+# the distillation recipe that did best in bench/distill_shapes.py
+BEST_STUDENT_LOSSES = "clip=1,logit_kd=1,feature=1"
+BEST_STUDENT_INIT = "inherit"
+
+
+@dataclass(frozen=True)
+class ShapesBudget:
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    threads: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup_steps": self.warmup_steps,
+            "threads": self.threads,
+            "data": f"{SHAPES_DATA}?size={self.steps * self.batch_size}",
+        }
+
+
+def teacher_options(out: Path, budget: ShapesBudget, progress: bool = True) -> dict[str, Any]:
+    return {**budget.options(), "student": str(SHAPES_TEACHER_CONFIG), "out": str(out), "progress": progress}
+
+
+def student_options(
+    out: Path,
+    budget: ShapesBudget,
+    teacher_dir: Path | None = None,
+    teacher_targets: Path | None = None,
+    losses: str = BEST_STUDENT_LOSSES,
+    init: str = BEST_STUDENT_INIT,
+    progress: bool = True,
+) -> dict[str, Any]:
+    options = {
+        **budget.options(),
+        "student": str(SHAPES_STUDENT_CONFIG),
+        "out": str(out),
+        "losses": losses,
+        "init": init,
+        "progress": progress,
+    }
+    if teacher_targets is not None:
+        options["teacher_targets"] = str(teacher_targets)
+    if teacher_dir is not None and (teacher_targets is None or init == "inherit"):
+        options["teacher"] = str(teacher_dir)
+    return options
+
+
+def classify_with_bundle(bundle_dir: Path, image, labels: list[str]) -> list[tuple[str, float]]:
+    """Zero-shot classify one PIL image with a published bundle through ONNX Runtime, best first."""
+    import onnxruntime as ort
+    import open_clip
+
+    from export.bundle import load_bundle
+    from export.tokenizer import ClipTokenizer
+
+    bundle = load_bundle(bundle_dir)
+    manifest = bundle.manifest
+    pre = manifest.image
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    image_session = ort.InferenceSession(
+        str(bundle.file_path("image")), options, providers=["CPUExecutionProvider"]
+    )
+    text_session = ort.InferenceSession(
+        str(bundle.file_path("text")), options, providers=["CPUExecutionProvider"]
+    )
+    cfg = open_clip.transform.PreprocessCfg(
+        size=pre.size,
+        mean=pre.mean,
+        std=pre.std,
+        interpolation=pre.interpolation,
+        resize_mode=pre.resize_mode,
+    )
+    pixels = open_clip.transform.image_transform_v2(cfg, is_train=False)(image).unsqueeze(0).numpy()
+    image_embed = image_session.run(None, {image_session.get_inputs()[0].name: pixels})[0][0]
+    tokenizer = ClipTokenizer.from_spec(manifest.tokenizer, bundle.path)
+    vectors = []
+    for label in labels:
+        ids = tokenizer.encode([t.format(label) for t in synthetic.CLASS_TEMPLATES]).ids
+        embeds = text_session.run(None, {text_session.get_inputs()[0].name: ids})[0]
+        mean = embeds.mean(axis=0)
+        vectors.append(mean / np.linalg.norm(mean))
+    logits = manifest.logit_scale * np.stack(vectors) @ image_embed
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    return sorted(zip(labels, probs.tolist(), strict=True), key=lambda x: -x[1])
+
+
+def build_demo_bundle(
+    repo: Path | str,
+    name: str = "shapes-demo",
+    progress: bool = True,
+    work_dir: Path | str | None = None,
+    budget: ShapesBudget | None = None,
+):
+    """Train a teacher on the shapes set, distill the student from it, publish it to `repo` as `name`
+    (a new version, verified by the exporter), and check that a red circle is classified as one.
+    Returns the published `export.bundle.Bundle`."""
+    from training.cli import publish, run_training
+    from training.models import load_clip
+
+    budget = budget or ShapesBudget()
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        teacher_run = run_training(teacher_options(Path(tmp) / "teacher", budget, progress))
+        student_run = run_training(
+            student_options(Path(tmp) / "student", budget, teacher_dir=teacher_run.out_dir, progress=progress)
+        )
+        student = load_clip(str(student_run.final_dir))
+        bundle = publish(student, student_run, repo, name)
+    labels = [f"{c} {s}" for c, s in synthetic.all_compositions()]
+    ranked = classify_with_bundle(bundle.path, synthetic.draw_single("red", "circle"), labels)
+    if ranked[0][0] != "red circle":
+        raise RuntimeError(
+            f"demo bundle {bundle.ref} calls a red circle {ranked[0][0]!r}: training went wrong"
+        )
+    return bundle
