@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import random
 import time
 import uuid
@@ -179,7 +180,7 @@ class Checkpoints:
 def load_checkpoint(path: Path, current_fingerprint: dict) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or "fingerprint" not in state:
         raise CheckpointError(f"{path} is not a clip-distill checkpoint")
