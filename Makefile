@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 comma := ,
 PYTEST_ARGS ?=
 
-.PHONY: test serve bench lint redis venv clean
+.PHONY: test serve bench lint redis browser venv clean
 
 venv: $(STAMP)
 
@@ -21,15 +21,18 @@ $(STAMP): pyproject.toml
 redis:
 	@bash scripts/ensure-redis.sh
 
-test: venv redis
+browser:
+	@bash scripts/ensure-browser.sh
+
+test: venv redis browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-serve:
-	@echo "make serve: not yet wired (see issue: first run and deployment)"; exit 1
+serve: venv
+	@bash scripts/serve.sh
 
 bench: venv
 	$(PY) bench/export.py

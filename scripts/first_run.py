@@ -1,0 +1,240 @@
+"""`make serve`: start the service on a fresh clone with something meaningful to serve.
+
+1. Refuse at once, with a clear message, when the port is taken (before any long work).
+2. Check every bundle in the model repository: a broken one is named and left out (or its last
+   good version served instead), and the rest is served.
+3. When the repository holds no usable bundle, build the demo bundle once (a teacher trained on
+   the synthetic shapes set, a student distilled from it, verified and published); later runs
+   find it there and start at once.
+4. Start `clip-serve` (in-process cache unless CLIPSERVE_REDIS_URL is set), wait for /readyz,
+   print the demo page and API docs URLs, and stop the service on Ctrl-C.
+
+Configuration, all optional: CLIPSERVE_MODELS_DIR (or CLIPSERVE_MODELS naming a directory: the
+repository; default `models/`), CLIPSERVE_HOST (127.0.0.1), CLIPSERVE_PORT (8000),
+CLIPSERVE_REDIS_URL, and any other CLIPSERVE_* setting of the service.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from export.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
+
+DEMO_MODEL = "demo"
+READY_TIMEOUT_S = 300.0
+
+
+class FirstRunError(Exception):
+    """A problem the user can fix; the message says how."""
+
+
+@dataclass
+class Inventory:
+    """What a model repository can serve: model refs, and the broken bundles left out."""
+
+    serve: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
+    pinned: bool = False
+
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise FirstRunError(
+                    f"port {port} on {host} is already in use (is clipserve already running?). "
+                    f"Stop what uses it, or pick another port: CLIPSERVE_PORT={port + 1} make serve"
+                ) from exc
+            raise FirstRunError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+
+
+def models_dir_from_env(env: dict[str, str]) -> Path:
+    """The repository: CLIPSERVE_MODELS when it names a directory, else CLIPSERVE_MODELS_DIR, else models/."""
+    named = env.get("CLIPSERVE_MODELS", "")
+    if named and Path(named).is_dir():
+        return Path(named)
+    return Path(env.get("CLIPSERVE_MODELS_DIR") or "models")
+
+
+def usable_version(repo: ModelRepository, name: str) -> tuple[int | None, list[str]]:
+    """The newest version of `name` whose files match their hashes, and why newer ones were refused."""
+    problems: list[str] = []
+    for version in reversed(repo.versions(name)):
+        try:
+            repo.load(name, version, verify=True)
+        except BundleError as exc:
+            problems.append(f"{repo.root / name / str(version)}: {exc}")
+            continue
+        return version, problems
+    return None, problems
+
+
+def inventory(repo: ModelRepository, wanted: list[str] | None = None) -> Inventory:
+    """Check the bundles to serve (`wanted` refs, or every model): each model's newest good version
+    is served, and every broken bundle met on the way is named."""
+    result = Inventory(pinned=wanted is not None)
+    for ref in wanted or repo.models():
+        name, version = parse_model_ref(ref)
+        if version is not None:
+            try:
+                repo.load(name, version, verify=True)
+                result.serve.append(ref)
+            except BundleError as exc:
+                result.broken.append(f"{ref}: {exc}")
+            continue
+        good, problems = usable_version(repo, name)
+        result.broken += problems
+        if good is not None:
+            latest = repo.versions(name)[-1]
+            result.serve.append(name if good == latest else f"{name}@{good}")
+    for path in sorted(repo.root.iterdir()) if repo.root.is_dir() else []:
+        if path.is_dir() and not path.name.startswith(".") and path.name not in repo.models():
+            versions = sorted(p.name for p in path.iterdir() if p.name.isdigit())
+            if versions:
+                result.broken.append(f"{path}: versions {', '.join(versions)} have no manifest.json")
+    # The service loads every model of the repository unless told which: name the good ones.
+    result.pinned |= bool(result.broken)
+    return result
+
+
+def build_demo(repo_dir: Path, name: str) -> None:
+    print(
+        f"clipserve: no usable bundle in {repo_dir}; building the demo model once "
+        "(shapes teacher -> distilled student -> verified bundle, a few minutes on 2 cores)",
+        flush=True,
+    )
+    started = time.monotonic()
+    command = [sys.executable, "-m", "training.recipes", "--repo", str(repo_dir), "--name", name]
+    result = subprocess.run(command, cwd=ROOT)
+    if result.returncode != 0:
+        raise FirstRunError(
+            f"building the demo model failed (exit {result.returncode}); see the messages above"
+        )
+    print(
+        f"clipserve: demo model built in {time.monotonic() - started:.0f} s and cached in {repo_dir}/{name}",
+        flush=True,
+    )
+
+
+def wait_ready(base: str, server: subprocess.Popen, timeout_s: float) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise FirstRunError(
+                f"clip-serve exited with code {server.returncode} before it was ready; see its log above"
+            )
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as response:
+                return response.read().decode()
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.25)
+    raise FirstRunError(f"clip-serve was not ready after {timeout_s:.0f} s")
+
+
+def banner(base: str, ready: str, cache: str, broken: list[str]) -> str:
+    lines = [
+        "",
+        f"clipserve is ready: {ready.strip()}",
+        f"  demo page  {base}/",
+        f"  API docs   {base}/docs",
+        f"  cache      {cache}",
+    ]
+    if broken:
+        lines.append(f"  left out   {len(broken)} broken bundle(s), named above")
+    lines += ["  Ctrl-C stops it.", ""]
+    return "\n".join(lines)
+
+
+def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str], Inventory]:
+    """Everything before the start: port, repository check, demo build; returns argv and env."""
+    host = env.get("CLIPSERVE_HOST") or "127.0.0.1"
+    port = int(env.get("CLIPSERVE_PORT") or 8000)
+    check_port(host, port)
+    repo_dir = models_dir_from_env(env)
+    child_env = dict(env)
+    wanted = None
+    if env.get("CLIPSERVE_MODELS") and not Path(env["CLIPSERVE_MODELS"]).is_dir():
+        wanted = [ref.strip() for ref in env["CLIPSERVE_MODELS"].split(",") if ref.strip()]
+    child_env.pop("CLIPSERVE_MODELS", None)
+    repo = ModelRepository(repo_dir)
+    try:
+        found = inventory(repo, wanted)
+    except BundleError as exc:
+        raise FirstRunError(f"CLIPSERVE_MODELS: {exc}") from exc
+    for problem in found.broken:
+        print(f"clipserve: broken bundle left out: {problem}", file=sys.stderr, flush=True)
+    if not found.serve:
+        if wanted:
+            raise FirstRunError(
+                f"none of the models in CLIPSERVE_MODELS ({', '.join(wanted)}) has a usable "
+                f"bundle in {repo_dir}"
+            )
+        build_demo(repo_dir, DEMO_MODEL)
+        found.serve = [DEMO_MODEL]
+    if found.pinned:
+        child_env["CLIPSERVE_MODELS"] = ",".join(found.serve)
+    child_env.setdefault("CLIPSERVE_LOG_JSON", "false")
+    argv = ["clip-serve", "--models", str(repo_dir), "--host", host, "--port", str(port)]
+    if not env.get("CLIPSERVE_REDIS_URL"):
+        # The service's default is a local Redis; an empty URL means the in-process cache only.
+        child_env["CLIPSERVE_REDIS_URL"] = ""
+        argv += ["--redis-url", "none"]
+    return argv, child_env, found
+
+
+def run(env: dict[str, str]) -> int:
+    argv, child_env, found = prepare(env)
+    base = f"http://{argv[argv.index('--host') + 1]}:{argv[argv.index('--port') + 1]}"
+    cache = "in-process (set CLIPSERVE_REDIS_URL to share one Redis)" if "--redis-url" in argv else "Redis"
+    print(f"clipserve: starting {' '.join(argv)}", flush=True)
+    executable = str(Path(sys.executable).parent / argv[0])
+    # Its own session: Ctrl-C reaches only this script, which asks the service once to stop gracefully.
+    server = subprocess.Popen([executable, *argv[1:]], env=child_env, start_new_session=True)
+
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+        if server.poll() is None:
+            server.terminate()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        ready = wait_ready(base, server, READY_TIMEOUT_S)
+    except FirstRunError:
+        if server.poll() is None:
+            server.terminate()
+            server.wait(timeout=30)
+        raise
+    print(banner(base, ready, cache, found.broken), flush=True)
+    code = server.wait()
+    # uvicorn ends with the signal it was stopped by, after a graceful shutdown: that is a clean stop.
+    return 0 if stopping and code in (0, -signal.SIGTERM) else code
+
+
+def main() -> int:
+    try:
+        return run(dict(os.environ))
+    except FirstRunError as exc:
+        print(f"clipserve: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

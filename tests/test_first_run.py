@@ -1,0 +1,224 @@
+"""`make serve` (scripts/serve.sh -> scripts/first_run.py) run as a user runs it, against real bundles.
+
+Each test starts the real script in a subprocess on a free loopback port, reads what it prints,
+talks to the service it started over HTTP, and stops it with Ctrl-C (SIGINT), as a user would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVE_SH = ROOT / "scripts" / "serve.sh"
+VENV = Path(sys.executable).parent.parent
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Run:
+    process: subprocess.Popen
+    log: Path
+    base: str
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, text: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while text not in (out := self.output()):
+            if self.process.poll() is not None:
+                raise AssertionError(f"serve.sh exited with {self.process.returncode}:\n{out[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} after {timeout_s} s:\n{out[-4000:]}")
+            time.sleep(0.2)
+        return out
+
+    def interrupt(self) -> int:
+        """Ctrl-C: the script stops the service and exits."""
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=60)
+
+
+def serve_env(models_dir: Path | None, port: int, **extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CLIPSERVE_")}
+    env |= {
+        "VENV": str(VENV),
+        "CLIPSERVE_PORT": str(port),
+        "CLIPSERVE_INTRA_OP_THREADS": "1",
+        "CLIPSERVE_PREPROCESS_WORKERS": "1",
+        "CLIPSERVE_RELOAD_POLL_S": "0",
+    }
+    if models_dir is not None:
+        env["CLIPSERVE_MODELS_DIR"] = str(models_dir)
+    return env | extra
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator:
+    runs: list[Run] = []
+
+    def start(models_dir: Path | None, **extra: str) -> Run:
+        port = free_port()
+        log = tmp_path / f"serve-{len(runs)}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                ["bash", str(SERVE_SH)],
+                env=serve_env(models_dir, port, **extra),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=tmp_path,
+            )
+        run = Run(process, log, f"http://127.0.0.1:{port}")
+        runs.append(run)
+        return run
+
+    yield start
+    for run in runs:
+        if run.process.poll() is None:
+            run.process.send_signal(signal.SIGINT)
+            try:
+                run.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                run.process.kill()
+                run.process.wait()
+
+
+def copy_repo(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".publish.lock"))
+    return target
+
+
+def corrupt(bundle_dir: Path, file: str = "image.onnx") -> None:
+    path = bundle_dir / file
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def publish_copy(bundle_dir: Path, target: Path) -> None:
+    """The same bundle as a new version, as a publisher would have written it."""
+    shutil.copytree(bundle_dir, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["version"] = int(target.name)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+def served(base: str) -> list[str]:
+    return [f"{m['name']}@{m['version']}" for m in httpx.get(f"{base}/v1/models", timeout=10).json()["data"]]
+
+
+def cache_keys(url: str) -> set[bytes]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return set(client.scan_iter(match="clipserve:v1:*", count=1000))
+    finally:
+        client.close()
+
+
+def assert_not_cached_in_redis(base: str) -> None:
+    """A text never seen before is embedded; no new cache key appears in the service's default Redis."""
+    before = cache_keys(DEFAULT_REDIS_URL)
+    response = httpx.post(f"{base}/v1/embed", json={"texts": [f"first run {uuid.uuid4()}"]}, timeout=30)
+    assert response.status_code == 200
+    assert cache_keys(DEFAULT_REDIS_URL) - before == set()
+
+
+def test_serves_a_repository_prints_the_urls_and_stops_on_ctrl_c(
+    serve, tiny_repo: Path, tmp_path: Path
+) -> None:
+    run = serve(copy_repo(tiny_repo, tmp_path / "models"))
+    out = run.wait_for("clipserve is ready", 90)
+    assert f"demo page  {run.base}/" in out and f"API docs   {run.base}/docs" in out
+    assert "cache      in-process" in out
+    assert "building the demo model" not in out
+    assert httpx.get(f"{run.base}/readyz", timeout=10).status_code == 200
+    assert httpx.get(f"{run.base}/", timeout=10).status_code == 200
+    assert httpx.get(f"{run.base}/docs", timeout=10).status_code == 200
+    assert served(run.base) == ["tiny@1"]
+    assert_not_cached_in_redis(run.base)
+    assert run.interrupt() == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{run.base}/readyz", timeout=5)
+
+
+def test_clipserve_models_naming_a_directory_serves_that_repository(serve, tiny_repo: Path) -> None:
+    run = serve(None, CLIPSERVE_MODELS=str(tiny_repo))
+    run.wait_for("clipserve is ready", 90)
+    assert served(run.base) == ["tiny@1"]
+
+
+def test_redis_is_used_when_its_url_is_set(serve, tiny_repo: Path, tmp_path: Path) -> None:
+    url = "redis://127.0.0.1:6379/12"
+    run = serve(copy_repo(tiny_repo, tmp_path / "models"), CLIPSERVE_REDIS_URL=url)
+    out = run.wait_for("clipserve is ready", 90)
+    assert "cache      Redis" in out
+    before = cache_keys(url)
+    response = httpx.post(f"{run.base}/v1/embed", json={"texts": [f"first run {uuid.uuid4()}"]}, timeout=30)
+    assert response.status_code == 200
+    assert len(cache_keys(url) - before) == 1
+
+
+def test_a_taken_port_gives_a_clear_message_at_once(serve, tiny_repo: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = serve(tiny_repo, CLIPSERVE_PORT=str(port))
+        assert run.process.wait(timeout=60) == 1
+    out = run.output()
+    assert f"port {port} on 127.0.0.1 is already in use" in out
+    assert f"CLIPSERVE_PORT={port + 1} make serve" in out
+    assert "Traceback" not in out
+
+
+def test_a_corrupt_bundle_is_named_and_the_rest_is_served(serve, tiny_repo: Path, tmp_path: Path) -> None:
+    models = copy_repo(tiny_repo, tmp_path / "models")
+    shutil.copytree(models / "tiny", models / "other")
+    corrupt(models / "other" / "1")
+    publish_copy(models / "tiny" / "1", models / "tiny" / "2")
+    corrupt(models / "tiny" / "2", "text.onnx")
+    (models / "stray" / "1").mkdir(parents=True)
+    run = serve(models)
+    out = run.wait_for("clipserve is ready", 90)
+    # `other` is a copy of tiny, so its manifest still names it tiny; the path tells them apart.
+    assert f"broken bundle left out: {models / 'other' / '1'}: tiny@1: file image.onnx is corrupted" in out
+    assert f"{models / 'tiny' / '2'}: tiny@2: file text.onnx is corrupted" in out
+    assert f"{models / 'stray'}: versions 1 have no manifest.json" in out
+    assert "left out   3 broken bundle(s)" in out
+    assert served(run.base) == ["tiny@1"]
+    response = httpx.post(f"{run.base}/v1/embed", json={"texts": ["a red circle"]}, timeout=30)
+    assert response.status_code == 200 and response.json()["version"] == 1
+
+
+def test_a_repository_with_only_broken_models_named_in_clipserve_models_fails_clearly(
+    serve, tiny_repo: Path, tmp_path: Path
+) -> None:
+    models = copy_repo(tiny_repo, tmp_path / "models")
+    corrupt(models / "tiny" / "1")
+    run = serve(models, CLIPSERVE_MODELS="tiny")
+    assert run.process.wait(timeout=60) == 1
+    out = run.output()
+    assert "tiny@1: file image.onnx is corrupted" in out
+    assert "none of the models in CLIPSERVE_MODELS (tiny) has a usable bundle" in out
