@@ -36,12 +36,14 @@ from export.bundle import (
     Staging,
     TextGraph,
     TokenizerSpec,
+    Tower,
     VersionExistsError,
     validate_name,
 )
 from export.errors import ExportError, ParityError
 from export.logs import quiet_logs
 from export.quantize import convert_fp16, quantize_int8
+from export.tensorrt import build_engines, require_tensorrt, run_engine
 from export.tokenizer import VOCAB_FILENAME
 from export.towers import ImageTower, TextTowerPlan, plan_text_tower
 from export.verify import (
@@ -221,13 +223,17 @@ class _BundleWriter:
         with self.progress.step(f"checking {precision} parity with the torch model"):
             reports = [self._image_report(precision, image_file), self._text_report(precision, text_file)]
         self.parity += reports
+        self._refuse_failed(reports, precision)
+
+    @staticmethod
+    def _refuse_failed(reports: list[ParityReport], what: str) -> None:
         failed = [r for r in reports if not r.passed]
         if failed:
             details = "; ".join(
                 f"{r.file}: min cosine {r.min_cosine:.6f} < {r.threshold} (max abs diff {r.max_abs_diff:.2e})"
                 for r in failed
             )
-            raise ParityError(f"exported {precision} graphs disagree with the torch model: {details}")
+            raise ParityError(f"exported {what} graphs disagree with the torch model: {details}")
 
     def _image_report(self, precision: Precision, file: str) -> ParityReport:
         towers = self.towers
@@ -258,11 +264,27 @@ class _BundleWriter:
         self.verify("fp16", "image.fp16.onnx", "text.fp16.onnx")
 
     def add_tensorrt(self) -> None:
-        from export.tensorrt import build_engines
+        with self.progress.step("building TensorRT fp16 engines (timing cache reused)"):
+            engines = build_engines(self.staging.path, self.towers.images.shape[2:],
+                                    self.towers.text.context_length, self.length_free)
+        for engine in engines:
+            self.files.append(self.staging.describe(engine.path, "engine", "fp16", gpu=engine.gpu,
+                                                    tensorrt_version=engine.tensorrt_version))
+        with self.progress.step("checking TensorRT parity with the torch model"):
+            for engine in engines:
+                self.parity.append(self._engine_report(engine.tower, engine.path))
+        self._refuse_failed([r for r in self.parity if r.file in {e.path for e in engines}], "TensorRT")
 
-        with self.progress.step("building TensorRT engines"):
-            self.files += build_engines(self.staging, self.towers.images.shape[2:], self.towers.text.context_length,
-                                        self.length_free)
+    def _engine_report(self, tower: Tower, file: str) -> ParityReport:
+        towers = self.towers
+        path = self.staging.path / file
+        if tower == "image":
+            actual, reference, inputs = run_engine(path, towers.images), towers.image_reference, towers.images
+        else:
+            ids = towers.token_ids[:, : int(token_counts(towers.token_ids).max())] if self.length_free \
+                else towers.token_ids
+            actual, reference, inputs = run_engine(path, ids), towers.text_reference, towers.token_ids
+        return report(tower, "fp16", file, reference, actual, len(inputs), self.thresholds["fp16"])
 
 
 def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:
@@ -278,8 +300,12 @@ def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:
     )
 
 
-def _check_can_publish(repository: ModelRepository, name: str, version: int | None) -> None:
+def check_can_publish(repository: ModelRepository, name: str, version: int | None = None,
+                      tensorrt: bool = False) -> None:
+    """Refuse early, before loading or exporting anything, what publishing would refuse at the end."""
     validate_name(name)
+    if tensorrt:
+        require_tensorrt()
     repository.check_writable()
     if version is not None and version in repository.versions(name):
         raise VersionExistsError(f"{name} version {version} already exists in {repository.root}; "
@@ -296,7 +322,7 @@ def export_bundle(model: nn.Module, repo: ModelRepository | Path | str, name: st
     sets any of them. Below its threshold, a graph is refused and nothing is published.
     """
     repository = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
-    _check_can_publish(repository, name, version)
+    check_can_publish(repository, name, version, tensorrt)
     steps = Progress(progress)
     model.eval()
     preprocess = preprocess or preprocess_from_model(model)

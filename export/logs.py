@@ -9,10 +9,11 @@ from collections.abc import Iterator
 
 
 @contextlib.contextmanager
-def quiet_logs() -> Iterator[None]:
-    """Hide warnings and log records below ERROR while a library call runs; errors still show."""
+def quiet_logs(up_to: int = logging.WARNING) -> Iterator[None]:
+    """Hide Python warnings and log records up to `up_to` while a library call runs (errors show
+    by default; pass logging.ERROR where the caller reports the failure itself)."""
     previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    logging.disable(up_to)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

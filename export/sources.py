@@ -7,6 +7,7 @@ import copy
 import difflib
 import hashlib
 import json
+import logging
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -27,6 +28,7 @@ PREPROCESS_KEYS = tuple(field.name for field in fields(PreprocessCfg))
 CONFIG_FILE = "open_clip_config.json"
 _SHOWN_KEYS = 8
 _HASH_CHUNK = 1 << 20
+_CAUSE_CHARS = 240
 
 
 @dataclass(frozen=True)
@@ -180,12 +182,14 @@ def tag_preprocess(name: str, tag: str) -> dict[str, Any]:
 def _create_pretrained(name: str, tag: str) -> nn.Module:
     check_tag(name, tag)
     try:
-        return open_clip.create_model(name, pretrained=tag)
+        with quiet_logs(logging.ERROR):
+            return open_clip.create_model(name, pretrained=tag)
     except Exception as exc:
+        cause = str(exc) if len(str(exc)) <= _CAUSE_CHARS else str(exc)[:_CAUSE_CHARS] + "…"
         raise SourceError(
-            f"could not fetch the {name} weights {tag!r} from the hub: this machine looks offline or the "
-            f"hub is unreachable ({type(exc).__name__}: {exc}). Download the checkpoint on a connected "
-            f"machine and pass it as a local file: --model {name} --pretrained {tag} --checkpoint PATH"
+            f"could not fetch the {name} weights {tag!r}: this machine looks offline or the hub is "
+            f"unreachable. Download the checkpoint on a connected machine and pass it as a local file: "
+            f"--model {name} --pretrained {tag} --checkpoint PATH  (cause: {cause})"
         ) from exc
 
 

@@ -24,6 +24,7 @@ from export.bundle import (
 )
 from export.errors import ParityError
 from export.exporter import export_bundle
+from export.sources import model_from_config
 from export.tokenizer import ClipTokenizer
 from export.verify import DEFAULT_MIN_COSINE, agreement, make_session
 
@@ -166,3 +167,33 @@ def test_failed_parity_publishes_nothing(tmp_path: Path, tiny_model) -> None:
 def test_manifest_is_plain_json(tiny_bundle) -> None:
     document = json.loads((tiny_bundle.path / "manifest.json").read_text())
     assert document["text"] == {"dynamic_length": True, "pooling": "argmax"}
+
+
+TINY_MOBILE_CONFIG = {
+    "embed_dim": 32,
+    "custom_text": True,
+    "vision_cfg": {"timm_model_name": "fastvit_t8", "timm_model_pretrained": False, "timm_pool": "avg",
+                   "timm_proj": "linear", "image_size": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "no_causal_mask": True},
+}
+
+
+@pytest.mark.slow
+def test_mobileclip_style_model_is_reparameterized_and_keeps_a_fixed_text_length(tmp_path: Path) -> None:
+    """FastViT image tower (re-parameterizable blocks) and a MobileCLIP text tower without causal mask."""
+    torch.manual_seed(0)
+    model = model_from_config(TINY_MOBILE_CONFIG)
+    bundle = export_bundle(model, tmp_path, "mobile", source=ModelSource(architecture="tiny-mobile"),
+                           progress=False)
+    # Without a causal mask the padding changes the vectors: the graph must say so and keep length 77.
+    assert bundle.manifest.text.dynamic_length is False
+    text_input = onnx.load(str(bundle.file_path("text"))).graph.input[0]
+    assert text_input.type.tensor_type.shape.dim[1].dim_value == 77
+    image_graph = onnx.load(str(bundle.file_path("image"))).graph
+    exported_convs = sum(node.op_type == "Conv" for node in image_graph.node)
+    training_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.visual.modules())
+    assert exported_convs < training_convs, "re-parameterization should have merged conv branches"
+    images = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
+    assert agreement(_torch_image(model, images), _run(bundle.file_path("image"), images)).min_cosine >= 0.9999
+    assert all(r.passed for r in bundle.manifest.parity)

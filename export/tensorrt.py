@@ -1,0 +1,170 @@
+"""TensorRT engines built from the exported ONNX graphs, with the TensorRT Python API (GPU only).
+
+An engine only runs on the GPU model and TensorRT version that built it, so its file name and its
+manifest entry carry both. Layers whose accuracy needs it (normalizations, softmax, reductions)
+are kept in fp32 while the rest runs in fp16. The layer timing cache is kept between builds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from export.errors import ExportError
+
+TIMING_CACHE_ENV = "CLIPSERVE_TENSORRT_CACHE"
+WORKSPACE_BYTES = 4 << 30
+DEFAULT_BATCH_RANGE = (1, 8, 64)
+
+
+def require_tensorrt() -> tuple[Any, Any]:
+    """(tensorrt, torch) when a CUDA GPU and TensorRT are both present; a clear error otherwise."""
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise ExportError("TensorRT engines need the tensorrt package: pip install 'clipserve[gpu]'") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExportError("TensorRT engines are built on the GPU they will run on; no CUDA GPU is visible here")
+    return tensorrt, torch
+
+
+def gpu_name() -> str:
+    _, torch = require_tensorrt()
+    return torch.cuda.get_device_name(torch.cuda.current_device())
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def engine_filename(tower: str, gpu: str, tensorrt_version: str) -> str:
+    """e.g. image.nvidia-h200.trt10.13.0.plan: the tower first, as the manifest has no tower field."""
+    return f"{tower}.{_slug(gpu)}.trt{tensorrt_version}.plan"
+
+
+def timing_cache_path(gpu: str, tensorrt_version: str) -> Path:
+    """Outside the bundle (it is a build aid, not part of the model): $CLIPSERVE_TENSORRT_CACHE or
+    the user cache folder."""
+    default_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipserve" / "tensorrt"
+    root = Path(os.environ.get(TIMING_CACHE_ENV) or default_root)
+    return root / f"timing-{_slug(gpu)}-trt{tensorrt_version}.cache"
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min / opt / max shapes of the one input of a graph (one optimization profile)."""
+
+    input_name: str
+    minimum: tuple[int, ...]
+    optimum: tuple[int, ...]
+    maximum: tuple[int, ...]
+
+
+def image_shapes(height: int, width: int, batches: tuple[int, int, int] = DEFAULT_BATCH_RANGE) -> ShapeRange:
+    return ShapeRange("pixel_values", *((b, 3, height, width) for b in batches))
+
+
+def text_shapes(context_length: int, dynamic_length: bool,
+                batches: tuple[int, int, int] = DEFAULT_BATCH_RANGE) -> ShapeRange:
+    """With a dynamic length, lengths 2..context (tuned for short captions); else the context only."""
+    shortest, typical = (2, min(16, context_length)) if dynamic_length else (context_length, context_length)
+    low, mid, high = batches
+    return ShapeRange("input_ids", (low, shortest), (mid, typical), (high, context_length))
+
+
+def _keep_accuracy_layers_fp32(trt: Any, network: Any) -> None:
+    fp32_layers = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if layer.type in fp32_layers:
+            layer.precision = trt.float32
+            for output in range(layer.num_outputs):
+                layer.set_output_type(output, trt.float32)
+
+
+def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    return network
+
+
+def build_engine(onnx_path: Path, engine_path: Path, shapes: ShapeRange, fp16: bool = True) -> None:
+    """Build and serialize one engine; the timing cache is read before and written after."""
+    trt, _ = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = _parse(trt, builder, logger, onnx_path)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    if fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        _keep_accuracy_layers_fp32(trt, network)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(shapes.input_name, shapes.minimum, shapes.optimum, shapes.maximum)
+    config.add_optimization_profile(profile)
+    cache_path = timing_cache_path(gpu_name(), trt.__version__)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=True)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path.name} (see the log above)")
+    engine_path.write_bytes(bytes(serialized))
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def run_engine(engine_path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Run a one-input, one-output engine on the GPU (used for parity checks and benchmarks)."""
+    trt, torch = require_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    engine = trt.Runtime(logger).deserialize_cuda_engine(engine_path.read_bytes())
+    if engine is None:
+        raise ExportError(f"{engine_path.name} does not deserialize on this GPU / TensorRT version")
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    (input_name,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    (output_name,) = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+    context = engine.create_execution_context()
+    device_input = torch.from_numpy(np.ascontiguousarray(inputs)).cuda()
+    context.set_input_shape(input_name, tuple(device_input.shape))
+    output_dtype = torch.float16 if engine.get_tensor_dtype(output_name) == trt.float16 else torch.float32
+    device_output = torch.empty(tuple(context.get_tensor_shape(output_name)), dtype=output_dtype, device="cuda")
+    context.set_tensor_address(input_name, device_input.data_ptr())
+    context.set_tensor_address(output_name, device_output.data_ptr())
+    stream = torch.cuda.current_stream()
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise ExportError(f"TensorRT failed to run {engine_path.name}")
+    stream.synchronize()
+    return device_output.float().cpu().numpy()
+
+
+@dataclass(frozen=True)
+class EngineFile:
+    path: str
+    tower: str
+    gpu: str
+    tensorrt_version: str
+
+
+def build_engines(bundle_dir: Path, image_size: tuple[int, int], context_length: int,
+                  dynamic_length: bool) -> list[EngineFile]:
+    """fp16 engines for both towers of the fp32 graphs in `bundle_dir`."""
+    trt, _ = require_tensorrt()
+    gpu = gpu_name()
+    engines = []
+    for tower, shapes in (("image", image_shapes(*image_size)),
+                          ("text", text_shapes(context_length, dynamic_length))):
+        name = engine_filename(tower, gpu, trt.__version__)
+        build_engine(bundle_dir / f"{tower}.onnx", bundle_dir / name, shapes)
+        engines.append(EngineFile(name, tower, gpu, trt.__version__))
+    return engines
