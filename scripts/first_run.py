@@ -11,7 +11,8 @@
 
 Configuration, all optional: CLIPSERVE_MODELS_DIR (or CLIPSERVE_MODELS naming a directory: the
 repository; default `models/`), CLIPSERVE_HOST (127.0.0.1), CLIPSERVE_PORT (8000),
-CLIPSERVE_REDIS_URL, and any other CLIPSERVE_* setting of the service.
+CLIPSERVE_REDIS_URL, CLIPSERVE_DEMO_STEPS (a shorter demo training, for tests and slow machines),
+and any other CLIPSERVE_* setting of the service.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from export.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
 
-DEMO_MODEL = "demo"
+DEMO_MODEL = "shapes-demo"
 READY_TIMEOUT_S = 300.0
 
 
@@ -112,23 +113,35 @@ def inventory(repo: ModelRepository, wanted: list[str] | None = None) -> Invento
     return result
 
 
-def build_demo(repo_dir: Path, name: str) -> None:
+def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
+    """Build in a child process, so the service later runs without torch in memory."""
     print(
         f"clipserve: no usable bundle in {repo_dir}; building the demo model once "
-        "(shapes teacher -> distilled student -> verified bundle, a few minutes on 2 cores)",
+        "(shapes teacher -> distilled student -> verified bundle; minutes on 2 cores)",
         flush=True,
     )
     started = time.monotonic()
-    command = [sys.executable, "-m", "training.recipes", "--repo", str(repo_dir), "--name", name]
-    result = subprocess.run(command, cwd=ROOT)
+    command = [sys.executable, str(Path(__file__).resolve()), "--build-demo", str(repo_dir), name]
+    result = subprocess.run(command, cwd=ROOT, env=env)
     if result.returncode != 0:
         raise FirstRunError(
             f"building the demo model failed (exit {result.returncode}); see the messages above"
         )
     print(
-        f"clipserve: demo model built in {time.monotonic() - started:.0f} s and cached in {repo_dir}/{name}",
+        f"clipserve: demo model built in {time.monotonic() - started:.0f} s, kept in {repo_dir / name} "
+        "for the next runs",
         flush=True,
     )
+
+
+def build_demo_here(repo_dir: Path, name: str, env: dict[str, str]) -> None:
+    """The demo recipe of training/; CLIPSERVE_DEMO_STEPS shortens it (tests, slow machines)."""
+    from training.recipes import ShapesBudget, build_demo_bundle
+
+    steps = env.get("CLIPSERVE_DEMO_STEPS")
+    budget = ShapesBudget(steps=int(steps)) if steps else None
+    bundle = build_demo_bundle(repo_dir, name, progress=True, budget=budget)
+    print(f"clipserve: published {bundle.ref} in {repo_dir}", flush=True)
 
 
 def wait_ready(base: str, server: subprocess.Popen, timeout_s: float) -> str:
@@ -184,7 +197,7 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str], Inventory]:
                 f"none of the models in CLIPSERVE_MODELS ({', '.join(wanted)}) has a usable "
                 f"bundle in {repo_dir}"
             )
-        build_demo(repo_dir, DEMO_MODEL)
+        build_demo(repo_dir, DEMO_MODEL, env)
         found.serve = [DEMO_MODEL]
     if found.pinned:
         child_env["CLIPSERVE_MODELS"] = ",".join(found.serve)
@@ -228,8 +241,11 @@ def run(env: dict[str, str]) -> int:
     return 0 if stopping and code in (0, -signal.SIGTERM) else code
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
     try:
+        if argv[:1] == ["--build-demo"] and len(argv) == 3:
+            build_demo_here(Path(argv[1]), argv[2], dict(os.environ))
+            return 0
         return run(dict(os.environ))
     except FirstRunError as exc:
         print(f"clipserve: {exc}", file=sys.stderr)
@@ -237,4 +253,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
