@@ -8,7 +8,10 @@ interpolated with their defaults, then validated against the Compose Specificati
 
 from __future__ import annotations
 
+import ast
 import copy
+import importlib
+import inspect
 import json
 import re
 import shlex
@@ -206,8 +209,19 @@ def test_trainer_and_gpu_profiles(compose: dict[str, Any]) -> None:
     trainer, gpu = services["trainer"], services["api-gpu"]
     assert trainer["profiles"] == ["trainer"]
     assert "models:/models" in trainer["volumes"]
-    assert "--repo" in trainer["command"]
-    assert trainer["command"][trainer["command"].index("--repo") + 1] == "/models"
+    program, flag, code, *args = trainer["command"]
+    assert (program, flag, args) == ("python", "-c", ["/models", "shapes-demo"])
+    # The job runs training's demo recipe: it must exist and take (repository, name).
+    tree = ast.parse(code)
+    imported = {
+        alias.name: importlib.import_module(node.module)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+        for alias in node.names
+    }
+    (call,) = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
+    function = getattr(imported[call.func.id], call.func.id)
+    inspect.signature(function).bind(*args)
     assert gpu["profiles"] == ["gpu"]
     assert gpu["build"]["dockerfile"] == "docker/Dockerfile.serve-gpu"
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
