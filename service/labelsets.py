@@ -142,7 +142,7 @@ class ClassMatrices:
         for start in range(0, len(labels), per_chunk):
             chunk = labels[start: start + per_chunk]
             texts = [fill(t, label) for label in chunk for t in templates]
-            vectors = await self._encode(model, texts)
+            vectors = await self._encode(model, texts, cache_texts=build is None)
             means = vectors.reshape(len(chunk), len(templates), model.dim).mean(axis=1)
             matrix[start: start + len(chunk)] = normalize(means)
             if build is not None:
@@ -154,9 +154,12 @@ class ClassMatrices:
         return matrix
 
     @staticmethod
-    async def _encode(model: ServedModel, texts: list[str]) -> np.ndarray:
+    async def _encode(model: ServedModel, texts: list[str], cache_texts: bool) -> np.ndarray:
         batch = await model.tokenize(texts)
-        return await model.embed_token_rows(model.token_rows(batch), bulk=True)
+        rows = model.token_rows(batch)
+        if cache_texts:
+            return await model.embed_token_rows(rows, bulk=True)
+        return await model.run_bulk(rows)  # a stored set keeps its matrix, not one cache entry per text
 
     async def for_labels(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
         """The class matrix of an ad-hoc label list (classify with `labels`)."""

@@ -169,7 +169,7 @@ class ServedModel:
     async def embed_token_rows(self, rows: list[np.ndarray], bulk: bool = False) -> np.ndarray:
         """Vectors for token-id rows: from the cache where present, the rest through the model.
 
-        `bulk` (label-set builds) bypasses the request queue and runs on the text tower's inference
+        `bulk` (class matrices) bypasses the request queue and runs on the text tower's inference
         thread directly, so it takes turns with live batches instead of filling their queue.
         """
         keys = [self.text_key(r) for r in rows]
@@ -184,14 +184,18 @@ class ServedModel:
         if missing:
             todo = [rows[positions[0]] for positions in missing.values()]
             if bulk:
-                loop = asyncio.get_running_loop()
-                vectors = await loop.run_in_executor(self.text_batcher.executor, self.run_texts, todo)
+                vectors = await self.run_bulk(todo)
             else:
                 vectors = await self.text_batcher.submit(todo)
             for positions, vector in zip(missing.values(), vectors, strict=True):
                 out[positions] = vector
             await self.cache.set_vectors({k: v.tobytes() for k, v in zip(missing, vectors, strict=True)})
         return out
+
+    async def run_bulk(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Encode token rows on the text tower's inference thread, without the request queue."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.text_batcher.executor, self.run_texts, rows)
 
     async def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
         with self._using():

@@ -134,8 +134,8 @@ def test_every_request_succeeds_with_redis_unreachable(make_client, caplog: pyte
 
 
 @pytest.mark.slow
-def test_10000_labels_by_80_templates_build_in_batches_with_progress(make_client, caplog) -> None:
-    client = make_client(labelset_chunk_texts=4000, max_batch_size_text=256)
+def test_10000_labels_by_80_templates_build_in_batches_with_progress(make_client, micro_repo, caplog) -> None:
+    client = make_client(models_dir=micro_repo, labelset_chunk_texts=8000, intra_op_threads=2)
     name = unique("big")
     labels = [f"thing number {i}" for i in range(10_000)]
     with caplog.at_level("INFO", logger="clipserve.labelsets"):
@@ -144,7 +144,11 @@ def test_10000_labels_by_80_templates_build_in_batches_with_progress(make_client
         busy = client.post("/v1/classify", json={"images": IMAGES[:1], "labelset": name})
         assert busy.status_code in (200, 409)
         deadline = time.monotonic() + 600
-        while (info := client.get(f"/v1/labelsets/{name}").json())["status"] == "building":
+        while True:
+            response = client.get(f"/v1/labelsets/{name}")
+            assert response.status_code == 200, response.text
+            if (info := response.json())["status"] != "building":
+                break
             assert time.monotonic() < deadline
             time.sleep(1)
     assert info["status"] == "ready", info
