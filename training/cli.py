@@ -66,6 +66,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "int8": False,
     "threads": None,
     "progress": True,
+    "evaluate": True,
 }
 
 
@@ -157,6 +158,9 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_const", const=True, help="also publish an int8 image/text graph")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    p.add_argument(
+        "--no-eval", dest="evaluate", action="store_const", const=False, help="skip zero-shot evaluation"
+    )
     return p
 
 
@@ -215,6 +219,8 @@ def folder_evaluator(path: str, templates: list[str]):
 
 
 def _evaluator(options: dict[str, Any], templates: list[str]):
+    if not options["evaluate"]:
+        return None
     if options["eval_data"]:
         return folder_evaluator(options["eval_data"], templates)
     if str(options["data"]).startswith("synthetic:shapes"):

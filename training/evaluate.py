@@ -7,6 +7,7 @@ import json
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -133,16 +134,19 @@ def gflops(clip: ClipModel) -> dict[str, float]:
 def _export_tower(module: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
     torch.backends.mha.set_fastpath_enabled(False)
     try:
-        torch.onnx.export(
-            module,
-            (example,),
-            str(path),
-            input_names=[input_name],
-            output_names=["embeds"],
-            dynamic_axes={input_name: {0: "batch"}, "embeds": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+        with warnings.catch_warnings():
+            # the tracer warns about shape checks inside nn.MultiheadAttention; they hold for any batch
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=["embeds"],
+                dynamic_axes={input_name: {0: "batch"}, "embeds": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
 

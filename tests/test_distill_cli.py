@@ -1,0 +1,189 @@
+"""`clip-distill` end to end: the documented invocation with --publish, config files, eval, stored
+targets, and clear errors with exit status 2 instead of tracebacks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from export.bundle import ModelRepository, load_bundle, sha256_file
+from tests.fixtures.training import TINY_DATA
+from training.cli import main
+from training.models import load_clip
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+@pytest.mark.slow
+def test_documented_invocation_publishes_a_bundle_that_loads_and_runs(
+    tiny_student_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    # the documented command, with fewer steps and a smaller batch to keep CI fast
+    argv = ["--teacher", "ViT-S-32", "--teacher-pretrained", "none"]
+    argv += [
+        "--student",
+        str(tiny_student_config),
+        "--data",
+        "synthetic:shapes",
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+    ]
+    argv += [
+        "--out",
+        "runs/demo",
+        "--publish",
+        "models/",
+        "--name",
+        "demo-student",
+        "--no-progress",
+        "--no-eval",
+    ]
+    assert main(argv) == 0
+
+    bundle = ModelRepository(tmp_path / "models").load("demo-student")
+    assert bundle.manifest.version == 1
+    run = json.loads((tmp_path / "runs/demo/run.json").read_text())
+    assert bundle.manifest.source.training_run == run["run_id"]
+    weights = tmp_path / "runs/demo/final/open_clip_model.safetensors"
+    assert bundle.manifest.source.checkpoint_sha256 == sha256_file(weights)
+    bundle = load_bundle(bundle.path)
+
+    student = load_clip(str(tmp_path / "runs/demo"))
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = student.tokenizer(["a red circle", "two shapes: a blue square and a green cross"])
+    image_session = ort.InferenceSession(str(bundle.file_path("image")), providers=["CPUExecutionProvider"])
+    text_session = ort.InferenceSession(str(bundle.file_path("text")), providers=["CPUExecutionProvider"])
+    image = image_session.run(None, {image_session.get_inputs()[0].name: pixels.numpy()})[0]
+    text = text_session.run(None, {text_session.get_inputs()[0].name: tokens.numpy()})[0]
+    with torch.no_grad():
+        expected_image = student.model.encode_image(pixels, normalize=True).numpy()
+        expected_text = student.model.encode_text(tokens, normalize=True).numpy()
+    assert image.shape == (2, 32) and text.shape == (2, 32)
+    assert np.allclose(image, expected_image, atol=1e-4) and np.allclose(text, expected_text, atol=1e-4)
+
+
+def test_config_file_with_flag_overrides_trains_from_scratch(
+    tiny_student_config: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"student: {tiny_student_config}\ndata: '{TINY_DATA}'\nsteps: 50\nbatch-size: 8\nlosses: clip\nprogress: false\n"
+    )
+    assert main(["--config", str(config), "--steps", "3", "--out", str(tmp_path / "run"), "--no-eval"]) == 0
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records] == [1, 2, 3]
+    assert set(json.loads(records[0])["parts"]) == {"clip"}
+
+
+def test_training_on_synthetic_data_reports_zero_shot_accuracy(
+    tiny_student_config: Path, tmp_path: Path
+) -> None:
+    argv = ["--student", str(tiny_student_config), "--data", TINY_DATA, "--steps", "2", "--batch-size", "8"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    evals = [
+        json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval" in r
+    ]
+    assert evals[-1]["step"] == 2 and set(evals[-1]["eval"]) == {"top1", "top5"}
+
+
+def test_stored_targets_command_feeds_training_without_the_teacher(
+    tiny_student_config: Path, tiny_teacher_run: Path, tmp_path: Path
+) -> None:
+    targets = tmp_path / "targets"
+    argv = [
+        "targets",
+        "--teacher",
+        str(tiny_teacher_run),
+        "--data",
+        TINY_DATA,
+        "--out",
+        str(targets),
+        "--views",
+        "2",
+    ]
+    assert main(argv) == 0
+    manifest = json.loads((targets / "targets.json").read_text())
+    assert manifest["views"] == 2 and manifest["samples"] == 128 and len(manifest["class_names"]) == 30
+    argv = ["--student", str(tiny_student_config), "--data", TINY_DATA, "--teacher-targets", str(targets)]
+    argv += [
+        "--losses",
+        "clip,logit_kd,class_kd",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--no-progress",
+        "--no-eval",
+    ]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(record["parts"]) == {"clip", "logit_kd", "class_kd"}
+
+
+def test_eval_reports_teacher_beside_student(
+    tiny_teacher_run: Path, tiny_student_config: Path, tmp_path: Path
+) -> None:
+    argv = ["eval", "--model", str(tiny_student_config), "--teacher", str(tiny_teacher_run)]
+    assert main([*argv, "--data", "synthetic:shapes?image_size=32", "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert [r["role"] for r in report] == ["teacher", "student"]
+    teacher, student = report
+    assert set(teacher["accuracy"]) == {"top1", "top5"}
+    assert teacher["parameters"]["image"] > student["parameters"]["image"]
+    assert teacher["gflops"]["image"] > student["gflops"]["image"] > 0
+    assert student["latency_ms"]["image"] > 0 and student["latency_ms"]["text"] > 0
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| teacher |" in markdown and "ORT ms image" in markdown
+
+
+def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: Path) -> None:
+    from training import synthetic
+
+    rows = ["filepath,caption"]
+    for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "cross")]):
+        synthetic.draw_single(colour, shape, size=32).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,a {colour} {shape}")
+    (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
+    argv = ["eval", "--model", str(tiny_student_config), "--data", str(tmp_path / "pairs.csv")]
+    assert main([*argv, "--out", str(tmp_path / "report"), "--no-latency"]) == 0
+    accuracy = json.loads((tmp_path / "report" / "report.json").read_text())[0]["accuracy"]
+    assert accuracy["image_to_text_R@10"] == 1.0 and "text_to_image_R@1" in accuracy
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--losses", "clip,magic"], "unknown loss 'magic'"),
+        (["--losses", "clip,logit_kd"], "need a teacher"),
+        (["--data", "nowhere.csv"], "caption file nowhere.csv does not exist"),
+        (["--init", "inherit"], "--init inherit needs a --teacher"),
+        (["--teacher", "ViT-Nope-1"], "unknown model 'ViT-Nope-1'"),
+        (["--publish", "models"], "--publish needs --name"),
+        (["--resume", "missing.pt"], "cannot read checkpoint missing.pt"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(
+    extra: list[str], message: str, tiny_student_config: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    argv = ["--student", str(tiny_student_config), "--data", TINY_DATA, "--steps", "1", "--batch-size", "8"]
+    assert main([*argv, "--no-progress", "--no-eval", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_config_key_and_missing_student_are_clear(tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"student": "x.json", "learning_rate": 1}))
+    assert main(["--config", str(config)]) == 2
+    assert "unknown option(s) in" in capsys.readouterr().err
+    assert main(["--data", TINY_DATA]) == 2
+    assert "--student is required" in capsys.readouterr().err
