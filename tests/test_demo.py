@@ -26,7 +26,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-LABELS = ["red circle", "blue square", "green triangle", "yellow star"]
+LABELS = ["red circle", "blue square", "green triangle", "yellow diamond"]
 
 
 def shape_png(color: str = "red", size: int = 96) -> bytes:
@@ -138,7 +138,7 @@ def test_a_label_set_can_be_picked_instead_of_typed_labels(page, live_server: Ca
 
     base = live_server()
     created = httpx.put(
-        base + "/v1/labelsets/shapes", json={"labels": ["circle", "square", "star"]}, timeout=60
+        base + "/v1/labelsets/shapes", json={"labels": ["circle", "square", "cross"]}, timeout=60
     )
     assert created.status_code in (200, 201), created.text
     page.goto(base + "/")
@@ -146,7 +146,7 @@ def test_a_label_set_can_be_picked_instead_of_typed_labels(page, live_server: Ca
     page.select_option("#labelset", "shapes")
     upload(page, "#image-file", "circle.png", "image/png", shape_png("blue"))
     page.wait_for_selector("#classify-results li")
-    assert sorted(label for label, _ in read_bars(page)) == ["circle", "square", "star"]
+    assert sorted(label for label, _ in read_bars(page)) == ["circle", "cross", "square"]
 
 
 def test_a_non_image_file_shows_a_visible_error(page, live_server: Callable[..., str]) -> None:
