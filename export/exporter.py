@@ -52,6 +52,7 @@ from export.verify import (
     fixed_token_ids,
     image_outputs,
     make_session,
+    providers_for,
     report,
     text_outputs,
     token_counts,
@@ -237,14 +238,14 @@ class _BundleWriter:
 
     def _image_report(self, precision: Precision, file: str) -> ParityReport:
         towers = self.towers
-        session = make_session(self.staging.path / file)
+        session = make_session(self.staging.path / file, providers_for(precision))
         actual = image_outputs(session, towers.images)
         return report("image", precision, file, towers.image_reference, actual, len(towers.images),
                       self.thresholds[precision])
 
     def _text_report(self, precision: Precision, file: str) -> ParityReport:
         towers = self.towers
-        session = make_session(self.staging.path / file)
+        session = make_session(self.staging.path / file, providers_for(precision))
         actual = text_outputs(session, towers.token_ids, self.length_free)
         return report("text", precision, file, towers.text_reference, actual, len(towers.token_ids),
                       self.thresholds[precision])

@@ -73,6 +73,14 @@ def make_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 
+def providers_for(precision: str) -> tuple[str, ...]:
+    """fp16 graphs are meant for the GPU: checked there when ONNX Runtime has CUDA, else on the CPU
+    (ONNX Runtime runs fp16 graphs on the CPU too, so the figures are real either way)."""
+    if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ("CUDAExecutionProvider", "CPUExecutionProvider")
+    return ("CPUExecutionProvider",)
+
+
 @dataclass(frozen=True)
 class Agreement:
     max_abs_diff: float
