@@ -169,6 +169,49 @@ def test_bytes_that_are_not_an_image_show_the_servers_error(page, live_server: C
     assert "image" in text.lower()
 
 
+def test_add_images_to_a_collection_and_search_it_by_a_sentence(
+    page, live_server: Callable[..., str], tmp_path: Path
+) -> None:
+    page.goto(live_server(data_dir=tmp_path / "data") + "/")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('serving tiny')")
+    page.fill("#collection", "browser-test")
+    page.set_input_files(
+        "#index-files",
+        files=[
+            {"name": f"{colour}.png", "mimeType": "image/png", "buffer": shape_png(colour)}
+            for colour in ("red", "blue", "green")
+        ],
+    )
+    page.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 3')")
+    page.fill("#query", "a red circle")
+    page.click("#search-button")
+    page.wait_for_selector("#search-results li")
+    items = page.locator("#search-results li")
+    assert items.count() == 3
+    assert sorted(items.nth(i).locator(".caption span").first.inner_text() for i in range(3)) == [
+        "blue.png",
+        "green.png",
+        "red.png",
+    ]
+    sources = page.eval_on_selector_all("#search-results img", "els => els.map(e => e.src)")
+    assert all(source.startswith("data:image/jpeg;base64,") for source in sources)
+    widths = page.eval_on_selector_all("#search-results img", "els => els.map(e => e.naturalWidth)")
+    assert widths == [128, 128, 128]
+    screenshot(page, "search")
+
+
+def test_searching_an_unknown_collection_shows_the_error(
+    page, live_server: Callable[..., str], tmp_path: Path
+) -> None:
+    page.goto(live_server(data_dir=tmp_path / "data") + "/")
+    page.fill("#collection", "nowhere")
+    page.fill("#query", "a red circle")
+    page.click("#search-button")
+    error = page.locator("#search-error")
+    error.wait_for(state="visible")
+    assert error.inner_text().startswith("404: ") and "nowhere" in error.inner_text()
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="service/middleware.py Auth asks a key for `/` and `/static/*`; they must be open like /livez",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -222,3 +223,29 @@ def test_a_repository_with_only_broken_models_named_in_clipserve_models_fails_cl
     out = run.output()
     assert "tiny@1: file image.onnx is corrupted" in out
     assert "none of the models in CLIPSERVE_MODELS (tiny) has a usable bundle" in out
+
+
+def tour_commands() -> list[str]:
+    """The shell commands of docs/tour.md, one per entry, continuation lines joined."""
+    text = (ROOT / "docs" / "tour.md").read_text()
+    commands: list[str] = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        commands += [line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip()]
+    return commands
+
+
+def test_the_curl_tour_runs_against_the_service(live_server, tmp_path: Path) -> None:
+    """Every command of docs/tour.md, verbatim but for the port and the model name, against a real server."""
+    base = live_server(data_dir=tmp_path / "data")
+    (tmp_path / ".venv").symlink_to(VENV)
+    commands = tour_commands()
+    assert len(commands) >= 15
+    for command in commands:
+        runnable = command.replace("http://127.0.0.1:8000", base).replace('"shapes-demo"', '"tiny"')
+        result = subprocess.run(
+            ["bash", "-c", runnable], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, f"{command}\n{result.stdout}\n{result.stderr}"
+        if "--fail-with-body" not in command and "curl" in command:
+            assert json.loads(result.stdout)["error"]["type"], result.stdout
+    assert (tmp_path / "red-circle.png").is_file()
