@@ -40,6 +40,12 @@ class _Item:
     enqueued: float
 
 
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark the outcome of an abandoned gather as seen, so asyncio does not log it as lost."""
+    if not future.cancelled():
+        future.exception()
+
+
 class Batcher:
     def __init__(
         self,
@@ -110,8 +116,10 @@ class Batcher:
             futures.append(future)
         self.metrics.queue_depth.labels(**self._labels).set(len(self._queue))
         self._arrived.set()
+        gathered = asyncio.gather(*futures)
+        gathered.add_done_callback(_retrieve)
         try:
-            results = await asyncio.wait_for(asyncio.gather(*futures), self.timeout_s)
+            results = await asyncio.wait_for(gathered, self.timeout_s)
         except TimeoutError as exc:
             self.metrics.rejected.labels(reason="timeout", **self._labels).inc(len(rows))
             raise ApiError(
