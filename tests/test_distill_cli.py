@@ -164,7 +164,7 @@ def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: 
         (["--losses", "clip,magic"], "unknown loss 'magic'"),
         (["--losses", "clip,logit_kd"], "need a teacher"),
         (["--data", "nowhere.csv"], "caption file nowhere.csv does not exist"),
-        (["--init", "inherit"], "--init inherit needs a --teacher"),
+        (["--init", "inherit"], "--init inherit needs a --teacher or --inherit-from"),
         (["--teacher", "ViT-Nope-1"], "unknown model 'ViT-Nope-1'"),
         (["--publish", "models"], "--publish needs --name"),
         (["--resume", "missing.pt"], "cannot read checkpoint missing.pt"),

@@ -254,3 +254,24 @@ def test_objective_errors_name_what_is_wrong(tiny_student_config: Path) -> None:
     Distiller(
         student, LossSettings(weights=LossWeights.parse("logit_kd"), projection=False), teacher_dims=[48]
     )
+
+
+def test_ensemble_teacher_with_its_own_preprocessing(
+    tiny_student_config: Path, tiny_teacher_run: Path, tmp_path: Path
+) -> None:
+    from tests.fixtures.training import TINY_TEACHER
+
+    wide = {**TINY_TEACHER, "vision": {**TINY_TEACHER["vision"], "image_size": 48, "patch_size": 8}}
+    (tmp_path / "wide.json").write_text(json.dumps(wide))
+    teacher = load_teacher([str(tiny_teacher_run), str(tmp_path / "wide.json")])
+    student = load_clip(str(tiny_student_config))
+    assert len({m.image_key for m in teacher.members} | {student.image_key}) == 2
+    from training.train import build_collator
+
+    batch = build_collator(student, teacher, _config(), None)([_dataset()[i] for i in range(4)])
+    assert sorted(tuple(v.shape[-2:]) for v in batch.images.values()) == [(32, 32), (48, 48)]
+    settings = LossSettings(weights=LossWeights.parse("clip,logit_kd,feature"))
+    result = train(
+        student, _dataset(), tmp_path / "ens", _config(steps=2), settings, teacher=teacher, **QUIET
+    )
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))

@@ -30,6 +30,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
     "student": None,
     "student_pretrained": None,
     "init": "random",
+    "inherit_from": None,
     "data": None,
     "eval_data": None,
     "out": "runs/distill",
@@ -114,6 +115,7 @@ def train_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--init", choices=["random", "inherit"], help="inherit: weight inheritance from the teacher"
     )
+    p.add_argument("--inherit-from", help="model to inherit weights from (default: the first teacher)")
     p.add_argument("--data", help="synthetic:shapes, captions .csv/.tsv/.jsonl, tar shards, or class folders")
     p.add_argument("--eval-data", help="class folders for zero-shot evaluation (synthetic data has its own)")
     p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, curves.png, final/")
@@ -231,12 +233,16 @@ def _evaluator(options: dict[str, Any], templates: list[str]):
 def _build_student(options: dict[str, Any], teacher: Teacher | None) -> ClipModel:
     student = load_clip(options["student"], options["student_pretrained"], seed=options["seed"])
     if options["init"] == "inherit":
-        if teacher is None:
-            raise UsageError("--init inherit needs a --teacher to inherit from")
-        report = inherit_weights(student, teacher.members[0])
+        if options["inherit_from"]:
+            source = load_clip(options["inherit_from"])
+        elif teacher is not None:
+            source = teacher.members[0]
+        else:
+            raise UsageError("--init inherit needs a --teacher or --inherit-from model to inherit from")
+        report = inherit_weights(student, source)
         print(
-            f"weight inheritance: {len(report.copied)} copied, {len(report.sliced)} sliced, "
-            f"{len(report.interpolated)} interpolated, {len(report.skipped)} skipped"
+            f"weight inheritance from {source.architecture}: {len(report.copied)} copied, {len(report.sliced)} "
+            f"sliced, {len(report.interpolated)} interpolated, {len(report.skipped)} skipped"
         )
     return student
 

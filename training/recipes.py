@@ -63,8 +63,10 @@ def student_options(
     }
     if teacher_targets is not None:
         options["teacher_targets"] = str(teacher_targets)
-    if teacher_dir is not None and (teacher_targets is None or init == "inherit"):
+    elif teacher_dir is not None:
         options["teacher"] = str(teacher_dir)
+    if init == "inherit" and teacher_dir is not None:
+        options["inherit_from"] = str(teacher_dir)
     return options
 
 
