@@ -8,6 +8,7 @@ against the torch model, and only then published; on any failure nothing is left
 from __future__ import annotations
 
 import contextlib
+import copy
 import shutil
 import sys
 import time
@@ -324,8 +325,26 @@ def export_bundle(model: nn.Module, repo: ModelRepository | Path | str, name: st
     """
     repository = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
     check_can_publish(repository, name, version, tensorrt)
-    steps = Progress(progress)
-    model.eval()
+    was_training = model.training
+    try:
+        return _export(cpu_float32(model.eval()), repository, name, source, preprocess, int8, fp16, tensorrt,
+                       min_cosine, version, Progress(progress))
+    finally:
+        model.train(was_training)
+
+
+def cpu_float32(model: nn.Module) -> nn.Module:
+    """The model itself when it already lives on the CPU in fp32; otherwise a CPU fp32 copy (a student
+    published from the GPU at the end of training keeps its place there)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+        return model
+    return copy.deepcopy(model).cpu().float().eval()
+
+
+def _export(model: nn.Module, repository: ModelRepository, name: str, source: ModelSource,
+            preprocess: ImagePreprocess | None, int8: bool, fp16: bool, tensorrt: bool,
+            min_cosine: float | Mapping[str, float] | None, version: int | None, steps: Progress) -> Bundle:
     preprocess = preprocess or preprocess_from_model(model)
     if source.open_clip_version is None:
         source = source.model_copy(update={"open_clip_version": open_clip.__version__})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shutil
@@ -23,7 +24,7 @@ from export.bundle import (
     load_bundle,
 )
 from export.errors import ParityError
-from export.exporter import export_bundle
+from export.exporter import cpu_float32, export_bundle
 from export.sources import model_from_config
 from export.tokenizer import ClipTokenizer
 from export.verify import DEFAULT_MIN_COSINE, agreement, make_session
@@ -154,14 +155,28 @@ def test_unwritable_repository_is_refused(tmp_path: Path, tiny_model) -> None:
                       progress=False)
 
 
-def test_failed_parity_publishes_nothing(tmp_path: Path, tiny_model) -> None:
+def test_failed_parity_publishes_nothing_and_leaves_the_model_as_it_was(tmp_path: Path, tiny_model) -> None:
     repo = tmp_path / "models"
-    # No int8 graph can reach cosine 1 - 1e-12 to the fp32 model.
-    with pytest.raises(ParityError, match=r"int8 graphs disagree.*image\.int8\.onnx: min cosine"):
-        export_bundle(tiny_model, repo, "strict", source=ModelSource(architecture="tiny-clip"), int8=True,
-                      min_cosine={"int8": 1 - 1e-12}, progress=False)
+    tiny_model.train()
+    try:
+        # No int8 graph can reach cosine 1 - 1e-12 to the fp32 model.
+        with pytest.raises(ParityError, match=r"int8 graphs disagree.*image\.int8\.onnx: min cosine"):
+            export_bundle(tiny_model, repo, "strict", source=ModelSource(architecture="tiny-clip"), int8=True,
+                          min_cosine={"int8": 1 - 1e-12}, progress=False)
+        assert tiny_model.training
+    finally:
+        tiny_model.eval()
     assert ModelRepository(repo).versions("strict") == []
     assert [p.name for p in (repo / "strict").iterdir() if not p.name.startswith(".publish")] == []
+
+
+def test_models_off_the_cpu_or_not_fp32_are_exported_from_a_cpu_fp32_copy(tiny_model) -> None:
+    assert cpu_float32(tiny_model) is tiny_model
+    half = copy.deepcopy(tiny_model).bfloat16()
+    exported = cpu_float32(half)
+    assert exported is not half
+    assert all(p.dtype == torch.float32 for p in exported.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())
 
 
 def test_manifest_is_plain_json(tiny_bundle) -> None:
