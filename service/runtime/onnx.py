@@ -47,7 +47,7 @@ def check_providers(requested: list[str], active: list[str]) -> None:
     missing = [name for name in requested if name not in active]
     if missing:
         raise RuntimeConfigError(
-            f"execution providers {missing} were requested but are not active (active: {active}; "
+            f"execution providers {missing} were requested but are not active (active here: {active}; "
             f"available in this onnxruntime build: {ort.get_available_providers()}). "
             "Refusing to fall back silently to the CPU."
         )
@@ -56,11 +56,13 @@ def check_providers(requested: list[str], active: list[str]) -> None:
 class OnnxRuntime:
     def __init__(self, path: Path, options: RuntimeOptions):
         requested = provider_list(options)
+        names = [p if isinstance(p, str) else p[0] for p in requested]
+        check_providers(names, ort.get_available_providers())
         self.session = ort.InferenceSession(
             str(path), sess_options=session_options(options.intra_op_threads), providers=requested
         )
         self.active_providers = self.session.get_providers()
-        check_providers([p if isinstance(p, str) else p[0] for p in requested], self.active_providers)
+        check_providers(names, self.active_providers)
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         self._input_dtype = np.float16 if graph_input.type == "tensor(float16)" else None

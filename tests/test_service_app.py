@@ -1,0 +1,144 @@
+"""Settings, runtimes, back-pressure through HTTP, JSON logs, and the `clip-serve` command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime
+from service.settings import Settings
+from tests.fixtures.service import b64, free_port, image_bytes
+
+
+def test_every_setting_is_an_env_var(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CLIPSERVE_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("CLIPSERVE_MODELS", "tiny,other@3")
+    monkeypatch.setenv("CLIPSERVE_API_KEYS", '["a", "b"]')
+    monkeypatch.setenv("CLIPSERVE_PROVIDERS", "cuda,cpu")
+    monkeypatch.setenv("CLIPSERVE_MAX_BATCH_SIZE_IMAGE", "16")
+    monkeypatch.setenv("CLIPSERVE_URL_FETCH_ENABLED", "true")
+    monkeypatch.setenv("CLIPSERVE_COLLECTIONS_BACKEND", "pgvector")
+    settings = Settings()
+    assert settings.models_dir == tmp_path and settings.models == ["tiny", "other@3"]
+    assert settings.api_keys == ["a", "b"] and settings.providers == ["cuda", "cpu"]
+    assert settings.max_batch_size_image == 16 and settings.url_fetch_enabled
+    assert settings.collections_backend == "pgvector" and settings.data_dir == Path("data")
+    monkeypatch.setenv("CLIPSERVE_PROVIDERS", "gpu")
+    with pytest.raises(ValueError, match="providers"):
+        Settings()
+
+
+def test_a_missing_gpu_provider_fails_loudly(tiny_bundle) -> None:
+    with pytest.raises(RuntimeConfigError, match=r"CUDAExecutionProvider.*not active.*silently"):
+        open_runtime(tiny_bundle.file_path("image"), RuntimeOptions(providers=("cuda", "cpu")))
+
+
+def test_app_start_fails_when_a_requested_provider_is_missing(make_client) -> None:
+    with pytest.raises(RuntimeConfigError, match="CUDAExecutionProvider"):
+        make_client(providers=["cuda"])
+
+
+def test_tensorrt_engine_without_tensorrt_is_a_clear_error(tmp_path: Path) -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("tensorrt is installed; engines are covered on the GPU")
+    plan = tmp_path / "image.plan"
+    plan.write_bytes(b"engine")
+    with pytest.raises(RuntimeConfigError, match="tensorrt"):
+        open_runtime(plan, RuntimeOptions(providers=("cuda",)))
+
+
+@pytest.mark.gpu
+def test_cuda_provider_serves_the_same_vectors(tiny_bundle) -> None:
+    import numpy as np
+
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    cpu = open_runtime(tiny_bundle.file_path("image"), RuntimeOptions(providers=("cpu",))).run(pixels)
+    gpu_runtime = open_runtime(tiny_bundle.file_path("image"), RuntimeOptions(providers=("cuda",)))
+    assert gpu_runtime.active_providers[0] == "CUDAExecutionProvider"
+    np.testing.assert_allclose(gpu_runtime.run(pixels), cpu, atol=1e-3)
+
+
+def test_full_queue_gives_429_with_retry_after(make_client) -> None:
+    client = make_client(max_queue=2)
+    response = client.post("/v1/embed", json={"images": [b64(image_bytes(seed=i)) for i in range(3)]})
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    assert "queue" in response.json()["error"]["message"]
+    assert client.post("/v1/embed", json={"images": [b64(image_bytes())]}).status_code == 200
+
+
+def test_request_timeout_gives_503(make_client) -> None:
+    client = make_client(request_timeout_s=0.3)
+    model = client.app.state.registry.resolve(None)
+    gate = threading.Event()
+    model.text_batcher.executor.submit(gate.wait, 30)
+    try:
+        response = client.post("/v1/embed", json={"texts": ["stuck behind a busy model"]})
+    finally:
+        gate.set()
+    assert response.status_code == 503 and "did not answer within 0.3 s" in response.json()["error"]["message"]
+
+
+def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture) -> None:
+    from service.logs import configure_logging
+    from service.middleware import request_id_var
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", as_json=True)
+        token = request_id_var.set("req-42")
+        logging.getLogger("clipserve.test").info("hello %s", "world")
+        request_id_var.reset(token)
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["message"] == "hello world" and line["request_id"] == "req-42" and line["level"] == "info"
+
+
+def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_redis_url: str) -> None:
+    port = free_port()
+    env = {**os.environ, "CLIPSERVE_REDIS_URL": service_redis_url, "CLIPSERVE_INTRA_OP_THREADS": "1",
+           "CLIPSERVE_PREPROCESS_WORKERS": "1", "CLIPSERVE_RELOAD_POLL_S": "0"}
+    command = [sys.executable, "-m", "service.cli", "--models", str(tiny_repo), "--host", "127.0.0.1",
+               "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/embed", json={"texts": ["hello"]},
+                              headers={"X-Request-ID": "cli-test"})
+        assert response.status_code == 200 and response.json()["dim"] == 32
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=30)
+    logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert any("serving tiny@1" in entry["message"] for entry in logs)
+
+
+def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "service.cli", "--models", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1 and "no models in" in result.stderr
