@@ -69,6 +69,15 @@ def test_documented_invocation_publishes_a_bundle_that_loads_and_runs(
     assert image.shape == (2, 32) and text.shape == (2, 32)
     assert np.allclose(image, expected_image, atol=1e-4) and np.allclose(text, expected_text, atol=1e-4)
 
+    from training import synthetic
+    from training.recipes import classify_with_bundle
+
+    ranked = classify_with_bundle(
+        bundle.path, synthetic.draw_single("red", "circle"), ["red circle", "blue square"]
+    )
+    assert sorted(label for label, _ in ranked) == ["blue square", "red circle"]
+    assert sum(p for _, p in ranked) == pytest.approx(1.0) and ranked[0][1] >= ranked[1][1]
+
 
 def test_config_file_with_flag_overrides_trains_from_scratch(
     tiny_student_config: Path, tmp_path: Path

@@ -117,13 +117,18 @@ def build_demo_bundle(
     progress: bool = True,
     work_dir: Path | str | None = None,
     budget: ShapesBudget | None = None,
+    verify: bool | None = None,
 ):
     """Train a teacher on the shapes set, distill the student from it, publish it to `repo` as `name`
-    (a new version, verified by the exporter), and check that a red circle is classified as one.
+    (a new version, verified by the exporter), and classify a red circle with the published bundle.
+
+    `verify`: raise unless the red circle is classified as one. By default this is checked for the
+    full recipe (`budget=None`) and only printed for a shortened budget, which is too short to learn.
     Returns the published `export.bundle.Bundle`."""
     from training.cli import publish, run_training
     from training.models import load_clip
 
+    verify = budget is None if verify is None else verify
     budget = budget or ShapesBudget()
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         teacher_run = run_training(teacher_options(Path(tmp) / "teacher", budget, progress))
@@ -134,8 +139,7 @@ def build_demo_bundle(
         bundle = publish(student, student_run, repo, name)
     labels = [f"{c} {s}" for c, s in synthetic.all_compositions()]
     ranked = classify_with_bundle(bundle.path, synthetic.draw_single("red", "circle"), labels)
-    if ranked[0][0] != "red circle":
-        raise RuntimeError(
-            f"demo bundle {bundle.ref} calls a red circle {ranked[0][0]!r}: training went wrong"
-        )
+    print("demo check, a red circle: " + ", ".join(f"{label} {p:.2f}" for label, p in ranked[:3]))
+    if verify and ranked[0][0] != "red circle":
+        raise RuntimeError(f"demo bundle {bundle.ref} calls a red circle {ranked[0][0]!r}: training went wrong")
     return bundle

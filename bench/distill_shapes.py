@@ -1,0 +1,219 @@
+"""Distillation on the synthetic shapes set: does a distilled student keep the teacher's accuracy?
+
+1. Train a teacher from scratch (CLIP loss) on the shapes set.
+2. With the same budget (steps, batch, data), train the student: from scratch; with each
+   distillation method (logit KD, feature, ICL, class-vector KD, weight inheritance); and with the
+   combination of the methods that beat scratch. KD losses read the teacher's stored targets
+   (computed once, MobileCLIP-style), so the teacher is not re-run for every student.
+3. Report zero-shot top-1/top-5 on held-out (colour, shape) compositions, parameters, GFLOPs and
+   ONNX Runtime latency per tower (batch 1, one thread); plot accuracy against image latency.
+
+    python bench/distill_shapes.py            # the full experiment (about 15 minutes on 2 quiet cores)
+    python bench/distill_shapes.py --quick    # a smoke run proving the pipeline (a couple of minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import torch
+
+from training import synthetic
+from training.cli import run_training, shapes_evaluator
+from training.data import build_dataset
+from training.evaluate import ModelReport, describe_model, markdown_report
+from training.models import load_clip, load_teacher
+from training.recipes import ShapesBudget, student_options, teacher_options
+from training.targets import store_targets
+
+METHODS: dict[str, tuple[str, str]] = {
+    # name: (losses, init)
+    "scratch": ("clip", "random"),
+    "logit_kd": ("clip=1,logit_kd=1", "random"),
+    "feature": ("clip=1,feature=1", "random"),
+    "icl": ("clip=1,icl=1", "random"),
+    "class_kd": ("clip=1,class_kd=1", "random"),
+    "inherit": ("clip", "inherit"),
+}
+
+
+def train_student(job: tuple[str, str, str, Path, ShapesBudget, Path]) -> tuple[str, float]:
+    """One student run, in its own process."""
+    name, losses, init, out, budget, teacher_dir = job
+    torch.set_num_threads(budget.threads or 1)
+    started = time.perf_counter()
+    options = student_options(
+        out / name,
+        budget,
+        teacher_dir=teacher_dir,
+        teacher_targets=out / "targets",
+        losses=losses,
+        init=init,
+        progress=False,
+    )
+    if losses == "clip":
+        options.pop("teacher_targets")
+    run_training({**options, "evaluate": False})
+    return name, time.perf_counter() - started
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--quick", action="store_true", help="few steps and images: proves the pipeline, not the figures"
+    )
+    p.add_argument("--steps", type=int, help="training steps per model (default 800, quick 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval-size", type=int, help="held-out benchmark images (default 600, quick 60)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
+    p.add_argument("--jobs", type=int, default=2, help="students trained in parallel (one process each)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-distill-shapes"))
+    return p.parse_args()
+
+
+def combination(scores: dict[str, float]) -> tuple[str, str]:
+    """Every method that beat scratch, together."""
+    baseline = scores["scratch"]
+    winners = [m for m in METHODS if m != "scratch" and scores[m] > baseline]
+    losses = ["clip=1"] + [f"{m}=1" for m in winners if m != "inherit"]
+    init = "inherit" if "inherit" in winners else "random"
+    return ",".join(losses), init
+
+
+def plot(reports: list[ModelReport], metric: str, target: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in reports:
+        colour = "black" if r.role == "teacher" else ("gray" if r.name == "scratch" else "tab:blue")
+        ax.scatter(r.latency_ms["image"], 100 * r.accuracy[metric], color=colour, s=40)
+        ax.annotate(
+            r.name,
+            (r.latency_ms["image"], 100 * r.accuracy[metric]),
+            textcoords="offset points",
+            xytext=(5, 4),
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("ONNX Runtime image-tower latency, ms (batch 1, 1 thread, log scale)")
+    ax.set_ylabel(f"zero-shot {metric} on held-out compositions, %")
+    ax.set_title("Distilled students vs teacher on synthetic shapes")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(target, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    steps = args.steps or (20 if args.quick else 800)
+    eval_size = args.eval_size or (60 if args.quick else 600)
+    repeats = 10 if args.quick else 50
+    torch.set_num_threads(args.threads)
+    budget = ShapesBudget(steps=steps, batch_size=args.batch_size, lr=args.lr, threads=args.threads)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    print(
+        f"machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, {platform.platform()}"
+    )
+    print(f"budget per model: {steps} steps x batch {args.batch_size} on {budget.options()['data']}")
+
+    evaluate = shapes_evaluator("synthetic:shapes", size=eval_size)
+
+    t = time.perf_counter()
+    teacher_run = run_training(
+        {**teacher_options(out / "teacher", budget, progress=False), "evaluate": False}
+    )
+    timings["teacher"] = time.perf_counter() - t
+    teacher = load_teacher([str(teacher_run.out_dir)])
+
+    t = time.perf_counter()
+    data_spec = budget.options()["data"]
+    dataset = build_dataset(data_spec)
+    classes = [f"{c} {s}" for c, s in synthetic.all_compositions()]
+    vectors = teacher.class_vectors(classes, list(synthetic.CLASS_TEMPLATES), torch.device("cpu"))
+    store_targets(
+        teacher,
+        dataset,
+        out / "targets",
+        data_spec,
+        views=1,
+        augment=False,
+        class_vectors=vectors,
+        class_names=classes,
+        progress=False,
+    )
+    timings["teacher targets"] = time.perf_counter() - t
+
+    reports = [describe_model("teacher", teacher.members[0], evaluate(teacher.members[0]), repeats=repeats)]
+    reports[0].name = "teacher"
+
+    def train_students(methods: dict[str, tuple[str, str]]) -> None:
+        jobs = [
+            (name, losses, init, out, budget, teacher_run.out_dir) for name, (losses, init) in methods.items()
+        ]
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+            for name, seconds in pool.map(train_student, jobs):
+                timings[name] = seconds
+
+    def evaluate_student(name: str, losses: str, init: str) -> None:
+        student = load_clip(str(out / name))
+        report = describe_model("student", student, evaluate(student), repeats=repeats)
+        report.name = name
+        reports.append(report)
+        print(
+            f"{name}: top1 {report.accuracy['top1']:.3f} ({losses}, init {init}), trained in {timings[name]:.0f}s"
+        )
+
+    train_students(METHODS)
+    for name, (losses, init) in METHODS.items():
+        evaluate_student(name, losses, init)
+    best_losses, best_init = combination({r.name: r.accuracy["top1"] for r in reports if r.role == "student"})
+    train_students({"combined": (best_losses, best_init)})
+    evaluate_student("combined", best_losses, best_init)
+
+    teacher_report = reports[0]
+    best = max(
+        (r for r in reports if r.role == "student" and r.name != "scratch"), key=lambda r: r.accuracy["top1"]
+    )
+    scratch = next(r for r in reports if r.name == "scratch")
+    summary = {
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "eval_images": eval_size,
+        "threads": args.threads,
+        "jobs": args.jobs,
+        "combined": {"losses": best_losses, "init": best_init},
+        "best_student": best.name,
+        "accuracy_ratio_to_teacher": best.accuracy["top1"] / max(teacher_report.accuracy["top1"], 1e-9),
+        "image_latency_speedup": teacher_report.latency_ms["image"] / best.latency_ms["image"],
+        "gain_over_scratch_top1": best.accuracy["top1"] - scratch.accuracy["top1"],
+        "seconds": {**timings, "total": time.perf_counter() - started},
+    }
+    (out / "results.json").write_text(
+        json.dumps({"summary": summary, "models": [vars(r) for r in reports]}, indent=2) + "\n"
+    )
+    markdown = markdown_report(
+        reports, title=f"Distillation on synthetic shapes ({steps} steps x {args.batch_size})"
+    )
+    (out / "results.md").write_text(markdown)
+    plot(reports, "top1", out / "accuracy_vs_latency.png")
+    print()
+    print(markdown)
+    print(json.dumps(summary, indent=2))
+    print(f"plot: {out / 'accuracy_vs_latency.png'}")
+
+
+if __name__ == "__main__":
+    main()
