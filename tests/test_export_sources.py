@@ -47,6 +47,14 @@ def test_local_checkpoint_in_each_form_loads_the_same_weights(
     assert loaded.source.pretrained is None
 
 
+def test_pretrained_given_as_a_file_path_is_a_local_checkpoint(tmp_path: Path, tiny_model, config_file) -> None:
+    checkpoint = tmp_path / "weights.pt"
+    torch.save(tiny_model.state_dict(), checkpoint)
+    loaded = load_model(config=config_file, pretrained=str(checkpoint))
+    _assert_same_weights(loaded.model, tiny_model)
+    assert loaded.source.pretrained is None and loaded.source.checkpoint_sha256 is not None
+
+
 def test_open_clip_config_file_style_carries_its_preprocessing(tmp_path: Path, tiny_clip_config) -> None:
     path = tmp_path / "open_clip_config.json"
     preprocess = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "interpolation": "bilinear"}
