@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api import admin, classify, demo, embed, health, labelsets, models, openai
+from service.api import admin, classify, collections, demo, embed, health, labelsets, models, openai, rank
 
 ROUTERS: list[APIRouter] = [
     embed.router,
@@ -22,4 +22,6 @@ ROUTERS: list[APIRouter] = [
     admin.router,
     health.router,
     demo.router,
+    rank.router,
+    collections.router,
 ]

@@ -33,6 +33,7 @@ _COLLECTION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_ITEM_ID_CHARS = 256
 _MAX_FILTER_FIELD_CHARS = 128
 IVF_TRAIN_POINTS_PER_LIST = 39
+_DEFAULT_NPROBE = 16
 """FAISS wants about 39 training points per IVF list; below that the collection stays exact."""
 
 
@@ -79,7 +80,14 @@ class IndexParams(BaseModel):
     ef_construction: int = Field(64, ge=8, le=1000, description="HNSW: candidate list size while building")
     ef_search: int = Field(128, ge=1, le=1000, description="HNSW: candidate list size while searching")
     nlist: int = Field(256, ge=1, le=65536, description="IVF: number of lists (k-means centroids)")
-    nprobe: int = Field(16, ge=1, le=65536, description="IVF: lists visited per search")
+    nprobe: int = Field(_DEFAULT_NPROBE, ge=1, le=65536, description="IVF: lists visited per search")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_nprobe_within_nlist(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "nprobe" not in data and isinstance(data.get("nlist"), int):
+            return {**data, "nprobe": max(1, min(_DEFAULT_NPROBE, data["nlist"]))}
+        return data
 
     @model_validator(mode="after")
     def _nprobe_within_nlist(self) -> IndexParams:
@@ -148,6 +156,10 @@ class CollectionStore(Protocol):
     def list_collections(self) -> list[CollectionInfo]: ...
 
     def describe(self, name: str) -> CollectionInfo: ...
+
+    def binding(self, name: str) -> ModelBinding:
+        """The collection's embedding space, without counting its items (cheap, for every request)."""
+        ...
 
     def upsert(
         self,

@@ -343,6 +343,9 @@ class EmbeddedStore:
         conn = self._reader()
         return self._info(conn, self._catalog(conn, name))
 
+    def binding(self, name: str) -> ModelBinding:
+        return self._catalog(self._reader(), name).binding
+
     def count(self, name: str) -> int:
         return self.describe(name).count
 

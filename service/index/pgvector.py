@@ -225,6 +225,10 @@ class PgVectorStore:
         with self._transaction() as conn:
             return self._info(conn, self._catalog(conn, name))
 
+    def binding(self, name: str) -> ModelBinding:
+        with self._transaction() as conn:
+            return self._catalog(conn, name).binding
+
     def count(self, name: str) -> int:
         return self.describe(name).count
 
