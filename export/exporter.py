@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +21,8 @@ import onnx
 import open_clip
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transform import PreprocessCfg
+from open_clip.utils import to_2tuple
 from pydantic import ValidationError
 from timm.utils import reparameterize_model
 from torch import nn
@@ -126,18 +128,21 @@ def dynamic_input_axes(path: Path, input_name: str) -> set[int]:
 
 
 def preprocess_from_model(model: nn.Module) -> ImagePreprocess:
-    """The image preprocessing the model was built with (open_clip keeps it on model.visual)."""
+    """The image preprocessing the model was built with (open_clip keeps it on model.visual); what it
+    leaves out (interpolation, resize mode, fill) takes open_clip's own defaults."""
     config = dict(open_clip.get_model_preprocess_cfg(model))
-    if "size" not in config or "mean" not in config or "std" not in config:
-        raise ExportError("the model carries no image preprocess config (size, mean, std); pass preprocess=")
-    size = config["size"]
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    missing = [key for key in ("size", "mean", "std") if key not in config]
+    if missing:
+        raise ExportError(
+            f"the model carries no image preprocess {', '.join(missing)} (models built by open_clip.create_model "
+            "do); pass preprocess= to export_bundle"
+        )
+    known = {field.name for field in fields(PreprocessCfg)}
+    resolved = PreprocessCfg(**{key: value for key, value in config.items() if key in known})
     try:
         return ImagePreprocess(
-            size=size, mean=tuple(config["mean"]), std=tuple(config["std"]),
-            interpolation=config.get("interpolation", "bicubic"),
-            resize_mode=config.get("resize_mode", "shortest"),
-            fill_color=config.get("fill_color", 0),
+            size=to_2tuple(resolved.size), mean=tuple(resolved.mean), std=tuple(resolved.std),
+            interpolation=resolved.interpolation, resize_mode=resolved.resize_mode, fill_color=resolved.fill_color,
         )
     except ValidationError as exc:
         raise ExportError(f"unsupported image preprocess config {config}: {exc}") from exc

@@ -23,7 +23,7 @@ from export.bundle import (
     VersionExistsError,
     load_bundle,
 )
-from export.errors import ParityError
+from export.errors import ExportError, ParityError
 from export.exporter import cpu_float32, export_bundle
 from export.sources import model_from_config
 from export.tokenizer import ClipTokenizer
@@ -212,3 +212,12 @@ def test_mobileclip_style_model_is_reparameterized_and_keeps_a_fixed_text_length
     images = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
     assert agreement(_torch_image(model, images), _run(bundle.file_path("image"), images)).min_cosine >= 0.9999
     assert all(r.passed for r in bundle.manifest.parity)
+
+
+def test_model_without_preprocess_config_is_refused_clearly(tiny_clip_config, tmp_path: Path) -> None:
+    import open_clip
+
+    bare = open_clip.CLIP(**tiny_clip_config)  # built without open_clip's factory: no preprocess config
+    with pytest.raises(ExportError, match=r"no image preprocess mean, std .*pass preprocess="):
+        export_bundle(bare, tmp_path, "bare", source=ModelSource(architecture="bare"), progress=False)
+    assert ModelRepository(tmp_path).versions("bare") == []
