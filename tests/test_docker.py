@@ -252,6 +252,8 @@ def test_copied_sources_build_a_wheel_with_the_service_and_the_demo_page(tmp_pat
         "export/bundle.py",
     ):
         assert required in names, f"the image would lack {required}"
+    # The serving image carries neither the training code nor anything it imports.
+    assert not any(name.startswith("training/") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "clip-serve = service.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
