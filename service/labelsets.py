@@ -5,6 +5,7 @@ the templates, renormalized. Matrices are float32 [labels, dim], keyed by the em
 (the bundle's content hash) and a digest of (labels, templates):
 
     clipserve:v1:labelset:<name>                      definition (JSON: labels, templates, model)
+    clipserve:v1:labelset-digest:<name>               digest of the current definition
     clipserve:v1:<space>:classes:<digest>             class matrix, float32 bytes
 
 So any replica serving the same bundle classifies against a stored label set with zero text-encoder
@@ -36,6 +37,7 @@ from service.templates import fill
 log = logging.getLogger("clipserve.labelsets")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEF_PREFIX = f"{KEY_PREFIX}:labelset:"
+DIGEST_PREFIX = f"{KEY_PREFIX}:labelset-digest:"
 SYNC_BUILD_TEXTS = 4096
 _LOCAL_MATRICES = 32
 
@@ -202,20 +204,35 @@ class ClassMatrices:
 
 
 class LabelSetStore:
+    """Definitions in Redis, plus a digest key per set so a classify reads 64 bytes, not the labels."""
+
     def __init__(self, cache: VectorCache, matrices: ClassMatrices):
         self.cache, self.matrices = cache, matrices
+        self._by_digest: collections.OrderedDict[str, LabelSet] = collections.OrderedDict()
+
+    def _keep(self, labelset: LabelSet) -> LabelSet:
+        self._by_digest[labelset.digest] = labelset
+        self._by_digest.move_to_end(labelset.digest)
+        while len(self._by_digest) > _LOCAL_MATRICES:
+            self._by_digest.popitem(last=False)
+        return labelset
 
     async def get(self, name: str) -> LabelSet:
+        current = await self.cache.get_blob(DIGEST_PREFIX + name, kind="labelset")
+        if current is not None and (known := self._by_digest.get(current.decode())) is not None:
+            return known
         raw = await self.cache.get_blob(DEF_PREFIX + name, kind="labelset")
         if raw is None:
             raise ApiError(404, "labelset_not_found", f"label set {name!r} does not exist")
-        return LabelSet.from_json(raw)
+        return self._keep(LabelSet.from_json(raw))
 
     async def put(self, labelset: LabelSet) -> None:
         await self.cache.set_blob(DEF_PREFIX + labelset.name, labelset.to_json())
+        await self.cache.set_blob(DIGEST_PREFIX + labelset.name, labelset.digest.encode())
+        self._keep(labelset)
 
     async def delete(self, name: str) -> bool:
-        return await self.cache.delete(DEF_PREFIX + name) > 0
+        return await self.cache.delete(DEF_PREFIX + name, DIGEST_PREFIX + name) > 0
 
     async def names(self) -> list[str]:
         return [key[len(DEF_PREFIX):] for key in await self.cache.scan(DEF_PREFIX)]
