@@ -26,6 +26,7 @@ from export.logs import quiet_logs
 RANDOM_INIT = "none"
 PREPROCESS_KEYS = tuple(field.name for field in fields(PreprocessCfg))
 CONFIG_FILE = "open_clip_config.json"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _SHOWN_KEYS = 8
 _HASH_CHUNK = 1 << 20
 _CAUSE_CHARS = 240
@@ -193,6 +194,10 @@ def _create_pretrained(name: str, tag: str) -> nn.Module:
         ) from exc
 
 
+def _looks_like_a_path(value: str) -> bool:
+    return Path(value).is_file() or "/" in value or value.endswith(CHECKPOINT_SUFFIXES)
+
+
 def load_model(name: str | None = None, pretrained: str | None = RANDOM_INIT, checkpoint: Path | str | None = None,
                config: Path | str | None = None, seed: int = 0) -> LoadedModel:
     """Build the model to export.
@@ -211,7 +216,7 @@ def load_model(name: str | None = None, pretrained: str | None = RANDOM_INIT, ch
         model_cfg, preprocess_cfg = builtin_config(name), {}
         architecture = name
     check_text_tower_supported(architecture, model_cfg)
-    if pretrained and pretrained != RANDOM_INIT and Path(pretrained).is_file():
+    if pretrained and pretrained != RANDOM_INIT and _looks_like_a_path(pretrained):
         checkpoint, pretrained = pretrained, None
     tagged = pretrained not in (None, RANDOM_INIT)
     source = {"architecture": architecture, "config": copy.deepcopy(model_cfg)}
@@ -221,13 +226,14 @@ def load_model(name: str | None = None, pretrained: str | None = RANDOM_INIT, ch
             raise SourceError("a pretrained tag needs an open_clip model name; with --config pass --checkpoint")
         model = _create_pretrained(architecture, pretrained)
         return LoadedModel(model.eval(), ModelSource(pretrained=pretrained, **source))
-    if checkpoint is not None and tagged:
-        preprocess_cfg = {**tag_preprocess(architecture, pretrained), **preprocess_cfg}
-    model = model_from_config(model_cfg, preprocess_cfg)
     if checkpoint is None:
-        return LoadedModel(model, ModelSource(pretrained=RANDOM_INIT, **source))
+        return LoadedModel(model_from_config(model_cfg, preprocess_cfg), ModelSource(pretrained=RANDOM_INIT, **source))
+    if tagged:
+        preprocess_cfg = {**tag_preprocess(architecture, pretrained), **preprocess_cfg}
     path = Path(checkpoint)
-    load_weights(model, read_state_dict(path), path, architecture)
+    state_dict = read_state_dict(path)
+    model = model_from_config(model_cfg, preprocess_cfg)
+    load_weights(model, state_dict, path, architecture)
     return LoadedModel(
         model.eval(), ModelSource(pretrained=pretrained if tagged else None, checkpoint_sha256=sha256_of(path), **source)
     )

@@ -84,6 +84,8 @@ def test_checkpoint_of_another_architecture_names_the_keys(tmp_path: Path, tiny_
 def test_missing_and_unreadable_checkpoints(tmp_path: Path, config_file: Path) -> None:
     with pytest.raises(SourceError, match=r"checkpoint .*nowhere\.pt does not exist"):
         load_model(config=config_file, checkpoint=tmp_path / "nowhere.pt")
+    with pytest.raises(SourceError, match=r"checkpoint weights\.bin does not exist"):
+        load_model("ViT-B-32", pretrained="weights.bin")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a torch file")
     with pytest.raises(SourceError, match=r"cannot read checkpoint .*garbage\.pt"):
