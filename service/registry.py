@@ -284,7 +284,7 @@ class ModelRegistry:
         self._pinned: dict[str, int | None] = {}
         self._refused: dict[tuple[str, int], str] = {}
         self._reload_lock = asyncio.Lock()
-        self._retiring: set[asyncio.Task] = set()
+        self._retiring: dict[asyncio.Task, ServedModel] = {}
         self.ready = False
 
     # Resolution ----------------------------------------------------------------------------------
@@ -397,8 +397,8 @@ class ModelRegistry:
         log.info("now serving %s%s", served.ref, f" (was {previous.ref})" if previous else "")
         if previous is not None:
             task = asyncio.get_running_loop().create_task(self._retire(previous))
-            self._retiring.add(task)
-            task.add_done_callback(self._retiring.discard)
+            self._retiring[task] = previous
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def _retire(self, old: ServedModel) -> None:
         await asyncio.sleep(self.settings.retire_grace_s)
@@ -421,9 +421,10 @@ class ModelRegistry:
         return bool(self._served) and all(m.alive for m in self._served.values())
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        retiring = list(self._retiring.items())
+        for task, _ in retiring:
             task.cancel()
-        for served in self._served.values():
+        for served in [*self._served.values(), *(model for _, model in retiring)]:
             await served.close()
         self._served.clear()
         self.pool.shutdown(wait=False, cancel_futures=True)
