@@ -24,6 +24,7 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,10 @@ class _Catalog:
         self.binding = ModelBinding(row["model"], row["version"], row["content_hash"], row["dim"])
         self.params = IndexParams.model_validate_json(row["index_params"])
         self.created_at: str = row["created_at"]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _new_faiss_index(params: IndexParams, vectors: np.ndarray, dim: int) -> tuple[faiss.Index, str]:
@@ -237,10 +242,24 @@ class _LiveIndex:
 class EmbeddedStore:
     """Collections in FAISS + SQLite under one data dir. Safe for threads; one process per data dir."""
 
-    def __init__(self, data_dir: Path | str, *, batch_size: int = 5000, exact_filter_limit: int = 4096):
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        batch_size: int = 5000,
+        exact_filter_limit: int = 4096,
+        search_threads: int = 1,
+        build_threads: int | None = None,
+    ):
+        """`search_threads`: OpenMP threads per search; one query per request gains little from more, and
+        concurrent requests already use the cores (on a busy 2-core machine, 2 threads per query made flat
+        search 4x slower). `build_threads` (default: all cores) for adding, training and rebuilding.
+        Both are set on the calling thread only (OpenMP's per-thread setting), around each call."""
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.exact_filter_limit = exact_filter_limit
+        self.search_threads = search_threads
+        self.build_threads = build_threads or _cores()
         try:
             (self.data_dir / "hnsw").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -414,6 +433,7 @@ class EmbeddedStore:
         with self._write_mutex:
             live = self._live.get(catalog.id)
             if live is None:
+                faiss.omp_set_num_threads(self.build_threads)
                 live = self._restore_snapshot(catalog)
                 if live is None:
                     live = _LiveIndex(
@@ -446,6 +466,7 @@ class EmbeddedStore:
         progress: ProgressCallback | None = None,
     ) -> int:
         with self._write_mutex:
+            faiss.omp_set_num_threads(self.build_threads)
             catalog = self._catalog(self._writer, name)
             check_binding(name, catalog.binding, content_hash)
             ids, vectors, metadata, sources = prepare_upsert(
@@ -570,15 +591,18 @@ class EmbeddedStore:
         validate_top_k(top_k)
         conditions = validate_filter(filter)
         conn = self._reader()
-        catalog = self._catalog(conn, name)
-        check_binding(name, catalog.binding, content_hash)
-        query = normalize_rows(query, catalog.binding.dim, what="query vector")
         allowed = None
-        if conditions:
-            allowed = self._matching_labels(conn, catalog.id, conditions)
-            if len(allowed) <= self.exact_filter_limit:
-                return self._exact_search(conn, catalog, query, allowed, top_k)
+        # one read transaction: the binding checked is the one of the rows read (no re-bind in between)
+        with _read_transaction(conn):
+            catalog = self._catalog(conn, name)
+            check_binding(name, catalog.binding, content_hash)
+            query = normalize_rows(query, catalog.binding.dim, what="query vector")
+            if conditions:
+                allowed = self._matching_labels(conn, catalog.id, conditions)
+                if len(allowed) <= self.exact_filter_limit:
+                    return self._exact_search(conn, catalog, query, allowed, top_k)
         live = self._live_index(catalog)
+        faiss.omp_set_num_threads(self.search_threads)
         scored = live.search(query, top_k, content_hash, name, allowed)
         return self._hits(conn, scored)
 
@@ -686,6 +710,7 @@ class EmbeddedStore:
                 conn.execute("ROLLBACK")
                 raise
             self._snapshot_path(catalog.id).unlink(missing_ok=True)
+            faiss.omp_set_num_threads(self.build_threads)
             self._rebuild(self._catalog(conn, name))
 
     def close(self) -> None:
@@ -702,6 +727,15 @@ class EmbeddedStore:
                 self._reader_connections.clear()
             self._writer.close()
             self._lock_file.close()
+
+
+@contextmanager
+def _read_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        conn.execute("COMMIT")
 
 
 def _filter_clause(key: str, value: FilterValue) -> tuple[str, list[Any]]:

@@ -367,6 +367,8 @@ class PgVectorStore:
         validate_top_k(top_k)
         conditions = validate_filter(filter)
         with self._transaction() as conn:
+            # one snapshot: the binding checked is the one of the rows searched (no re-bind in between)
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             catalog = self._catalog(conn, name)
             check_binding(name, catalog.binding, content_hash)
             vector = normalize_rows(query, catalog.binding.dim, what="query vector")[0]
