@@ -141,5 +141,7 @@ def build_demo_bundle(
     ranked = classify_with_bundle(bundle.path, synthetic.draw_single("red", "circle"), labels)
     print("demo check, a red circle: " + ", ".join(f"{label} {p:.2f}" for label, p in ranked[:3]))
     if verify and ranked[0][0] != "red circle":
-        raise RuntimeError(f"demo bundle {bundle.ref} calls a red circle {ranked[0][0]!r}: training went wrong")
+        raise RuntimeError(
+            f"demo bundle {bundle.ref} calls a red circle {ranked[0][0]!r}: training went wrong"
+        )
     return bundle

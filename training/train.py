@@ -332,8 +332,9 @@ def train(
     trainable = distiller
     if env.world > 1:
         trainable = DistributedDataParallel(distiller, find_unused_parameters=settings.label_head)
+    # fused: one kernel over all parameters, several times faster than the for-each default on CPU
     optimizer = torch.optim.AdamW(
-        _param_groups(distiller, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
+        _param_groups(distiller, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     print_fp = fingerprint(student, settings, teacher_dims, config, len(dataset))
