@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from service.index import (
+    BackendUnavailableError,
     CollectionExistsError,
     CollectionNotFoundError,
     IndexParams,
@@ -374,3 +375,22 @@ def test_readers_keep_working_while_a_bulk_write_runs(store_factory):
     between = [t for t in searches_done if batches_done[0] < t < batches_done[-1]]
     assert between, "no search completed while the bulk write was in progress"
     assert store.count("c") == 12_001
+
+
+def test_unreachable_postgres_is_a_clear_error():
+    from service.index.pgvector import PgVectorStore
+
+    with pytest.raises(BackendUnavailableError, match="cannot connect to PostgreSQL"):
+        PgVectorStore("postgresql://clipserve@127.0.0.1:1/none?connect_timeout=2")
+
+
+def test_embedded_data_dir_serves_one_process_at_a_time(tmp_path):
+    from service.index.embedded import EmbeddedStore
+
+    first = EmbeddedStore(tmp_path)
+    try:
+        with pytest.raises(BackendUnavailableError, match="in use by another process"):
+            EmbeddedStore(tmp_path)
+    finally:
+        first.close()
+    EmbeddedStore(tmp_path).close()

@@ -141,17 +141,20 @@ class PgVectorStore:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
             try:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-            except (psycopg.errors.FeatureNotSupported, psycopg.errors.UndefinedFile) as exc:
+            except psycopg.Error as exc:
                 raise BackendUnavailableError(
-                    "this PostgreSQL has no pgvector extension; use a server with pgvector installed "
-                    f"(e.g. the pgvector/pgvector image): {exc}"
+                    "cannot enable pgvector in this PostgreSQL: it needs the extension installed (e.g. the "
+                    f"pgvector/pgvector image) and CREATE EXTENSION vector run once by an owner: {exc}"
                 ) from exc
             conn.execute(_CATALOG)
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection]:
-        with self._pool.connection() as conn, conn.transaction():
-            yield conn
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise BackendUnavailableError(f"PostgreSQL for collections failed: {exc}") from exc
 
     def _catalog(self, conn: psycopg.Connection, name: str, lock: str = "") -> _Catalog:
         validate_collection_name(name)
