@@ -111,6 +111,7 @@ class BundleFile(_Strict):
     size: int = Field(ge=0)
     role: Literal["image", "text", "tokenizer", "engine", "other"]
     precision: Precision | None = None
+    tower: Tower | None = Field(None, description="for engine files, which tower the engine runs")
     # TensorRT engines only work on the GPU model and TensorRT version that built them.
     gpu: str | None = None
     tensorrt_version: str | None = None
@@ -146,6 +147,9 @@ class ParityReport(_Strict):
     mean_cosine: float
     threshold: float
     passed: bool
+    runtime: str | None = Field(
+        None, description="what ran the graph: onnxruntime-cpu, onnxruntime-cuda, tensorrt"
+    )
 
 
 class Manifest(_Strict):

@@ -57,6 +57,7 @@ from export.verify import (
     make_session,
     providers_for,
     report,
+    runtime_name,
     text_outputs,
     token_counts,
     torch_embeddings,
@@ -247,14 +248,14 @@ class _BundleWriter:
         session = make_session(self.staging.path / file, providers_for(precision))
         actual = image_outputs(session, towers.images)
         return report("image", precision, file, towers.image_reference, actual, len(towers.images),
-                      self.thresholds[precision])
+                      self.thresholds[precision], runtime_name(session))
 
     def _text_report(self, precision: Precision, file: str) -> ParityReport:
         towers = self.towers
         session = make_session(self.staging.path / file, providers_for(precision))
         actual = text_outputs(session, towers.token_ids, self.length_free)
         return report("text", precision, file, towers.text_reference, actual, len(towers.token_ids),
-                      self.thresholds[precision])
+                      self.thresholds[precision], runtime_name(session))
 
     def add_int8(self) -> None:
         with self.progress.step("quantizing MatMul/Gemm to int8"):
@@ -275,8 +276,8 @@ class _BundleWriter:
             engines = build_engines(self.staging.path, self.towers.images.shape[2:],
                                     self.towers.text.context_length, self.length_free)
         for engine in engines:
-            self.files.append(self.staging.describe(engine.path, "engine", "fp16", gpu=engine.gpu,
-                                                    tensorrt_version=engine.tensorrt_version))
+            self.files.append(self.staging.describe(engine.path, "engine", "fp16", tower=engine.tower,
+                                                    gpu=engine.gpu, tensorrt_version=engine.tensorrt_version))
         with self.progress.step("checking TensorRT parity with the torch model"):
             for engine in engines:
                 self.parity.append(self._engine_report(engine.tower, engine.path))
@@ -291,7 +292,7 @@ class _BundleWriter:
             ids = towers.token_ids[:, : int(token_counts(towers.token_ids).max())] if self.length_free \
                 else towers.token_ids
             actual, reference, inputs = run_engine(path, ids), towers.text_reference, towers.token_ids
-        return report(tower, "fp16", file, reference, actual, len(inputs), self.thresholds["fp16"])
+        return report(tower, "fp16", file, reference, actual, len(inputs), self.thresholds["fp16"], "tensorrt")
 
 
 def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:

@@ -116,12 +116,17 @@ def text_outputs(session: ort.InferenceSession, input_ids: np.ndarray, length_fr
     return np.concatenate(outputs)
 
 
+def runtime_name(session: ort.InferenceSession) -> str:
+    active = session.get_providers()[0]
+    return "onnxruntime-cuda" if active == "CUDAExecutionProvider" else "onnxruntime-cpu"
+
+
 def report(tower: Tower, precision: Precision, file: str, reference: np.ndarray, actual: np.ndarray,
-           inputs: int, threshold: float) -> ParityReport:
+           inputs: int, threshold: float, runtime: str) -> ParityReport:
     repeats = actual.shape[0] // reference.shape[0]
     figures = agreement(np.concatenate([reference] * repeats), actual)
     return ParityReport(
         tower=tower, precision=precision, file=file, inputs=inputs,
         max_abs_diff=figures.max_abs_diff, min_cosine=figures.min_cosine, mean_cosine=figures.mean_cosine,
-        threshold=threshold, passed=figures.min_cosine >= threshold,
+        threshold=threshold, passed=figures.min_cosine >= threshold, runtime=runtime,
     )

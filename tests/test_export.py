@@ -125,6 +125,7 @@ def test_manifest_round_trips_and_describes_the_model(tiny_bundle, tiny_model, t
     assert set(reports) == {("image", "fp32"), ("text", "fp32"), ("image", "int8"), ("text", "int8")}
     assert all(r.passed and r.min_cosine >= r.threshold for r in reports.values())
     assert reports["text", "fp32"].threshold == 0.9999
+    assert {r.runtime for r in reports.values()} == {"onnxruntime-cpu"}
     assert {f.path for f in manifest.files} == {
         "image.onnx", "text.onnx", "image.int8.onnx", "text.int8.onnx", "bpe_simple_vocab_16e6.txt.gz"
     }
