@@ -272,6 +272,13 @@ def test_duplicate_ids_in_one_call_last_wins(api):
     assert item["metadata"] == {"v": 2} and item["source"]["value"] == "second"
 
 
+def test_item_ids_may_contain_slashes(api):
+    api.post("/v1/collections", json={"name": "c"})
+    api.post("/v1/collections/c/items", json={"items": [{"id": "photos/2024/cat.jpg", "text": "a cat"}]})
+    assert api.get("/v1/collections/c/items/photos/2024/cat.jpg").json()["id"] == "photos/2024/cat.jpg"
+    assert api.delete("/v1/collections/c/items/photos/2024/cat.jpg").status_code == 200
+
+
 def publish_other_space(repo_root: Path) -> None:
     """tiny@2: the same graphs with another image normalization, so another bundle hash (embedding space)."""
     from export.bundle import ModelRepository

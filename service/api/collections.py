@@ -295,7 +295,7 @@ async def upsert_items(
     return {"upserted": upserted}
 
 
-@router.get("/v1/collections/{name}/items/{item_id}", responses=ERRORS, summary="Get an item")
+@router.get("/v1/collections/{name}/items/{item_id:path}", responses=ERRORS, summary="Get an item")
 async def get_item(name: str, item_id: str, store: CollectionStore = Depends(get_store)) -> dict[str, Any]:
     item = await call_store(store.get, name, item_id)
     return {
@@ -306,7 +306,7 @@ async def get_item(name: str, item_id: str, store: CollectionStore = Depends(get
     }
 
 
-@router.delete("/v1/collections/{name}/items/{item_id}", responses=ERRORS, summary="Delete an item")
+@router.delete("/v1/collections/{name}/items/{item_id:path}", responses=ERRORS, summary="Delete an item")
 async def delete_item(name: str, item_id: str, store: CollectionStore = Depends(get_store)) -> dict[str, Any]:
     await call_store(store.delete, name, item_id)
     return {"id": item_id, "deleted": True}
