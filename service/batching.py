@@ -1,10 +1,13 @@
 """Dynamic batching: one bounded queue per model and tower.
 
 `Batcher.submit(items)` enqueues already-preprocessed rows (image tensors or token-id rows) and
-resolves to their outputs, in order. A loop takes up to `max_batch` rows, or whatever arrived
-within `max_wait_ms` of the oldest one, and runs the batch in the tower's own inference thread,
-so the event loop and the preprocessing pool keep working while the model runs (decode of the
-next requests overlaps inference of the current batch).
+resolves to their outputs, in order. A loop takes up to `max_batch` rows and runs them in the
+tower's own inference thread, so the event loop and the preprocessing pool keep working while the
+model runs (decode of the next requests overlaps inference of the current batch).
+
+It waits for a fuller batch (at most `max_wait_ms` after the oldest row) only while rows are
+announced (`announce` / `withdraw`: images being decoded right now); otherwise it runs what it has
+at once. Under load, rows pile up while the model is busy, so batches fill without waiting.
 
 - a full queue raises `ApiError` 429 with a Retry-After estimate;
 - a request waiting longer than `timeout_s` raises `ApiError` 503;
@@ -66,6 +69,7 @@ class Batcher:
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{model}-{tower}")
         self._queue: collections.deque[_Item] = collections.deque()
+        self._announced = 0
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_batch_s = 0.05
@@ -92,6 +96,14 @@ class Batcher:
                 item.future.set_exception(ApiError(503, "unavailable", "the model was unloaded; retry"))
         self._queue.clear()
         self.executor.shutdown(wait=False)
+
+    def announce(self, count: int) -> None:
+        """`count` rows are being prepared and will be submitted soon: worth waiting for."""
+        self._announced += count
+
+    def withdraw(self, count: int) -> None:
+        self._announced -= count
+        self._arrived.set()
 
     def retry_after_s(self) -> int:
         return max(1, math.ceil(len(self._queue) / self.max_batch * self._last_batch_s))
@@ -146,7 +158,7 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = self._queue[0].enqueued + self.max_wait
-        while len(self._queue) < self.max_batch:
+        while len(self._queue) < self.max_batch and self._announced > 0:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return

@@ -201,9 +201,13 @@ class ServedModel:
         with self._using():
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
-            rows = await asyncio.gather(
-                *(loop.run_in_executor(self.pool, self.preprocessor, data, i) for i, data in enumerate(images))
-            )
+            self.image_batcher.announce(len(images))
+            try:
+                rows = await asyncio.gather(
+                    *(loop.run_in_executor(self.pool, self.preprocessor, data, i) for i, data in enumerate(images))
+                )
+            finally:
+                self.image_batcher.withdraw(len(images))
             if images:
                 per_item = (time.perf_counter() - started) / len(images)
                 self.metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)

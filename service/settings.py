@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(4.0, ge=0)
     max_queue: int = Field(512, ge=1, description="items waiting per model and tower before 429")
     request_timeout_s: float = Field(30.0, gt=0)
-    labelset_chunk_texts: int = Field(512, ge=1, description="texts per encoder call when building label sets")
+    labelset_chunk_texts: int = Field(256, ge=1, description="texts per encoder call when building label sets")
 
     # Cache
     redis_url: str | None = "redis://127.0.0.1:6379/0"

@@ -164,3 +164,21 @@ def test_a_failing_batch_fails_its_requests_and_the_loop_survives() -> None:
     error, out, alive = run_async(scenario())
     assert error.status_code == 500 and "failed" in error.message
     assert out[0, 0] == 10 and alive
+
+
+def test_announced_rows_are_waited_for_and_batched_together() -> None:
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = make(recorder, max_batch=8, max_wait_ms=500)
+        batcher.start()
+        batcher.announce(1)  # an image still being decoded
+        first = asyncio.ensure_future(batcher.submit(rows(1)))
+        await asyncio.sleep(0.05)
+        batcher.withdraw(1)
+        second = asyncio.ensure_future(batcher.submit(rows(2)))
+        await asyncio.gather(first, second)
+        await batcher.close()
+
+    run_async(scenario())
+    assert recorder.batches == [2]

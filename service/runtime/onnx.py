@@ -27,6 +27,8 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    # Spinning worker threads would take the cores from image decoding between batches.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
