@@ -74,6 +74,7 @@ class VectorCache:
         )
         self._vectors = LRU(lru_size)
         self._blobs: dict[str, bytes] = {}
+        self._lookups: dict[str, list[int]] = {}
         self._down_until = 0.0
         self._down = redis_url is None
         metrics.cache_fallback.set(1 if self._down else 0)
@@ -116,6 +117,11 @@ class VectorCache:
             self.metrics.cache_requests.labels(kind=kind, result="hit").inc(hits)
         if misses:
             self.metrics.cache_requests.labels(kind=kind, result="miss").inc(misses)
+        totals = self._lookups.setdefault(kind, [0, 0])
+        totals[0] += hits
+        totals[1] += hits + misses
+        if totals[1]:
+            self.metrics.cache_hit_ratio.labels(kind=kind).set(totals[0] / totals[1])
 
     async def get_vectors(self, keys: list[str]) -> list[bytes | None]:
         if not keys:

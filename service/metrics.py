@@ -38,6 +38,9 @@ class Metrics:
         self.cache_requests = Counter(
             "clipserve_cache_requests_total", "cache lookups", ["kind", "result"], registry=r
         )
+        self.cache_hit_ratio = Gauge(
+            "clipserve_cache_hit_ratio", "hits / lookups since start, per kind", ["kind"], registry=r
+        )
         self.cache_errors = Counter("clipserve_cache_errors_total", "Redis failures", registry=r)
         self.cache_fallback = Gauge(
             "clipserve_cache_fallback", "1 while the in-process cache stands in for Redis", registry=r

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import json
+import logging
 import time
 import uuid
 
@@ -21,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import error_body
 from service.metrics import Metrics
 
+access_log = logging.getLogger("clipserve.access")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 OPEN_PATHS = frozenset({"/livez", "/readyz"})
 ADMIN_PREFIX = "/v1/admin/"
@@ -68,9 +70,12 @@ class RequestContext:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            self.metrics.request_latency.labels(
-                route=template, method=scope["method"], status=str(status_holder["status"])
-            ).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            status = status_holder["status"]
+            self.metrics.request_latency.labels(route=template, method=scope["method"], status=str(status)).observe(
+                elapsed
+            )
+            access_log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
 
 

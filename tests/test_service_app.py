@@ -136,6 +136,8 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
         output, _ = process.communicate(timeout=30)
     logs = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert any("serving tiny@1" in entry["message"] for entry in logs)
+    access = [e for e in logs if e["logger"] == "clipserve.access" and e["request_id"] == "cli-test"]
+    assert len(access) == 1 and access[0]["message"].startswith("POST /v1/embed 200")
 
 
 def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def test_vectors_and_blobs_round_trip_through_redis(service_redis_url: str) -> N
     assert redis.Redis.from_url(service_redis_url).ttl(key) > 0
     assert sample(metrics, "clipserve_cache_requests_total", kind="vector", result="hit") == 1
     assert sample(metrics, "clipserve_cache_requests_total", kind="vector", result="miss") == 2
+    assert sample(metrics, "clipserve_cache_hit_ratio", kind="vector") == pytest.approx(1 / 3)
 
 
 def test_unreachable_redis_falls_back_to_memory_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
