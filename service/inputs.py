@@ -3,8 +3,9 @@
 `ImageFetcher(settings).load(items)` returns one `bytes` per item, in order, or raises `ApiError`
 (400) naming the bad item's index. URL rules, all from settings: fetching is off unless
 `url_fetch_enabled`; only hosts in `url_allowed_hosts` ('*' for any); every address the host
-resolves to must be public unless `url_allow_private`; connect and read timeouts; a byte cap
-while streaming; at most `url_max_redirects` redirects, each checked by the same rules.
+resolves to must be public unless `url_allow_private`, and the connection goes to the address
+that was checked; connect and read timeouts; a byte cap while streaming; at most
+`url_max_redirects` redirects, each checked by the same rules.
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ class ImageFetcher:
     async def _fetch(self, url: str, index: int) -> bytes:
         client = self._client_for_fetch()
         for _hop in range(self.settings.url_max_redirects + 1):
-            await self._check_url(url, index)
+            pinned, headers, sni = await self._pin(url, index)
             try:
-                async with client.stream("GET", url) as response:
+                async with client.stream("GET", pinned, headers=headers, extensions={"sni_hostname": sni}) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
@@ -121,19 +122,29 @@ class ImageFetcher:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _check_url(self, url: str, index: int) -> None:
+    async def _pin(self, url: str, index: int) -> tuple[str, dict[str, str], str]:
+        """Check the URL against the rules and return it aimed at the address that was checked.
+
+        Connecting to the checked address (with the original Host header and TLS server name)
+        leaves no window for DNS to answer differently between the check and the connection.
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _bad(f"image {index}: only http(s) URLs with a host are accepted", index)
+        if "@" in parts.netloc:
+            raise _bad(f"image {index}: URLs with credentials are not accepted", index)
         host = parts.hostname.lower()
         allowed = [h.lower() for h in self.settings.url_allowed_hosts]
         if "*" not in allowed and host not in allowed:
             raise _bad(f"image {index}: host {host!r} is not in this server's allowed hosts", index)
-        if self.settings.url_allow_private:
-            return
-        for address in await _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), index):
-            if not address.is_global:
-                raise _bad(f"image {index}: host {host!r} resolves to a private or loopback address", index)
+        addresses = await _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), index)
+        if not self.settings.url_allow_private and not all(a.is_global for a in addresses):
+            raise _bad(f"image {index}: host {host!r} resolves to a private or loopback address", index)
+        address = min(addresses, key=lambda a: a.version)  # IPv4 first: IPv6 routes are more often broken
+        netloc = f"[{address}]" if address.version == 6 else str(address)
+        if parts.port:
+            netloc += f":{parts.port}"
+        return parts._replace(netloc=netloc).geturl(), {"Host": parts.netloc}, host
 
 
 async def _resolve(host: str, port: int, index: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -209,3 +209,8 @@ def test_url_rules_when_private_addresses_are_allowed(make_client, picture_serve
     expect_error(client.post("/v1/embed", json={"images": [f"{picture_server}/redirect"]}), 400, "redirects")
     other_host = picture_server.replace("127.0.0.1", "localhost")
     expect_error(client.post("/v1/embed", json={"images": [f"{other_host}/a.png"]}), 400, "allowed hosts")
+    by_name = make_client(url_fetch_enabled=True, url_allowed_hosts=["localhost"], url_allow_private=True)
+    named = by_name.post("/v1/embed", json={"images": [f"{other_host}/a.png"]})
+    assert named.status_code == 200 and named.json()["image_embeddings"] == inline.json()["image_embeddings"]
+    userinfo = picture_server.replace("http://", "http://user:pw@")
+    expect_error(client.post("/v1/embed", json={"images": [f"{userinfo}/a.png"]}), 400, "credentials")
