@@ -367,9 +367,13 @@ class ModelRegistry:
         return previous
 
     async def reload(self, force: bool = False) -> ReloadReport:
-        """Serve the latest version of every unpinned model; a failing version is refused and logged."""
+        """Serve the latest version of every unpinned model (and any new model when serving the whole
+        repository); a failing version is refused and logged, and the previous one keeps serving."""
         report = ReloadReport()
         async with self._reload_lock:
+            if not self.settings.models:  # serving the whole repository: new models join too
+                for name in self.repository.models():
+                    self._pinned.setdefault(name, None)
             for name, pinned in self._pinned.items():
                 current = self._served.get(name)
                 try:

@@ -182,3 +182,16 @@ def test_disconnected_clients_work_is_dropped(live_server, make_settings) -> Non
         assert time.monotonic() < deadline, "the abandoned item was not dropped"
         time.sleep(0.05)
     assert model.image_stats.items == 1  # the kept request; the abandoned image never ran
+
+
+def test_a_new_model_in_the_repository_joins_on_reload(live_server, own_repo: Path) -> None:
+    base = live_server(models_dir=own_repo, admin_key="admin-k")
+    shutil.copytree(own_repo / "tiny" / "1", own_repo / "tiny-copy" / "1")
+    manifest = own_repo / "tiny-copy" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"name": "tiny"', '"name": "tiny-copy"'))
+    report = httpx.post(f"{base}/v1/admin/reload", headers=ADMIN, timeout=60).json()
+    assert report["loaded"] == ["tiny-copy@1"] and report["unchanged"] == ["tiny@1"]
+    names = [m["name"] for m in httpx.get(f"{base}/v1/models").json()["data"]]
+    assert names == ["tiny", "tiny-copy"]
+    response = httpx.post(f"{base}/v1/embed", json={"model": "tiny-copy", "texts": ["x"]})
+    assert response.json()["model"] == "tiny-copy"
