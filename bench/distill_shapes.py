@@ -17,12 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+
+# run as `python bench/distill_shapes.py`, Python puts bench/ first on sys.path, where bench/export.py
+# would hide the `export` package: look in the repository root instead
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training import synthetic
 from training.cli import run_training, shapes_evaluator
@@ -68,9 +73,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="few steps and images: proves the pipeline, not the figures"
     )
-    p.add_argument("--steps", type=int, help="training steps per model (default 800, quick 20)")
+    p.add_argument("--steps", type=int, help="training steps per model (default 500, quick 20)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-size", type=int, help="held-out benchmark images (default 600, quick 60)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per training process")
     p.add_argument("--jobs", type=int, default=2, help="students trained in parallel (one process each)")
@@ -115,7 +120,7 @@ def plot(reports: list[ModelReport], metric: str, target: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    steps = args.steps or (20 if args.quick else 800)
+    steps = args.steps or (20 if args.quick else 500)
     eval_size = args.eval_size or (60 if args.quick else 600)
     repeats = 10 if args.quick else 50
     torch.set_num_threads(args.threads)
@@ -127,9 +132,9 @@ def main() -> None:
     print(
         f"machine: {platform.processor() or platform.machine()}, torch threads {args.threads}, {platform.platform()}"
     )
-    print(f"budget per model: {steps} steps x batch {args.batch_size} on {budget.options()['data']}")
+    print(f"budget per model: {steps} steps x batch {args.batch_size} on {budget.data}")
 
-    evaluate = shapes_evaluator("synthetic:shapes", size=eval_size)
+    evaluate = shapes_evaluator(budget.data, size=eval_size)
 
     t = time.perf_counter()
     teacher_run = run_training(
@@ -139,7 +144,7 @@ def main() -> None:
     teacher = load_teacher([str(teacher_run.out_dir)])
 
     t = time.perf_counter()
-    data_spec = budget.options()["data"]
+    data_spec = budget.data
     dataset = build_dataset(data_spec)
     classes = [f"{c} {s}" for c, s in synthetic.all_compositions()]
     vectors = teacher.class_vectors(classes, list(synthetic.CLASS_TEMPLATES), torch.device("cpu"))

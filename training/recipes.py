@@ -23,11 +23,17 @@ BEST_STUDENT_INIT = "inherit"
 
 @dataclass(frozen=True)
 class ShapesBudget:
-    steps: int = 800
+    steps: int = 500
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2e-3
     warmup_steps: int = 50
     threads: int | None = None
+    image_size: int = 48
+
+    @property
+    def data(self) -> str:
+        """One pass over fresh images: every step sees new samples."""
+        return f"{SHAPES_DATA}?size={self.steps * self.batch_size}&image_size={self.image_size}"
 
     def options(self) -> dict[str, Any]:
         return {
@@ -36,7 +42,7 @@ class ShapesBudget:
             "lr": self.lr,
             "warmup_steps": self.warmup_steps,
             "threads": self.threads,
-            "data": f"{SHAPES_DATA}?size={self.steps * self.batch_size}",
+            "data": self.data,
         }
 
 

@@ -189,9 +189,14 @@ class ShapesPairs:
             raise IndexError(f"shapes index {index} out of range 0..{self.size - 1}")
         rng = np.random.default_rng([self.config.seed, 0, index])
         # single objects are the clearest lesson in what a shape looks like, so they come most often
-        weights = np.array([0.45, 0.33, 0.22][: self.config.max_objects])
+        weights = np.array([0.6, 0.25, 0.15][: self.config.max_objects])
         count = int(rng.choice(len(weights), p=weights / weights.sum())) + 1
-        objects = _place_objects(rng, self._compositions, count, self.config.image_size)
+        # one colour for every object half of the time, so that telling images apart takes their shapes
+        compositions = self._compositions
+        if count > 1 and rng.random() < 0.5:
+            colour = compositions[int(rng.integers(len(compositions)))][0]
+            compositions = [c for c in compositions if c[0] == colour]
+        objects = _place_objects(rng, compositions, count, self.config.image_size)
         background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
         image = render(objects, background, self.config.image_size, rng)
         return image, caption_for(objects, background, rng), objects
