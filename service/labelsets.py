@@ -137,7 +137,10 @@ class ClassMatrices:
 
     async def compute(self, model: ServedModel, labels: list[str], templates: tuple[str, ...],
                       build: Build | None = None, name: str = "") -> np.ndarray:
-        """Encode every label x template in chunks; text vectors come from the cache when present."""
+        """Encode every label x template in chunks, on the text tower's thread, with progress in the log.
+
+        Ad-hoc label lists (no `build`) read and fill the per-text cache; stored sets only keep
+        their matrix."""
         per_chunk = max(1, self.settings.labelset_chunk_texts // len(templates))
         matrix = np.empty((len(labels), model.dim), dtype=np.float32)
         started, last_log = time.monotonic(), time.monotonic()
@@ -182,7 +185,8 @@ class ClassMatrices:
 
         async def run() -> np.ndarray:
             try:
-                matrix = await self.compute(model, labelset.labels, labelset.templates, build, labelset.name)
+                with model.using():
+                    matrix = await self.compute(model, labelset.labels, labelset.templates, build, labelset.name)
                 await self.cache.set_blob(self.matrix_key(model, labelset.digest), matrix.tobytes())
                 self._remember(key, matrix)
                 self.builds.pop(key, None)

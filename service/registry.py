@@ -137,7 +137,8 @@ class ServedModel:
     # Public calls -----------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _using(self) -> Iterator[None]:
+    def using(self) -> Iterator[None]:
+        """Hold this version while working with it: retirement waits until no one holds it."""
         self.in_flight += 1
         try:
             yield
@@ -158,12 +159,12 @@ class ServedModel:
         return self.text_key_prefix + hashlib.sha256(np.ascontiguousarray(row, dtype=np.int64).tobytes()).hexdigest()
 
     async def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
-        with self._using():
+        with self.using():
             batch = await self.tokenize(texts)
             return await self.embed_token_rows(self.token_rows(batch)), list(batch.truncated)
 
     async def embed_tokenized(self, batch: TokenizedBatch) -> np.ndarray:
-        with self._using():
+        with self.using():
             return await self.embed_token_rows(self.token_rows(batch))
 
     async def embed_token_rows(self, rows: list[np.ndarray], bulk: bool = False) -> np.ndarray:
@@ -198,7 +199,7 @@ class ServedModel:
         return await loop.run_in_executor(self.text_batcher.executor, self.run_texts, rows)
 
     async def embed_images(self, images: Sequence[bytes]) -> np.ndarray:
-        with self._using():
+        with self.using():
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             self.image_batcher.announce(len(images))
