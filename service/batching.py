@@ -97,6 +97,10 @@ class Batcher:
         self._queue.clear()
         self.executor.shutdown(wait=False)
 
+    @property
+    def announced(self) -> int:
+        return self._announced
+
     def announce(self, count: int) -> None:
         """`count` rows are being prepared and will be submitted soon: worth waiting for."""
         self._announced += count
