@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS clipserve_collections (
 )
 """
 _HNSW_MIN_ITEMS = 1000
+_MAX_INLINE_DIM = 1500  # 4 bytes a dimension, and a row must fit in an 8 KB page
 _STAGING_COLUMNS = ["text", "vector", "text", "text", "text"]
 
 
@@ -208,6 +209,7 @@ class PgVectorStore:
                 "metadata JSONB NOT NULL, source_kind TEXT, source TEXT)"
             ).format(table, sql.Literal(dim))
         )
+        _keep_vectors_inline(conn, table, dim)
         conn.execute(sql.SQL("CREATE INDEX ON {} USING gin (metadata jsonb_path_ops)").format(table))
 
     def drop_collection(self, name: str) -> None:
@@ -455,6 +457,7 @@ class PgVectorStore:
                     table, sql.Literal(binding.dim)
                 )
             )
+            _keep_vectors_inline(conn, table, binding.dim)
             conn.execute(
                 sql.SQL(
                     "UPDATE {} t SET embedding = r.embedding FROM clipserve_rebind r WHERE t.item_id = r.item_id"
@@ -471,3 +474,10 @@ class PgVectorStore:
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _keep_vectors_inline(conn: psycopg.Connection, table: sql.Identifier, dim: int) -> None:
+    """Store vectors in the row, not TOASTed: a 512-d vector (2 KB) is just over the TOAST threshold,
+    and fetching every vector out of line made exact scans several times slower."""
+    if dim <= _MAX_INLINE_DIM:
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN embedding SET STORAGE PLAIN").format(table))
