@@ -134,25 +134,30 @@ def _new_faiss_index(params: IndexParams, vectors: np.ndarray, dim: int) -> tupl
 class _LiveIndex:
     """The in-memory FAISS index of one collection, guarded by a readers-writer lock."""
 
-    def __init__(self, binding: ModelBinding, params: IndexParams, labels: np.ndarray, vectors: np.ndarray):
+    def __init__(
+        self,
+        binding: ModelBinding,
+        params: IndexParams,
+        labels: np.ndarray,
+        index: faiss.Index,
+        built: str,
+        unsaved: int,
+    ):
         self.binding = binding
         self.params = params
         self.lock = ReadWriteLock()
         self.labels = labels.astype(np.int64)
-        self.index, self.built = _new_faiss_index(params, vectors, binding.dim)
+        self.index, self.built = index, built
         self.dead: set[int] = set()
         self._dead_array: np.ndarray | None = None
-        self.added_since_snapshot = len(labels)
+        self.added_since_snapshot = unsaved
 
     @classmethod
-    def restored(
-        cls, binding: ModelBinding, params: IndexParams, index: faiss.Index, labels: np.ndarray
+    def build(
+        cls, binding: ModelBinding, params: IndexParams, labels: np.ndarray, vectors: np.ndarray
     ) -> _LiveIndex:
-        live = cls.__new__(cls)
-        live.binding, live.params, live.lock = binding, params, ReadWriteLock()
-        live.labels, live.index, live.built = labels.astype(np.int64), index, "hnsw"
-        live.dead, live._dead_array, live.added_since_snapshot = set(), None, 0
-        return live
+        index, built = _new_faiss_index(params, vectors, binding.dim)
+        return cls(binding, params, labels, index, built, unsaved=len(labels))
 
     @property
     def alive(self) -> int:
@@ -408,7 +413,7 @@ class EmbeddedStore:
         missing = np.setdiff1d(live_labels, labels)
         if len(missing) and len(labels) and missing.min() < labels.max():
             return None
-        live = _LiveIndex.restored(catalog.binding, catalog.params, index, labels)
+        live = _LiveIndex(catalog.binding, catalog.params, labels, index, "hnsw", unsaved=0)
         live.dead.update(np.flatnonzero(~np.isin(labels, live_labels)).tolist())
         if len(missing):
             live.apply(np.zeros(0, dtype=np.int64), missing, self._vectors_of(missing, catalog.binding.dim))
@@ -436,14 +441,16 @@ class EmbeddedStore:
                 faiss.omp_set_num_threads(self.build_threads)
                 live = self._restore_snapshot(catalog)
                 if live is None:
-                    live = _LiveIndex(
+                    live = _LiveIndex.build(
                         catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim)
                     )
                 self._live[catalog.id] = live
             return live
 
     def _rebuild(self, catalog: _Catalog) -> None:
-        live = _LiveIndex(catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim))
+        live = _LiveIndex.build(
+            catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim)
+        )
         self._live[catalog.id] = live
 
     def snapshot(self) -> None:
