@@ -149,24 +149,89 @@ class ReembedRequest(_Strict):
     )
 
 
+class CollectionDescription(BaseModel):
+    name: str
+    count: int
+    model: str
+    version: int
+    content_hash: str = Field(description="bundle content hash: the collection's embedding space")
+    dim: int
+    index: IndexParams
+    created_at: str
+    model_status: Literal["current", "stale", "not_served"] = Field(
+        description="current: the served model shares the collection's space; stale: search is refused "
+        "until re-embedded; not_served: no model of that name is served"
+    )
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionDescription]
+
+
+class CollectionDeleted(BaseModel):
+    name: str
+    deleted: bool = True
+
+
+class Upserted(BaseModel):
+    upserted: int = Field(description="distinct ids written (the last of duplicate ids wins)")
+
+
+class StoredSource(BaseModel):
+    kind: Literal["text", "image"]
+    value: str
+
+
+class ItemView(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    source: StoredSource | None = Field(description="what the item was embedded from, if kept")
+    vector: list[float]
+
+
+class ItemDeleted(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+class Hit(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity")
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    model: str
+    version: int
+    dim: int
+    results: list[Hit]
+
+
+class Reembedded(BaseModel):
+    name: str
+    reembedded: int
+    model: str
+    version: int
+
+
 # helpers
 
 
-def _describe(info: CollectionInfo, registry: ModelRegistry) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "count": info.count,
-        "model": info.binding.model,
-        "version": info.binding.version,
-        "content_hash": info.binding.content_hash,
-        "dim": info.binding.dim,
-        "index": info.index.model_dump(),
-        "created_at": info.created_at,
-        "model_status": _model_status(info, registry),
-    }
+def _describe(info: CollectionInfo, registry: ModelRegistry) -> CollectionDescription:
+    return CollectionDescription(
+        name=info.name,
+        count=info.count,
+        model=info.binding.model,
+        version=info.binding.version,
+        content_hash=info.binding.content_hash,
+        dim=info.binding.dim,
+        index=info.index,
+        created_at=info.created_at,
+        model_status=_model_status(info, registry),
+    )
 
 
-def _model_status(info: CollectionInfo, registry: ModelRegistry) -> str:
+def _model_status(info: CollectionInfo, registry: ModelRegistry) -> Literal["current", "stale", "not_served"]:
     """current: the served model shares the collection's space; stale: it does not; not_served."""
     served = next((m for m in registry.models() if m.name == info.binding.model), None)
     if served is None:
@@ -223,7 +288,7 @@ async def create_collection(
     body: CreateCollection,
     registry: ModelRegistry = Depends(get_registry),
     store: CollectionStore = Depends(get_store),
-) -> dict[str, Any]:
+) -> CollectionDescription:
     """Bind a new collection to a served model's embedding space, with a flat, HNSW or IVF index."""
     params = _index_params(body)
     model = registry.resolve(body.model)
@@ -235,22 +300,24 @@ async def create_collection(
 @router.get("/v1/collections", responses=ERRORS, summary="List collections")
 async def list_collections(
     registry: ModelRegistry = Depends(get_registry), store: CollectionStore = Depends(get_store)
-) -> dict[str, Any]:
-    return {"collections": [_describe(info, registry) for info in await call_store(store.list_collections)]}
+) -> CollectionList:
+    return CollectionList(
+        collections=[_describe(info, registry) for info in await call_store(store.list_collections)]
+    )
 
 
 @router.get("/v1/collections/{name}", responses=ERRORS, summary="Describe a collection")
 async def describe_collection(
     name: str, registry: ModelRegistry = Depends(get_registry), store: CollectionStore = Depends(get_store)
-) -> dict[str, Any]:
+) -> CollectionDescription:
     """Count, model, version, bundle hash, index kind and parameters, and whether the served model matches."""
     return _describe(await call_store(store.describe, name), registry)
 
 
 @router.delete("/v1/collections/{name}", responses=ERRORS, summary="Delete a collection")
-async def drop_collection(name: str, store: CollectionStore = Depends(get_store)) -> dict[str, Any]:
+async def drop_collection(name: str, store: CollectionStore = Depends(get_store)) -> CollectionDeleted:
     await call_store(store.drop_collection, name)
-    return {"name": name, "deleted": True}
+    return CollectionDeleted(name=name)
 
 
 @router.post("/v1/collections/{name}/items", responses=ERRORS, summary="Add or replace items")
@@ -262,7 +329,7 @@ async def upsert_items(
     fetcher: ImageFetcher = Depends(get_fetcher),
     settings: Settings = Depends(get_settings),
     store: CollectionStore = Depends(get_store),
-) -> dict[str, int]:
+) -> Upserted:
     """Upsert by id (the last of duplicate ids wins); texts and images go through the /v1/embed batchers."""
     model = _served_for(name, await call_store(store.binding, name), registry)
     texts = {i: item.text for i, item in enumerate(body.items) if item.text is not None}
@@ -292,24 +359,20 @@ async def upsert_items(
         metadata=[item.metadata for item in body.items],
         sources=[_source(item) for item in body.items],
     )
-    return {"upserted": upserted}
+    return Upserted(upserted=upserted)
 
 
 @router.get("/v1/collections/{name}/items/{item_id:path}", responses=ERRORS, summary="Get an item")
-async def get_item(name: str, item_id: str, store: CollectionStore = Depends(get_store)) -> dict[str, Any]:
+async def get_item(name: str, item_id: str, store: CollectionStore = Depends(get_store)) -> ItemView:
     item = await call_store(store.get, name, item_id)
-    return {
-        "id": item.id,
-        "metadata": item.metadata,
-        "source": None if item.source is None else {"kind": item.source.kind, "value": item.source.value},
-        "vector": item.vector.tolist(),
-    }
+    source = None if item.source is None else StoredSource(kind=item.source.kind, value=item.source.value)
+    return ItemView(id=item.id, metadata=item.metadata, source=source, vector=item.vector.tolist())
 
 
 @router.delete("/v1/collections/{name}/items/{item_id:path}", responses=ERRORS, summary="Delete an item")
-async def delete_item(name: str, item_id: str, store: CollectionStore = Depends(get_store)) -> dict[str, Any]:
+async def delete_item(name: str, item_id: str, store: CollectionStore = Depends(get_store)) -> ItemDeleted:
     await call_store(store.delete, name, item_id)
-    return {"id": item_id, "deleted": True}
+    return ItemDeleted(id=item_id)
 
 
 @router.post("/v1/collections/{name}/search", responses=ERRORS, summary="Search a collection")
@@ -321,7 +384,7 @@ async def search(
     fetcher: ImageFetcher = Depends(get_fetcher),
     settings: Settings = Depends(get_settings),
     store: CollectionStore = Depends(get_store),
-) -> dict[str, Any]:
+) -> SearchResponse:
     """Nearest items by cosine similarity to a text, an image or a vector, optionally filtered on metadata."""
     check_top_k(body.top_k, settings)
     model = _served_for(name, await call_store(store.binding, name), registry)
@@ -329,12 +392,12 @@ async def search(
     hits = await call_store(
         store.search, name, query, content_hash=model.content_hash, top_k=body.top_k, filter=body.filter
     )
-    return {
-        "model": model.name,
-        "version": model.version,
-        "dim": model.dim,
-        "results": [{"id": hit.id, "score": hit.score, "metadata": hit.metadata} for hit in hits],
-    }
+    return SearchResponse(
+        model=model.name,
+        version=model.version,
+        dim=model.dim,
+        results=[Hit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits],
+    )
 
 
 @router.post("/v1/collections/{name}/reembed", responses=ERRORS, summary="Re-embed a collection")
@@ -346,12 +409,12 @@ async def reembed(
     fetcher: ImageFetcher = Depends(get_fetcher),
     settings: Settings = Depends(get_settings),
     store: CollectionStore = Depends(get_store),
-) -> dict[str, Any]:
+) -> Reembedded:
     """Move the collection to the served model's space, embedding every item again from its stored source."""
     info = await call_store(store.describe, name)
     model = registry.resolve(body.model if body and body.model else info.binding.model)
     if model.content_hash == info.binding.content_hash:
-        return {"name": name, "reembedded": 0, "model": model.name, "version": model.version}
+        return Reembedded(name=name, reembedded=0, model=model.name, version=model.version)
     pairs = await call_store(lambda: [pair for page in store.iter_sources(name) for pair in page])
     missing = [item_id for item_id, source in pairs if source is None]
     if missing:
@@ -366,7 +429,7 @@ async def reembed(
     )
     binding = ModelBinding(model.name, model.version, model.content_hash, model.dim)
     await call_store(store.rebind, name, binding, [item_id for item_id, _ in pairs], vectors)
-    return {"name": name, "reembedded": len(pairs), "model": model.name, "version": model.version}
+    return Reembedded(name=name, reembedded=len(pairs), model=model.name, version=model.version)
 
 
 async def _embed_sources(
