@@ -48,8 +48,14 @@ TINY_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-TEXTS = ["a photo of a dog on the beach", "a red car parked in front of a house", "two people playing chess",
-         "a bowl of ramen with an egg", "a diagram of a transformer network", "snow on the mountains at dusk"]
+TEXTS = [
+    "a photo of a dog on the beach",
+    "a red car parked in front of a house",
+    "two people playing chess",
+    "a bowl of ramen with an egg",
+    "a diagram of a transformer network",
+    "snow on the mountains at dusk",
+]
 
 
 def cpu_name() -> str:
@@ -73,8 +79,13 @@ def photo(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
     rng = np.random.default_rng(seed)
     width, height = size
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [127 + 100 * np.sin(x / rng.uniform(20, 90) + rng.uniform(0, 6))
-                * np.cos(y / rng.uniform(20, 90) + rng.uniform(0, 6)) for _ in range(3)]
+    channels = [
+        127
+        + 100
+        * np.sin(x / rng.uniform(20, 90) + rng.uniform(0, 6))
+        * np.cos(y / rng.uniform(20, 90) + rng.uniform(0, 6))
+        for _ in range(3)
+    ]
     pixels = np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 3))
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
@@ -85,8 +96,19 @@ def ensure_bundle(repo: Path, name: str, export_args: list[str]) -> Bundle:
     repository = ModelRepository(repo)
     if name not in repository.models():
         print(f"exporting {name} (random init) into {repo} ...", flush=True)
-        command = [sys.executable, "-m", "export.cli", *export_args, "--pretrained", "none", "--name", name,
-                   "--repo", str(repo), "--quiet"]
+        command = [
+            sys.executable,
+            "-m",
+            "export.cli",
+            *export_args,
+            "--pretrained",
+            "none",
+            "--name",
+            name,
+            "--repo",
+            str(repo),
+            "--quiet",
+        ]
         subprocess.run(command, check=True, cwd=ROOT)
     return repository.load(name)
 
@@ -98,7 +120,9 @@ class RawResult:
     with_preprocess_per_s: float
 
 
-def measure_raw(bundle: Bundle, threads: int, images: list[bytes], batches: list[int], seconds: float) -> RawResult:
+def measure_raw(
+    bundle: Bundle, threads: int, images: list[bytes], batches: list[int], seconds: float
+) -> RawResult:
     runtime = open_runtime(bundle.file_path("image"), RuntimeOptions(intra_op_threads=threads))
     preprocessor = ImagePreprocessor(bundle.manifest.image, max_pixels=10**9)
     pixels = np.stack([preprocessor(images[i % len(images)]) for i in range(max(batches))])
@@ -126,13 +150,32 @@ def measure_raw(bundle: Bundle, threads: int, images: list[bytes], batches: list
 class Server:
     def __init__(self, repo: Path, name: str, threads: int, redis_url: str, port: int):
         self.base = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "CLIPSERVE_MODELS": name, "CLIPSERVE_INTRA_OP_THREADS": str(threads),
-               "CLIPSERVE_PREPROCESS_WORKERS": str(threads), "CLIPSERVE_REDIS_URL": redis_url,
-               "CLIPSERVE_RELOAD_POLL_S": "0", "CLIPSERVE_LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "CLIPSERVE_MODELS": name,
+            "CLIPSERVE_INTRA_OP_THREADS": str(threads),
+            "CLIPSERVE_PREPROCESS_WORKERS": str(threads),
+            "CLIPSERVE_REDIS_URL": redis_url,
+            "CLIPSERVE_RELOAD_POLL_S": "0",
+            "CLIPSERVE_LOG_LEVEL": "WARNING",
+        }
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "--models", str(repo), "--host", "127.0.0.1", "--port", str(port)],
-            env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "--models",
+                str(repo),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout_s: float = 300) -> float:
@@ -201,8 +244,10 @@ async def run_load(base: str, kind: str, bodies: list[dict], concurrency: int, t
 def classify_vs_embed(base: str, image: str, labels: int, rounds: int) -> tuple[float, float, float]:
     with httpx.Client(base_url=base, timeout=600) as client:
         started = time.perf_counter()
-        put = client.put("/v1/labelsets/bench-1000", json={"labels": [f"object class {i}" for i in range(labels)],
-                                                           "templates": ["a photo of a {}."]})
+        put = client.put(
+            "/v1/labelsets/bench-1000",
+            json={"labels": [f"object class {i}" for i in range(labels)], "templates": ["a photo of a {}."]},
+        )
         while put.status_code == 202 or put.json().get("status") == "building":
             time.sleep(1)
             put = client.get("/v1/labelsets/bench-1000")
@@ -212,7 +257,10 @@ def classify_vs_embed(base: str, image: str, labels: int, rounds: int) -> tuple[
         client.post("/v1/classify", json=classify_body)
         embed_ms, classify_ms = [], []
         for _ in range(rounds):
-            for body, path, out in ((embed_body, "/v1/embed", embed_ms), (classify_body, "/v1/classify", classify_ms)):
+            for body, path, out in (
+                (embed_body, "/v1/embed", embed_ms),
+                (classify_body, "/v1/classify", classify_ms),
+            ):
                 started = time.perf_counter()
                 assert client.post(path, json=body).status_code == 200
                 out.append((time.perf_counter() - started) * 1000)
@@ -236,19 +284,31 @@ def bench_model(args: argparse.Namespace, repo: Path, name: str, export_args: li
                 total = max(args.requests, concurrency * 4)
                 result = asyncio.run(run_load(server.base, kind, bodies, concurrency, total))
                 results.append(result)
-                print(f"  served {kind:5} c={concurrency:>2}: {result.rate:7.1f} req/s  p50 {result.percentile(50):7.1f}"
-                      f"  p95 {result.percentile(95):7.1f}  p99 {result.percentile(99):7.1f} ms"
-                      f"  failures {result.failures}", flush=True)
-        embed_ms, classify_ms, build_s = classify_vs_embed(server.base, image_bodies[0]["images"][0], 1000,
-                                                           args.rounds)
+                print(
+                    f"  served {kind:5} c={concurrency:>2}: {result.rate:7.1f} req/s  p50 {result.percentile(50):7.1f}"
+                    f"  p95 {result.percentile(95):7.1f}  p99 {result.percentile(99):7.1f} ms"
+                    f"  failures {result.failures}",
+                    flush=True,
+                )
+        embed_ms, classify_ms, build_s = classify_vs_embed(
+            server.base, image_bodies[0]["images"][0], 1000, args.rounds
+        )
         rss = server.rss_mb()
     finally:
         server.stop()
     served = max(r.rate for r in results if r.kind == "image")
     return {
-        "model": name, "start_s": start_s, "rss_mb": rss, "raw": raw, "served_img_s": served,
-        "ratio": served / raw.images_per_s, "ratio_with_pre": served / raw.with_preprocess_per_s,
-        "embed_ms": embed_ms, "classify_ms": classify_ms, "labelset_build_s": build_s, "results": results,
+        "model": name,
+        "start_s": start_s,
+        "rss_mb": rss,
+        "raw": raw,
+        "served_img_s": served,
+        "ratio": served / raw.images_per_s,
+        "ratio_with_pre": served / raw.with_preprocess_per_s,
+        "embed_ms": embed_ms,
+        "classify_ms": classify_ms,
+        "labelset_build_s": build_s,
+        "results": results,
     }
 
 
@@ -256,30 +316,57 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     import onnxruntime
 
     print("\n" + "=" * 100)
-    print(f"machine: {cpu_name()}, {cores()} cores; onnxruntime {onnxruntime.__version__}; server threads "
-          f"{args.threads}; inputs: 640x480 JPEG per image request, one short text per text request")
+    print(
+        f"machine: {cpu_name()}, {cores()} cores; onnxruntime {onnxruntime.__version__}; server threads "
+        f"{args.threads}; inputs: 640x480 JPEG per image request, one short text per text request"
+    )
     for row in rows:
         raw: RawResult = row["raw"]
         print(f"\n{row['model']}: ready in {row['start_s']:.1f} s, RSS {row['rss_mb']:.0f} MB")
-        print(f"  raw ORT best batch {raw.best_batch}: {raw.images_per_s:.1f} img/s "
-              f"({raw.with_preprocess_per_s:.1f} img/s with preprocessing)")
-        print(f"  served images: {row['served_img_s']:.1f} img/s -> served/raw {row['ratio']:.2f} "
-              f"(vs raw with preprocessing {row['ratio_with_pre']:.2f}; goal >= 0.85)")
-        print(f"  classify (1000-label set) {row['classify_ms']:.1f} ms vs embed one image {row['embed_ms']:.1f} ms "
-              f"-> {row['classify_ms'] / row['embed_ms']:.2f}x (goal <= 1.1x); set built in "
-              f"{row['labelset_build_s']:.1f} s")
+        print(
+            f"  raw ORT best batch {raw.best_batch}: {raw.images_per_s:.1f} img/s "
+            f"({raw.with_preprocess_per_s:.1f} img/s with preprocessing)"
+        )
+        print(
+            f"  served images: {row['served_img_s']:.1f} img/s -> served/raw {row['ratio']:.2f} "
+            f"(vs raw with preprocessing {row['ratio_with_pre']:.2f}; goal >= 0.85)"
+        )
+        print(
+            f"  classify (1000-label set) {row['classify_ms']:.1f} ms vs embed one image {row['embed_ms']:.1f} ms "
+            f"-> {row['classify_ms'] / row['embed_ms']:.2f}x (goal <= 1.1x); set built in "
+            f"{row['labelset_build_s']:.1f} s"
+        )
         print("  kind   conc    req/s    p50 ms    p95 ms    p99 ms  failures")
         for r in row["results"]:
-            print(f"  {r.kind:5} {r.concurrency:>5} {r.rate:8.1f} {r.percentile(50):9.1f} {r.percentile(95):9.1f}"
-                  f" {r.percentile(99):9.1f} {r.failures:>9}")
+            print(
+                f"  {r.kind:5} {r.concurrency:>5} {r.rate:8.1f} {r.percentile(50):9.1f} {r.percentile(95):9.1f}"
+                f" {r.percentile(99):9.1f} {r.failures:>9}"
+            )
     if args.json:
-        Path(args.json).write_text(json.dumps([
-            {k: v for k, v in row.items() if k not in ("raw", "results")}
-            | {"raw": row["raw"].__dict__,
-               "load": [{"kind": r.kind, "concurrency": r.concurrency, "req_s": r.rate, "p50_ms": r.percentile(50),
-                         "p95_ms": r.percentile(95), "p99_ms": r.percentile(99), "failures": r.failures}
-                        for r in row["results"]]}
-            for row in rows], indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                [
+                    {k: v for k, v in row.items() if k not in ("raw", "results")}
+                    | {
+                        "raw": row["raw"].__dict__,
+                        "load": [
+                            {
+                                "kind": r.kind,
+                                "concurrency": r.concurrency,
+                                "req_s": r.rate,
+                                "p50_ms": r.percentile(50),
+                                "p95_ms": r.percentile(95),
+                                "p99_ms": r.percentile(99),
+                                "failures": r.failures,
+                            }
+                            for r in row["results"]
+                        ],
+                    }
+                    for row in rows
+                ],
+                indent=2,
+            )
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         models = FULL_MODELS
         args.concurrency, args.requests, args.rounds = [1, 8, 32], 200, 30
         args.batches, args.raw_seconds = [1, 2, 4, 8, 16, 32], 5.0
-    rows = [bench_model(args, args.repo, name, export_args, args.port + i)
-            for i, (name, export_args) in enumerate(models.items())]
+    rows = [
+        bench_model(args, args.repo, name, export_args, args.port + i)
+        for i, (name, export_args) in enumerate(models.items())
+    ]
     report(rows, args)
     return 0
 

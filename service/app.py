@@ -32,8 +32,13 @@ def _lifespan(settings: Settings):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         metrics: Metrics = app.state.metrics
-        cache = VectorCache(settings.redis_url, lru_size=settings.cache_lru_size, ttl_s=settings.cache_ttl_s,
-                            retry_s=settings.redis_retry_s, metrics=metrics)
+        cache = VectorCache(
+            settings.redis_url,
+            lru_size=settings.cache_lru_size,
+            ttl_s=settings.cache_ttl_s,
+            retry_s=settings.redis_retry_s,
+            metrics=metrics,
+        )
         registry = ModelRegistry(settings, metrics, cache)
         matrices = ClassMatrices(cache, settings)
         app.state.cache, app.state.registry, app.state.matrices = cache, registry, matrices
@@ -43,7 +48,9 @@ def _lifespan(settings: Settings):
         try:
             await registry.start()
             if settings.reload_poll_s > 0:
-                poller = asyncio.get_running_loop().create_task(registry.poll_forever(), name="repository-poll")
+                poller = asyncio.get_running_loop().create_task(
+                    registry.poll_forever(), name="repository-poll"
+                )
             log.info("serving %s", ", ".join(m.ref for m in registry.models()))
             yield
         finally:
@@ -64,7 +71,9 @@ def _openapi_with_embed_body(app: FastAPI):
         if app.openapi_schema is None:
             schema = FastAPI.openapi(app)
             components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["EmbedRequest"] = EmbedRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components["EmbedRequest"] = EmbedRequest.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -88,7 +97,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Auth, api_keys=settings.api_keys, admin_key=settings.admin_key)
     if settings.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
-                           allow_headers=["*"], expose_headers=["X-Request-ID", "Retry-After"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     return app

@@ -76,7 +76,9 @@ class Batcher:
         self._labels = {"model": model, "tower": tower}
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batch-{self.model}-{self.tower}")
+        self._task = asyncio.get_running_loop().create_task(
+            self._loop(), name=f"batch-{self.model}-{self.tower}"
+        )
 
     @property
     def alive(self) -> bool:
@@ -139,7 +141,9 @@ class Batcher:
         except TimeoutError as exc:
             self.metrics.rejected.labels(reason="timeout", **self._labels).inc(len(rows))
             raise ApiError(
-                503, "timeout", f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s"
+                503,
+                "timeout",
+                f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s",
             ) from exc
         return np.stack(results)
 
@@ -187,7 +191,11 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(
-                            ApiError(500, "inference_error", f"the {self.tower} encoder failed: {type(exc).__name__}")
+                            ApiError(
+                                500,
+                                "inference_error",
+                                f"the {self.tower} encoder failed: {type(exc).__name__}",
+                            )
                         )
                 continue
             self._last_batch_s = time.perf_counter() - started

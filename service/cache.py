@@ -68,7 +68,9 @@ class VectorCache:
         self.ttl_s = ttl_s or None
         self.retry_s = retry_s
         self._redis = (
-            aioredis.Redis.from_url(redis_url, socket_connect_timeout=0.5, socket_timeout=2.0, retry_on_timeout=False)
+            aioredis.Redis.from_url(
+                redis_url, socket_connect_timeout=0.5, socket_timeout=2.0, retry_on_timeout=False
+            )
             if redis_url
             else None
         )

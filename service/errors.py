@@ -45,9 +45,15 @@ def error_body(type: str, message: str, index: int | None = None) -> dict:
 
 
 def error_response(
-    status_code: int, type: str, message: str, index: int | None = None, headers: Mapping[str, str] | None = None
+    status_code: int,
+    type: str,
+    message: str,
+    index: int | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(type, message, index), status_code=status_code, headers=dict(headers or {}))
+    return JSONResponse(
+        error_body(type, message, index), status_code=status_code, headers=dict(headers or {})
+    )
 
 
 def _location(loc: Sequence[object]) -> str:
@@ -92,7 +98,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 
 _HTTP_TYPES = {
-    401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
 }
 
 
@@ -105,7 +115,9 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     request_id = request.scope.get("state", {}).get("request_id", "-")
     log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
-    return error_response(500, "internal_error", f"internal error; quote request id {request_id} to the operator")
+    return error_response(
+        500, "internal_error", f"internal error; quote request id {request_id} to the operator"
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -23,7 +23,9 @@ import httpx
 from service.errors import ApiError
 from service.settings import Settings
 
-_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S)
+_DATA_URI = re.compile(
+    r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S
+)
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
 
@@ -37,14 +39,18 @@ def decode_base64(text: str, index: int, what: str = "image") -> bytes:
     if not compact:
         raise ApiError(400, f"invalid_{what}", f"{what} {index} is an empty string", index=index)
     if not _B64_CHARS.match(compact):
-        raise ApiError(400, f"invalid_{what}", f"{what} {index} is not valid base64 (nor a data URI or URL)", index)
+        raise ApiError(
+            400, f"invalid_{what}", f"{what} {index} is not valid base64 (nor a data URI or URL)", index
+        )
     padded = compact + "=" * (-len(compact) % 4)
     try:
         if "-" in compact or "_" in compact:
             return base64.urlsafe_b64decode(padded)
         return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(400, f"invalid_{what}", f"{what} {index} is not valid base64: {exc}", index=index) from exc
+        raise ApiError(
+            400, f"invalid_{what}", f"{what} {index} is not valid base64: {exc}", index=index
+        ) from exc
 
 
 def _is_url(text: str) -> bool:
@@ -93,7 +99,9 @@ class ImageFetcher:
         for _hop in range(self.settings.url_max_redirects + 1):
             pinned, headers, sni = await self._pin(url, index)
             try:
-                async with client.stream("GET", pinned, headers=headers, extensions={"sni_hostname": sni}) as response:
+                async with client.stream(
+                    "GET", pinned, headers=headers, extensions={"sni_hostname": sni}
+                ) as response:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:

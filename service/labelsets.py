@@ -56,18 +56,30 @@ def validate_labels(labels: list[str], limit: int, max_chars: int, field: str = 
         if not label.strip():
             raise ApiError(422, "invalid_request", f"{field}[{index}] is empty", index=index)
         if len(label) > max_chars:
-            raise ApiError(422, "text_too_long", f"{field}[{index}] has {len(label)} characters, at most "
-                           f"{max_chars} allowed", index=index)
+            raise ApiError(
+                422,
+                "text_too_long",
+                f"{field}[{index}] has {len(label)} characters, at most {max_chars} allowed",
+                index=index,
+            )
         if label in seen:
-            raise ApiError(422, "invalid_request",
-                           f"{field}[{index}] {label!r} duplicates {field}[{seen[label]}]", index=index)
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"{field}[{index}] {label!r} duplicates {field}[{seen[label]}]",
+                index=index,
+            )
         seen[label] = index
 
 
 def validate_name(name: str) -> None:
     if not _NAME.match(name):
-        raise ApiError(422, "invalid_request", f"label set name {name!r}: use letters, digits, '.', '_' or '-' "
-                       "(at most 128), starting with a letter or digit")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"label set name {name!r}: use letters, digits, '.', '_' or '-' "
+            "(at most 128), starting with a letter or digit",
+        )
 
 
 @dataclass
@@ -83,8 +95,15 @@ class LabelSet:
         return digest(self.labels, self.templates)
 
     def to_json(self) -> bytes:
-        return json.dumps({"name": self.name, "model": self.model, "labels": self.labels,
-                           "templates": list(self.templates), "created_at": self.created_at}).encode()
+        return json.dumps(
+            {
+                "name": self.name,
+                "model": self.model,
+                "labels": self.labels,
+                "templates": list(self.templates),
+                "created_at": self.created_at,
+            }
+        ).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> LabelSet:
@@ -135,8 +154,14 @@ class ClassMatrices:
         self._remember(key, matrix)
         return matrix
 
-    async def compute(self, model: ServedModel, labels: list[str], templates: tuple[str, ...],
-                      build: Build | None = None, name: str = "") -> np.ndarray:
+    async def compute(
+        self,
+        model: ServedModel,
+        labels: list[str],
+        templates: tuple[str, ...],
+        build: Build | None = None,
+        name: str = "",
+    ) -> np.ndarray:
         """Encode every label x template in chunks, on the text tower's thread, with progress in the log.
 
         Ad-hoc label lists (no `build`) read and fill the per-text cache; stored sets only keep
@@ -145,17 +170,24 @@ class ClassMatrices:
         matrix = np.empty((len(labels), model.dim), dtype=np.float32)
         started, last_log = time.monotonic(), time.monotonic()
         for start in range(0, len(labels), per_chunk):
-            chunk = labels[start: start + per_chunk]
+            chunk = labels[start : start + per_chunk]
             texts = [fill(t, label) for label in chunk for t in templates]
             vectors = await self._encode(model, texts, cache_texts=build is None)
             means = vectors.reshape(len(chunk), len(templates), model.dim).mean(axis=1)
-            matrix[start: start + len(chunk)] = normalize(means)
+            matrix[start : start + len(chunk)] = normalize(means)
             if build is not None:
                 build.done = start + len(chunk)
             if time.monotonic() - last_log > 5 or start + per_chunk >= len(labels):
                 last_log = time.monotonic()
-                log.info("label set %s on %s: %d/%d labels (%d templates) in %.1f s", name or "(request)",
-                         model.ref, start + len(chunk), len(labels), len(templates), last_log - started)
+                log.info(
+                    "label set %s on %s: %d/%d labels (%d templates) in %.1f s",
+                    name or "(request)",
+                    model.ref,
+                    start + len(chunk),
+                    len(labels),
+                    len(templates),
+                    last_log - started,
+                )
         return matrix
 
     @staticmethod
@@ -166,7 +198,9 @@ class ClassMatrices:
             return await model.embed_token_rows(rows, bulk=True)
         return await model.run_bulk(rows)  # a stored set keeps its matrix, not one cache entry per text
 
-    async def for_labels(self, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> np.ndarray:
+    async def for_labels(
+        self, model: ServedModel, labels: list[str], templates: tuple[str, ...]
+    ) -> np.ndarray:
         """The class matrix of an ad-hoc label list (classify with `labels`)."""
         key_digest = digest(labels, templates)
         matrix = await self.lookup(model, key_digest)
@@ -186,7 +220,9 @@ class ClassMatrices:
         async def run() -> np.ndarray:
             try:
                 with model.using():
-                    matrix = await self.compute(model, labelset.labels, labelset.templates, build, labelset.name)
+                    matrix = await self.compute(
+                        model, labelset.labels, labelset.templates, build, labelset.name
+                    )
                 await self.cache.set_blob(self.matrix_key(model, labelset.digest), matrix.tobytes())
                 self._remember(key, matrix)
                 self.builds.pop(key, None)
@@ -239,7 +275,7 @@ class LabelSetStore:
         return await self.cache.delete(DEF_PREFIX + name, DIGEST_PREFIX + name) > 0
 
     async def names(self) -> list[str]:
-        return [key[len(DEF_PREFIX):] for key in await self.cache.scan(DEF_PREFIX)]
+        return [key[len(DEF_PREFIX) :] for key in await self.cache.scan(DEF_PREFIX)]
 
     @staticmethod
     def new(name: str, model: ServedModel, labels: list[str], templates: tuple[str, ...]) -> LabelSet:
@@ -268,7 +304,15 @@ class LabelSetStore:
             except ApiError:
                 raise
             except Exception as exc:
-                raise ApiError(503, "labelset_failed", f"label set {labelset.name!r} could not be built on "
-                               f"{model.ref}: {build.error}") from exc
-        raise ApiError(409, "labelset_building", f"label set {labelset.name!r} is being built for {model.ref} "
-                       f"({build.progress:.0%} done); retry shortly", headers={"Retry-After": "5"})
+                raise ApiError(
+                    503,
+                    "labelset_failed",
+                    f"label set {labelset.name!r} could not be built on {model.ref}: {build.error}",
+                ) from exc
+        raise ApiError(
+            409,
+            "labelset_building",
+            f"label set {labelset.name!r} is being built for {model.ref} "
+            f"({build.progress:.0%} done); retry shortly",
+            headers={"Retry-After": "5"},
+        )

@@ -13,21 +13,33 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_latency = Histogram(
-            "clipserve_request_seconds", "HTTP request latency", ["route", "method", "status"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "clipserve_request_seconds",
+            "HTTP request latency",
+            ["route", "method", "status"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge("clipserve_queue_depth", "items waiting", ["model", "tower"], registry=r)
         self.batch_size = Histogram(
-            "clipserve_batch_size", "items per inference batch", ["model", "tower"], buckets=_BATCH_BUCKETS,
+            "clipserve_batch_size",
+            "items per inference batch",
+            ["model", "tower"],
+            buckets=_BATCH_BUCKETS,
             registry=r,
         )
         self.inference_seconds = Histogram(
-            "clipserve_inference_seconds", "time in the model per batch", ["model", "tower"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "clipserve_inference_seconds",
+            "time in the model per batch",
+            ["model", "tower"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.preprocess_seconds = Histogram(
-            "clipserve_preprocess_seconds", "decode and preprocessing time per item", ["model", "tower"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "clipserve_preprocess_seconds",
+            "decode and preprocessing time per item",
+            ["model", "tower"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.encoder_calls = Counter(
             "clipserve_encoder_calls_total", "inference calls (batches)", ["model", "tower"], registry=r
@@ -47,7 +59,10 @@ class Metrics:
         )
         self.reloads = Counter("clipserve_reloads_total", "model (re)loads", ["model", "result"], registry=r)
         self.model_info = Gauge(
-            "clipserve_model_loaded", "served model versions", ["model", "version", "content_hash"], registry=r
+            "clipserve_model_loaded",
+            "served model versions",
+            ["model", "version", "content_hash"],
+            registry=r,
         )
 
     def render(self) -> bytes:

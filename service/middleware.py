@@ -28,7 +28,9 @@ OPEN_PATHS = frozenset({"/livez", "/readyz"})
 ADMIN_PREFIX = "/v1/admin/"
 
 
-async def send_error(send: Send, status: int, type: str, message: str, headers: dict[str, str] | None = None) -> None:
+async def send_error(
+    send: Send, status: int, type: str, message: str, headers: dict[str, str] | None = None
+) -> None:
     body = json.dumps(error_body(type, message)).encode()
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -52,7 +54,9 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        request_id = (
+            incoming if incoming and len(incoming) <= 128 and incoming.isprintable() else uuid.uuid4().hex
+        )
         token = request_id_var.set(request_id)
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
@@ -72,9 +76,9 @@ class RequestContext:
             template = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started
             status = status_holder["status"]
-            self.metrics.request_latency.labels(route=template, method=scope["method"], status=str(status)).observe(
-                elapsed
-            )
+            self.metrics.request_latency.labels(
+                route=template, method=scope["method"], status=str(status)
+            ).observe(elapsed)
             access_log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000)
             request_id_var.reset(token)
 
@@ -108,11 +112,20 @@ class Auth:
                 await send_error(send, 403, "forbidden", "the admin API is off: no admin key is configured")
                 return
             if not self._matches(token, [self.admin_key]):
-                await send_error(send, 401, "unauthorized", "the admin API needs the admin key as a Bearer token",
-                                 challenge)
+                await send_error(
+                    send,
+                    401,
+                    "unauthorized",
+                    "the admin API needs the admin key as a Bearer token",
+                    challenge,
+                )
                 return
-        elif self.api_keys and not self._matches(token, [*self.api_keys, *([self.admin_key] if self.admin_key else [])]):
-            message = "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
+        elif self.api_keys and not self._matches(
+            token, [*self.api_keys, *([self.admin_key] if self.admin_key else [])]
+        ):
+            message = (
+                "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
+            )
             await send_error(send, 401, "unauthorized", message, challenge)
             return
         await self.app(scope, receive, send)

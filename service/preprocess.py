@@ -97,11 +97,17 @@ class ImagePreprocessor:
         except ApiError:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ApiError(413, "image_too_large", f"image {index} is too large to decode: {exc}", index) from exc
+            raise ApiError(
+                413, "image_too_large", f"image {index} is too large to decode: {exc}", index
+            ) from exc
         except UnidentifiedImageError as exc:
-            raise ApiError(400, "invalid_image", f"image {index} is not an image in a known format", index) from exc
+            raise ApiError(
+                400, "invalid_image", f"image {index} is not an image in a known format", index
+            ) from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ApiError(400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index) from exc
+            raise ApiError(
+                400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index
+            ) from exc
 
     def _draft(self, image: Image.Image) -> None:
         if image.format != "JPEG":
@@ -150,5 +156,6 @@ class ImagePreprocessor:
         try:
             return self.transform(image)
         except (OSError, ValueError) as exc:
-            raise ApiError(400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index) from exc
-
+            raise ApiError(
+                400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index
+            ) from exc

@@ -78,8 +78,14 @@ class LoadedBundle:
 
 
 class ServedModel:
-    def __init__(self, loaded: LoadedBundle, settings: Settings, metrics: Metrics, cache: VectorCache,
-                 pool: ThreadPoolExecutor):
+    def __init__(
+        self,
+        loaded: LoadedBundle,
+        settings: Settings,
+        metrics: Metrics,
+        cache: VectorCache,
+        pool: ThreadPoolExecutor,
+    ):
         self.loaded = loaded
         self.bundle = loaded.bundle
         self.manifest: Manifest = loaded.bundle.manifest
@@ -96,13 +102,19 @@ class ServedModel:
         variant = "" if loaded.text_precision == "fp32" else f"-{loaded.text_precision}"
         self.text_key_prefix = f"{KEY_PREFIX}:{self.content_hash}{variant}:text:"
         self.space_id = f"{self.content_hash}{variant}"
-        common = dict(max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue,
-                      timeout_s=settings.request_timeout_s, metrics=metrics)
+        common = dict(
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            timeout_s=settings.request_timeout_s,
+            metrics=metrics,
+        )
         label = f"{self.name}@{self.version}"
-        self.image_batcher = Batcher(label, "image", self.run_images, max_batch=settings.max_batch_size_image,
-                                     **common)
-        self.text_batcher = Batcher(label, "text", self.run_texts, max_batch=settings.max_batch_size_text,
-                                    **common)
+        self.image_batcher = Batcher(
+            label, "image", self.run_images, max_batch=settings.max_batch_size_image, **common
+        )
+        self.text_batcher = Batcher(
+            label, "text", self.run_texts, max_batch=settings.max_batch_size_text, **common
+        )
 
     @property
     def ref(self) -> str:
@@ -110,10 +122,15 @@ class ServedModel:
 
     def describe(self) -> dict:
         return {
-            "name": self.name, "version": self.version, "dim": self.dim, "content_hash": self.content_hash,
+            "name": self.name,
+            "version": self.version,
+            "dim": self.dim,
+            "content_hash": self.content_hash,
             "precision": {"image": self.loaded.image_precision, "text": self.loaded.text_precision},
-            "providers": self.loaded.providers, "logit_scale": self.logit_scale,
-            "image_size": list(self.manifest.image.size), "context_length": self.manifest.tokenizer.context_length,
+            "providers": self.loaded.providers,
+            "logit_scale": self.logit_scale,
+            "image_size": list(self.manifest.image.size),
+            "context_length": self.manifest.tokenizer.context_length,
             "source": self.manifest.source.model_dump(exclude_none=True, exclude={"config"}),
         }
 
@@ -156,7 +173,10 @@ class ServedModel:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self.tokenizer.encode, list(texts))
 
     def text_key(self, row: np.ndarray) -> str:
-        return self.text_key_prefix + hashlib.sha256(np.ascontiguousarray(row, dtype=np.int64).tobytes()).hexdigest()
+        return (
+            self.text_key_prefix
+            + hashlib.sha256(np.ascontiguousarray(row, dtype=np.int64).tobytes()).hexdigest()
+        )
 
     async def embed_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
         with self.using():
@@ -205,7 +225,10 @@ class ServedModel:
             self.image_batcher.announce(len(images))
             try:
                 rows = await asyncio.gather(
-                    *(loop.run_in_executor(self.pool, self.preprocessor, data, i) for i, data in enumerate(images))
+                    *(
+                        loop.run_in_executor(self.pool, self.preprocessor, data, i)
+                        for i, data in enumerate(images)
+                    )
                 )
             finally:
                 self.image_batcher.withdraw(len(images))
@@ -241,7 +264,9 @@ def _tower_file(bundle: Bundle, tower: str, settings: Settings) -> tuple[Path, s
     return bundle.file_path(tower, "fp32"), "fp32"
 
 
-def load_version(repository: ModelRepository, name: str, version: int | None, settings: Settings) -> LoadedBundle:
+def load_version(
+    repository: ModelRepository, name: str, version: int | None, settings: Settings
+) -> LoadedBundle:
     """Load, verify every hash, open both runtimes and warm them up. Blocking: run it in a thread."""
     bundle = repository.load(name, version, verify=True)
     options = RuntimeOptions(providers=tuple(settings.providers), intra_op_threads=settings.intra_op_threads)
@@ -250,8 +275,15 @@ def load_version(repository: ModelRepository, name: str, version: int | None, se
     image_runtime = open_runtime(image_path, options)
     text_runtime = open_runtime(text_path, options)
     tokenizer = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path)
-    loaded = LoadedBundle(bundle, image_runtime, text_runtime, tokenizer, text_precision, image_precision,
-                          providers=list(image_runtime.active_providers))
+    loaded = LoadedBundle(
+        bundle,
+        image_runtime,
+        text_runtime,
+        tokenizer,
+        text_precision,
+        image_precision,
+        providers=list(image_runtime.active_providers),
+    )
     if settings.warmup:
         warm_up(loaded)
     return loaded
@@ -284,7 +316,9 @@ class ModelRegistry:
     def __init__(self, settings: Settings, metrics: Metrics, cache: VectorCache):
         self.settings, self.metrics, self.cache = settings, metrics, cache
         self.repository = ModelRepository(settings.models_dir)
-        self.pool = ThreadPoolExecutor(max_workers=settings.preprocess_workers, thread_name_prefix="preprocess")
+        self.pool = ThreadPoolExecutor(
+            max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
+        )
         self._served: dict[str, ServedModel] = {}
         self._pinned: dict[str, int | None] = {}
         self._refused: dict[tuple[str, int], str] = {}
@@ -313,7 +347,9 @@ class ModelRegistry:
             raise ApiError(422, "invalid_request", f"model: {exc}") from exc
         served = self._served.get(name)
         if served is None:
-            raise ApiError(404, "model_not_found", f"model {ref!r} is not served here; served: {self._listing()}")
+            raise ApiError(
+                404, "model_not_found", f"model {ref!r} is not served here; served: {self._listing()}"
+            )
         if version is not None and version != served.version:
             raise ApiError(
                 404, "model_not_found", f"model {ref!r} is not served here; served: {self._listing()}"
@@ -341,7 +377,10 @@ class ModelRegistry:
         for name, version in self._pinned.items():
             served = await self._load(name, version)
             self._install(served)
-        if self.settings.default_model and parse_model_ref(self.settings.default_model)[0] not in self._served:
+        if (
+            self.settings.default_model
+            and parse_model_ref(self.settings.default_model)[0] not in self._served
+        ):
             raise BundleError(f"default model {self.settings.default_model!r} is not among the served models")
         self.ready = True
 
@@ -351,19 +390,26 @@ class ModelRegistry:
         loaded = await loop.run_in_executor(None, load_version, self.repository, name, version, self.settings)
         served = ServedModel(loaded, self.settings, self.metrics, self.cache, self.pool)
         served.start()
-        log.info("loaded %s (%s, providers %s) in %.2f s", served.ref, served.content_hash[:12],
-                 loaded.providers, time.perf_counter() - started)
+        log.info(
+            "loaded %s (%s, providers %s) in %.2f s",
+            served.ref,
+            served.content_hash[:12],
+            loaded.providers,
+            time.perf_counter() - started,
+        )
         return served
 
     def _install(self, served: ServedModel) -> ServedModel | None:
         """The atomic swap: one dict assignment on the event loop."""
         previous = self._served.get(served.name)
         self._served[served.name] = served
-        self.metrics.model_info.labels(model=served.name, version=str(served.version),
-                                       content_hash=served.content_hash).set(1)
+        self.metrics.model_info.labels(
+            model=served.name, version=str(served.version), content_hash=served.content_hash
+        ).set(1)
         if previous is not None:
-            self.metrics.model_info.labels(model=previous.name, version=str(previous.version),
-                                           content_hash=previous.content_hash).set(0)
+            self.metrics.model_info.labels(
+                model=previous.name, version=str(previous.version), content_hash=previous.content_hash
+            ).set(0)
         self.metrics.reloads.labels(model=served.name, result="loaded").inc()
         return previous
 
@@ -386,7 +432,9 @@ class ModelRegistry:
                     report.unchanged.append(current.ref)
                     continue
                 if (name, latest) in self._refused and not force:
-                    report.failed.append({"model": f"{name}@{latest}", "error": self._refused[(name, latest)]})
+                    report.failed.append(
+                        {"model": f"{name}@{latest}", "error": self._refused[(name, latest)]}
+                    )
                     continue
                 await self._replace(name, latest, report)
         return report
@@ -395,7 +443,11 @@ class ModelRegistry:
         try:
             served = await self._load(name, version)
         except Exception as exc:  # onnxruntime and the tokenizer raise their own types for broken files
-            message = str(exc) if isinstance(exc, BundleError | RuntimeConfigError) else f"{type(exc).__name__}: {exc}"
+            message = (
+                str(exc)
+                if isinstance(exc, BundleError | RuntimeConfigError)
+                else f"{type(exc).__name__}: {exc}"
+            )
             self._refused[(name, version)] = message
             self.metrics.reloads.labels(model=name, result="refused").inc()
             log.error("refused %s@%s, still serving the previous version: %s", name, version, message)

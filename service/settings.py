@@ -53,10 +53,14 @@ class Settings(BaseSettings):
     providers: Annotated[list[Provider], NoDecode] = Field(
         default_factory=lambda: ["cpu"], description="execution providers, in order of preference"
     )
-    intra_op_threads: int = Field(default_factory=_cores, ge=1, description="ONNX Runtime threads per session")
+    intra_op_threads: int = Field(
+        default_factory=_cores, ge=1, description="ONNX Runtime threads per session"
+    )
     preprocess_workers: int = Field(default_factory=_cores, ge=1, description="threads decoding images")
     warmup: bool = True
-    reload_poll_s: float = Field(30.0, ge=0, description="seconds between repository polls; 0 turns polling off")
+    reload_poll_s: float = Field(
+        30.0, ge=0, description="seconds between repository polls; 0 turns polling off"
+    )
     retire_grace_s: float = Field(
         5.0, ge=0, description="how long a replaced model version keeps serving requests that already hold it"
     )
@@ -67,7 +71,9 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(4.0, ge=0)
     max_queue: int = Field(512, ge=1, description="items waiting per model and tower before 429")
     request_timeout_s: float = Field(30.0, gt=0)
-    labelset_chunk_texts: int = Field(256, ge=1, description="texts per encoder call when building label sets")
+    labelset_chunk_texts: int = Field(
+        256, ge=1, description="texts per encoder call when building label sets"
+    )
 
     # Cache
     redis_url: str | None = "redis://127.0.0.1:6379/0"
@@ -107,9 +113,7 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
 
-    @field_validator(
-        "models", "providers", "api_keys", "cors_origins", "url_allowed_hosts", mode="before"
-    )
+    @field_validator("models", "providers", "api_keys", "cors_origins", "url_allowed_hosts", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)

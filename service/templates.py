@@ -43,11 +43,17 @@ def resolve_templates(value: list[str] | str | None, max_templates: int) -> tupl
     if not value:
         raise ApiError(422, "invalid_request", "templates: the list is empty")
     if len(value) > max_templates:
-        raise ApiError(422, "invalid_request", f"templates: {len(value)} given, at most {max_templates} allowed")
+        raise ApiError(
+            422, "invalid_request", f"templates: {len(value)} given, at most {max_templates} allowed"
+        )
     for index, template in enumerate(value):
         if "{}" not in template:
-            raise ApiError(422, "invalid_request", f"templates[{index}]: {template!r} has no '{{}}' for the label",
-                           index=index)
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"templates[{index}]: {template!r} has no '{{}}' for the label",
+                index=index,
+            )
     if len(set(value)) != len(value):
         raise ApiError(422, "invalid_request", "templates: the list has duplicates")
     return tuple(value)

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-PROTECTED = [("post", "/v1/embed", {"texts": ["a"]}), ("get", "/v1/models", None), ("get", "/metrics", None),
-             ("get", "/v1/labelsets", None), ("get", "/docs", None), ("get", "/openapi.json", None)]
+PROTECTED = [
+    ("post", "/v1/embed", {"texts": ["a"]}),
+    ("get", "/v1/models", None),
+    ("get", "/metrics", None),
+    ("get", "/v1/labelsets", None),
+    ("get", "/docs", None),
+    ("get", "/openapi.json", None),
+]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), PROTECTED)
@@ -43,11 +49,13 @@ def test_admin_api_is_off_without_an_admin_key(client) -> None:
 
 def test_cors_and_request_id(make_client) -> None:
     client = make_client(cors_origins=["https://app.example"])
-    preflight = client.options("/v1/embed", headers={"Origin": "https://app.example",
-                                                     "Access-Control-Request-Method": "POST"})
+    preflight = client.options(
+        "/v1/embed", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    )
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
     response = client.get("/v1/models", headers={"X-Request-ID": "abc-123"})
     assert response.headers["x-request-id"] == "abc-123"
-    other = client.options("/v1/embed", headers={"Origin": "https://evil.example",
-                                                 "Access-Control-Request-Method": "POST"})
+    other = client.options(
+        "/v1/embed", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in other.headers

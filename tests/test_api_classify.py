@@ -43,7 +43,9 @@ def expected_scores(client, labels: list[str], templates: tuple[str, ...]) -> tu
     return probs / probs.sum(axis=1, keepdims=True), cos
 
 
-def check_results(results: list[dict], probs: np.ndarray, cos: np.ndarray, labels: list[str], top_k: int) -> None:
+def check_results(
+    results: list[dict], probs: np.ndarray, cos: np.ndarray, labels: list[str], top_k: int
+) -> None:
     assert [r["index"] for r in results] == list(range(len(probs)))
     for result, p, c in zip(results, probs, cos, strict=True):
         order = np.argsort(-p, kind="stable")[:top_k]
@@ -66,11 +68,15 @@ def test_classify_scores_follow_the_definition(client) -> None:
 
 def test_custom_and_named_templates(client) -> None:
     custom = ("a {} in the wild", "{} close up")
-    body = client.post("/v1/classify", json={"images": IMAGES, "labels": LABELS, "templates": list(custom)}).json()
+    body = client.post(
+        "/v1/classify", json={"images": IMAGES, "labels": LABELS, "templates": list(custom)}
+    ).json()
     check_results(body["results"], *expected_scores(client, LABELS, custom), LABELS, 5)
     imagenet = builtin_templates()["imagenet80"]
     assert len(imagenet) == 80
-    body = client.post("/v1/classify", json={"images": IMAGES, "labels": LABELS[:2], "templates": "imagenet80"}).json()
+    body = client.post(
+        "/v1/classify", json={"images": IMAGES, "labels": LABELS[:2], "templates": "imagenet80"}
+    ).json()
     check_results(body["results"], *expected_scores(client, LABELS[:2], imagenet), LABELS[:2], 5)
 
 
@@ -88,11 +94,14 @@ def test_labelset_lifecycle(client) -> None:
     assert put.status_code == 200, put.text
     assert put.json()["status"] == "ready" and put.json()["labels"] == len(LABELS)
     got = client.get(f"/v1/labelsets/{name}").json()
-    assert got["label_names"] == LABELS and got["templates"] == ["a photo of a {}."] and got["model"] == "tiny"
+    assert (
+        got["label_names"] == LABELS and got["templates"] == ["a photo of a {}."] and got["model"] == "tiny"
+    )
     assert name in [s["name"] for s in client.get("/v1/labelsets").json()["labelsets"]]
     by_set = client.post("/v1/classify", json={"images": IMAGES, "labelset": name}).json()
-    by_labels = client.post("/v1/classify", json={"images": IMAGES, "labels": LABELS,
-                                                   "templates": ["a photo of a {}."]}).json()
+    by_labels = client.post(
+        "/v1/classify", json={"images": IMAGES, "labels": LABELS, "templates": ["a photo of a {}."]}
+    ).json()
     assert by_set == by_labels
     assert client.delete(f"/v1/labelsets/{name}").status_code == 204
     assert client.get(f"/v1/labelsets/{name}").status_code == 404
@@ -108,8 +117,10 @@ def test_second_instance_classifies_with_zero_text_encoder_calls(make_client) ->
     response = second.post("/v1/classify", json={"images": IMAGES, "labelset": name})
     assert response.status_code == 200
     assert text_calls(second) == 0
-    assert response.json()["results"] == first.post("/v1/classify", json={"images": IMAGES,
-                                                                          "labelset": name}).json()["results"]
+    assert (
+        response.json()["results"]
+        == first.post("/v1/classify", json={"images": IMAGES, "labelset": name}).json()["results"]
+    )
     assert second.get(f"/v1/labelsets/{name}").json()["status"] == "ready"
 
 

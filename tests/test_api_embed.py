@@ -37,9 +37,18 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_served_embeddings_match_the_torch_model(client, tiny_model) -> None:
-    images = [image_bytes(seed=i, size=size, fmt=fmt)
-              for i, (size, fmt) in enumerate([((48, 40), "PNG"), ((33, 90), "PNG"), ((64, 64), "JPEG"),
-                                               ((120, 80), "WEBP"), ((400, 300), "JPEG")])]
+    images = [
+        image_bytes(seed=i, size=size, fmt=fmt)
+        for i, (size, fmt) in enumerate(
+            [
+                ((48, 40), "PNG"),
+                ((33, 90), "PNG"),
+                ((64, 64), "JPEG"),
+                ((120, 80), "WEBP"),
+                ((400, 300), "JPEG"),
+            ]
+        )
+    ]
     response = client.post("/v1/embed", json={"texts": TEXTS, "images": [b64(d) for d in images]})
     assert response.status_code == 200, response.text
     body = response.json()
@@ -101,8 +110,14 @@ def test_models_health_metrics_and_docs(client) -> None:
     assert client.get("/livez").status_code == 200 and client.get("/readyz").json()["models"] == ["tiny@1"]
     client.post("/v1/embed", json={"texts": ["metrics please"], "images": [b64(image_bytes(2))]})
     metrics = client.get("/metrics").text
-    for name in ("clipserve_request_seconds_bucket", "clipserve_batch_size_bucket", "clipserve_queue_depth",
-                 "clipserve_preprocess_seconds", "clipserve_inference_seconds", "clipserve_cache_requests_total"):
+    for name in (
+        "clipserve_request_seconds_bucket",
+        "clipserve_batch_size_bucket",
+        "clipserve_queue_depth",
+        "clipserve_preprocess_seconds",
+        "clipserve_inference_seconds",
+        "clipserve_cache_requests_total",
+    ):
         assert name in metrics
     assert 'route="/v1/embed"' in metrics
     schema = client.get("/openapi.json").json()
@@ -130,8 +145,13 @@ def test_the_service_never_imports_torch(tiny_repo: Path, service_redis_url: str
         print("LOADED", loaded)
         sys.exit(1 if loaded else 0)
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -21,8 +21,15 @@ def shared_client(tiny_repo, service_redis_url) -> Iterator[object]:
     from service.app import create_app
     from service.settings import Settings
 
-    settings = Settings(models_dir=tiny_repo, redis_url=service_redis_url, intra_op_threads=1,
-                        preprocess_workers=2, reload_poll_s=0, max_body_bytes=2_000_000, log_json=False)
+    settings = Settings(
+        models_dir=tiny_repo,
+        redis_url=service_redis_url,
+        intra_op_threads=1,
+        preprocess_workers=2,
+        reload_poll_s=0,
+        max_body_bytes=2_000_000,
+        log_json=False,
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client
 
@@ -56,8 +63,15 @@ def still_serving(shared_client) -> Iterator[None]:
         ("data:image/png,notbase64", 400, ["data URI"]),
         ("https://example.com/cat.jpg", 400, ["URL", "turned off"]),
     ],
-    ids=["invalid-base64", "not-an-image", "truncated-jpeg", "20000x20000-png", "empty-string", "data-uri-no-b64",
-         "url-when-off"],
+    ids=[
+        "invalid-base64",
+        "not-an-image",
+        "truncated-jpeg",
+        "20000x20000-png",
+        "empty-string",
+        "data-uri-no-b64",
+        "url-when-off",
+    ],
 )
 def test_bad_image(shared_client, image: str, status: int, words: list[str]) -> None:
     response = shared_client.post("/v1/embed", json={"images": [image]})
@@ -68,7 +82,9 @@ def test_one_bad_image_in_eight_names_its_index(shared_client) -> None:
     images = [b64(image_bytes(seed=i)) for i in range(8)]
     images[5] = b64(b"GIF89a broken")
     expect_error(shared_client.post("/v1/embed", json={"images": images}), 400, "image 5", index=5)
-    expect_error(shared_client.post("/v1/classify", json={"images": images, "labels": ["a", "b"]}), 400, index=5)
+    expect_error(
+        shared_client.post("/v1/classify", json={"images": images, "labels": ["a", "b"]}), 400, index=5
+    )
 
 
 def test_nothing_to_embed(shared_client) -> None:
@@ -77,7 +93,9 @@ def test_nothing_to_embed(shared_client) -> None:
 
 
 def test_empty_text(shared_client) -> None:
-    expect_error(shared_client.post("/v1/embed", json={"texts": ["fine", " "]}), 422, "texts[1]", "empty", index=1)
+    expect_error(
+        shared_client.post("/v1/embed", json={"texts": ["fine", " "]}), 422, "texts[1]", "empty", index=1
+    )
 
 
 def test_100000_character_text(shared_client) -> None:
@@ -87,8 +105,11 @@ def test_100000_character_text(shared_client) -> None:
 
 @pytest.mark.parametrize(
     ("labels", "words", "index"),
-    [([], ["empty"], None), (["cat", "dog", "cat"], ["labels[2]", "duplicates labels[0]"], 2),
-     (["cat", ""], ["labels[1]", "empty"], 1)],
+    [
+        ([], ["empty"], None),
+        (["cat", "dog", "cat"], ["labels[2]", "duplicates labels[0]"], 2),
+        (["cat", ""], ["labels[1]", "empty"], 1),
+    ],
     ids=["empty-list", "duplicated", "empty-label"],
 )
 def test_bad_labels(shared_client, labels: list[str], words: list[str], index: int | None) -> None:
@@ -99,7 +120,9 @@ def test_bad_labels(shared_client, labels: list[str], words: list[str], index: i
 
 
 def test_unknown_model_and_label_set(shared_client) -> None:
-    expect_error(shared_client.post("/v1/embed", json={"model": "nope", "texts": ["a"]}), 404, "'nope'", "tiny@1")
+    expect_error(
+        shared_client.post("/v1/embed", json={"model": "nope", "texts": ["a"]}), 404, "'nope'", "tiny@1"
+    )
     expect_error(shared_client.post("/v1/embed", json={"model": "bad name!", "texts": ["a"]}), 422, "model")
     response = shared_client.post("/v1/classify", json={"images": [GOOD], "labelset": "never-made"})
     expect_error(response, 404, "never-made")
@@ -131,14 +154,20 @@ def test_wrong_types_on_classify_and_openai(shared_client) -> None:
     expect_error(shared_client.post("/v1/classify", json={"images": [], "labels": ["a"]}), 422, "images")
     response = shared_client.post("/v1/classify", json={"images": [GOOD], "labels": ["a"], "labelset": "x"})
     expect_error(response, 422, "exactly one")
-    response = shared_client.post("/v1/classify", json={"images": [GOOD], "labels": ["a"], "templates": ["no slot"]})
+    response = shared_client.post(
+        "/v1/classify", json={"images": [GOOD], "labels": ["a"], "templates": ["no slot"]}
+    )
     expect_error(response, 422, "templates[0]")
-    response = shared_client.post("/v1/classify", json={"images": [GOOD], "labels": ["a"], "templates": "nope"})
+    response = shared_client.post(
+        "/v1/classify", json={"images": [GOOD], "labels": ["a"], "templates": "nope"}
+    )
     expect_error(response, 422, "unknown ensemble")
 
 
 def test_invalid_json(shared_client) -> None:
-    response = shared_client.post("/v1/embed", content=b'{"texts": [', headers={"content-type": "application/json"})
+    response = shared_client.post(
+        "/v1/embed", content=b'{"texts": [', headers={"content-type": "application/json"}
+    )
     expect_error(response, 422, "not valid JSON")
 
 
@@ -200,11 +229,18 @@ def test_url_to_a_private_address_is_refused(make_client, picture_server: str) -
 
 
 def test_url_rules_when_private_addresses_are_allowed(make_client, picture_server: str) -> None:
-    client = make_client(url_fetch_enabled=True, url_allowed_hosts=["127.0.0.1"], url_allow_private=True,
-                         url_max_bytes=50_000, url_max_redirects=2)
+    client = make_client(
+        url_fetch_enabled=True,
+        url_allowed_hosts=["127.0.0.1"],
+        url_allow_private=True,
+        url_max_bytes=50_000,
+        url_max_redirects=2,
+    )
     fetched = client.post("/v1/embed", json={"images": [f"{picture_server}/a.png"]})
     inline = client.post("/v1/embed", json={"images": [b64(_PictureHandler.picture)]})
-    assert fetched.status_code == 200 and fetched.json()["image_embeddings"] == inline.json()["image_embeddings"]
+    assert (
+        fetched.status_code == 200 and fetched.json()["image_embeddings"] == inline.json()["image_embeddings"]
+    )
     expect_error(client.post("/v1/embed", json={"images": [f"{picture_server}/huge.png"]}), 400, "50000-byte")
     expect_error(client.post("/v1/embed", json={"images": [f"{picture_server}/redirect"]}), 400, "redirects")
     other_host = picture_server.replace("127.0.0.1", "localhost")

@@ -22,8 +22,9 @@ def test_official_openai_client_embeds_texts_and_images(live_server) -> None:
     np.testing.assert_allclose(as_floats.data[0].embedding, vectors[1], atol=1e-6)
 
     image = image_bytes(seed=4)
-    images = client.embeddings.create(model="tiny", input=[f"data:image/png;base64,{b64(image)}"],
-                                      extra_body={"modality": "image"})
+    images = client.embeddings.create(
+        model="tiny", input=[f"data:image/png;base64,{b64(image)}"], extra_body={"modality": "image"}
+    )
     direct = openai.OpenAI(base_url=base, api_key="unused").post(
         "/v1/embed", body={"images": [b64(image)]}, cast_to=object
     )

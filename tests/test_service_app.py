@@ -88,7 +88,9 @@ def test_request_timeout_gives_503(make_client) -> None:
         response = client.post("/v1/embed", json={"texts": ["stuck behind a busy model"]})
     finally:
         gate.set()
-    assert response.status_code == 503 and "did not answer within 0.3 s" in response.json()["error"]["message"]
+    assert (
+        response.status_code == 503 and "did not answer within 0.3 s" in response.json()["error"]["message"]
+    )
 
 
 def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture) -> None:
@@ -111,12 +113,32 @@ def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture) -> None:
 
 def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_redis_url: str) -> None:
     port = free_port()
-    env = {**os.environ, "CLIPSERVE_REDIS_URL": service_redis_url, "CLIPSERVE_INTRA_OP_THREADS": "1",
-           "CLIPSERVE_PREPROCESS_WORKERS": "1", "CLIPSERVE_RELOAD_POLL_S": "0"}
-    command = [sys.executable, "-m", "service.cli", "--models", str(tiny_repo), "--host", "127.0.0.1",
-               "--port", str(port)]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=Path(__file__).resolve().parents[1])
+    env = {
+        **os.environ,
+        "CLIPSERVE_REDIS_URL": service_redis_url,
+        "CLIPSERVE_INTRA_OP_THREADS": "1",
+        "CLIPSERVE_PREPROCESS_WORKERS": "1",
+        "CLIPSERVE_RELOAD_POLL_S": "0",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "service.cli",
+        "--models",
+        str(tiny_repo),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -128,8 +150,11 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
                 pass
             assert time.monotonic() < deadline
             time.sleep(0.2)
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/embed", json={"texts": ["hello"]},
-                              headers={"X-Request-ID": "cli-test"})
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/embed",
+            json={"texts": ["hello"]},
+            headers={"X-Request-ID": "cli-test"},
+        )
         assert response.status_code == 200 and response.json()["dim"] == 32
     finally:
         process.terminate()
@@ -141,6 +166,11 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
 
 
 def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "service.cli", "--models", str(tmp_path)], capture_output=True,
-                            text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "--models", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 1 and "no models in" in result.stderr

@@ -63,7 +63,10 @@ def test_unreachable_redis_falls_back_to_memory_with_a_warning(caplog: pytest.Lo
     with caplog.at_level("WARNING", logger="clipserve.cache"):
         got, blob, metrics = asyncio.run(scenario())
     assert got == [b"v"] and blob == b"x"
-    assert sample(metrics, "clipserve_cache_errors_total") >= 1 and sample(metrics, "clipserve_cache_fallback") == 1
+    assert (
+        sample(metrics, "clipserve_cache_errors_total") >= 1
+        and sample(metrics, "clipserve_cache_fallback") == 1
+    )
     assert sum("Redis unavailable" in r.message for r in caplog.records) == 1
 
 
@@ -77,8 +80,10 @@ def own_redis(tmp_path: Path) -> Iterator[tuple[int, callable]]:
     processes: list[subprocess.Popen] = []
 
     def start() -> None:
-        process = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no",
-                                    "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL,
+        )
         processes.append(process)
         client = redis.Redis(port=port)
         for _ in range(100):

@@ -20,16 +20,28 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def spec(size=(32, 32), resize_mode="shortest", interpolation="bicubic", fill_color=0) -> ImagePreprocess:
-    return ImagePreprocess(size=size, mean=MEAN, std=STD, resize_mode=resize_mode, interpolation=interpolation,
-                           fill_color=fill_color)
+    return ImagePreprocess(
+        size=size,
+        mean=MEAN,
+        std=STD,
+        resize_mode=resize_mode,
+        interpolation=interpolation,
+        fill_color=fill_color,
+    )
 
 
 def open_clip_pixels(data: bytes, s: ImagePreprocess) -> np.ndarray:
     from open_clip.transform import image_transform
 
-    transform = image_transform(s.size if s.size[0] != s.size[1] else s.size[0], is_train=False, mean=s.mean,
-                                std=s.std, resize_mode=s.resize_mode, interpolation=s.interpolation,
-                                fill_color=s.fill_color)
+    transform = image_transform(
+        s.size if s.size[0] != s.size[1] else s.size[0],
+        is_train=False,
+        mean=s.mean,
+        std=s.std,
+        resize_mode=s.resize_mode,
+        interpolation=s.interpolation,
+        fill_color=s.fill_color,
+    )
     return transform(Image.open(io.BytesIO(data)).convert("RGB")).numpy()
 
 
@@ -112,9 +124,9 @@ def png_claiming(width: int, height: int) -> bytes:
     Image.new("L", (1, 1)).save(out, format="PNG")
     data = bytearray(out.getvalue())
     ihdr = data.index(b"IHDR")
-    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr: ihdr + 17]))
-    data[ihdr + 17: ihdr + 21] = struct.pack(">I", crc)
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
     return bytes(data)
 
 

@@ -93,7 +93,9 @@ def served_version(base: str) -> int:
     return httpx.get(f"{base}/v1/models").json()["data"][0]["version"]
 
 
-def test_reload_under_load_has_zero_failures_and_refuses_a_broken_version(live_server, own_repo: Path) -> None:
+def test_reload_under_load_has_zero_failures_and_refuses_a_broken_version(
+    live_server, own_repo: Path
+) -> None:
     base = live_server(models_dir=own_repo, admin_key="admin-k", retire_grace_s=0.5)
     with Stream(base) as stream:
         time.sleep(1.0)
@@ -158,8 +160,11 @@ def test_disconnected_clients_work_is_dropped(live_server, make_settings) -> Non
     model = app.state.registry.resolve(None)
     gate = threading.Event()
     model.image_batcher.executor.submit(gate.wait, 30)  # hold the image tower's inference thread
-    kept = threading.Thread(target=httpx.post, args=(f"{base}/v1/embed",),
-                            kwargs={"json": {"images": [b64(image_bytes(seed=8))]}, "timeout": 30})
+    kept = threading.Thread(
+        target=httpx.post,
+        args=(f"{base}/v1/embed",),
+        kwargs={"json": {"images": [b64(image_bytes(seed=8))]}, "timeout": 30},
+    )
     kept.start()  # its image is taken into a batch that waits for the held thread
     deadline = time.monotonic() + 10
     while model.in_flight == 0 or model.image_batcher.depth or model.image_batcher.announced:
@@ -168,8 +173,11 @@ def test_disconnected_clients_work_is_dropped(live_server, make_settings) -> Non
     body = f'{{"images": ["{b64(image_bytes(seed=9))}"]}}'.encode()
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         while model.image_batcher.depth == 0:  # the abandoned image now waits in the queue
             assert time.monotonic() < deadline
             time.sleep(0.01)

@@ -27,8 +27,9 @@ router = APIRouter(tags=["classification"])
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 503)}
 
 
-def rank(image_vectors: np.ndarray, classes: np.ndarray, labels: list[str], logit_scale: float,
-         top_k: int) -> list[dict]:
+def rank(
+    image_vectors: np.ndarray, classes: np.ndarray, labels: list[str], logit_scale: float, top_k: int
+) -> list[dict]:
     """Top-k labels per image: score = softmax(logit_scale * cosine) over all labels."""
     similarity = image_vectors @ classes.T
     logits = logit_scale * similarity
@@ -40,14 +41,20 @@ def rank(image_vectors: np.ndarray, classes: np.ndarray, labels: list[str], logi
     for index, (probs, sims) in enumerate(zip(probabilities, similarity, strict=True)):
         top = np.argpartition(-probs, k - 1)[:k] if k < len(labels) else np.arange(len(labels))
         top = top[np.argsort(-probs[top], kind="stable")]
-        results.append({"index": index, "labels": [
-            {"label": labels[j], "score": float(probs[j]), "similarity": float(sims[j])} for j in top
-        ]})
+        results.append(
+            {
+                "index": index,
+                "labels": [
+                    {"label": labels[j], "score": float(probs[j]), "similarity": float(sims[j])} for j in top
+                ],
+            }
+        )
     return results
 
 
-@router.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS,
-             summary="Zero-shot classification")
+@router.post(
+    "/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, summary="Zero-shot classification"
+)
 async def classify(
     body: ClassifyRequest,
     request: Request,
@@ -66,7 +73,9 @@ async def classify(
         validate_labels(body.labels, settings.max_labels_per_request, settings.max_text_chars)
         templates = resolve_templates(body.templates, settings.max_templates)
     elif body.templates is not None:
-        raise ApiError(422, "invalid_request", "templates apply to labels; a label set keeps its own templates")
+        raise ApiError(
+            422, "invalid_request", "templates apply to labels; a label set keeps its own templates"
+        )
     if body.top_k > settings.max_top_k:
         raise ApiError(422, "invalid_request", f"top_k: at most {settings.max_top_k}")
     images = await fetcher.load(body.images)

@@ -36,20 +36,30 @@ def get_matrices(request: Request) -> ClassMatrices:
 
 def check_texts(texts: list[str], settings: Settings, field: str = "texts") -> None:
     if len(texts) > settings.max_texts_per_request:
-        raise ApiError(413, "too_many_texts", f"{field}: {len(texts)} given, at most "
-                       f"{settings.max_texts_per_request} per request")
+        raise ApiError(
+            413,
+            "too_many_texts",
+            f"{field}: {len(texts)} given, at most {settings.max_texts_per_request} per request",
+        )
     for index, text in enumerate(texts):
         if not text.strip():
             raise ApiError(422, "invalid_request", f"{field}[{index}] is an empty string", index=index)
         if len(text) > settings.max_text_chars:
-            raise ApiError(413, "text_too_long", f"{field}[{index}] has {len(text)} characters, at most "
-                           f"{settings.max_text_chars} allowed", index=index)
+            raise ApiError(
+                413,
+                "text_too_long",
+                f"{field}[{index}] has {len(text)} characters, at most {settings.max_text_chars} allowed",
+                index=index,
+            )
 
 
 def check_images(count: int, settings: Settings, field: str = "images") -> None:
     if count > settings.max_images_per_request:
-        raise ApiError(413, "too_many_images", f"{field}: {count} given, at most "
-                       f"{settings.max_images_per_request} per request")
+        raise ApiError(
+            413,
+            "too_many_images",
+            f"{field}: {count} given, at most {settings.max_images_per_request} per request",
+        )
 
 
 def encode_vectors(vectors: np.ndarray, encoding_format: str) -> list[list[float]] | list[str]:

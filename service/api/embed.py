@@ -50,8 +50,9 @@ _BODY_DOC = {
 
 
 async def _from_multipart(request: Request, settings: Settings) -> tuple[EmbedRequest, list[bytes]]:
-    form = await request.form(max_files=settings.max_images_per_request + 1,
-                              max_fields=settings.max_texts_per_request + 8)
+    form = await request.form(
+        max_files=settings.max_images_per_request + 1, max_fields=settings.max_texts_per_request + 8
+    )
     unknown = sorted(set(form.keys()) - {"images", "texts", "model", "encoding_format"})
     if unknown:
         raise ApiError(422, "invalid_request", f"unknown form fields: {', '.join(unknown)}")
@@ -71,7 +72,9 @@ async def _from_multipart(request: Request, settings: Settings) -> tuple[EmbedRe
     return body, images
 
 
-async def _from_json(request: Request, fetcher: ImageFetcher, settings: Settings) -> tuple[EmbedRequest, list[bytes]]:
+async def _from_json(
+    request: Request, fetcher: ImageFetcher, settings: Settings
+) -> tuple[EmbedRequest, list[bytes]]:
     try:
         body = EmbedRequest.model_validate_json(await request.body())
     except ValidationError as exc:
@@ -81,7 +84,9 @@ async def _from_json(request: Request, fetcher: ImageFetcher, settings: Settings
     return body, await fetcher.load(body.images or [])
 
 
-async def _embed(model: ServedModel, texts: list[str], images: list[bytes]) -> tuple[np.ndarray, list[bool], np.ndarray]:
+async def _embed(
+    model: ServedModel, texts: list[str], images: list[bytes]
+) -> tuple[np.ndarray, list[bool], np.ndarray]:
     empty = np.zeros((0, model.dim), dtype=np.float32)
     text_job = model.embed_texts(texts) if texts else None
     image_job = model.embed_images(images) if images else None
@@ -92,8 +97,13 @@ async def _embed(model: ServedModel, texts: list[str], images: list[bytes]) -> t
     return text_vectors, truncated, image_vectors
 
 
-@router.post("/v1/embed", response_model=EmbedResponse, responses=_ERRORS, openapi_extra=_BODY_DOC,
-             summary="Embed texts and/or images")
+@router.post(
+    "/v1/embed",
+    response_model=EmbedResponse,
+    responses=_ERRORS,
+    openapi_extra=_BODY_DOC,
+    summary="Embed texts and/or images",
+)
 async def embed(
     request: Request,
     registry: ModelRegistry = Depends(get_registry),
@@ -113,9 +123,13 @@ async def embed(
         raise ApiError(422, "invalid_request", "nothing to embed: give at least one text or image")
     model = registry.resolve(body.model)
     text_vectors, truncated, image_vectors = await unless_disconnected(request, _embed(model, texts, images))
-    return JSONResponse({
-        "model": model.name, "version": model.version, "dim": model.dim,
-        "text_embeddings": encode_vectors(text_vectors, body.encoding_format),
-        "image_embeddings": encode_vectors(image_vectors, body.encoding_format),
-        "truncated": truncated,
-    })
+    return JSONResponse(
+        {
+            "model": model.name,
+            "version": model.version,
+            "dim": model.dim,
+            "text_embeddings": encode_vectors(text_vectors, body.encoding_format),
+            "image_embeddings": encode_vectors(image_vectors, body.encoding_format),
+            "truncated": truncated,
+        }
+    )

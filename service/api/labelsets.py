@@ -25,8 +25,13 @@ router = APIRouter(tags=["label sets"])
 _ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 413, 422, 503)}
 
 
-async def _info(labelset: LabelSet, registry: ModelRegistry, store: LabelSetStore, matrices: ClassMatrices,
-                with_labels: bool) -> LabelSetInfo:
+async def _info(
+    labelset: LabelSet,
+    registry: ModelRegistry,
+    store: LabelSetStore,
+    matrices: ClassMatrices,
+    with_labels: bool,
+) -> LabelSetInfo:
     try:
         model = registry.resolve(labelset.model)
     except ApiError:
@@ -35,14 +40,24 @@ async def _info(labelset: LabelSet, registry: ModelRegistry, store: LabelSetStor
         ready = await matrices.lookup(model, labelset.digest) is not None
         status, progress, error = store.status(model, labelset, ready)
     return LabelSetInfo(
-        name=labelset.name, model=labelset.model, labels=len(labelset.labels), templates=list(labelset.templates),
-        status=status, progress=progress, error=error, created_at=labelset.created_at,
+        name=labelset.name,
+        model=labelset.model,
+        labels=len(labelset.labels),
+        templates=list(labelset.templates),
+        status=status,
+        progress=progress,
+        error=error,
+        created_at=labelset.created_at,
         label_names=labelset.labels if with_labels else None,
     )
 
 
-@router.put("/v1/labelsets/{name}", response_model=LabelSetInfo, responses={202: {"model": LabelSetInfo}, **_ERRORS},
-            summary="Create or replace a label set")
+@router.put(
+    "/v1/labelsets/{name}",
+    response_model=LabelSetInfo,
+    responses={202: {"model": LabelSetInfo}, **_ERRORS},
+    summary="Create or replace a label set",
+)
 async def put_labelset(
     name: str,
     body: LabelSetRequest,
@@ -64,7 +79,9 @@ async def put_labelset(
         try:
             await asyncio.shield(build.task)
         except Exception as exc:
-            raise ApiError(503, "labelset_failed", f"label set {name!r} could not be built: {build.error}") from exc
+            raise ApiError(
+                503, "labelset_failed", f"label set {name!r} could not be built: {build.error}"
+            ) from exc
     info = await _info(labelset, registry, store, matrices, with_labels=False)
     response.status_code = 200 if info.status == "ready" else 202
     return info

@@ -13,4 +13,7 @@ router = APIRouter(tags=["models"])
 @router.get("/v1/models", response_model=ModelList, summary="Served models")
 async def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict:
     default = registry.default_name
-    return {"object": "list", "data": [{**m.describe(), "default": m.name == default} for m in registry.models()]}
+    return {
+        "object": "list",
+        "data": [{**m.describe(), "default": m.name == default} for m in registry.models()],
+    }

@@ -25,8 +25,12 @@ router = APIRouter(tags=["openai"])
 _ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503)}
 
 
-@router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS,
-             summary="OpenAI-compatible embeddings")
+@router.post(
+    "/v1/embeddings",
+    response_model=EmbeddingsResponse,
+    responses=_ERRORS,
+    summary="OpenAI-compatible embeddings",
+)
 async def embeddings(
     body: EmbeddingsRequest,
     request: Request,
