@@ -350,3 +350,11 @@ def test_unavailable_backend_is_a_503_and_the_rest_still_serves(make_client):
     assert response.status_code == 503
     assert "needs a PostgreSQL DSN" in response.json()["error"]["message"]
     assert api.post("/v1/embed", json={"texts": ["still here"]}).status_code == 200
+
+
+def test_store_opens_on_first_use(make_client, tmp_path):
+    api = make_client(data_dir=tmp_path / "data")
+    assert api.post("/v1/embed", json={"texts": ["no collections here"]}).status_code == 200
+    assert not (tmp_path / "data").exists()
+    assert api.get("/v1/collections").json() == {"collections": []}
+    assert (tmp_path / "data" / "collections" / "collections.sqlite3").is_file()

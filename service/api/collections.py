@@ -8,11 +8,12 @@ images are not stored, so items added that way, or as raw vectors, cannot be re-
 
 Conventions: upsert by id, the last of duplicate ids in one call wins; a filter is an equality test on
 top-level metadata fields, and a field no item has matches nothing (empty results, not an error).
-The store (embedded FAISS + SQLite, or pgvector) is opened in this router's lifespan.
+The store (embedded FAISS + SQLite, or pgvector) is opened on first use and closed in this router's lifespan.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -58,34 +59,55 @@ _STORE_ERRORS: dict[type[IndexStoreError], tuple[int, str]] = {
 }
 
 
+class StoreHolder:
+    """Opens the configured store on first use, so an app that never touches collections creates no
+    files and needs no PostgreSQL; a store that failed to open is tried again on the next request."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store: CollectionStore | None = None
+        self._opening = asyncio.Lock()
+
+    async def get(self) -> CollectionStore:
+        if self.store is None:
+            async with self._opening:
+                if self.store is None:
+                    self.store = await self._open()
+        return self.store
+
+    async def _open(self) -> CollectionStore:
+        s = self.settings
+        try:
+            return await run_in_threadpool(
+                open_store, s.collections_backend, data_dir=s.data_dir, dsn=s.postgres_dsn
+            )
+        except IndexStoreError as exc:
+            log.error("collections are unavailable: %s", exc.message)
+            raise ApiError(503, "collections_unavailable", exc.message) from exc
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await run_in_threadpool(self.store.close)
+            self.store = None
+
+
 @contextlib.asynccontextmanager
 async def collections_lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the configured store; if it cannot open, the rest of the service still serves (503 here)."""
-    settings: Settings = app.state.settings
-    app.state.collections, app.state.collections_error = None, None
-    try:
-        app.state.collections = await run_in_threadpool(
-            open_store, settings.collections_backend, data_dir=settings.data_dir, dsn=settings.postgres_dsn
-        )
-    except IndexStoreError as exc:
-        log.error("collections are unavailable: %s", exc.message)
-        app.state.collections_error = exc.message
+    app.state.collections = StoreHolder(app.state.settings)
     try:
         yield
     finally:
-        if app.state.collections is not None:
-            await run_in_threadpool(app.state.collections.close)
+        await app.state.collections.close()
 
 
 router = APIRouter(tags=["retrieval"], lifespan=collections_lifespan)
 
 
-def get_store(request: Request) -> CollectionStore:
-    store = getattr(request.app.state, "collections", None)
-    if store is None:
-        reason = getattr(request.app.state, "collections_error", None) or "the collections store is not open"
-        raise ApiError(503, "collections_unavailable", reason)
-    return store
+async def get_store(request: Request) -> CollectionStore:
+    holder: StoreHolder | None = getattr(request.app.state, "collections", None)
+    if holder is None:
+        raise ApiError(503, "collections_unavailable", "the app was started without its lifespan")
+    return await holder.get()
 
 
 async def call_store(function: Callable[..., T], *args: Any, **kwargs: Any) -> T:
