@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from export.bundle import BundleError
 from service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime
 from service.settings import Settings
 from tests.fixtures.service import b64, free_port, image_bytes
@@ -174,3 +175,47 @@ def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.returncode == 1 and "no models in" in result.stderr
+
+
+def test_default_model_among_several(make_client, tiny_repo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(tiny_repo, root)
+    shutil.copytree(root / "tiny" / "1", root / "second" / "1")
+    manifest = root / "second" / "1" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"name": "tiny"', '"name": "second"'))
+    client = make_client(models_dir=root, default_model="second")
+    assert client.post("/v1/embed", json={"texts": ["a"]}).json()["model"] == "second"
+    assert client.post("/v1/embed", json={"model": "tiny", "texts": ["a"]}).json()["model"] == "tiny"
+    defaults = {m["name"]: m["default"] for m in client.get("/v1/models").json()["data"]}
+    assert defaults == {"second": True, "tiny": False}
+    with pytest.raises(BundleError, match="default model 'absent'"):
+        make_client(models_dir=root, default_model="absent")
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_serve_close_to_onnx(tiny_model, tmp_path: Path, make_client) -> None:
+    import numpy as np
+
+    from export.bundle import ModelSource
+    from export.exporter import export_bundle
+
+    export_bundle(
+        tiny_model,
+        tmp_path,
+        "tiny",
+        source=ModelSource(architecture="tiny-clip"),
+        tensorrt=True,
+        progress=False,
+    )
+    onnx_client = make_client(models_dir=tmp_path, providers=["cuda"])
+    engine_client = make_client(models_dir=tmp_path, providers=["cuda"], engine="tensorrt")
+    body = {"texts": ["a photo of a cat"], "images": [b64(image_bytes(seed=3))]}
+    reference, engine = (
+        onnx_client.post("/v1/embed", json=body).json(),
+        engine_client.post("/v1/embed", json=body).json(),
+    )
+    for kind in ("text_embeddings", "image_embeddings"):
+        a, b = np.array(reference[kind]), np.array(engine[kind])
+        assert float((a * b).sum()) > 0.999
