@@ -252,12 +252,28 @@ class ServedModel:
         await self.text_batcher.close()
 
 
+def _engine_file(bundle: Bundle, tower: str) -> tuple[Path, str]:
+    """The tower's TensorRT engine, preferring one built by the installed TensorRT version."""
+    engines = [
+        e
+        for e in bundle.manifest.files
+        if e.role == "engine" and e.path.startswith(f"{tower}.") and e.path.endswith(".plan")
+    ]
+    if not engines:
+        raise RuntimeConfigError(f"{bundle.ref} has no TensorRT engine for its {tower} tower")
+    try:
+        import tensorrt
+
+        installed = tensorrt.__version__
+    except ImportError:
+        installed = None
+    chosen = next((e for e in engines if e.tensorrt_version == installed), engines[0])
+    return bundle.path / chosen.path, chosen.precision or "fp16"
+
+
 def _tower_file(bundle: Bundle, tower: str, settings: Settings) -> tuple[Path, str]:
     if settings.engine == "tensorrt":
-        for entry in bundle.manifest.files:
-            if entry.role == "engine" and entry.path.startswith(f"{tower}.") and entry.path.endswith(".plan"):
-                return bundle.path / entry.path, entry.precision or "fp16"
-        raise RuntimeConfigError(f"{bundle.ref} has no TensorRT engine for its {tower} tower")
+        return _engine_file(bundle, tower)
     if bundle.manifest.file(tower, settings.precision) is not None:
         return bundle.file_path(tower, settings.precision), settings.precision
     log.warning("%s has no %s %s graph; serving its fp32 graph", bundle.ref, settings.precision, tower)

@@ -48,6 +48,7 @@ class TensorRTRuntime:
         if len(inputs) != 1 or not outputs:
             raise RuntimeConfigError(f"{path.name}: expected one input and an output, found {names}")
         self.input_name, self.output_name = inputs[0], outputs[0]
+        self.max_batch = int(engine.get_tensor_profile_shape(self.input_name, 0)[2][0])
         self.active_providers = ["TensorRT"]
         self._stream = _check(cudart.cudaStreamCreate())
 
@@ -59,6 +60,14 @@ class TensorRTRuntime:
         return int(pointer)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
+        """Batches above the engine profile's maximum run in slices of that size."""
+        if len(batch) <= self.max_batch:
+            return self._run_once(batch)
+        return np.concatenate(
+            [self._run_once(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
+        )
+
+    def _run_once(self, batch: np.ndarray) -> np.ndarray:
         cudart = self._cudart
         batch = np.ascontiguousarray(batch)
         self.context.set_input_shape(self.input_name, tuple(batch.shape))
