@@ -121,10 +121,10 @@ class RawResult:
 
 
 def measure_raw(
-    bundle: Bundle, threads: int, images: list[bytes], batches: list[int], seconds: float
+    bundle: Bundle, threads: int, images: list[bytes], batches: list[int], seconds: float, draft_margin: float
 ) -> RawResult:
     runtime = open_runtime(bundle.file_path("image"), RuntimeOptions(intra_op_threads=threads))
-    preprocessor = ImagePreprocessor(bundle.manifest.image, max_pixels=10**9)
+    preprocessor = ImagePreprocessor(bundle.manifest.image, max_pixels=10**9, draft_margin=draft_margin)
     pixels = np.stack([preprocessor(images[i % len(images)]) for i in range(max(batches))])
     best = (0, 0.0)
     for batch in batches:
@@ -148,7 +148,7 @@ def measure_raw(
 
 
 class Server:
-    def __init__(self, repo: Path, name: str, threads: int, redis_url: str, port: int):
+    def __init__(self, repo: Path, name: str, threads: int, redis_url: str, port: int, draft_margin: float):
         self.base = f"http://127.0.0.1:{port}"
         env = {
             **os.environ,
@@ -157,6 +157,7 @@ class Server:
             "CLIPSERVE_PREPROCESS_WORKERS": str(threads),
             "CLIPSERVE_REDIS_URL": redis_url,
             "CLIPSERVE_RELOAD_POLL_S": "0",
+            "CLIPSERVE_JPEG_DRAFT_MARGIN": str(draft_margin),
             "CLIPSERVE_LOG_LEVEL": "WARNING",
         }
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
@@ -272,8 +273,8 @@ def bench_model(args: argparse.Namespace, repo: Path, name: str, export_args: li
     bundle = ensure_bundle(repo, name, export_args)
     images = [photo(seed) for seed in range(8)]
     print(f"\n== {name}: image {bundle.manifest.image.size}, dim {bundle.manifest.embed_dim}", flush=True)
-    raw = measure_raw(bundle, args.threads, images, args.batches, args.raw_seconds)
-    server = Server(repo, name, args.threads, args.redis_url, port)
+    raw = measure_raw(bundle, args.threads, images, args.batches, args.raw_seconds, args.jpeg_draft_margin)
+    server = Server(repo, name, args.threads, args.redis_url, port, args.jpeg_draft_margin)
     try:
         start_s = server.wait_ready()
         image_bodies = [{"images": [base64.b64encode(data).decode()]} for data in images]
@@ -318,7 +319,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     print("\n" + "=" * 100)
     print(
         f"machine: {cpu_name()}, {cores()} cores; onnxruntime {onnxruntime.__version__}; server threads "
-        f"{args.threads}; inputs: 640x480 JPEG per image request, one short text per text request"
+        f"{args.threads}; JPEG draft margin {args.jpeg_draft_margin}; inputs: 640x480 JPEG per image request, "
+        "one short text per text request"
     )
     for row in rows:
         raw: RawResult = row["raw"]
@@ -377,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--port", type=int, default=8701)
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--jpeg-draft-margin", type=float, default=2.0, help="as CLIPSERVE_JPEG_DRAFT_MARGIN")
     args = parser.parse_args(argv)
     if args.quick:
         config = Path(tempfile.mkdtemp()) / "tiny.json"

@@ -6,7 +6,8 @@ CenterCropOrPad on PIL images, ToTensor, Normalize): the same PIL resampling, th
 size rounding, the same crop offsets. On top of that, for robustness and speed:
 EXIF orientation is applied, every mode is converted to RGB, an animation gives its first frame,
 images above `max_pixels` are refused before decoding, and JPEGs decode in draft mode (DCT
-scaling) while the decoded size stays at least twice the size the resize needs.
+scaling) while the decoded size stays at least `draft_margin` (default 2) times the size the
+resize needs.
 
 Any failure raises `ApiError` (400/413) naming the image index.
 """
@@ -14,6 +15,7 @@ Any failure raises `ApiError` (400/413) naming the image index.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 
 import numpy as np
@@ -27,7 +29,6 @@ _RESAMPLE = {
     "bilinear": Image.Resampling.BILINEAR,
     "nearest": Image.Resampling.NEAREST,
 }
-_DRAFT_MARGIN = 2
 
 
 def _shortest_edge_size(width: int, height: int, target: int) -> tuple[int, int]:
@@ -45,9 +46,10 @@ def _keep_ratio_size(width: int, height: int, target_hw: tuple[int, int], longes
 
 
 class ImagePreprocessor:
-    def __init__(self, spec: ImagePreprocess, max_pixels: int):
+    def __init__(self, spec: ImagePreprocess, max_pixels: int, draft_margin: float = 2.0):
         self.spec = spec
         self.max_pixels = max_pixels
+        self.draft_margin = draft_margin
         self.height, self.width = spec.size
         self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(spec.std, dtype=np.float32)).reshape(3, 1, 1)
@@ -110,11 +112,11 @@ class ImagePreprocessor:
             ) from exc
 
     def _draft(self, image: Image.Image) -> None:
-        if image.format != "JPEG":
+        if image.format != "JPEG" or self.draft_margin <= 0:
             return
         # EXIF rotation may swap the axes after decoding: ask for enough pixels in both orientations.
-        # Twice the resize target keeps the antialiased downscale close to a full decode's.
-        need = _DRAFT_MARGIN * max(self.resized_size(*image.size))
+        # A margin over the resize target keeps the antialiased downscale close to a full decode's.
+        need = math.ceil(self.draft_margin * max(self.resized_size(*image.size)))
         image.draft("RGB", (need, need))
 
     def _to_rgb(self, image: Image.Image) -> Image.Image:

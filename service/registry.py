@@ -95,7 +95,9 @@ class ServedModel:
         self.content_hash = self.manifest.content_hash
         self.logit_scale = self.manifest.logit_scale
         self.tokenizer = loaded.tokenizer
-        self.preprocessor = ImagePreprocessor(self.manifest.image, settings.max_image_pixels)
+        self.preprocessor = ImagePreprocessor(
+            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin
+        )
         self.settings, self.metrics, self.cache, self.pool = settings, metrics, cache, pool
         self.text_stats, self.image_stats = TowerStats(), TowerStats()
         self.in_flight = 0

@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         default_factory=_cores, ge=1, description="ONNX Runtime threads per session"
     )
     preprocess_workers: int = Field(default_factory=_cores, ge=1, description="threads decoding images")
+    jpeg_draft_margin: float = Field(
+        2.0,
+        ge=0,
+        description="JPEGs decode at a reduced scale while still this many times the resize target; "
+        "1 is fastest, 0 turns it off",
+    )
     warmup: bool = True
     reload_poll_s: float = Field(
         30.0, ge=0, description="seconds between repository polls; 0 turns polling off"

@@ -155,3 +155,10 @@ def test_bad_bytes_raise_400_naming_the_index(data: bytes, words: str) -> None:
     with pytest.raises(ApiError) as err:
         ImagePreprocessor(spec(), max_pixels=10**8)(data, 5)
     assert err.value.status_code == 400 and err.value.index == 5 and words in err.value.message
+
+
+@pytest.mark.parametrize(("margin", "expected_width"), [(0, 1600), (1, 200), (2, 200), (8, 800)])
+def test_draft_margin_sets_the_decode_scale(margin: float, expected_width: int) -> None:
+    data = image_bytes(seed=3, size=(1600, 1200), fmt="JPEG")
+    opened = ImagePreprocessor(spec(), max_pixels=10**8, draft_margin=margin).open(data, 0)
+    assert opened.size[0] == expected_width
