@@ -68,6 +68,7 @@ class ClassifyResult(BaseModel):
 class ClassifyResponse(BaseModel):
     model: str
     version: int
+    dim: int
     results: list[ClassifyResult]
 
 

@@ -58,7 +58,7 @@ def test_classify_scores_follow_the_definition(client) -> None:
     response = client.post("/v1/classify", json={"images": IMAGES, "labels": LABELS, "top_k": 3})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert (body["model"], body["version"]) == ("tiny", 1)
+    assert (body["model"], body["version"], body["dim"]) == ("tiny", 1, 32)
     probs, cos = expected_scores(client, LABELS, DEFAULT_TEMPLATES)
     check_results(body["results"], probs, cos, LABELS, 3)
     full = client.post("/v1/classify", json={"images": IMAGES[:1], "labels": LABELS, "top_k": 50}).json()

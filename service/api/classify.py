@@ -93,4 +93,4 @@ async def classify(
         return rank(vectors, matrix, labels, model.logit_scale, body.top_k)
 
     results = await unless_disconnected(request, work())
-    return {"model": model.name, "version": model.version, "results": results}
+    return {"model": model.name, "version": model.version, "dim": model.dim, "results": results}
