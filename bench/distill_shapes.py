@@ -73,7 +73,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="few steps and images: proves the pipeline, not the figures"
     )
-    p.add_argument("--steps", type=int, help="training steps per model (default 500, quick 20)")
+    p.add_argument("--steps", type=int, help="training steps per model (default 400, quick 20)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-size", type=int, help="held-out benchmark images (default 600, quick 60)")
@@ -120,7 +120,7 @@ def plot(reports: list[ModelReport], metric: str, target: Path) -> None:
 
 def main() -> None:
     args = parse_args()
-    steps = args.steps or (20 if args.quick else 500)
+    steps = args.steps or (20 if args.quick else 400)
     eval_size = args.eval_size or (60 if args.quick else 600)
     repeats = 10 if args.quick else 50
     torch.set_num_threads(args.threads)

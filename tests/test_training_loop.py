@@ -275,3 +275,30 @@ def test_ensemble_teacher_with_its_own_preprocessing(
         student, _dataset(), tmp_path / "ens", _config(steps=2), settings, teacher=teacher, **QUIET
     )
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_weight_inheritance_between_resnet_towers_keeps_leading_channels(tmp_path: Path) -> None:
+    text = {"width": 32, "layers": 2, "heads": 2, "context_length": 32, "vocab_size": 49408}
+
+    def resnet(width: int, layers: list[int], text_layers: int) -> Path:
+        path = tmp_path / f"rn{width}-{len(layers)}-{text_layers}.json"
+        config = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": layers, "width": width, "head_width": 16},
+            "text_cfg": {**text, "layers": text_layers},
+        }
+        path.write_text(json.dumps(config))
+        return path
+
+    teacher = load_clip(str(resnet(16, [1, 1, 1, 1], 2)))
+    student = load_clip(str(resnet(8, [1, 1, 1, 1], 1)))
+    report = inherit_weights(student, teacher)
+    assert not report.skipped
+    s, t = student.model.state_dict(), teacher.model.state_dict()
+    assert torch.equal(s["visual.layer2.0.conv1.weight"], t["visual.layer2.0.conv1.weight"][:16, :32])
+    assert torch.equal(s["visual.attnpool.q_proj.weight"], t["visual.attnpool.q_proj.weight"][:256, :256])
+    assert torch.equal(
+        s["transformer.resblocks.0.ln_1.weight"], t["transformer.resblocks.1.ln_1.weight"][:32]
+    )
+    with pytest.raises(ModelSpecError, match="same blocks per stage"):
+        inherit_weights(load_clip(str(resnet(8, [1, 1, 2, 1], 1))), teacher)

@@ -248,8 +248,16 @@ class InheritanceReport:
     skipped: list[str] = field(default_factory=list)
 
 
-def _layer_map(student_layers: int, teacher_layers: int) -> list[int]:
-    """Teacher layer kept for each student layer: every k-th, ending at the teacher's last layer."""
+def _layer_map(student_layers: int | list[int], teacher_layers: int | list[int]) -> list[int]:
+    """Teacher layer kept for each student layer: every k-th, ending at the teacher's last layer.
+    ResNet towers (blocks per stage as a list) keep all their blocks: only channels shrink."""
+    if isinstance(student_layers, list) or isinstance(teacher_layers, list):
+        if student_layers != teacher_layers:
+            raise ModelSpecError(
+                f"ResNet towers inherit only with the same blocks per stage: student {student_layers}, "
+                f"teacher {teacher_layers}"
+            )
+        return []
     if student_layers > teacher_layers:
         raise ModelSpecError(f"student has {student_layers} layers, the teacher only {teacher_layers}")
     k = teacher_layers / student_layers
@@ -287,10 +295,8 @@ def _interpolate_positions(source: torch.Tensor, target_len: int, width: int) ->
 def inherit_weights(student: ClipModel, teacher: ClipModel) -> InheritanceReport:
     """TinyCLIP-style initialisation: every k-th teacher layer, the leading channels and heads."""
     s_vis, t_vis = student.model_cfg["vision_cfg"], teacher.model_cfg["vision_cfg"]
-    vision_map = _layer_map(int(s_vis["layers"]), int(t_vis["layers"]))
-    text_map = _layer_map(
-        int(student.model_cfg["text_cfg"]["layers"]), int(teacher.model_cfg["text_cfg"]["layers"])
-    )
+    vision_map = _layer_map(s_vis["layers"], t_vis["layers"])
+    text_map = _layer_map(student.model_cfg["text_cfg"]["layers"], teacher.model_cfg["text_cfg"]["layers"])
     teacher_state = teacher.model.state_dict()
     report = InheritanceReport()
     new_state = {}

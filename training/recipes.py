@@ -23,12 +23,12 @@ BEST_STUDENT_INIT = "inherit"
 
 @dataclass(frozen=True)
 class ShapesBudget:
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
     threads: int | None = None
-    image_size: int = 48
+    image_size: int = 64
 
     @property
     def data(self) -> str:

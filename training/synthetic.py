@@ -149,7 +149,8 @@ def render(objects: list[ShapeObject], background: str, size: int, rng: np.rando
 
 
 def _describe_object(obj: ShapeObject, rng: np.random.Generator) -> str:
-    size_word = _SIZE_WORDS[obj.size_class] if rng.random() < 0.5 else ""
+    # size and background words are rare: were they common, they would be a shortcut around shape
+    size_word = _SIZE_WORDS[obj.size_class] if rng.random() < 0.2 else ""
     return " ".join(w for w in (size_word, obj.colour, obj.shape) if w)
 
 
@@ -166,7 +167,7 @@ def caption_for(objects: list[ShapeObject], background: str, rng: np.random.Gene
             text = f"{len(parts)} shapes: {listed}"
         else:
             text = f"a picture of {listed}"
-    if rng.random() < 0.5:
+    if rng.random() < 0.2:
         text += f" on a {background} background"
     return text
 
