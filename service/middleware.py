@@ -2,8 +2,9 @@
 
 - `RequestContext`: request id (from `X-Request-ID` or new), JSON log context, latency metric per
   route template, the id echoed in the response headers;
-- `Auth`: Bearer API keys on everything but `/livez` and `/readyz` when keys are configured; the
-  admin key on `/v1/admin/*`;
+- `Auth`: Bearer API keys on everything but `/livez`, `/readyz` and the demo page's own files
+  (`/`, `/static/*`: no data, and the page needs to load to ask for a key) when keys are
+  configured; the admin key on `/v1/admin/*`;
 - `BodyLimit`: refuses bodies above `max_body_bytes` (by Content-Length, and while streaming).
 """
 
@@ -24,7 +25,8 @@ from service.metrics import Metrics
 
 access_log = logging.getLogger("clipserve.access")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-OPEN_PATHS = frozenset({"/livez", "/readyz"})
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/"})
+OPEN_PREFIXES = ("/static/",)
 ADMIN_PREFIX = "/v1/admin/"
 
 
@@ -102,7 +104,13 @@ class Auth:
         return token is not None and any(hmac.compare_digest(token, key) for key in keys)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or path in OPEN_PATHS
+            or path.startswith(OPEN_PREFIXES)
+            or scope["method"] == "OPTIONS"
+        ):
             await self.app(scope, receive, send)
             return
         token = self._bearer(scope)

@@ -32,6 +32,8 @@ def test_auth_on(make_client) -> None:
             ok = getattr(client, method)(path, headers={"Authorization": f"Bearer {key}"}, **kwargs)
             assert ok.status_code == 200, (path, ok.text)
     assert client.get("/livez").status_code == 200 and client.get("/readyz").status_code == 200
+    assert client.get("/").status_code == 200  # the demo page loads, then asks for a key
+    assert client.get("/static/../v1/models").status_code in (401, 404)
 
 
 def test_admin_key(make_client) -> None:
