@@ -259,7 +259,7 @@ def _engine_file(bundle: Bundle, tower: str) -> tuple[Path, str]:
     engines = [
         e
         for e in bundle.manifest.files
-        if e.role == "engine" and e.path.startswith(f"{tower}.") and e.path.endswith(".plan")
+        if e.role == "engine" and (e.tower == tower or (e.tower is None and e.path.startswith(f"{tower}.")))
     ]
     if not engines:
         raise RuntimeConfigError(f"{bundle.ref} has no TensorRT engine for its {tower} tower")

@@ -219,3 +219,28 @@ def test_tensorrt_engines_serve_close_to_onnx(tiny_model, tmp_path: Path, make_c
     for kind in ("text_embeddings", "image_embeddings"):
         a, b = np.array(reference[kind]), np.array(engine[kind])
         assert float((a * b).sum()) > 0.999
+
+
+def test_engine_files_are_picked_by_tower(tiny_bundle) -> None:
+    from export.bundle import Bundle, BundleFile
+    from service.registry import _engine_file
+
+    sha = "0" * 64
+    engines = [
+        BundleFile(
+            path="text.gpu-a.trt10.0.plan",
+            sha256=sha,
+            size=1,
+            role="engine",
+            precision="fp16",
+            tower="text",
+            tensorrt_version="10.0",
+        ),
+        BundleFile(path="img.plan", sha256=sha, size=1, role="engine", precision="fp16", tower="image"),
+    ]
+    manifest = tiny_bundle.manifest.model_copy(update={"files": [*tiny_bundle.manifest.files, *engines]})
+    bundle = Bundle(manifest=manifest, path=tiny_bundle.path)
+    assert _engine_file(bundle, "image")[0].name == "img.plan"
+    assert _engine_file(bundle, "text")[0].name == "text.gpu-a.trt10.0.plan"
+    with pytest.raises(RuntimeConfigError, match="no TensorRT engine for its image tower"):
+        _engine_file(tiny_bundle, "image")
