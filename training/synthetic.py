@@ -148,14 +148,17 @@ def render(objects: list[ShapeObject], background: str, size: int, rng: np.rando
     return image
 
 
-def _describe_object(obj: ShapeObject, rng: np.random.Generator) -> str:
+def _describe_object(obj: ShapeObject, rng: np.random.Generator, with_colour: bool) -> str:
     # size and background words are rare: were they common, they would be a shortcut around shape
     size_word = _SIZE_WORDS[obj.size_class] if rng.random() < 0.2 else ""
-    return " ".join(w for w in (size_word, obj.colour, obj.shape) if w)
+    return " ".join(w for w in (size_word, obj.colour if with_colour else "", obj.shape) if w)
 
 
 def caption_for(objects: list[ShapeObject], background: str, rng: np.random.Generator) -> str:
-    parts = [_describe_object(o, rng) for o in objects]
+    # colour is learned first and alone suffices to tell most images apart; captions that name only
+    # the shapes make the image tower learn shape too
+    with_colour = rng.random() >= 0.3
+    parts = [_describe_object(o, rng, with_colour) for o in objects]
     if len(parts) == 1:
         text = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))].format(parts[0]).rstrip(".")
     else:
