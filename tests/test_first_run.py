@@ -6,6 +6,8 @@ talks to the service it started over HTTP, and stops it with Ctrl-C (SIGINT), as
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import re
@@ -27,6 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE_SH = ROOT / "scripts" / "serve.sh"
 VENV = Path(sys.executable).parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+# The one demo build of the suite: the real recipe with a shorter training (CLIPSERVE_DEMO_STEPS).
+DEMO_TEST_STEPS = "150"
+DEMO_BUILD_TIMEOUT_S = 1800
 
 
 def free_port() -> int:
@@ -249,3 +254,42 @@ def test_the_curl_tour_runs_against_the_service(live_server, tmp_path: Path) -> 
         if "--fail-with-body" not in command and "curl" in command:
             assert json.loads(result.stdout)["error"]["type"], result.stdout
     assert (tmp_path / "red-circle.png").is_file()
+
+
+def red_circle_png() -> bytes:
+    """The tour's picture: a red disc on white, drawn here rather than by the training code."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (128, 128), "white")
+    ImageDraw.Draw(image).ellipse((24, 24, 104, 104), fill="red")
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.mark.slow
+def test_first_run_builds_the_demo_model_once_and_it_calls_a_red_circle_a_red_circle(
+    serve, tmp_path: Path
+) -> None:
+    from training.synthetic import COLOURS, SHAPES
+
+    models = tmp_path / "models"
+    run = serve(models, CLIPSERVE_DEMO_STEPS=DEMO_TEST_STEPS)
+    out = run.wait_for("clipserve is ready", DEMO_BUILD_TIMEOUT_S)
+    assert f"no usable bundle in {models}; building the demo model once" in out
+    assert "demo model built in" in out
+    assert served(run.base) == ["shapes-demo@1"]
+    labels = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+    image = base64.b64encode(red_circle_png()).decode()
+    response = httpx.post(
+        f"{run.base}/v1/classify", json={"images": [image], "labels": labels, "top_k": 3}, timeout=60
+    )
+    assert response.status_code == 200, response.text
+    ranked = response.json()["results"][0]["labels"]
+    assert ranked[0]["label"] == "red circle", ranked
+    assert run.interrupt() == 0
+
+    again = serve(models)
+    out = again.wait_for("clipserve is ready", 90)
+    assert "building the demo model" not in out
+    assert served(again.base) == ["shapes-demo@1"]
