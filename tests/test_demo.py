@@ -212,10 +212,6 @@ def test_searching_an_unknown_collection_shows_the_error(
     assert error.inner_text().startswith("404: ") and "nowhere" in error.inner_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/middleware.py Auth asks a key for `/` and `/static/*`; they must be open like /livez",
-)
 def test_the_page_works_with_auth_on(page, live_server: Callable[..., str]) -> None:
     base = live_server(api_keys=["demo-key"])
     response = page.goto(base + "/")
