@@ -37,7 +37,13 @@ from service.cache import KEY_PREFIX, VectorCache
 from service.errors import ApiError
 from service.metrics import Metrics
 from service.preprocess import ImagePreprocessor
-from service.runtime import Runtime, RuntimeConfigError, RuntimeOptions, open_runtime
+from service.runtime import (
+    ProviderUnavailableError,
+    Runtime,
+    RuntimeConfigError,
+    RuntimeOptions,
+    open_runtime,
+)
 from service.settings import Settings
 
 log = logging.getLogger("clipserve.registry")
@@ -339,7 +345,7 @@ class ModelRegistry:
         )
         self._served: dict[str, ServedModel] = {}
         self._pinned: dict[str, int | None] = {}
-        self._refused: dict[tuple[str, int], str] = {}
+        self._refused: dict[tuple[str, int | None], str] = {}
         self._reload_lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task, ServedModel] = {}
         self.ready = False
@@ -391,10 +397,17 @@ class ModelRegistry:
         return dict.fromkeys(names)
 
     async def start(self) -> None:
+        """Load every configured model. A model whose newest version is broken starts on its last
+        good version; a model with no loadable version is left out (logged) and the rest is served,
+        so one corrupt bundle never keeps a replica down."""
         self._pinned = self._configured()
-        for name, version in self._pinned.items():
-            served = await self._load(name, version)
-            self._install(served)
+        for name, pinned in self._pinned.items():
+            served = await self._load_first_good(name, pinned)
+            if served is not None:
+                self._install(served)
+        if not self._served:
+            refused = "; ".join(f"{n}@{v}: {why}" for (n, v), why in self._refused.items())
+            raise BundleError(f"no model in {self.repository.root} could be loaded: {refused}")
         if (
             self.settings.default_model
             and parse_model_ref(self.settings.default_model)[0] not in self._served
@@ -457,9 +470,12 @@ class ModelRegistry:
                 await self._replace(name, latest, report)
         return report
 
-    async def _replace(self, name: str, version: int, report: ReloadReport) -> None:
+    async def _try_load(self, name: str, version: int | None) -> ServedModel | str:
+        """The loaded model, or why the version was refused (remembered, logged, counted)."""
         try:
-            served = await self._load(name, version)
+            return await self._load(name, version)
+        except ProviderUnavailableError:
+            raise  # a machine/settings problem, not this bundle's: never hide it behind another version
         except Exception as exc:  # onnxruntime and the tokenizer raise their own types for broken files
             message = (
                 str(exc)
@@ -468,8 +484,22 @@ class ModelRegistry:
             )
             self._refused[(name, version)] = message
             self.metrics.reloads.labels(model=name, result="refused").inc()
-            log.error("refused %s@%s, still serving the previous version: %s", name, version, message)
-            report.failed.append({"model": f"{name}@{version}", "error": message})
+            log.error("refused %s@%s: %s", name, version if version is not None else "latest", message)
+            return message
+
+    async def _load_first_good(self, name: str, pinned: int | None) -> ServedModel | None:
+        # With no published version, loading "latest" fails and records why.
+        candidates = [pinned] if pinned is not None else sorted(self.repository.versions(name), reverse=True)
+        for version in candidates or [None]:
+            loaded = await self._try_load(name, version)
+            if isinstance(loaded, ServedModel):
+                return loaded
+        return None
+
+    async def _replace(self, name: str, version: int, report: ReloadReport) -> None:
+        served = await self._try_load(name, version)
+        if isinstance(served, str):
+            report.failed.append({"model": f"{name}@{version}", "error": served})
             return
         previous = self._install(served)
         report.loaded.append(served.ref)

@@ -203,3 +203,36 @@ def test_a_new_model_in_the_repository_joins_on_reload(live_server, own_repo: Pa
     assert names == ["tiny", "tiny-copy"]
     response = httpx.post(f"{base}/v1/embed", json={"model": "tiny-copy", "texts": ["x"]})
     assert response.json()["model"] == "tiny-copy"
+
+
+def test_start_skips_broken_bundles_and_serves_the_rest(make_client, own_repo: Path) -> None:
+    newest = publish_copy(own_repo, corrupt="image.onnx")
+    repository = ModelRepository(own_repo)
+    source = repository.load("tiny", 1)
+    with repository.stage("other") as staging:
+        for entry in source.manifest.files:
+            shutil.copy(source.path / entry.path, staging.path / entry.path)
+        other = staging.publish(source.manifest.model_copy(update={"name": "other"}))
+    damaged = other.path / "text.onnx"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    client = make_client(models_dir=own_repo)
+    assert client.get("/readyz").status_code == 200
+    served = {m["name"]: m["version"] for m in client.get("/v1/models").json()["data"]}
+    assert served == {"tiny": 1}, "tiny starts on its last good version; other has none and is left out"
+    assert newest == 2
+    response = client.post("/v1/embed", json={"model": "other", "texts": ["x"]})
+    assert response.status_code == 404 and "other" in response.json()["error"]["message"]
+
+
+def test_start_fails_clearly_when_no_model_loads(make_settings, own_repo: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    corrupt = own_repo / "tiny" / "1" / "text.onnx"
+    corrupt.write_bytes(b"garbage")
+    with (
+        pytest.raises(Exception, match=r"no model .* could be loaded: tiny@1: .*text\.onnx"),
+        TestClient(create_app(make_settings(models_dir=own_repo))),
+    ):
+        pass

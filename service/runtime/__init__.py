@@ -19,6 +19,10 @@ class RuntimeConfigError(RuntimeError):
     """The runtime cannot run as configured (a requested provider is missing, a bad engine...)."""
 
 
+class ProviderUnavailableError(RuntimeConfigError):
+    """This machine cannot run what the settings ask for, whatever the bundle: start-up must fail."""
+
+
 @dataclass(frozen=True)
 class RuntimeOptions:
     providers: tuple[str, ...] = ("cpu",)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime import RuntimeConfigError, RuntimeOptions
+from service.runtime import ProviderUnavailableError, RuntimeOptions
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -37,7 +37,9 @@ def provider_list(options: RuntimeOptions) -> list[str | tuple[str, dict]]:
     for name in options.providers:
         full = PROVIDER_NAMES.get(name)
         if full is None:
-            raise RuntimeConfigError(f"unknown execution provider {name!r}; known: {sorted(PROVIDER_NAMES)}")
+            raise ProviderUnavailableError(
+                f"unknown execution provider {name!r}; known: {sorted(PROVIDER_NAMES)}"
+            )
         if name in ("cuda", "tensorrt"):
             requested.append((full, {"device_id": options.device_id}))
         else:
@@ -48,7 +50,7 @@ def provider_list(options: RuntimeOptions) -> list[str | tuple[str, dict]]:
 def check_providers(requested: list[str], active: list[str]) -> None:
     missing = [name for name in requested if name not in active]
     if missing:
-        raise RuntimeConfigError(
+        raise ProviderUnavailableError(
             f"execution providers {missing} were requested but are not active (active here: {active}; "
             f"available in this onnxruntime build: {ort.get_available_providers()}). "
             "Refusing to fall back silently to the CPU."

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime import RuntimeConfigError, RuntimeOptions
+from service.runtime import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions
 
 
 def _check(result: tuple) -> object:
@@ -28,7 +28,7 @@ class TensorRTRuntime:
             import tensorrt as trt
             from cuda.bindings import runtime as cudart
         except ImportError as exc:
-            raise RuntimeConfigError(
+            raise ProviderUnavailableError(
                 f"{path.name} is a TensorRT engine but tensorrt / cuda-python are not installed "
                 "(install the 'gpu' extra)"
             ) from exc
