@@ -78,7 +78,7 @@ class VectorCache:
         self._blobs: dict[str, bytes] = {}
         self._lookups: dict[str, list[int]] = {}
         self._down_until = 0.0
-        self._down = redis_url is None
+        self._down = not redis_url
         metrics.cache_fallback.set(1 if self._down else 0)
 
     @property

@@ -44,9 +44,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         "intra_op_threads": args.threads,
         "log_level": args.log_level,
     }
-    if args.redis_url is not None:
-        overrides["redis_url"] = None if args.redis_url.lower() == "none" else args.redis_url
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if args.redis_url is not None:  # after the filter: None here means "no Redis", not "not given"
+        given["redis_url"] = None if args.redis_url.lower() in ("", "none") else args.redis_url
+    return Settings(**given)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -244,3 +244,12 @@ def test_engine_files_are_picked_by_tower(tiny_bundle) -> None:
     assert _engine_file(bundle, "text")[0].name == "text.gpu-a.trt10.0.plan"
     with pytest.raises(RuntimeConfigError, match="no TensorRT engine for its image tower"):
         _engine_file(tiny_bundle, "image")
+
+
+def test_clip_serve_redis_url_none_means_the_in_process_cache(tiny_repo: Path) -> None:
+    from service.cli import parse_args, settings_from
+
+    assert settings_from(parse_args(["--models", str(tiny_repo), "--redis-url", "none"])).redis_url is None
+    assert settings_from(parse_args(["--models", str(tiny_repo), "--redis-url", ""])).redis_url is None
+    given = settings_from(parse_args(["--redis-url", "redis://127.0.0.1:6379/3"]))
+    assert given.redis_url == "redis://127.0.0.1:6379/3"
