@@ -231,8 +231,9 @@ def test_a_repository_with_only_broken_models_named_in_clipserve_models_fails_cl
 
 
 def tour_commands() -> list[str]:
-    """The shell commands of docs/tour.md, one per entry, continuation lines joined."""
-    text = (ROOT / "docs" / "tour.md").read_text()
+    """The shell commands of the README's tour section, one per entry, continuation lines joined."""
+    readme = (ROOT / "README.md").read_text()
+    text = readme.split("\n## A 5-minute tour\n", 1)[1].split("\n## ", 1)[0]
     commands: list[str] = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         commands += [line for line in re.sub(r"\\\n\s*", "", block).splitlines() if line.strip()]
@@ -240,7 +241,7 @@ def tour_commands() -> list[str]:
 
 
 def test_the_curl_tour_runs_against_the_service(live_server, tmp_path: Path) -> None:
-    """Every command of docs/tour.md, verbatim but for the port and the model name, against a real server."""
+    """Every command of the README's tour, verbatim but for the port and the model name, against a real server."""
     base = live_server(data_dir=tmp_path / "data")
     (tmp_path / ".venv").symlink_to(VENV)
     commands = tour_commands()
