@@ -64,8 +64,6 @@ def train_student(job: tuple[str, str, str, Path, ShapesBudget, Path]) -> tuple[
         init=init,
         progress=False,
     )
-    if losses == "clip":
-        options.pop("teacher_targets")
     run_training({**options, "evaluate": False})
     return name, time.perf_counter() - started
 

@@ -303,7 +303,7 @@ def run_training(options: dict[str, Any]) -> TrainResult:
         Path(options["out"]),
         config,
         settings,
-        teacher=teacher,
+        teacher=teacher if losses.needs_teacher else None,
         class_vectors=class_vectors,
         targets=targets,
         teacher_dims=teacher_dims,

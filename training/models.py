@@ -117,8 +117,14 @@ def _from_config(model_cfg: dict[str, Any], architecture: str, seed: int) -> Cli
 
 
 def load_clip(ref: str, pretrained: str | None = None, seed: int = 0) -> ClipModel:
-    """Build a CLIP model from an open_clip name (+ pretrained tag, `none`, or checkpoint file),
-    a JSON config file, or a run folder of ours."""
+    """Build a CLIP model, in eval mode, from an open_clip name (+ pretrained tag, `none`, or
+    checkpoint file), a JSON config file, or a run folder of ours."""
+    loaded = _load_clip(ref, pretrained, seed)
+    loaded.model.eval()
+    return loaded
+
+
+def _load_clip(ref: str, pretrained: str | None, seed: int) -> ClipModel:
     run_dir = run_model_dir(ref)
     if run_dir is not None:
         saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text())

@@ -11,13 +11,14 @@ from typing import Any
 import numpy as np
 
 from training import synthetic
+from training.losses import LossWeights
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES_TEACHER_CONFIG = CONFIG_DIR / "shapes-teacher.json"
 SHAPES_STUDENT_CONFIG = CONFIG_DIR / "shapes-student.json"
 SHAPES_DATA = "synthetic:shapes"
 # the distillation recipe that did best in bench/distill_shapes.py
-BEST_STUDENT_LOSSES = "clip=1,logit_kd=1,feature=1"
+BEST_STUDENT_LOSSES = "clip"
 BEST_STUDENT_INIT = "inherit"
 
 
@@ -67,9 +68,10 @@ def student_options(
         "init": init,
         "progress": progress,
     }
-    if teacher_targets is not None:
+    needs_teacher = LossWeights.parse(losses).needs_teacher
+    if needs_teacher and teacher_targets is not None:
         options["teacher_targets"] = str(teacher_targets)
-    elif teacher_dir is not None:
+    elif needs_teacher and teacher_dir is not None:
         options["teacher"] = str(teacher_dir)
     if init == "inherit" and teacher_dir is not None:
         options["inherit_from"] = str(teacher_dir)
