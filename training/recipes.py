@@ -18,8 +18,8 @@ SHAPES_TEACHER_CONFIG = CONFIG_DIR / "shapes-teacher.json"
 SHAPES_STUDENT_CONFIG = CONFIG_DIR / "shapes-student.json"
 SHAPES_DATA = "synthetic:shapes"
 # the distillation recipe that did best in bench/distill_shapes.py
-BEST_STUDENT_LOSSES = "clip"
-BEST_STUDENT_INIT = "inherit"
+BEST_STUDENT_LOSSES = "clip=1,logit_kd=1"
+BEST_STUDENT_INIT = "random"
 
 
 @dataclass(frozen=True)
