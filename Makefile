@@ -34,8 +34,12 @@ lint: venv
 serve: venv
 	@bash scripts/serve.sh
 
-bench: venv
+# Each benchmark prints its figures (and the machine); none asserts on time.
+bench: venv redis
 	$(PY) bench/export.py
+	$(PY) bench/serve.py
+	$(PY) bench/retrieval.py
+	$(PY) bench/distill_shapes.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
