@@ -237,6 +237,20 @@ def normalize_rows(vectors: np.ndarray, dim: int, what: str = "vector") -> np.nd
     return np.ascontiguousarray(array / norms[:, None], dtype=np.float32)
 
 
+def rebind_rows(name: str, stored: set[str], ids: Sequence[str], vectors: np.ndarray, dim: int) -> np.ndarray:
+    """Checks shared by both backends before a re-embedding: one valid vector per id, and the ids
+    cover exactly the collection's stored items. Returns the normalized rows."""
+    normalized = normalize_rows(vectors, dim) if len(ids) else np.zeros((0, dim), np.float32)
+    if len(normalized) != len(ids):
+        raise InvalidInputError(f"{len(ids)} ids but {len(normalized)} vectors")
+    if stored != set(ids):
+        raise InvalidInputError(
+            f"re-embedding of {name!r} must cover exactly its {len(stored)} items; "
+            f"got {len(set(ids))} ids, of which {len(set(ids) - stored)} unknown"
+        )
+    return normalized
+
+
 def validate_top_k(top_k: int, limit: int | None = None) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")

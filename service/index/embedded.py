@@ -39,7 +39,6 @@ from .base import (
     CollectionNotFoundError,
     FilterValue,
     IndexParams,
-    InvalidInputError,
     ItemNotFoundError,
     ModelBinding,
     ProgressCallback,
@@ -52,6 +51,7 @@ from .base import (
     encode_metadata,
     normalize_rows,
     prepare_upsert,
+    rebind_rows,
     validate_collection_name,
     validate_filter,
     validate_top_k,
@@ -680,11 +680,6 @@ class EmbeddedStore:
 
     def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Move the collection to another embedding space: new vectors for every item, in one transaction."""
-        normalized = (
-            normalize_rows(vectors, binding.dim) if len(ids) else np.zeros((0, binding.dim), np.float32)
-        )
-        if len(normalized) != len(ids):
-            raise InvalidInputError(f"{len(ids)} ids but {len(normalized)} vectors")
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             conn = self._writer
@@ -696,11 +691,7 @@ class EmbeddedStore:
                         "SELECT item_id FROM items WHERE collection_id = ?", (catalog.id,)
                     )
                 }
-                if stored != set(ids):
-                    raise InvalidInputError(
-                        f"re-embedding of {name!r} must cover exactly its {len(stored)} items; "
-                        f"got {len(set(ids))} ids, of which {len(set(ids) - stored)} unknown"
-                    )
+                normalized = rebind_rows(name, stored, ids, vectors, binding.dim)
                 conn.executemany(
                     "UPDATE items SET vector = ? WHERE collection_id = ? AND item_id = ?",
                     (

@@ -31,7 +31,6 @@ from .base import (
     CollectionNotFoundError,
     FilterValue,
     IndexParams,
-    InvalidInputError,
     ItemNotFoundError,
     ModelBinding,
     ProgressCallback,
@@ -43,6 +42,7 @@ from .base import (
     encode_metadata,
     normalize_rows,
     prepare_upsert,
+    rebind_rows,
     validate_collection_name,
     validate_filter,
     validate_top_k,
@@ -451,19 +451,10 @@ class PgVectorStore:
 
     def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None:
         """Move the collection to another embedding space: new vectors for every item, in one transaction."""
-        normalized = (
-            normalize_rows(vectors, binding.dim) if len(ids) else np.zeros((0, binding.dim), np.float32)
-        )
-        if len(normalized) != len(ids):
-            raise InvalidInputError(f"{len(ids)} ids but {len(normalized)} vectors")
         with self._transaction() as conn:
             catalog = self._catalog(conn, name, lock="FOR UPDATE")
             stored = {row[0] for row in conn.execute(sql.SQL("SELECT item_id FROM {}").format(catalog.table))}
-            if stored != set(ids):
-                raise InvalidInputError(
-                    f"re-embedding of {name!r} must cover exactly its {len(stored)} items; "
-                    f"got {len(set(ids))} ids, of which {len(set(ids) - stored)} unknown"
-                )
+            normalized = rebind_rows(name, stored, ids, vectors, binding.dim)
             conn.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE clipserve_rebind (item_id TEXT, embedding vector({})) ON COMMIT DROP"
