@@ -29,8 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE_SH = ROOT / "scripts" / "serve.sh"
 VENV = Path(sys.executable).parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-# The one demo build of the suite: the real recipe with a shorter training (CLIPSERVE_DEMO_STEPS).
-DEMO_TEST_STEPS = "150"
+# The one demo build of the suite: the full recipe a new user gets (about 2.5 minutes on 2 cores).
 DEMO_BUILD_TIMEOUT_S = 1800
 
 
@@ -275,7 +274,7 @@ def test_first_run_builds_the_demo_model_once_and_it_calls_a_red_circle_a_red_ci
     from training.synthetic import COLOURS, SHAPES
 
     models = tmp_path / "models"
-    run = serve(models, CLIPSERVE_DEMO_STEPS=DEMO_TEST_STEPS)
+    run = serve(models)
     out = run.wait_for("clipserve is ready", DEMO_BUILD_TIMEOUT_S)
     assert f"no usable bundle in {models}; building the demo model once" in out
     assert "demo model built in" in out
