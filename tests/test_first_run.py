@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVE_SH = ROOT / "scripts" / "serve.sh"
 VENV = Path(sys.executable).parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-# The one demo build of the suite: the full recipe a new user gets (about 2.5 minutes on 2 cores).
+# The one demo build of the suite: the full recipe a new user gets (about 3.5 minutes on 2 cores).
 DEMO_BUILD_TIMEOUT_S = 1800
 
 
