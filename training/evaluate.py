@@ -151,7 +151,7 @@ def _export_tower(module: nn.Module, example: torch.Tensor, input_name: str, pat
         torch.backends.mha.set_fastpath_enabled(True)
 
 
-def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: int = 5) -> dict[str, float]:
+def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: int = 20) -> dict[str, float]:
     """Median ONNX Runtime milliseconds per tower, batch 1, on CPU with `threads` intra-op threads."""
     import onnxruntime as ort
 
