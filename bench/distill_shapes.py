@@ -10,8 +10,8 @@
 3. Report zero-shot top-1/top-5 on held-out (colour, shape) compositions, parameters, GFLOPs and
    ONNX Runtime latency per tower (batch 1, one thread); plot accuracy against image latency.
 
-    python bench/distill_shapes.py            # the full experiment (about 23 minutes on 2 cores)
-    python bench/distill_shapes.py --quick    # a smoke run proving the pipeline (about 4 minutes)
+    python bench/distill_shapes.py            # the full experiment (about 22 minutes on 2 cores)
+    python bench/distill_shapes.py --quick    # a smoke run proving the pipeline (about 1.5 minutes)
 
 Writes results.json, results.md and accuracy_vs_latency.png into --out (runs/bench-distill-shapes).
 """
