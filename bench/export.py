@@ -39,8 +39,14 @@ QUICK_CONFIG = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
-CAPTIONS = ("a photo of a dog", "a diagram of the water cycle", "two people riding bicycles in the rain",
-            "a red car", "a bowl of ramen with chopsticks", "the skyline of a city at night")
+CAPTIONS = (
+    "a photo of a dog",
+    "a diagram of the water cycle",
+    "two people riding bicycles in the rain",
+    "a red car",
+    "a bowl of ramen with chopsticks",
+    "the skyline of a city at night",
+)
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -54,15 +60,24 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 
 
 def machine() -> str:
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-            f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
-            f"open_clip {open_clip.__version__}, python {platform.python_version()}")
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {ort.__version__}, "
+        f"open_clip {open_clip.__version__}, python {platform.python_version()}"
+    )
 
 
 def _export(model: torch.nn.Module, name: str, root: Path) -> tuple[Bundle, float]:
     started = time.perf_counter()
-    bundle = export_bundle(model, root, name, source=ModelSource(architecture=name, pretrained="none"),
-                           int8=True, min_cosine={"int8": 0.5}, progress=True)
+    bundle = export_bundle(
+        model,
+        root,
+        name,
+        source=ModelSource(architecture=name, pretrained="none"),
+        int8=True,
+        min_cosine={"int8": 0.5},
+        progress=True,
+    )
     return bundle, time.perf_counter() - started
 
 
@@ -71,50 +86,97 @@ def _captions(count: int, context_length: int) -> np.ndarray:
     return fixed_token_ids(context_length, texts)
 
 
-def bench_model(label: str, model: torch.nn.Module, batches: list[int], repeats: int, threads: int,
-                root: Path) -> None:
+def bench_model(
+    label: str, model: torch.nn.Module, batches: list[int], repeats: int, threads: int, root: Path
+) -> None:
     print(f"\n== {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     bundle, seconds = _export(model, label.replace("/", "-"), root)
     print(f"export (fp32 + int8 + parity checks): {seconds:.1f} s")
     for report in bundle.manifest.parity:
         print(f"  parity {report.file:<18} min cosine {report.min_cosine:.6f}  mean {report.mean_cosine:.6f}")
-    sessions = {precision: {tower: make_session(bundle.file_path(tower, precision), threads=threads)
-                            for tower in ("image", "text")} for precision in ("fp32", "int8")}
+    sessions = {
+        precision: {
+            tower: make_session(bundle.file_path(tower, precision), threads=threads)
+            for tower in ("image", "text")
+        }
+        for precision in ("fp32", "int8")
+    }
     height, width = bundle.manifest.image.size
     context = bundle.manifest.tokenizer.context_length
-    print(f"{'tower':<6} {'batch':>5} {'torch ms':>10} {'ORT ms':>10} {'ORT int8':>10} "
-          f"{'ORT gain':>10} {'int8 gain':>10}  note")
+    print(
+        f"{'tower':<6} {'batch':>5} {'torch ms':>10} {'ORT ms':>10} {'ORT int8':>10} "
+        f"{'ORT gain':>10} {'int8 gain':>10}  note"
+    )
     for batch in batches:
         images = np.random.default_rng(batch).standard_normal((batch, 3, height, width), dtype=np.float32)
-        _row("image", batch, repeats, lambda x=images: model.encode_image(torch.from_numpy(x)),
-             {p: s["image"] for p, s in sessions.items()}, "pixel_values", images, "")
+        _row(
+            "image",
+            batch,
+            repeats,
+            lambda x=images: model.encode_image(torch.from_numpy(x)),
+            {p: s["image"] for p, s in sessions.items()},
+            "pixel_values",
+            images,
+            "",
+        )
         ids = _captions(batch, context)
         trimmed = np.ascontiguousarray(ids[:, : int(token_counts(ids).max())])
-        _row("text", batch, repeats, lambda x=ids: model.encode_text(torch.from_numpy(x)),
-             {p: s["text"] for p, s in sessions.items()}, "input_ids", ids, "all padded to 77")
+        _row(
+            "text",
+            batch,
+            repeats,
+            lambda x=ids: model.encode_text(torch.from_numpy(x)),
+            {p: s["text"] for p, s in sessions.items()},
+            "input_ids",
+            ids,
+            "all padded to 77",
+        )
         if bundle.manifest.text.dynamic_length:
-            _row("text", batch, repeats, lambda x=ids: model.encode_text(torch.from_numpy(x)),
-                 {p: s["text"] for p, s in sessions.items()}, "input_ids", trimmed,
-                 f"ORT padded to {trimmed.shape[1]} (dynamic length), torch to 77")
+            _row(
+                "text",
+                batch,
+                repeats,
+                lambda x=ids: model.encode_text(torch.from_numpy(x)),
+                {p: s["text"] for p, s in sessions.items()},
+                "input_ids",
+                trimmed,
+                f"ORT padded to {trimmed.shape[1]} (dynamic length), torch to 77",
+            )
 
 
-def _row(tower: str, batch: int, repeats: int, torch_run: Callable[[], torch.Tensor],
-         sessions: dict[str, ort.InferenceSession], input_name: str, inputs: np.ndarray, note: str) -> None:
+def _row(
+    tower: str,
+    batch: int,
+    repeats: int,
+    torch_run: Callable[[], torch.Tensor],
+    sessions: dict[str, ort.InferenceSession],
+    input_name: str,
+    inputs: np.ndarray,
+    note: str,
+) -> None:
     with torch.inference_mode():
         torch_ms = median_ms(lambda: F.normalize(torch_run(), dim=-1), repeats)
     fp32_ms = median_ms(lambda: sessions["fp32"].run(None, {input_name: inputs}), repeats)
     int8_ms = median_ms(lambda: sessions["int8"].run(None, {input_name: inputs}), repeats)
-    print(f"{tower:<6} {batch:>5} {torch_ms:>10.1f} {fp32_ms:>10.1f} {int8_ms:>10.1f} "
-          f"{torch_ms / fp32_ms:>9.2f}x {fp32_ms / int8_ms:>9.2f}x  {note}")
+    print(
+        f"{tower:<6} {batch:>5} {torch_ms:>10.1f} {fp32_ms:>10.1f} {int8_ms:>10.1f} "
+        f"{torch_ms / fp32_ms:>9.2f}x {fp32_ms / int8_ms:>9.2f}x  {note}"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["ViT-B-32", "MobileCLIP2-S0"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=min(4, os.cpu_count() or 1),
-                        help="threads for torch and ONNX Runtime alike")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="threads for torch and ONNX Runtime alike",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, batches 1 and 4, 2 repeats")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,8 +188,9 @@ def main() -> None:
             bench_model("tiny", model_from_config(QUICK_CONFIG), [1, 4], 2, args.threads, Path(folder))
             return
         for name in args.models:
-            bench_model(name, load_model(name, "none").model, args.batches, args.repeats, args.threads,
-                        Path(folder))
+            bench_model(
+                name, load_model(name, "none").model, args.batches, args.repeats, args.threads, Path(folder)
+            )
 
 
 if __name__ == "__main__":

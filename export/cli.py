@@ -32,37 +32,70 @@ def _env_flag(flag: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="clip-export", description="Export an open_clip model to a verified ONNX model bundle.",
+        prog="clip-export",
+        description="Export an open_clip model to a verified ONNX model bundle.",
         epilog="Every flag can also be set as an environment variable CLIP_EXPORT_<FLAG>, e.g. CLIP_EXPORT_REPO.",
     )
     what = parser.add_argument_group("model")
-    what.add_argument("--model", default=_env("model"), help="open_clip model name, e.g. ViT-B-32, MobileCLIP2-S0")
-    what.add_argument("--config", default=_env("config"),
-                      help="JSON architecture (bare model config or open_clip_config.json) instead of a name")
-    what.add_argument("--pretrained", default=_env("pretrained"),
-                      help="open_clip pretrained tag, 'none' for random init, or a checkpoint path")
-    what.add_argument("--checkpoint", default=_env("checkpoint"),
-                      help="local weights: a state_dict, {'state_dict': ...} or DDP 'module.' keys; with "
-                      "--pretrained TAG the file holds that tag's weights and its preprocessing is used")
+    what.add_argument(
+        "--model", default=_env("model"), help="open_clip model name, e.g. ViT-B-32, MobileCLIP2-S0"
+    )
+    what.add_argument(
+        "--config",
+        default=_env("config"),
+        help="JSON architecture (bare model config or open_clip_config.json) instead of a name",
+    )
+    what.add_argument(
+        "--pretrained",
+        default=_env("pretrained"),
+        help="open_clip pretrained tag, 'none' for random init, or a checkpoint path",
+    )
+    what.add_argument(
+        "--checkpoint",
+        default=_env("checkpoint"),
+        help="local weights: a state_dict, {'state_dict': ...} or DDP 'module.' keys; with "
+        "--pretrained TAG the file holds that tag's weights and its preprocessing is used",
+    )
     what.add_argument("--seed", type=int, default=_env("seed", "0"), help="seed for random init")
     where = parser.add_argument_group("bundle")
     where.add_argument("--name", default=_env("name"), help="model name in the repository (default: --model)")
-    where.add_argument("--repo", default=_env("repo", "models"), help="model repository folder (default: models)")
-    where.add_argument("--version", type=int, default=_env("version"),
-                       help="version to publish (default: the next free one)")
+    where.add_argument(
+        "--repo", default=_env("repo", "models"), help="model repository folder (default: models)"
+    )
+    where.add_argument(
+        "--version", type=int, default=_env("version"), help="version to publish (default: the next free one)"
+    )
     variants = parser.add_argument_group("variants and checks")
-    variants.add_argument("--int8", action="store_true", default=_env_flag("int8"), help="add int8 graphs (CPU)")
-    variants.add_argument("--fp16", action="store_true", default=_env_flag("fp16"), help="add fp16 graphs (GPU)")
-    variants.add_argument("--tensorrt", action="store_true", default=_env_flag("tensorrt"),
-                          help="add TensorRT fp16 engines for this GPU (needs CUDA and tensorrt)")
-    variants.add_argument("--min-cosine", type=float, default=_env("min_cosine"),
-                          help="fp32 parity threshold (default 0.9999)")
-    variants.add_argument("--min-cosine-int8", type=float, default=_env("min_cosine_int8"),
-                          help="int8 parity threshold (default 0.99)")
-    variants.add_argument("--min-cosine-fp16", type=float, default=_env("min_cosine_fp16"),
-                          help="fp16 and TensorRT parity threshold (default 0.999)")
-    parser.add_argument("--threads", type=int, default=_env("threads"),
-                        help="torch CPU threads (default: torch's choice)")
+    variants.add_argument(
+        "--int8", action="store_true", default=_env_flag("int8"), help="add int8 graphs (CPU)"
+    )
+    variants.add_argument(
+        "--fp16", action="store_true", default=_env_flag("fp16"), help="add fp16 graphs (GPU)"
+    )
+    variants.add_argument(
+        "--tensorrt",
+        action="store_true",
+        default=_env_flag("tensorrt"),
+        help="add TensorRT fp16 engines for this GPU (needs CUDA and tensorrt)",
+    )
+    variants.add_argument(
+        "--min-cosine", type=float, default=_env("min_cosine"), help="fp32 parity threshold (default 0.9999)"
+    )
+    variants.add_argument(
+        "--min-cosine-int8",
+        type=float,
+        default=_env("min_cosine_int8"),
+        help="int8 parity threshold (default 0.99)",
+    )
+    variants.add_argument(
+        "--min-cosine-fp16",
+        type=float,
+        default=_env("min_cosine_fp16"),
+        help="fp16 and TensorRT parity threshold (default 0.999)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=_env("threads"), help="torch CPU threads (default: torch's choice)"
+    )
     parser.add_argument("--quiet", action="store_true", default=_env_flag("quiet"), help="no progress lines")
     parser.add_argument("--list-models", action="store_true", help="list open_clip model names and exit")
     return parser
@@ -72,7 +105,9 @@ def _thresholds(args: argparse.Namespace) -> dict[str, float]:
     given = {"fp32": args.min_cosine, "int8": args.min_cosine_int8, "fp16": args.min_cosine_fp16}
     for precision, value in given.items():
         if value is not None and not 0.0 < value <= 1.0:
-            raise BundleError(f"--min-cosine{'' if precision == 'fp32' else '-' + precision} must be in (0, 1]")
+            raise BundleError(
+                f"--min-cosine{'' if precision == 'fp32' else '-' + precision} must be in (0, 1]"
+            )
     return {precision: value for precision, value in given.items() if value is not None}
 
 
@@ -134,7 +169,9 @@ def run(args: argparse.Namespace) -> Bundle:
     name = _default_name(args)
     thresholds = _thresholds(args)
     if args.model and args.pretrained is None and args.checkpoint is None:
-        raise BundleError("say which weights: --pretrained TAG, --pretrained none (random init) or --checkpoint PATH")
+        raise BundleError(
+            "say which weights: --pretrained TAG, --pretrained none (random init) or --checkpoint PATH"
+        )
     check_can_publish(ModelRepository(args.repo), name, args.version, args.tensorrt)
     started = time.perf_counter()
     if not args.quiet:
@@ -143,8 +180,16 @@ def run(args: argparse.Namespace) -> Bundle:
     if not args.quiet:
         print(f"  model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return export_bundle(
-        loaded.model, args.repo, name, source=loaded.source, int8=args.int8, fp16=args.fp16,
-        tensorrt=args.tensorrt, min_cosine=thresholds or None, version=args.version, progress=not args.quiet,
+        loaded.model,
+        args.repo,
+        name,
+        source=loaded.source,
+        int8=args.int8,
+        fp16=args.fp16,
+        tensorrt=args.tensorrt,
+        min_cosine=thresholds or None,
+        version=args.version,
+        progress=not args.quiet,
     )
 
 

@@ -104,15 +104,29 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(previous)
 
 
-def export_graph(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str,
-                 dynamic_axes: Mapping[int, torch.export.Dim]) -> None:
+def export_graph(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_name: str,
+    dynamic_axes: Mapping[int, torch.export.Dim],
+) -> None:
     """torch.export-based ONNX export (the legacy tracer bakes the sequence length into reshapes)."""
     with _mha_fastpath_disabled(), torch.no_grad(), quiet_logs():
         try:
             torch.onnx.export(
-                module, (example,), str(path), input_names=[input_name], output_names=[output_name],
-                dynamo=True, dynamic_shapes={input_name: dict(dynamic_axes)}, opset_version=ONNX_OPSET,
-                external_data=False, optimize=True, verbose=False,
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamo=True,
+                dynamic_shapes={input_name: dict(dynamic_axes)},
+                opset_version=ONNX_OPSET,
+                external_data=False,
+                optimize=True,
+                verbose=False,
             )
         except Exception as exc:
             raise ExportError(f"ONNX export of {path.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -142,8 +156,12 @@ def preprocess_from_model(model: nn.Module) -> ImagePreprocess:
     resolved = PreprocessCfg(**{key: value for key, value in config.items() if key in known})
     try:
         return ImagePreprocess(
-            size=to_2tuple(resolved.size), mean=tuple(resolved.mean), std=tuple(resolved.std),
-            interpolation=resolved.interpolation, resize_mode=resolved.resize_mode, fill_color=resolved.fill_color,
+            size=to_2tuple(resolved.size),
+            mean=tuple(resolved.mean),
+            std=tuple(resolved.std),
+            interpolation=resolved.interpolation,
+            resize_mode=resolved.resize_mode,
+            fill_color=resolved.fill_color,
         )
     except ValidationError as exc:
         raise ExportError(f"unsupported image preprocess config {config}: {exc}") from exc
@@ -159,8 +177,12 @@ def tokenizer_spec(context_length: int, source: ModelSource) -> TokenizerSpec:
     clean = text_cfg.get("tokenizer_kwargs", {}).get("clean", "lower")
     bpe = SimpleTokenizer(context_length=context_length)
     return TokenizerSpec(
-        context_length=context_length, vocab_file=VOCAB_SOURCE.name, lowercase=clean != "whitespace",
-        clean=clean, sot_token_id=bpe.sot_token_id, eot_token_id=bpe.eot_token_id,
+        context_length=context_length,
+        vocab_file=VOCAB_SOURCE.name,
+        lowercase=clean != "whitespace",
+        clean=clean,
+        sot_token_id=bpe.sot_token_id,
+        eot_token_id=bpe.eot_token_id,
     )
 
 
@@ -191,7 +213,9 @@ class _Towers:
 class _BundleWriter:
     """Writes and checks the files of one bundle inside a staging directory."""
 
-    def __init__(self, staging: Staging, towers: _Towers, thresholds: Mapping[str, float], progress: Progress):
+    def __init__(
+        self, staging: Staging, towers: _Towers, thresholds: Mapping[str, float], progress: Progress
+    ):
         self.staging = staging
         self.towers = towers
         self.thresholds = thresholds
@@ -205,13 +229,21 @@ class _BundleWriter:
         image_path = self.staging.path / "image.onnx"
         with self.progress.step("exporting image tower to image.onnx"):
             example = torch.from_numpy(towers.images[:EXAMPLE_BATCH])
-            export_graph(towers.image, example, image_path, IMAGE_INPUT, IMAGE_OUTPUT,
-                         {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)})
+            export_graph(
+                towers.image,
+                example,
+                image_path,
+                IMAGE_INPUT,
+                IMAGE_OUTPUT,
+                {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},
+            )
         text_path = self.staging.path / "text.onnx"
         with self.progress.step("exporting text tower to text.onnx"):
             self._export_text(text_path)
-        self.files += [self.staging.describe("image.onnx", "image", "fp32"),
-                       self.staging.describe("text.onnx", "text", "fp32")]
+        self.files += [
+            self.staging.describe("image.onnx", "image", "fp32"),
+            self.staging.describe("text.onnx", "text", "fp32"),
+        ]
 
     def _export_text(self, path: Path) -> None:
         plan = self.towers.text
@@ -220,7 +252,9 @@ class _BundleWriter:
         if plan.length_free:
             ids = ids[:, : max(3, int(token_counts(ids).max()))]
             axes[1] = torch.export.Dim("sequence", min=2, max=plan.context_length)
-        export_graph(plan.module, torch.from_numpy(np.ascontiguousarray(ids)), path, TEXT_INPUT, TEXT_OUTPUT, axes)
+        export_graph(
+            plan.module, torch.from_numpy(np.ascontiguousarray(ids)), path, TEXT_INPUT, TEXT_OUTPUT, axes
+        )
         self.length_free = plan.length_free and 1 in dynamic_input_axes(path, TEXT_INPUT)
 
     def copy_vocab(self) -> None:
@@ -247,37 +281,69 @@ class _BundleWriter:
         towers = self.towers
         session = make_session(self.staging.path / file, providers_for(precision))
         actual = image_outputs(session, towers.images)
-        return report("image", precision, file, towers.image_reference, actual, len(towers.images),
-                      self.thresholds[precision], runtime_name(session))
+        return report(
+            "image",
+            precision,
+            file,
+            towers.image_reference,
+            actual,
+            len(towers.images),
+            self.thresholds[precision],
+            runtime_name(session),
+        )
 
     def _text_report(self, precision: Precision, file: str) -> ParityReport:
         towers = self.towers
         session = make_session(self.staging.path / file, providers_for(precision))
         actual = text_outputs(session, towers.token_ids, self.length_free)
-        return report("text", precision, file, towers.text_reference, actual, len(towers.token_ids),
-                      self.thresholds[precision], runtime_name(session))
+        return report(
+            "text",
+            precision,
+            file,
+            towers.text_reference,
+            actual,
+            len(towers.token_ids),
+            self.thresholds[precision],
+            runtime_name(session),
+        )
 
     def add_int8(self) -> None:
         with self.progress.step("quantizing MatMul/Gemm to int8"):
             for tower in ("image", "text"):
                 quantize_int8(self.staging.path / f"{tower}.onnx", self.staging.path / f"{tower}.int8.onnx")
-        self.files += [self.staging.describe(f"{tower}.int8.onnx", tower, "int8") for tower in ("image", "text")]
+        self.files += [
+            self.staging.describe(f"{tower}.int8.onnx", tower, "int8") for tower in ("image", "text")
+        ]
         self.verify("int8", "image.int8.onnx", "text.int8.onnx")
 
     def add_fp16(self) -> None:
         with self.progress.step("converting to fp16"):
             for tower in ("image", "text"):
                 convert_fp16(self.staging.path / f"{tower}.onnx", self.staging.path / f"{tower}.fp16.onnx")
-        self.files += [self.staging.describe(f"{tower}.fp16.onnx", tower, "fp16") for tower in ("image", "text")]
+        self.files += [
+            self.staging.describe(f"{tower}.fp16.onnx", tower, "fp16") for tower in ("image", "text")
+        ]
         self.verify("fp16", "image.fp16.onnx", "text.fp16.onnx")
 
     def add_tensorrt(self) -> None:
         with self.progress.step("building TensorRT fp16 engines (timing cache reused)"):
-            engines = build_engines(self.staging.path, self.towers.images.shape[2:],
-                                    self.towers.text.context_length, self.length_free)
+            engines = build_engines(
+                self.staging.path,
+                self.towers.images.shape[2:],
+                self.towers.text.context_length,
+                self.length_free,
+            )
         for engine in engines:
-            self.files.append(self.staging.describe(engine.path, "engine", "fp16", tower=engine.tower,
-                                                    gpu=engine.gpu, tensorrt_version=engine.tensorrt_version))
+            self.files.append(
+                self.staging.describe(
+                    engine.path,
+                    "engine",
+                    "fp16",
+                    tower=engine.tower,
+                    gpu=engine.gpu,
+                    tensorrt_version=engine.tensorrt_version,
+                )
+            )
         with self.progress.step("checking TensorRT parity with the torch model"):
             for engine in engines:
                 self.parity.append(self._engine_report(engine.tower, engine.path))
@@ -289,10 +355,15 @@ class _BundleWriter:
         if tower == "image":
             actual, reference, inputs = run_engine(path, towers.images), towers.image_reference, towers.images
         else:
-            ids = towers.token_ids[:, : int(token_counts(towers.token_ids).max())] if self.length_free \
+            ids = (
+                towers.token_ids[:, : int(token_counts(towers.token_ids).max())]
+                if self.length_free
                 else towers.token_ids
+            )
             actual, reference, inputs = run_engine(path, ids), towers.text_reference, towers.token_ids
-        return report(tower, "fp16", file, reference, actual, len(inputs), self.thresholds["fp16"], "tensorrt")
+        return report(
+            tower, "fp16", file, reference, actual, len(inputs), self.thresholds["fp16"], "tensorrt"
+        )
 
 
 def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:
@@ -302,28 +373,44 @@ def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:
     images = fixed_images(*preprocess.size)
     token_ids = fixed_token_ids(text_plan.context_length)
     return _Towers(
-        image=ImageTower(deployed).eval(), text=text_plan, images=images, token_ids=token_ids,
+        image=ImageTower(deployed).eval(),
+        text=text_plan,
+        images=images,
+        token_ids=token_ids,
         image_reference=torch_embeddings(reference_image, images),
         text_reference=torch_embeddings(reference_text.module.eval(), token_ids),
     )
 
 
-def check_can_publish(repository: ModelRepository, name: str, version: int | None = None,
-                      tensorrt: bool = False) -> None:
+def check_can_publish(
+    repository: ModelRepository, name: str, version: int | None = None, tensorrt: bool = False
+) -> None:
     """Refuse early, before loading or exporting anything, what publishing would refuse at the end."""
     validate_name(name)
     if tensorrt:
         require_tensorrt()
     repository.check_writable()
     if version is not None and version in repository.versions(name):
-        raise VersionExistsError(f"{name} version {version} already exists in {repository.root}; "
-                                 "versions are immutable: pick another version or leave it out")
+        raise VersionExistsError(
+            f"{name} version {version} already exists in {repository.root}; "
+            "versions are immutable: pick another version or leave it out"
+        )
 
 
-def export_bundle(model: nn.Module, repo: ModelRepository | Path | str, name: str, *, source: ModelSource,
-                  preprocess: ImagePreprocess | None = None, int8: bool = False, fp16: bool = False,
-                  tensorrt: bool = False, min_cosine: float | Mapping[str, float] | None = None,
-                  version: int | None = None, progress: bool = True) -> Bundle:
+def export_bundle(
+    model: nn.Module,
+    repo: ModelRepository | Path | str,
+    name: str,
+    *,
+    source: ModelSource,
+    preprocess: ImagePreprocess | None = None,
+    int8: bool = False,
+    fp16: bool = False,
+    tensorrt: bool = False,
+    min_cosine: float | Mapping[str, float] | None = None,
+    version: int | None = None,
+    progress: bool = True,
+) -> Bundle:
     """Export both towers of `model`, verify them against it, and publish the bundle as `name`.
 
     `min_cosine`: a float sets the fp32 parity threshold; a mapping {"fp32"|"int8"|"fp16": value}
@@ -333,8 +420,19 @@ def export_bundle(model: nn.Module, repo: ModelRepository | Path | str, name: st
     check_can_publish(repository, name, version, tensorrt)
     was_training = model.training
     try:
-        return _export(cpu_float32(model.eval()), repository, name, source, preprocess, int8, fp16, tensorrt,
-                       min_cosine, version, Progress(progress))
+        return _export(
+            cpu_float32(model.eval()),
+            repository,
+            name,
+            source,
+            preprocess,
+            int8,
+            fp16,
+            tensorrt,
+            min_cosine,
+            version,
+            Progress(progress),
+        )
     finally:
         model.train(was_training)
 
@@ -343,14 +441,26 @@ def cpu_float32(model: nn.Module) -> nn.Module:
     """The model itself when it already lives on the CPU in fp32; otherwise a CPU fp32 copy (a student
     published from the GPU at the end of training keeps its place there)."""
     tensors = [*model.parameters(), *model.buffers()]
-    if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
+    if all(
+        t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors
+    ):
         return model
     return copy.deepcopy(model).cpu().float().eval()
 
 
-def _export(model: nn.Module, repository: ModelRepository, name: str, source: ModelSource,
-            preprocess: ImagePreprocess | None, int8: bool, fp16: bool, tensorrt: bool,
-            min_cosine: float | Mapping[str, float] | None, version: int | None, steps: Progress) -> Bundle:
+def _export(
+    model: nn.Module,
+    repository: ModelRepository,
+    name: str,
+    source: ModelSource,
+    preprocess: ImagePreprocess | None,
+    int8: bool,
+    fp16: bool,
+    tensorrt: bool,
+    min_cosine: float | Mapping[str, float] | None,
+    version: int | None,
+    steps: Progress,
+) -> Bundle:
     preprocess = preprocess or preprocess_from_model(model)
     if source.open_clip_version is None:
         source = source.model_copy(update={"open_clip_version": open_clip.__version__})
@@ -370,11 +480,16 @@ def _export(model: nn.Module, repository: ModelRepository, name: str, source: Mo
         if tensorrt:
             writer.add_tensorrt()
         manifest = Manifest(
-            name=name, embed_dim=int(towers.image_reference.shape[1]),
-            logit_scale=float(np.exp(_scalar(model.logit_scale))), logit_bias=_scalar(model.logit_bias),
-            image=preprocess, tokenizer=tokenizer,
+            name=name,
+            embed_dim=int(towers.image_reference.shape[1]),
+            logit_scale=float(np.exp(_scalar(model.logit_scale))),
+            logit_bias=_scalar(model.logit_bias),
+            image=preprocess,
+            tokenizer=tokenizer,
             text=TextGraph(dynamic_length=writer.length_free, pooling=towers.text.pooling),
-            files=writer.files, source=source, parity=writer.parity,
+            files=writer.files,
+            source=source,
+            parity=writer.parity,
         )
         with steps.step("publishing"):
             return staging.publish(manifest, version=version)

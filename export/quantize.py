@@ -27,7 +27,10 @@ def quantize_int8(source: Path, target: Path) -> None:
     """Dynamic 8-bit quantization of the weights of MatMul/Gemm; activations quantized at run time."""
     with quiet_logs():
         quantize_dynamic(
-            source, target, op_types_to_quantize=list(INT8_OP_TYPES), weight_type=INT8_WEIGHT_TYPE,
+            source,
+            target,
+            op_types_to_quantize=list(INT8_OP_TYPES),
+            weight_type=INT8_WEIGHT_TYPE,
             per_channel=True,
         )
 

@@ -84,7 +84,9 @@ def check_text_tower_supported(architecture: str, model_cfg: Mapping[str, Any]) 
         raise SourceError(f"{architecture} is a captioning model (CoCa); only CLIP-style models are exported")
 
 
-def model_from_config(model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None = None) -> nn.Module:
+def model_from_config(
+    model_cfg: Mapping[str, Any], preprocess_cfg: Mapping[str, Any] | None = None
+) -> nn.Module:
     """A random-init model of a custom architecture, with open_clip's preprocessing defaults merged
     with `preprocess_cfg`, exactly as open_clip itself builds one from a local config."""
     check_text_tower_supported("the custom architecture", model_cfg)
@@ -122,7 +124,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise SourceError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not loaded or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    if (
+        not isinstance(loaded, Mapping)
+        or not loaded
+        or not all(isinstance(v, torch.Tensor) for v in loaded.values())
+    ):
         raise SourceError(f"checkpoint {path} holds no state_dict (a mapping of parameter names to tensors)")
     if all(key.startswith("module.") for key in loaded):
         loaded = {key.removeprefix("module."): value for key, value in loaded.items()}
@@ -134,20 +140,24 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" (and {len(keys) - _SHOWN_KEYS} more)" if len(keys) > _SHOWN_KEYS else "")
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, architecture: str) -> None:
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], path: Path, architecture: str
+) -> None:
     """Load strictly; a checkpoint of another architecture is refused naming the keys that differ."""
     expected = model.state_dict()
     # logit_scale is a 0-d or 1-element tensor depending on the open_clip version that saved it.
     state_dict = {
-        key: value.reshape(expected[key].shape) if key in expected and value.numel() == expected[key].numel()
-        and key.startswith("logit_") else value
+        key: value.reshape(expected[key].shape)
+        if key in expected and value.numel() == expected[key].numel() and key.startswith("logit_")
+        else value
         for key, value in state_dict.items()
     }
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     mismatched = sorted(
         f"{key} {tuple(state_dict[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in set(expected) & set(state_dict) if state_dict[key].shape != expected[key].shape
+        for key in set(expected) & set(state_dict)
+        if state_dict[key].shape != expected[key].shape
     )
     problems = []
     if missing:
@@ -198,8 +208,13 @@ def _looks_like_a_path(value: str) -> bool:
     return Path(value).is_file() or "/" in value or value.endswith(CHECKPOINT_SUFFIXES)
 
 
-def load_model(name: str | None = None, pretrained: str | None = RANDOM_INIT, checkpoint: Path | str | None = None,
-               config: Path | str | None = None, seed: int = 0) -> LoadedModel:
+def load_model(
+    name: str | None = None,
+    pretrained: str | None = RANDOM_INIT,
+    checkpoint: Path | str | None = None,
+    config: Path | str | None = None,
+    seed: int = 0,
+) -> LoadedModel:
     """Build the model to export.
 
     - `name` + `pretrained` tag: open_clip weights (`none`: random init with `seed`);
@@ -223,11 +238,15 @@ def load_model(name: str | None = None, pretrained: str | None = RANDOM_INIT, ch
     torch.manual_seed(seed)
     if checkpoint is None and tagged:
         if config is not None:
-            raise SourceError("a pretrained tag needs an open_clip model name; with --config pass --checkpoint")
+            raise SourceError(
+                "a pretrained tag needs an open_clip model name; with --config pass --checkpoint"
+            )
         model = _create_pretrained(architecture, pretrained)
         return LoadedModel(model.eval(), ModelSource(pretrained=pretrained, **source))
     if checkpoint is None:
-        return LoadedModel(model_from_config(model_cfg, preprocess_cfg), ModelSource(pretrained=RANDOM_INIT, **source))
+        return LoadedModel(
+            model_from_config(model_cfg, preprocess_cfg), ModelSource(pretrained=RANDOM_INIT, **source)
+        )
     if tagged:
         preprocess_cfg = {**tag_preprocess(architecture, pretrained), **preprocess_cfg}
     path = Path(checkpoint)
@@ -235,5 +254,6 @@ def load_model(name: str | None = None, pretrained: str | None = RANDOM_INIT, ch
     model = model_from_config(model_cfg, preprocess_cfg)
     load_weights(model, state_dict, path, architecture)
     return LoadedModel(
-        model.eval(), ModelSource(pretrained=pretrained if tagged else None, checkpoint_sha256=sha256_of(path), **source)
+        model.eval(),
+        ModelSource(pretrained=pretrained if tagged else None, checkpoint_sha256=sha256_of(path), **source),
     )

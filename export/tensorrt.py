@@ -31,7 +31,9 @@ def require_tensorrt() -> tuple[Any, Any]:
     import torch
 
     if not torch.cuda.is_available():
-        raise ExportError("TensorRT engines are built on the GPU they will run on; no CUDA GPU is visible here")
+        raise ExportError(
+            "TensorRT engines are built on the GPU they will run on; no CUDA GPU is visible here"
+        )
     return tensorrt, torch
 
 
@@ -71,8 +73,9 @@ def image_shapes(height: int, width: int, batches: tuple[int, int, int] = DEFAUL
     return ShapeRange("pixel_values", *((b, 3, height, width) for b in batches))
 
 
-def text_shapes(context_length: int, dynamic_length: bool,
-                batches: tuple[int, int, int] = DEFAULT_BATCH_RANGE) -> ShapeRange:
+def text_shapes(
+    context_length: int, dynamic_length: bool, batches: tuple[int, int, int] = DEFAULT_BATCH_RANGE
+) -> ShapeRange:
     """With a dynamic length, lengths 2..context (tuned for short captions); else the context only."""
     shortest, typical = (2, min(16, context_length)) if dynamic_length else (context_length, context_length)
     low, mid, high = batches
@@ -138,7 +141,9 @@ def run_engine(engine_path: Path, inputs: np.ndarray) -> np.ndarray:
     device_input = torch.from_numpy(np.ascontiguousarray(inputs)).cuda()
     context.set_input_shape(input_name, tuple(device_input.shape))
     output_dtype = torch.float16 if engine.get_tensor_dtype(output_name) == trt.float16 else torch.float32
-    device_output = torch.empty(tuple(context.get_tensor_shape(output_name)), dtype=output_dtype, device="cuda")
+    device_output = torch.empty(
+        tuple(context.get_tensor_shape(output_name)), dtype=output_dtype, device="cuda"
+    )
     context.set_tensor_address(input_name, device_input.data_ptr())
     context.set_tensor_address(output_name, device_output.data_ptr())
     stream = torch.cuda.current_stream()
@@ -156,14 +161,17 @@ class EngineFile:
     tensorrt_version: str
 
 
-def build_engines(bundle_dir: Path, image_size: tuple[int, int], context_length: int,
-                  dynamic_length: bool) -> list[EngineFile]:
+def build_engines(
+    bundle_dir: Path, image_size: tuple[int, int], context_length: int, dynamic_length: bool
+) -> list[EngineFile]:
     """fp16 engines for both towers of the fp32 graphs in `bundle_dir`."""
     trt, _ = require_tensorrt()
     gpu = gpu_name()
     engines = []
-    for tower, shapes in (("image", image_shapes(*image_size)),
-                          ("text", text_shapes(context_length, dynamic_length))):
+    for tower, shapes in (
+        ("image", image_shapes(*image_size)),
+        ("text", text_shapes(context_length, dynamic_length)),
+    ):
         name = engine_filename(tower, gpu, trt.__version__)
         build_engine(bundle_dir / f"{tower}.onnx", bundle_dir / name, shapes)
         engines.append(EngineFile(name, tower, gpu, trt.__version__))

@@ -65,8 +65,9 @@ def torch_embeddings(module: nn.Module, inputs: np.ndarray) -> np.ndarray:
         return module(torch.from_numpy(inputs)).float().numpy()
 
 
-def make_session(path: Path, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> ort.InferenceSession:
+def make_session(
+    path: Path, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int | None = None
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or min(4, os.cpu_count() or 1)
     options.log_severity_level = 3
@@ -121,12 +122,27 @@ def runtime_name(session: ort.InferenceSession) -> str:
     return "onnxruntime-cuda" if active == "CUDAExecutionProvider" else "onnxruntime-cpu"
 
 
-def report(tower: Tower, precision: Precision, file: str, reference: np.ndarray, actual: np.ndarray,
-           inputs: int, threshold: float, runtime: str) -> ParityReport:
+def report(
+    tower: Tower,
+    precision: Precision,
+    file: str,
+    reference: np.ndarray,
+    actual: np.ndarray,
+    inputs: int,
+    threshold: float,
+    runtime: str,
+) -> ParityReport:
     repeats = actual.shape[0] // reference.shape[0]
     figures = agreement(np.concatenate([reference] * repeats), actual)
     return ParityReport(
-        tower=tower, precision=precision, file=file, inputs=inputs,
-        max_abs_diff=figures.max_abs_diff, min_cosine=figures.min_cosine, mean_cosine=figures.mean_cosine,
-        threshold=threshold, passed=figures.min_cosine >= threshold, runtime=runtime,
+        tower=tower,
+        precision=precision,
+        file=file,
+        inputs=inputs,
+        max_abs_diff=figures.max_abs_diff,
+        min_cosine=figures.min_cosine,
+        mean_cosine=figures.mean_cosine,
+        threshold=threshold,
+        passed=figures.min_cosine >= threshold,
+        runtime=runtime,
     )

@@ -24,7 +24,14 @@ def bench():
 
 
 def test_combinations_put_the_two_best_kd_losses_on_an_inherited_student(bench) -> None:
-    scores = {"scratch": 0.4, "logit_kd": 0.30, "feature": 0.45, "icl": 0.50, "class_kd": 0.41, "inherit": 0.7}
+    scores = {
+        "scratch": 0.4,
+        "logit_kd": 0.30,
+        "feature": 0.45,
+        "icl": 0.50,
+        "class_kd": 0.41,
+        "inherit": 0.7,
+    }
     assert bench.combinations(scores, 0.5) == {
         "inherit+icl": ("clip=1,icl=0.5", "inherit"),
         "inherit+feature": ("clip=1,feature=0.5", "inherit"),

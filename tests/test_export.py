@@ -58,8 +58,10 @@ def token_batch(tiny_bundle):
 
 
 def test_graphs_have_the_contract_names_opset_and_dynamic_axes(tiny_bundle) -> None:
-    for tower, input_name, output_name in (("image", "pixel_values", "image_embeds"),
-                                           ("text", "input_ids", "text_embeds")):
+    for tower, input_name, output_name in (
+        ("image", "pixel_values", "image_embeds"),
+        ("text", "input_ids", "text_embeds"),
+    ):
         graph = onnx.load(str(tiny_bundle.file_path(tower)))
         assert max(op.version for op in graph.opset_import if op.domain in ("", "ai.onnx")) >= 17
         (graph_input,) = graph.graph.input
@@ -89,21 +91,27 @@ def test_text_graph_matches_torch_and_needs_no_padding(tiny_bundle, tiny_model, 
     trimmed = _run(tiny_bundle.file_path("text"), trimmed_ids)
     assert agreement(expected, full).min_cosine >= 0.9999
     assert np.abs(full - trimmed).max() < 1e-5
-    one_by_one = np.concatenate([
-        _run(tiny_bundle.file_path("text"), token_batch.ids[row : row + 1, : token_batch.lengths[row]])
-        for row in range(len(TEXTS))
-    ])
+    one_by_one = np.concatenate(
+        [
+            _run(tiny_bundle.file_path("text"), token_batch.ids[row : row + 1, : token_batch.lengths[row]])
+            for row in range(len(TEXTS))
+        ]
+    )
     assert np.abs(full - one_by_one).max() < 1e-5
 
 
-def test_int8_graphs_quantize_matmuls_only_and_stay_close(tiny_bundle, tiny_model, images, token_batch) -> None:
+def test_int8_graphs_quantize_matmuls_only_and_stay_close(
+    tiny_bundle, tiny_model, images, token_batch
+) -> None:
     for tower in ("image", "text"):
         ops = {node.op_type for node in onnx.load(str(tiny_bundle.file_path(tower, "int8"))).graph.node}
         assert "DynamicQuantizeLinear" in ops or "MatMulInteger" in ops
         assert "ConvInteger" not in ops
     image = agreement(_torch_image(tiny_model, images), _run(tiny_bundle.file_path("image", "int8"), images))
-    text = agreement(_torch_text(tiny_model, token_batch.ids),
-                     _run(tiny_bundle.file_path("text", "int8"), token_batch.trimmed()))
+    text = agreement(
+        _torch_text(tiny_model, token_batch.ids),
+        _run(tiny_bundle.file_path("text", "int8"), token_batch.trimmed()),
+    )
     assert image.min_cosine >= DEFAULT_MIN_COSINE["int8"]
     assert text.min_cosine >= DEFAULT_MIN_COSINE["int8"]
 
@@ -127,7 +135,11 @@ def test_manifest_round_trips_and_describes_the_model(tiny_bundle, tiny_model, t
     assert reports["text", "fp32"].threshold == 0.9999
     assert {r.runtime for r in reports.values()} == {"onnxruntime-cpu"}
     assert {f.path for f in manifest.files} == {
-        "image.onnx", "text.onnx", "image.int8.onnx", "text.int8.onnx", "bpe_simple_vocab_16e6.txt.gz"
+        "image.onnx",
+        "text.onnx",
+        "image.int8.onnx",
+        "text.int8.onnx",
+        "bpe_simple_vocab_16e6.txt.gz",
     }
 
 
@@ -152,8 +164,13 @@ def test_unwritable_repository_is_refused(tmp_path: Path, tiny_model) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(RepositoryNotWritableError, match="not writable"):
-        export_bundle(tiny_model, blocker / "models", "tiny", source=ModelSource(architecture="tiny-clip"),
-                      progress=False)
+        export_bundle(
+            tiny_model,
+            blocker / "models",
+            "tiny",
+            source=ModelSource(architecture="tiny-clip"),
+            progress=False,
+        )
 
 
 def test_failed_parity_publishes_nothing_and_leaves_the_model_as_it_was(tmp_path: Path, tiny_model) -> None:
@@ -162,8 +179,15 @@ def test_failed_parity_publishes_nothing_and_leaves_the_model_as_it_was(tmp_path
     try:
         # No int8 graph can reach cosine 1 - 1e-12 to the fp32 model.
         with pytest.raises(ParityError, match=r"int8 graphs disagree.*image\.int8\.onnx: min cosine"):
-            export_bundle(tiny_model, repo, "strict", source=ModelSource(architecture="tiny-clip"), int8=True,
-                          min_cosine={"int8": 1 - 1e-12}, progress=False)
+            export_bundle(
+                tiny_model,
+                repo,
+                "strict",
+                source=ModelSource(architecture="tiny-clip"),
+                int8=True,
+                min_cosine={"int8": 1 - 1e-12},
+                progress=False,
+            )
         assert tiny_model.training
     finally:
         tiny_model.eval()
@@ -188,10 +212,21 @@ def test_manifest_is_plain_json(tiny_bundle) -> None:
 TINY_MOBILE_CONFIG = {
     "embed_dim": 32,
     "custom_text": True,
-    "vision_cfg": {"timm_model_name": "fastvit_t8", "timm_model_pretrained": False, "timm_pool": "avg",
-                   "timm_proj": "linear", "image_size": 64},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
-                 "no_causal_mask": True},
+    "vision_cfg": {
+        "timm_model_name": "fastvit_t8",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+        "image_size": 64,
+    },
+    "text_cfg": {
+        "context_length": 77,
+        "vocab_size": 49408,
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+        "no_causal_mask": True,
+    },
 }
 
 
@@ -200,8 +235,9 @@ def test_mobileclip_style_model_is_reparameterized_and_keeps_a_fixed_text_length
     """FastViT image tower (re-parameterizable blocks) and a MobileCLIP text tower without causal mask."""
     torch.manual_seed(0)
     model = model_from_config(TINY_MOBILE_CONFIG)
-    bundle = export_bundle(model, tmp_path, "mobile", source=ModelSource(architecture="tiny-mobile"),
-                           progress=False)
+    bundle = export_bundle(
+        model, tmp_path, "mobile", source=ModelSource(architecture="tiny-mobile"), progress=False
+    )
     # Without a causal mask the padding changes the vectors: the graph must say so and keep length 77.
     assert bundle.manifest.text.dynamic_length is False
     text_input = onnx.load(str(bundle.file_path("text"))).graph.input[0]
@@ -211,7 +247,9 @@ def test_mobileclip_style_model_is_reparameterized_and_keeps_a_fixed_text_length
     training_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.visual.modules())
     assert exported_convs < training_convs, "re-parameterization should have merged conv branches"
     images = np.random.default_rng(3).standard_normal((2, 3, 64, 64), dtype=np.float32)
-    assert agreement(_torch_image(model, images), _run(bundle.file_path("image"), images)).min_cosine >= 0.9999
+    assert (
+        agreement(_torch_image(model, images), _run(bundle.file_path("image"), images)).min_cosine >= 0.9999
+    )
     assert all(r.passed for r in bundle.manifest.parity)
 
 

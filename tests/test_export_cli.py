@@ -35,8 +35,20 @@ def test_local_checkpoint_is_exported_verified_and_summarized(
     state = {f"module.{key}": value for key, value in tiny_model.state_dict().items()}
     torch.save({"state_dict": state, "epoch": 10}, checkpoint)
     repo = tmp_path / "models"
-    code = main(["--config", str(arch_file), "--checkpoint", str(checkpoint), "--name", "student",
-                 "--repo", str(repo), "--threads", "2"])
+    code = main(
+        [
+            "--config",
+            str(arch_file),
+            "--checkpoint",
+            str(checkpoint),
+            "--name",
+            "student",
+            "--repo",
+            str(repo),
+            "--threads",
+            "2",
+        ]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "exporting image tower" in err and "checking fp32 parity" in err
@@ -45,7 +57,9 @@ def test_local_checkpoint_is_exported_verified_and_summarized(
     bundle = ModelRepository(repo).load("student")
     assert bundle.manifest.source.checkpoint_sha256 == sha256_file(checkpoint)
     assert bundle.manifest.source.architecture == "student-arch"
-    ids = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path).encode(["a cat", "two dogs on a sofa"])
+    ids = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path).encode(
+        ["a cat", "two dogs on a sofa"]
+    )
     session = make_session(bundle.file_path("text"), threads=1)
     actual = session.run(None, {"input_ids": ids.trimmed()})[0]
     with torch.no_grad():
@@ -63,7 +77,9 @@ def test_checkpoint_of_another_architecture_is_refused_naming_keys(
     checkpoint = tmp_path / "tiny.pt"
     torch.save(tiny_model.state_dict(), checkpoint)
     repo = tmp_path / "models"
-    code = main(["--config", str(arch), "--checkpoint", str(checkpoint), "--name", "wider", "--repo", str(repo)])
+    code = main(
+        ["--config", str(arch), "--checkpoint", str(checkpoint), "--name", "wider", "--repo", str(repo)]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "does not fit architecture wider" in err
@@ -72,7 +88,9 @@ def test_checkpoint_of_another_architecture_is_refused_naming_keys(
     assert _published_nothing(repo, "wider")
 
 
-def test_unknown_model_suggests_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unknown_model_suggests_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     repo = tmp_path / "models"
     code = main(["--model", "ViT-B-23", "--pretrained", "none", "--repo", str(repo)])
     err = capsys.readouterr().err
@@ -100,13 +118,22 @@ def test_offline_pretrained_tag_simulated_tells_how_to_pass_a_local_file(
         (["--model", "ViT-B-32"], "say which weights: --pretrained TAG, --pretrained none"),
         ([], "say which model: --model NAME"),
         (["--config", "arch.json"], "--name is required with --config"),
-        (["--model", "ViT-B-32", "--pretrained", "none", "--name", "bad/name"], "invalid model name 'bad/name'"),
-        (["--model", "ViT-B-32", "--pretrained", "none", "--min-cosine", "1.5"], "--min-cosine must be in (0, 1]"),
+        (
+            ["--model", "ViT-B-32", "--pretrained", "none", "--name", "bad/name"],
+            "invalid model name 'bad/name'",
+        ),
+        (
+            ["--model", "ViT-B-32", "--pretrained", "none", "--min-cosine", "1.5"],
+            "--min-cosine must be in (0, 1]",
+        ),
         (["--config", "missing.json", "--name", "x"], "model config missing.json does not exist"),
     ],
 )
 def test_bad_arguments_get_a_clear_message(
-    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)

@@ -47,7 +47,9 @@ def test_local_checkpoint_in_each_form_loads_the_same_weights(
     assert loaded.source.pretrained is None
 
 
-def test_pretrained_given_as_a_file_path_is_a_local_checkpoint(tmp_path: Path, tiny_model, config_file) -> None:
+def test_pretrained_given_as_a_file_path_is_a_local_checkpoint(
+    tmp_path: Path, tiny_model, config_file
+) -> None:
     checkpoint = tmp_path / "weights.pt"
     torch.save(tiny_model.state_dict(), checkpoint)
     loaded = load_model(config=config_file, pretrained=str(checkpoint))
@@ -65,7 +67,9 @@ def test_open_clip_config_file_style_carries_its_preprocessing(tmp_path: Path, t
     assert tuple(model.visual.preprocess_cfg["size"]) == (32, 32)
 
 
-def test_checkpoint_of_another_architecture_names_the_keys(tmp_path: Path, tiny_model, tiny_clip_config) -> None:
+def test_checkpoint_of_another_architecture_names_the_keys(
+    tmp_path: Path, tiny_model, tiny_clip_config
+) -> None:
     other = copy.deepcopy(tiny_clip_config)
     other["text_cfg"]["layers"] = 3
     other["embed_dim"] = 48

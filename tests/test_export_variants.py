@@ -40,7 +40,9 @@ def _expected(tiny_model, images: np.ndarray, ids: np.ndarray) -> tuple[np.ndarr
     return image, text
 
 
-def test_fp16_graphs_keep_fp32_io_and_accuracy_layers(tiny_bundle, tiny_model, images, token_ids, tmp_path) -> None:
+def test_fp16_graphs_keep_fp32_io_and_accuracy_layers(
+    tiny_bundle, tiny_model, images, token_ids, tmp_path
+) -> None:
     for tower in ("image", "text"):
         convert_fp16(tiny_bundle.file_path(tower), tmp_path / f"{tower}.fp16.onnx")
         graph = onnx.load(str(tmp_path / f"{tower}.fp16.onnx")).graph
@@ -51,8 +53,10 @@ def test_fp16_graphs_keep_fp32_io_and_accuracy_layers(tiny_bundle, tiny_model, i
         norms = [node for node in graph.node if node.op_type == "LayerNormalization"]
         assert norms, "the exporter should emit LayerNormalization (opset >= 17)"
         # Kept in fp32: their scale stays float32 (or is cast back to it).
-        assert all(initializers.get(node.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
-                   for node in norms)
+        assert all(
+            initializers.get(node.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT
+            for node in norms
+        )
     expected_image, expected_text = _expected(tiny_model, images, token_ids.ids)
     image_session = make_session(tmp_path / "image.fp16.onnx", providers_for("fp16"), threads=1)
     text_session = make_session(tmp_path / "text.fp16.onnx", providers_for("fp16"), threads=1)
@@ -88,13 +92,22 @@ def test_tensorrt_engines_are_keyed_by_gpu_and_match_torch(
 
 
 @pytest.mark.gpu
-def test_export_with_tensorrt_and_fp16_publishes_checked_engines(tiny_model, tmp_path: Path, monkeypatch) -> None:
+def test_export_with_tensorrt_and_fp16_publishes_checked_engines(
+    tiny_model, tmp_path: Path, monkeypatch
+) -> None:
     pytest.importorskip("tensorrt")
     from export.tensorrt import TIMING_CACHE_ENV
 
     monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "cache"))
-    bundle = export_bundle(tiny_model, tmp_path / "models", "tiny-gpu", source=ModelSource(architecture="tiny"),
-                           fp16=True, tensorrt=True, progress=False)
+    bundle = export_bundle(
+        tiny_model,
+        tmp_path / "models",
+        "tiny-gpu",
+        source=ModelSource(architecture="tiny"),
+        fp16=True,
+        tensorrt=True,
+        progress=False,
+    )
     engines = [f for f in bundle.manifest.files if f.role == "engine"]
     assert len(engines) == 2 and all(f.gpu and f.tensorrt_version and f.precision == "fp16" for f in engines)
     checked = {r.file for r in bundle.manifest.parity if r.passed}
