@@ -32,6 +32,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from export.scoring import Scoring, ScoringKind
+
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".staging-"
@@ -158,10 +160,13 @@ class Manifest(_Strict):
     version: int = Field(0, ge=0, description="0 until published; then >= 1")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     embed_dim: int = Field(ge=1)
-    logit_scale: float = Field(
-        gt=0, description="exp() already applied: scores are softmax(logit_scale * cos)"
+    logit_scale: float = Field(gt=0, description="exp() already applied")
+    logit_bias: float | None = Field(None, description="added to logit_scale * cos by sigmoid scoring")
+    scoring: ScoringKind = Field(
+        "softmax",
+        description="softmax: softmax over the labels of logit_scale * cos (CLIP); sigmoid: "
+        "sigmoid(logit_scale * cos + logit_bias) per label (SigLIP)",
     )
-    logit_bias: float | None = None
     image: ImagePreprocess
     tokenizer: TokenizerSpec
     text: TextGraph
@@ -183,6 +188,11 @@ class Manifest(_Strict):
     def _valid_name(cls, value: str) -> str:
         validate_name(value)
         return value
+
+    @property
+    def scorer(self) -> Scoring:
+        """The model's zero-shot scoring rule, as the service and training's evaluation apply it."""
+        return Scoring(self.scoring, self.logit_scale, self.logit_bias or 0.0)
 
     def file(self, role: str, precision: str = "fp32") -> BundleFile | None:
         for entry in self.files:
