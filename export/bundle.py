@@ -216,12 +216,17 @@ class Manifest(_Strict):
         return self.model_dump_json(indent=2) + "\n"
 
 
+NAME_RULE = "use letters, digits, '.', '_' or '-' (at most 128), starting with a letter or digit"
+
+
+def is_valid_name(name: object) -> bool:
+    """The one naming rule for models, label sets and collections (safe as a folder or key name)."""
+    return isinstance(name, str) and _NAME_RE.match(name) is not None
+
+
 def validate_name(name: str) -> None:
-    if not _NAME_RE.match(name):
-        raise BundleError(
-            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 128), "
-            "starting with a letter or digit"
-        )
+    if not is_valid_name(name):
+        raise BundleError(f"invalid model name {name!r}: {NAME_RULE}")
 
 
 def sha256_file(path: Path) -> str:
@@ -359,6 +364,21 @@ class ModelRepository:
             for p in self.root.iterdir()
             if p.is_dir() and _NAME_RE.match(p.name) and self.versions(p.name)
         )
+
+    def unpublished(self) -> list[tuple[Path, list[str]]]:
+        """Folders that look like models (numbered versions) but have no published version: a copy
+        gone wrong or a manifest deleted. Staging and hidden folders are left out."""
+        if not self.root.is_dir():
+            return []
+        published = set(self.models())
+        found = []
+        for path in sorted(self.root.iterdir()):
+            if not path.is_dir() or path.name.startswith(".") or path.name in published:
+                continue
+            versions = sorted((p.name for p in path.iterdir() if p.name.isdigit()), key=int)
+            if versions:
+                found.append((path, versions))
+        return found
 
     def versions(self, name: str) -> list[int]:
         model_dir = self.root / name

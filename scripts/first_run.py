@@ -1,13 +1,13 @@
 """`make serve`: start the service on a fresh clone with something meaningful to serve.
 
 1. Refuse at once, with a clear message, when the port is taken (before any long work).
-2. Check every bundle in the model repository: a broken one is named and left out (or its last
-   good version served instead), and the rest is served.
-3. When the repository holds no usable bundle, build the demo bundle once (a teacher trained on
+2. When the repository holds no published bundle, build the demo bundle once (a teacher trained on
    the synthetic shapes set, a student distilled from it, verified and published); later runs
    find it there and start at once.
-4. Start `clip-serve` (in-process cache unless CLIPSERVE_REDIS_URL is set), wait for /readyz,
-   print the demo page and API docs URLs, and stop the service on Ctrl-C.
+3. Start `clip-serve` (in-process cache unless CLIPSERVE_REDIS_URL is set), wait for /readyz,
+   print the demo page and API docs URLs, and stop the service on Ctrl-C. Which versions serve is
+   the service's own start-up policy (each model's newest loadable version; broken bundles are
+   named in its log and in /readyz, and left out).
 
 Configuration, all optional: CLIPSERVE_MODELS_DIR (or CLIPSERVE_MODELS naming a directory: the
 repository; default `models/`), CLIPSERVE_HOST (127.0.0.1), CLIPSERVE_PORT (8000),
@@ -18,6 +18,7 @@ and any other CLIPSERVE_* setting of the service.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -26,7 +27,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,15 +40,6 @@ READY_TIMEOUT_S = 300.0
 
 class FirstRunError(Exception):
     """A problem the user can fix; the message says how."""
-
-
-@dataclass
-class Inventory:
-    """What a model repository can serve: model refs, and the broken bundles left out."""
-
-    serve: list[str] = field(default_factory=list)
-    broken: list[str] = field(default_factory=list)
-    pinned: bool = False
 
 
 def check_port(host: str, port: int) -> None:
@@ -72,51 +63,10 @@ def models_dir_from_env(env: dict[str, str]) -> Path:
     return Path(env.get("CLIPSERVE_MODELS_DIR") or "models")
 
 
-def usable_version(repo: ModelRepository, name: str) -> tuple[int | None, list[str]]:
-    """The newest version of `name` whose files match their hashes, and why newer ones were refused."""
-    problems: list[str] = []
-    for version in reversed(repo.versions(name)):
-        try:
-            repo.load(name, version, verify=True)
-        except BundleError as exc:
-            problems.append(f"{repo.root / name / str(version)}: {exc}")
-            continue
-        return version, problems
-    return None, problems
-
-
-def inventory(repo: ModelRepository, wanted: list[str] | None = None) -> Inventory:
-    """Check the bundles to serve (`wanted` refs, or every model): each model's newest good version
-    is served, and every broken bundle met on the way is named."""
-    result = Inventory(pinned=wanted is not None)
-    for ref in wanted or repo.models():
-        name, version = parse_model_ref(ref)
-        if version is not None:
-            try:
-                repo.load(name, version, verify=True)
-                result.serve.append(ref)
-            except BundleError as exc:
-                result.broken.append(f"{ref}: {exc}")
-            continue
-        good, problems = usable_version(repo, name)
-        result.broken += problems
-        if good is not None:
-            latest = repo.versions(name)[-1]
-            result.serve.append(name if good == latest else f"{name}@{good}")
-    for path in sorted(repo.root.iterdir()) if repo.root.is_dir() else []:
-        if path.is_dir() and not path.name.startswith(".") and path.name not in repo.models():
-            versions = sorted(p.name for p in path.iterdir() if p.name.isdigit())
-            if versions:
-                result.broken.append(f"{path}: versions {', '.join(versions)} have no manifest.json")
-    # The service loads every model of the repository unless told which: name the good ones.
-    result.pinned |= bool(result.broken)
-    return result
-
-
 def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
     """Build in a child process, so the service later runs without torch in memory."""
     print(
-        f"clipserve: no usable bundle in {repo_dir}; building the demo model once "
+        f"clipserve: no published bundle in {repo_dir}; building the demo model once "
         "(shapes teacher -> distilled student -> verified bundle; minutes on 2 cores)",
         flush=True,
     )
@@ -159,59 +109,55 @@ def wait_ready(base: str, server: subprocess.Popen, timeout_s: float) -> str:
     raise FirstRunError(f"clip-serve was not ready after {timeout_s:.0f} s")
 
 
-def banner(base: str, ready: str, cache: str, broken: list[str]) -> str:
+def banner(base: str, ready: dict, cache: str) -> str:
+    broken = ready.get("left_out", [])
     lines = [
         "",
-        f"clipserve is ready: {ready.strip()}",
+        f"clipserve is ready: serving {', '.join(ready['models'])}",
         f"  demo page  {base}/",
         f"  API docs   {base}/docs",
         f"  cache      {cache}",
     ]
     if broken:
-        lines.append(f"  left out   {len(broken)} broken bundle(s), named above")
+        lines.append(f"  left out   {len(broken)} broken bundle(s), named in the log above")
     lines += ["  Ctrl-C stops it.", ""]
     return "\n".join(lines)
 
 
-def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str], Inventory]:
-    """Everything before the start: port, repository check, demo build; returns argv and env."""
+def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """Everything before the start: port, demo build when nothing is published; returns argv and env."""
     host = env.get("CLIPSERVE_HOST") or "127.0.0.1"
     port = int(env.get("CLIPSERVE_PORT") or 8000)
     check_port(host, port)
     repo_dir = models_dir_from_env(env)
     child_env = dict(env)
-    wanted = None
-    if env.get("CLIPSERVE_MODELS") and not Path(env["CLIPSERVE_MODELS"]).is_dir():
-        wanted = [ref.strip() for ref in env["CLIPSERVE_MODELS"].split(",") if ref.strip()]
-    child_env.pop("CLIPSERVE_MODELS", None)
     repo = ModelRepository(repo_dir)
-    try:
-        found = inventory(repo, wanted)
-    except BundleError as exc:
-        raise FirstRunError(f"CLIPSERVE_MODELS: {exc}") from exc
-    for problem in found.broken:
-        print(f"clipserve: broken bundle left out: {problem}", file=sys.stderr, flush=True)
-    if not found.serve:
-        if wanted:
+    if env.get("CLIPSERVE_MODELS") and not Path(env["CLIPSERVE_MODELS"]).is_dir():
+        try:
+            wanted = [
+                parse_model_ref(ref.strip())[0] for ref in env["CLIPSERVE_MODELS"].split(",") if ref.strip()
+            ]
+        except BundleError as exc:
+            raise FirstRunError(f"CLIPSERVE_MODELS: {exc}") from exc
+        if not any(repo.versions(name) for name in wanted):
             raise FirstRunError(
-                f"none of the models in CLIPSERVE_MODELS ({', '.join(wanted)}) has a usable "
-                f"bundle in {repo_dir}"
+                f"none of the models in CLIPSERVE_MODELS ({', '.join(wanted)}) is published in {repo_dir}"
             )
-        build_demo(repo_dir, DEMO_MODEL, env)
-        found.serve = [DEMO_MODEL]
-    if found.pinned:
-        child_env["CLIPSERVE_MODELS"] = ",".join(found.serve)
+    else:
+        child_env.pop("CLIPSERVE_MODELS", None)
+        if not repo.models():
+            build_demo(repo_dir, DEMO_MODEL, env)
     child_env.setdefault("CLIPSERVE_LOG_JSON", "false")
     argv = ["clip-serve", "--models", str(repo_dir), "--host", host, "--port", str(port)]
     if not env.get("CLIPSERVE_REDIS_URL"):
         # The service's default is a local Redis; an empty URL means the in-process cache only.
         child_env["CLIPSERVE_REDIS_URL"] = ""
         argv += ["--redis-url", "none"]
-    return argv, child_env, found
+    return argv, child_env
 
 
 def run(env: dict[str, str]) -> int:
-    argv, child_env, found = prepare(env)
+    argv, child_env = prepare(env)
     base = f"http://{argv[argv.index('--host') + 1]}:{argv[argv.index('--port') + 1]}"
     cache = "in-process (set CLIPSERVE_REDIS_URL to share one Redis)" if "--redis-url" in argv else "Redis"
     print(f"clipserve: starting {' '.join(argv)}", flush=True)
@@ -235,7 +181,7 @@ def run(env: dict[str, str]) -> int:
             server.terminate()
             server.wait(timeout=30)
         raise
-    print(banner(base, ready, cache, found.broken), flush=True)
+    print(banner(base, json.loads(ready), cache), flush=True)
     code = server.wait()
     # uvicorn ends with the signal it was stopped by, after a graceful shutdown: that is a clean stop.
     return 0 if stopping and code in (0, -signal.SIGTERM) else code

@@ -1,7 +1,7 @@
-"""`create_app(settings)`: wires the parts in a lifespan, nothing else.
+"""`create_app(settings)`: builds every piece of state in the lifespan, wires the HTTP layer, nothing else.
 
-State on `app.state` (read through the dependencies in `service.api.common` and
-`service.registry.get_registry`): settings, metrics, cache, registry, fetcher, labelsets, matrices.
+State on `app.state`, given to the routes by `service.api.deps`: settings, metrics, cache, registry,
+fetcher, labelsets, classifier, embedder, collections.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import ROUTERS
+from service.api.errors import install_error_handlers
+from service.api.middleware import Auth, BodyLimit, RequestContext
 from service.cache import VectorCache
-from service.errors import install_error_handlers
+from service.classification import Classifier
+from service.collections import Collections
+from service.embedding import Embedder
 from service.inputs import ImageFetcher
-from service.labelsets import ClassMatrices, LabelSetStore
+from service.labelsets import LabelSets, LabelSetStore
 from service.metrics import Metrics
-from service.middleware import Auth, BodyLimit, RequestContext
 from service.registry import ModelRegistry
-from service.schemas import EmbedRequest
 from service.settings import Settings
 
 log = logging.getLogger("clipserve.app")
@@ -31,19 +33,20 @@ log = logging.getLogger("clipserve.app")
 def _lifespan(settings: Settings):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        metrics: Metrics = app.state.metrics
-        cache = VectorCache(
+        state = app.state
+        state.cache = VectorCache(
             settings.redis_url,
             lru_size=settings.cache_lru_size,
             ttl_s=settings.cache_ttl_s,
             retry_s=settings.redis_retry_s,
-            metrics=metrics,
+            metrics=state.metrics,
         )
-        registry = ModelRegistry(settings, metrics, cache)
-        matrices = ClassMatrices(cache, settings)
-        app.state.cache, app.state.registry, app.state.matrices = cache, registry, matrices
-        app.state.labelsets = LabelSetStore(cache, matrices)
-        app.state.fetcher = ImageFetcher(settings)
+        state.registry = registry = ModelRegistry(settings, state.metrics, state.cache)
+        state.fetcher = ImageFetcher(settings)
+        state.labelsets = LabelSets(LabelSetStore(state.cache), registry, settings)
+        state.classifier = Classifier(registry, state.labelsets, state.fetcher, settings)
+        state.embedder = Embedder(registry, state.fetcher, settings)
+        state.collections = Collections(registry, state.embedder, settings)
         poller: asyncio.Task | None = None
         try:
             await registry.start()
@@ -56,28 +59,13 @@ def _lifespan(settings: Settings):
         finally:
             if poller is not None:
                 poller.cancel()
-            await matrices.cancel_all()
+            await state.labelsets.close()
+            await state.collections.close()
             await registry.close()
-            await app.state.fetcher.aclose()
-            await cache.aclose()
+            await state.fetcher.aclose()
+            await state.cache.aclose()
 
     return lifespan
-
-
-def _openapi_with_embed_body(app: FastAPI):
-    """/v1/embed reads JSON or multipart itself; publish its JSON schema so /docs shows both."""
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components["EmbedRequest"] = EmbedRequest.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    return openapi
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -93,7 +81,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    app.openapi = _openapi_with_embed_body(app)  # type: ignore[method-assign]
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Auth, api_keys=settings.api_keys, admin_key=settings.admin_key)
     if settings.cors_origins:

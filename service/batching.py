@@ -9,8 +9,9 @@ It waits for a fuller batch (at most `max_wait_ms` after the oldest row) only wh
 announced (`announce` / `withdraw`: images being decoded right now); otherwise it runs what it has
 at once. Under load, rows pile up while the model is busy, so batches fill without waiting.
 
-- a full queue raises `ApiError` 429 with a Retry-After estimate;
-- a request waiting longer than `timeout_s` raises `ApiError` 503;
+- a full queue raises `Overloaded` with a retry-after estimate;
+- a request waiting longer than `timeout_s` raises `TimedOut`; a closed batcher `Unavailable`;
+- a batch the model fails on fails its requests with `InferenceFailed`, never the loop;
 - rows of a cancelled request (client gone, timed out) are dropped before they reach the model.
 """
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import ApiError
+from service.errors import InferenceFailed, Overloaded, TimedOut, Unavailable
 from service.metrics import Metrics
 
 log = logging.getLogger("clipserve.batching")
@@ -95,7 +96,7 @@ class Batcher:
                 await self._task
         for item in self._queue:
             if not item.future.done():
-                item.future.set_exception(ApiError(503, "unavailable", "the model was unloaded; retry"))
+                item.future.set_exception(Unavailable("the model was unloaded; retry", retry_after_s=1))
         self._queue.clear()
         self.executor.shutdown(wait=False)
 
@@ -114,16 +115,21 @@ class Batcher:
     def retry_after_s(self) -> int:
         return max(1, math.ceil(len(self._queue) / self.max_batch * self._last_batch_s))
 
+    async def run_directly(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        """Run rows on the inference thread without the queue: bulk work (label sets) that takes
+        turns with live batches instead of filling their queue or their timeout."""
+        if not self.alive:
+            raise Unavailable(f"the {self.tower} encoder of {self.model} is not running", retry_after_s=1)
+        return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, rows)
+
     async def submit(self, rows: Sequence[np.ndarray]) -> np.ndarray:
         if not self.alive:
-            raise ApiError(503, "unavailable", f"the {self.tower} encoder of {self.model} is not running")
+            raise Unavailable(f"the {self.tower} encoder of {self.model} is not running", retry_after_s=1)
         if len(self._queue) + len(rows) > self.max_queue:
             self.metrics.rejected.labels(reason="queue_full", **self._labels).inc(len(rows))
-            raise ApiError(
-                429,
-                "overloaded",
+            raise Overloaded(
                 f"the {self.tower} queue of {self.model} is full ({len(self._queue)} items waiting); retry later",
-                headers={"Retry-After": str(self.retry_after_s())},
+                retry_after_s=self.retry_after_s(),
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
@@ -140,10 +146,8 @@ class Batcher:
             results = await asyncio.wait_for(gathered, self.timeout_s)
         except TimeoutError as exc:
             self.metrics.rejected.labels(reason="timeout", **self._labels).inc(len(rows))
-            raise ApiError(
-                503,
-                "timeout",
-                f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s",
+            raise TimedOut(
+                f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s"
             ) from exc
         return np.stack(results)
 
@@ -191,11 +195,7 @@ class Batcher:
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(
-                            ApiError(
-                                500,
-                                "inference_error",
-                                f"the {self.tower} encoder failed: {type(exc).__name__}",
-                            )
+                            InferenceFailed(f"the {self.tower} encoder failed: {type(exc).__name__}")
                         )
                 continue
             self._last_batch_s = time.perf_counter() - started

@@ -1,127 +1,90 @@
-"""Errors as the API shows them: every error is `{"error": {"type", "message", "index"?}}`.
+"""Domain errors: what went wrong, in the service's own terms, with no HTTP in them.
 
-Routers raise `ApiError(status_code, type, message, index=None)`; `install_error_handlers(app)` renders
-it, request-validation errors (as 422 naming the field), HTTP errors from the framework, and any
-unexpected exception (a 500 with a request id and no stack trace; the trace goes to the log only).
+Every module under `service/` raises these; `service/api/errors.py` is the one place that turns
+them into HTTP (status, `Retry-After`, the JSON body `{"error": {"type", "message", "index"?}}`).
+The class says what kind of failure it is; `code` is the stable machine-readable type the API
+shows (`labelset_not_found`, `too_many_images`, ...); `message` is a sentence for a person;
+`index` names the item of a batch at fault; `retry_after_s` tells a caller when to come back.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping, Sequence
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+class ServiceError(Exception):
+    """Base of every failure a caller should see."""
 
-log = logging.getLogger("clipserve.errors")
-
-
-class ApiError(Exception):
-    """A failure the caller should see: status, a stable machine type, and a sentence for a person."""
+    code = "error"
 
     def __init__(
         self,
-        status_code: int,
-        type: str,
         message: str,
+        *,
+        code: str | None = None,
         index: int | None = None,
-        headers: Mapping[str, str] | None = None,
+        retry_after_s: float | None = None,
     ):
         super().__init__(message)
-        self.status_code = status_code
-        self.type = type
         self.message = message
+        self.code = code or type(self).code
         self.index = index
-        self.headers = dict(headers or {})
+        self.retry_after_s = retry_after_s
+
+    def at(self, index: int, message: str) -> ServiceError:
+        """The same failure, about item `index` of a larger request (e.g. one image among items)."""
+        return type(self)(message, code=self.code, index=index, retry_after_s=self.retry_after_s)
 
 
-def error_body(type: str, message: str, index: int | None = None) -> dict:
-    error: dict = {"type": type, "message": message}
-    if index is not None:
-        error["index"] = index
-    return {"error": error}
+class InvalidInput(ServiceError):
+    """The request is well-formed JSON but asks for something invalid."""
+
+    code = "invalid_request"
 
 
-def error_response(
-    status_code: int,
-    type: str,
-    message: str,
-    index: int | None = None,
-    headers: Mapping[str, str] | None = None,
-) -> JSONResponse:
-    return JSONResponse(
-        error_body(type, message, index), status_code=status_code, headers=dict(headers or {})
-    )
+class InvalidImage(ServiceError):
+    """Bytes that are not a decodable image, or an image reference that cannot be fetched."""
+
+    code = "invalid_image"
 
 
-def _location(loc: Sequence[object]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
-    return text or "body"
+class TooLarge(ServiceError):
+    """Over one of this server's size limits (items per request, characters, pixels)."""
+
+    code = "too_large"
 
 
-def _first_index(loc: Sequence[object]) -> int | None:
-    for part in loc[1:]:
-        if isinstance(part, int):
-            return part
-    return None
+class NotFound(ServiceError):
+    code = "not_found"
 
 
-def describe_validation(errors: Sequence[Mapping]) -> tuple[str, int | None]:
-    """One readable sentence for pydantic errors: 'texts[2]: Input should be a valid string; ...'."""
-    messages = []
-    for err in errors[:5]:
-        msg = str(err.get("msg", "invalid value"))
-        if err.get("type") == "json_invalid":
-            messages.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
-            continue
-        messages.append(f"{_location(err.get('loc', ()))}: {msg}")
-    if len(errors) > 5:
-        messages.append(f"and {len(errors) - 5} more")
-    index = _first_index(errors[0].get("loc", ())) if len(errors) == 1 else None
-    return "; ".join(messages), index
+class Conflict(ServiceError):
+    """The target exists but is in a state that refuses the request (building, other model...)."""
+
+    code = "conflict"
 
 
-async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
-    return error_response(exc.status_code, exc.type, exc.message, exc.index, exc.headers)
+class Overloaded(ServiceError):
+    """A queue is full: retry after `retry_after_s`."""
+
+    code = "overloaded"
 
 
-async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    message, index = describe_validation(exc.errors())
-    return error_response(422, "invalid_request", message, index)
+class Unavailable(ServiceError):
+    """Not ready, shutting down, or a store that cannot be reached: retry later."""
+
+    code = "unavailable"
 
 
-_HTTP_TYPES = {
-    401: "unauthorized",
-    403: "forbidden",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "body_too_large",
-}
+class TimedOut(Unavailable):
+    code = "timeout"
 
 
-async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    kind = _HTTP_TYPES.get(exc.status_code, "http_error")
-    return error_response(exc.status_code, kind, str(exc.detail), headers=exc.headers)
+class ClientGone(ServiceError):
+    """The client closed the connection before the answer was ready."""
+
+    code = "client_closed"
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    request_id = request.scope.get("state", {}).get("request_id", "-")
-    log.exception("unhandled error on %s %s (request %s)", request.method, request.url.path, request_id)
-    return error_response(
-        500, "internal_error", f"internal error; quote request id {request_id} to the operator"
-    )
+class InferenceFailed(ServiceError):
+    """The model itself failed on a batch: a defect of the model or the server, never the caller's."""
 
-
-def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(ApiError, _api_error)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
+    code = "inference_error"

@@ -1,7 +1,7 @@
 """API image strings to bytes: base64, `data:` URIs and (when enabled) http(s) URLs.
 
-`ImageFetcher(settings).load(items)` returns one `bytes` per item, in order, or raises `ApiError`
-(400) naming the bad item's index. URL rules, all from settings: fetching is off unless
+`ImageFetcher(settings).load(items)` returns one `bytes` per item, in order, or raises `InvalidImage`
+naming the bad item's index. URL rules, all from settings: fetching is off unless
 `url_fetch_enabled`; only hosts in `url_allowed_hosts` ('*' for any); every address the host
 resolves to must be public unless `url_allow_private`, and the connection goes to the address
 that was checked; connect and read timeouts; a byte cap while streaming; at most
@@ -20,7 +20,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from service.errors import ApiError
+from service.errors import InvalidImage
 from service.settings import Settings
 
 _DATA_URI = re.compile(
@@ -29,32 +29,29 @@ _DATA_URI = re.compile(
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
 
 
-def _bad(message: str, index: int) -> ApiError:
-    return ApiError(400, "invalid_image", message, index=index)
+def _bad(message: str, index: int) -> InvalidImage:
+    return InvalidImage(message, index=index)
 
 
-def decode_base64(text: str, index: int, what: str = "image") -> bytes:
+def decode_base64(text: str, index: int) -> bytes:
     """Standard or URL-safe base64, whitespace allowed, padding optional."""
     compact = "".join(text.split())
     if not compact:
-        raise ApiError(400, f"invalid_{what}", f"{what} {index} is an empty string", index=index)
+        raise _bad(f"image {index} is an empty string", index)
     if not _B64_CHARS.match(compact):
-        raise ApiError(
-            400, f"invalid_{what}", f"{what} {index} is not valid base64 (nor a data URI or URL)", index
-        )
+        raise _bad(f"image {index} is not valid base64 (nor a data URI or URL)", index)
     padded = compact + "=" * (-len(compact) % 4)
     try:
         if "-" in compact or "_" in compact:
             return base64.urlsafe_b64decode(padded)
         return base64.b64decode(padded, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise ApiError(
-            400, f"invalid_{what}", f"{what} {index} is not valid base64: {exc}", index=index
-        ) from exc
+        raise _bad(f"image {index} is not valid base64: {exc}", index) from exc
 
 
-def _is_url(text: str) -> bool:
-    return text[:8].lower().startswith(("http://", "https://"))
+def is_url(text: str) -> bool:
+    """An http(s) URL (leading whitespace ignored), as opposed to base64 or a data URI."""
+    return text.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
 class ImageFetcher:
@@ -68,7 +65,7 @@ class ImageFetcher:
 
     async def load(self, items: list[str]) -> list[bytes]:
         for index, item in enumerate(items):
-            if _is_url(item.strip()) and not self.settings.url_fetch_enabled:
+            if is_url(item) and not self.settings.url_fetch_enabled:
                 raise _bad(
                     f"image {index} is a URL, but fetching URLs is turned off on this server "
                     "(send base64 or a data URI instead)",
@@ -78,7 +75,7 @@ class ImageFetcher:
 
     async def _one(self, item: str, index: int) -> bytes:
         text = item.strip()
-        if _is_url(text):
+        if is_url(text):
             return await self._fetch(text, index)
         if text[:5].lower() == "data:":
             match = _DATA_URI.match(text)

@@ -9,7 +9,7 @@ images above `max_pixels` are refused before decoding, and JPEGs decode in draft
 scaling) while the decoded size stays at least `draft_margin` (default 2) times the size the
 resize needs.
 
-Any failure raises `ApiError` (400/413) naming the image index.
+Any failure raises `InvalidImage` (or `TooLarge` for pixels over the limit) naming the image index.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from export.bundle import ImagePreprocess
-from service.errors import ApiError
+from service.errors import InvalidImage, TooLarge
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
@@ -76,18 +76,17 @@ class ImagePreprocessor:
     def open(self, data: bytes, index: int) -> Image.Image:
         """Decode to an RGB PIL image, applying every guard."""
         if not data:
-            raise ApiError(400, "invalid_image", f"image {index} is empty", index=index)
+            raise InvalidImage(f"image {index} is empty", index=index)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
                 width, height = image.size
                 if width * height > self.max_pixels:
-                    raise ApiError(
-                        413,
-                        "image_too_large",
+                    raise TooLarge(
                         f"image {index} is too large: {width}x{height} pixels, more than this server's limit of "
                         f"{self.max_pixels} pixels",
+                        code="image_too_large",
                         index=index,
                     )
                 if getattr(image, "n_frames", 1) > 1:
@@ -96,20 +95,16 @@ class ImagePreprocessor:
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 return self._to_rgb(image)
-        except ApiError:
+        except (InvalidImage, TooLarge):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ApiError(
-                413, "image_too_large", f"image {index} is too large to decode: {exc}", index
+            raise TooLarge(
+                f"image {index} is too large to decode: {exc}", code="image_too_large", index=index
             ) from exc
         except UnidentifiedImageError as exc:
-            raise ApiError(
-                400, "invalid_image", f"image {index} is not an image in a known format", index
-            ) from exc
+            raise InvalidImage(f"image {index} is not an image in a known format", index=index) from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise ApiError(
-                400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index
-            ) from exc
+            raise InvalidImage(f"image {index} cannot be decoded: {exc}", index=index) from exc
 
     def _draft(self, image: Image.Image) -> None:
         if image.format != "JPEG" or self.draft_margin <= 0:
@@ -158,6 +153,4 @@ class ImagePreprocessor:
         try:
             return self.transform(image)
         except (OSError, ValueError) as exc:
-            raise ApiError(
-                400, "invalid_image", f"image {index} cannot be decoded: {exc}", index=index
-            ) from exc
+            raise InvalidImage(f"image {index} cannot be decoded: {exc}", index=index) from exc

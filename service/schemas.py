@@ -1,10 +1,13 @@
-"""Request and response models of the public API (pydantic v2). Requests refuse unknown fields."""
+"""Request and response models of the public API (pydantic v2), every resource in one place.
+Requests refuse unknown fields."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.index import IndexParams
 
 EncodingFormat = Literal["float", "base64"]
 Vectors = list[list[float]] | list[str]
@@ -32,6 +35,15 @@ class EmbedRequest(_Request):
     encoding_format: EncodingFormat = Field(
         "float", description="base64: each vector as base64 of float32 little-endian"
     )
+
+
+class EmbedForm(_Request):
+    """`/v1/embed` as `multipart/form-data`: image files and text fields."""
+
+    model: str | None = Field(None, description="name or name@version; the default model when absent")
+    texts: list[str] = Field(default_factory=list, description="one form field per text")
+    images: list[bytes] = Field(default_factory=list, description="one file per image")
+    encoding_format: EncodingFormat = "float"
 
 
 class EmbedResponse(BaseModel):
@@ -145,3 +157,169 @@ class ReloadResponse(BaseModel):
     loaded: list[str]
     unchanged: list[str]
     failed: list[dict]
+
+
+# Retrieval: rank and collections
+
+
+def _exactly_one(model: BaseModel, fields: tuple[str, ...]) -> None:
+    given = [name for name in fields if getattr(model, name) is not None]
+    if len(given) != 1:
+        choices = f"{', '.join(fields[:-1])} or {fields[-1]}"
+        raise ValueError(f"give exactly one of {choices} (got {', '.join(given) or 'none'})")
+
+
+class Query(_Request):
+    """Exactly one of text, image (base64, data URI or URL) or vector."""
+
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _one_query(self) -> Query:
+        _exactly_one(self, ("text", "image", "vector"))
+        return self
+
+
+class Candidate(_Request):
+    """Exactly one of text or image."""
+
+    text: str | None = None
+    image: str | None = None
+
+    @model_validator(mode="after")
+    def _one_candidate(self) -> Candidate:
+        _exactly_one(self, ("text", "image"))
+        return self
+
+
+class RankRequest(_Request):
+    model: str | None = Field(None, description="name or name@version; the default model when absent")
+    query: Query
+    candidates: list[Candidate] = Field(min_length=1)
+    top_k: int | None = Field(None, description="results to return; all candidates when absent")
+    probabilities: bool = Field(
+        False, description="also give softmax(logit_scale * cosine) over the candidates"
+    )
+
+
+class RankResult(BaseModel):
+    index: int
+    score: float
+    probability: float | None = None
+
+
+class RankResponse(BaseModel):
+    model: str
+    version: int
+    dim: int
+    results: list[RankResult]
+
+
+class IndexOptions(_Request):
+    m: int | None = Field(None, description="HNSW links per node")
+    ef_construction: int | None = Field(None, description="HNSW build candidate list")
+    ef_search: int | None = Field(None, description="HNSW search candidate list")
+    nlist: int | None = Field(None, description="IVF lists")
+    nprobe: int | None = Field(None, description="IVF lists visited per search")
+
+
+class CreateCollection(_Request):
+    name: str
+    model: str | None = Field(None, description="name or name@version; the default model when absent")
+    index: Literal["flat", "hnsw", "ivf"] = "flat"
+    index_params: IndexOptions = Field(default_factory=IndexOptions)
+
+
+class Item(_Request):
+    id: str | int
+    text: str | None = None
+    image: str | None = None
+    vector: list[float] | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Item:
+        _exactly_one(self, ("text", "image", "vector"))
+        return self
+
+
+class UpsertItems(_Request):
+    items: list[Item] = Field(min_length=1)
+
+
+class SearchRequest(Query):
+    top_k: int = 10
+    filter: dict[str, Any] | None = Field(None, description="field: value, all must be equal")
+
+
+class ReembedRequest(_Request):
+    model: str | None = Field(
+        None, description="model to move to; the one now served under the collection's name"
+    )
+
+
+class CollectionDescription(BaseModel):
+    name: str
+    count: int
+    model: str
+    version: int
+    content_hash: str = Field(description="bundle content hash: the collection's embedding space")
+    dim: int
+    index: IndexParams
+    created_at: str
+    model_status: Literal["current", "stale", "not_served"] = Field(
+        description="current: the served model shares the collection's space; stale: search is refused "
+        "until re-embedded; not_served: no model of that name is served"
+    )
+
+
+class CollectionList(BaseModel):
+    collections: list[CollectionDescription]
+
+
+class CollectionDeleted(BaseModel):
+    name: str
+    deleted: bool = True
+
+
+class Upserted(BaseModel):
+    upserted: int = Field(description="distinct ids written (the last of duplicate ids wins)")
+
+
+class StoredSource(BaseModel):
+    kind: Literal["text", "image"]
+    value: str
+
+
+class ItemView(BaseModel):
+    id: str
+    metadata: dict[str, Any]
+    source: StoredSource | None = Field(description="what the item was embedded from, if kept")
+    vector: list[float]
+
+
+class ItemDeleted(BaseModel):
+    id: str
+    deleted: bool = True
+
+
+class Hit(BaseModel):
+    id: str
+    score: float = Field(description="cosine similarity")
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    model: str
+    version: int
+    dim: int
+    results: list[Hit]
+
+
+class Reembedded(BaseModel):
+    name: str
+    reembedded: int
+    model: str
+    version: int

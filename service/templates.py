@@ -1,6 +1,7 @@
 """Prompt templates for zero-shot classification.
 
-`templates` in a request is a list of strings each holding `{}` (replaced by the label), or the
+`templates` in a request is a list of strings each holding `{}` (replaced by the label, as
+`export.scoring.fill_template` does for the service and training alike), or the
 name of a built-in ensemble: `default` (a short general ensemble), `imagenet80` (the 80 ImageNet
 templates of the CLIP paper) or `none` (the label alone).
 """
@@ -11,7 +12,7 @@ import json
 from functools import cache
 from importlib import resources
 
-from service.errors import ApiError
+from service.errors import InvalidInput
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
@@ -38,26 +39,15 @@ def resolve_templates(value: list[str] | str | None, max_templates: int) -> tupl
         named = builtin_templates().get(value)
         if named is None:
             known = ", ".join(sorted(builtin_templates()))
-            raise ApiError(422, "invalid_request", f"templates: unknown ensemble {value!r}; known: {known}")
+            raise InvalidInput(f"templates: unknown ensemble {value!r}; known: {known}")
         return named
     if not value:
-        raise ApiError(422, "invalid_request", "templates: the list is empty")
+        raise InvalidInput("templates: the list is empty")
     if len(value) > max_templates:
-        raise ApiError(
-            422, "invalid_request", f"templates: {len(value)} given, at most {max_templates} allowed"
-        )
+        raise InvalidInput(f"templates: {len(value)} given, at most {max_templates} allowed")
     for index, template in enumerate(value):
         if "{}" not in template:
-            raise ApiError(
-                422,
-                "invalid_request",
-                f"templates[{index}]: {template!r} has no '{{}}' for the label",
-                index=index,
-            )
+            raise InvalidInput(f"templates[{index}]: {template!r} has no '{{}}' for the label", index=index)
     if len(set(value)) != len(value):
-        raise ApiError(422, "invalid_request", "templates: the list has duplicates")
+        raise InvalidInput("templates: the list has duplicates")
     return tuple(value)
-
-
-def fill(template: str, label: str) -> str:
-    return template.replace("{}", label)

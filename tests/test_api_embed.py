@@ -123,7 +123,15 @@ def test_models_health_metrics_and_docs(client) -> None:
     schema = client.get("/openapi.json").json()
     embed_body = schema["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
     assert set(embed_body) == {"application/json", "multipart/form-data"}
-    assert "EmbedRequest" in schema["components"]["schemas"]
+    json_body, form_body = (
+        embed_body["application/json"]["schema"],
+        embed_body["multipart/form-data"]["schema"],
+    )
+    assert json_body["title"] == "EmbedRequest" and {"texts", "images", "model"} <= set(
+        json_body["properties"]
+    )
+    assert form_body["title"] == "EmbedForm"
+    assert form_body["properties"]["images"]["items"] == {"type": "string", "format": "binary"}
     for path in ("/v1/classify", "/v1/embeddings", "/v1/labelsets/{name}", "/v1/models", "/v1/admin/reload"):
         assert path in schema["paths"]
     assert client.get("/docs").status_code == 200

@@ -95,8 +95,7 @@ def test_request_timeout_gives_503(make_client) -> None:
 
 
 def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture) -> None:
-    from service.logs import configure_logging
-    from service.middleware import request_id_var
+    from service.logs import configure_logging, request_id_var
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -223,7 +222,7 @@ def test_tensorrt_engines_serve_close_to_onnx(tiny_model, tmp_path: Path, make_c
 
 def test_engine_files_are_picked_by_tower(tiny_bundle) -> None:
     from export.bundle import Bundle, BundleFile
-    from service.registry import _engine_file
+    from service.runtime.tensorrt import select_engine
 
     sha = "0" * 64
     engines = [
@@ -240,10 +239,10 @@ def test_engine_files_are_picked_by_tower(tiny_bundle) -> None:
     ]
     manifest = tiny_bundle.manifest.model_copy(update={"files": [*tiny_bundle.manifest.files, *engines]})
     bundle = Bundle(manifest=manifest, path=tiny_bundle.path)
-    assert _engine_file(bundle, "image")[0].name == "img.plan"
-    assert _engine_file(bundle, "text")[0].name == "text.gpu-a.trt10.0.plan"
+    assert select_engine(bundle, "image")[0].name == "img.plan"
+    assert select_engine(bundle, "text")[0].name == "text.gpu-a.trt10.0.plan"
     with pytest.raises(RuntimeConfigError, match="no TensorRT engine for its image tower"):
-        _engine_file(tiny_bundle, "image")
+        select_engine(tiny_bundle, "image")
 
 
 def test_clip_serve_redis_url_none_means_the_in_process_cache(tiny_repo: Path) -> None:

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from export.bundle import ImagePreprocess
-from service.errors import ApiError
+from service.errors import InvalidImage, TooLarge
 from service.preprocess import ImagePreprocessor
 from tests.fixtures.service import image_bytes
 
@@ -131,15 +131,15 @@ def png_claiming(width: int, height: int) -> bytes:
 
 
 def test_pixel_limit_refuses_before_decoding() -> None:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(TooLarge) as err:
         ImagePreprocessor(spec(), max_pixels=50_000_000)(png_claiming(20000, 20000), 3)
-    assert err.value.status_code == 413 and err.value.index == 3 and "too large" in err.value.message
+    assert err.value.code == "image_too_large" and err.value.index == 3 and "too large" in err.value.message
 
 
 def test_pixel_limit_of_the_server_is_named() -> None:
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(TooLarge) as err:
         ImagePreprocessor(spec(), max_pixels=1000)(image_bytes(size=(50, 40)), 0)
-    assert err.value.status_code == 413 and "50x40" in err.value.message and "1000" in err.value.message
+    assert "50x40" in err.value.message and "1000" in err.value.message
 
 
 @pytest.mark.parametrize(
@@ -151,10 +151,10 @@ def test_pixel_limit_of_the_server_is_named() -> None:
     ],
     ids=["not-an-image", "truncated-jpeg", "empty"],
 )
-def test_bad_bytes_raise_400_naming_the_index(data: bytes, words: str) -> None:
-    with pytest.raises(ApiError) as err:
+def test_bad_bytes_are_invalid_images_naming_the_index(data: bytes, words: str) -> None:
+    with pytest.raises(InvalidImage) as err:
         ImagePreprocessor(spec(), max_pixels=10**8)(data, 5)
-    assert err.value.status_code == 400 and err.value.index == 5 and words in err.value.message
+    assert err.value.index == 5 and words in err.value.message
 
 
 @pytest.mark.parametrize(("margin", "expected_width"), [(0, 1600), (1, 200), (2, 200), (8, 800)])

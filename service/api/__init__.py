@@ -1,10 +1,7 @@
-"""The routers `create_app` includes, one per resource.
+"""The HTTP layer: thin routers (parse, one call, shape the response), their dependencies
+(`deps`), the one mapping from domain errors to HTTP (`errors`) and the ASGI middleware.
 
-`ROUTERS` is the extension point: the retrieval routers (rank, collections) are appended here.
-Routers get what they need through dependencies: `service.registry.get_registry` (served models,
-see `service.registry` for the model API), `service.api.common.get_settings`, `get_fetcher`
-(API image strings -> bytes, `service.inputs`), and raise `service.errors.ApiError` for
-anything the caller got wrong.
+`ROUTERS` is what `create_app` includes, one router per resource.
 """
 
 from __future__ import annotations

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from service.registry import ModelRegistry, get_registry
-from service.schemas import ErrorResponse, ReloadResponse
+from service.api.common import error_responses
+from service.api.deps import RegistryDep
+from service.schemas import ReloadResponse
 
 router = APIRouter(tags=["admin"])
 
@@ -15,9 +16,9 @@ router = APIRouter(tags=["admin"])
 @router.post(
     "/v1/admin/reload",
     response_model=ReloadResponse,
-    responses={code: {"model": ErrorResponse} for code in (401, 403)},
+    responses=error_responses(401, 403),
     summary="Reload models",
 )
-async def reload(force: bool = False, registry: ModelRegistry = Depends(get_registry)) -> dict:
+async def reload(registry: RegistryDep, force: bool = False) -> ReloadResponse:
     """`force=true` retries versions refused before (after they were fixed in place)."""
-    return asdict(await registry.reload(force=force))
+    return ReloadResponse(**asdict(await registry.reload(force=force)))

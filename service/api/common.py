@@ -1,4 +1,4 @@
-"""Helpers shared by the routers: dependencies, input limits, vector encoding, disconnect guard."""
+"""What several routes do with HTTP itself: cancel work when the client leaves, shape vectors."""
 
 from __future__ import annotations
 
@@ -10,56 +10,10 @@ from typing import TypeVar
 import numpy as np
 from fastapi import Request
 
-from service.errors import ApiError
-from service.inputs import ImageFetcher
-from service.labelsets import ClassMatrices, LabelSetStore
-from service.settings import Settings
+from service.errors import ClientGone
+from service.schemas import ErrorResponse
 
 T = TypeVar("T")
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
-
-
-def get_fetcher(request: Request) -> ImageFetcher:
-    return request.app.state.fetcher
-
-
-def get_labelsets(request: Request) -> LabelSetStore:
-    return request.app.state.labelsets
-
-
-def get_matrices(request: Request) -> ClassMatrices:
-    return request.app.state.matrices
-
-
-def check_texts(texts: list[str], settings: Settings, field: str = "texts") -> None:
-    if len(texts) > settings.max_texts_per_request:
-        raise ApiError(
-            413,
-            "too_many_texts",
-            f"{field}: {len(texts)} given, at most {settings.max_texts_per_request} per request",
-        )
-    for index, text in enumerate(texts):
-        if not text.strip():
-            raise ApiError(422, "invalid_request", f"{field}[{index}] is an empty string", index=index)
-        if len(text) > settings.max_text_chars:
-            raise ApiError(
-                413,
-                "text_too_long",
-                f"{field}[{index}] has {len(text)} characters, at most {settings.max_text_chars} allowed",
-                index=index,
-            )
-
-
-def check_images(count: int, settings: Settings, field: str = "images") -> None:
-    if count > settings.max_images_per_request:
-        raise ApiError(
-            413,
-            "too_many_images",
-            f"{field}: {count} given, at most {settings.max_images_per_request} per request",
-        )
 
 
 def encode_vectors(vectors: np.ndarray, encoding_format: str) -> list[list[float]] | list[str]:
@@ -90,4 +44,9 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task in done:
         return task.result()
     task.cancel()
-    raise ApiError(499, "client_closed", "the client closed the connection")
+    raise ClientGone("the client closed the connection")
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """The OpenAPI `responses` of a route: every listed status answers with the error body."""
+    return {code: {"model": ErrorResponse} for code in codes}

@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.errors import ApiError
+from service.errors import NotFound
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {
@@ -30,7 +30,7 @@ def _static_file(name: str) -> FileResponse:
     path = STATIC_DIR / name
     media_type = MEDIA_TYPES.get(path.suffix)
     if media_type is None or "/" in name or not path.is_file():
-        raise ApiError(404, "not_found", f"no static file {name!r}")
+        raise NotFound(f"no static file {name!r}")
     return FileResponse(path, media_type=media_type, headers={"Cache-Control": CACHE_CONTROL})
 
 

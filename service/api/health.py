@@ -1,31 +1,32 @@
-"""Health and metrics: /livez (batch loops alive), /readyz (models loaded and warm), /metrics."""
+"""Health and metrics: /livez (batch loops alive), /readyz (models loaded and warm, and the
+bundles left out as broken), /metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
 
-from service.errors import error_response
-from service.registry import ModelRegistry, get_registry
+from service.api.deps import MetricsDep, RegistryDep
+from service.api.errors import error_response
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/livez", summary="Liveness: the batch loops are running")
-async def livez(registry: ModelRegistry = Depends(get_registry)) -> Response:
+async def livez(registry: RegistryDep) -> Response:
     if registry.ready and not registry.alive:
         return error_response(503, "not_alive", "a batch loop has stopped")
     return Response('{"status":"alive"}', media_type="application/json")
 
 
 @router.get("/readyz", summary="Readiness: models loaded and warmed up")
-async def readyz(registry: ModelRegistry = Depends(get_registry)) -> Response:
+async def readyz(registry: RegistryDep) -> Response:
     if not registry.ready:
-        return error_response(503, "not_ready", "models are still loading")
-    models = ",".join(f'"{m.ref}"' for m in registry.models())
-    return Response(f'{{"status":"ready","models":[{models}]}}', media_type="application/json")
+        return error_response(503, "not_ready", "models are still loading", headers={"Retry-After": "2"})
+    body = {"status": "ready", "models": [m.ref for m in registry.models()], "left_out": registry.left_out}
+    return JSONResponse(body)
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    body = request.app.state.metrics.render()
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
-from service.registry import ModelRegistry, get_registry
-from service.schemas import ModelList
+from service.api.deps import RegistryDep
+from service.schemas import ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelList, summary="Served models")
-async def list_models(registry: ModelRegistry = Depends(get_registry)) -> dict:
+async def list_models(registry: RegistryDep) -> ModelList:
     default = registry.default_name
-    return {
-        "object": "list",
-        "data": [{**m.describe(), "default": m.name == default} for m in registry.models()],
-    }
+    return ModelList(data=[ModelInfo(**m.describe(), default=m.name == default) for m in registry.models()])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,11 +24,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from export.bundle import NAME_RULE, is_valid_name
+from service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
+
 IndexKind = Literal["flat", "hnsw", "ivf"]
 SourceKind = Literal["text", "image"]
 FilterValue = str | int | float | bool | None
 
-_COLLECTION_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _MAX_ITEM_ID_CHARS = 256
 _MAX_FILTER_FIELD_CHARS = 128
 IVF_TRAIN_POINTS_PER_LIST = 39
@@ -37,37 +38,36 @@ _DEFAULT_NPROBE = 16
 """FAISS wants about 39 training points per IVF list; below that the collection stays exact."""
 
 
-class IndexStoreError(Exception):
+class IndexStoreError(ServiceError):
     """Base of every error a collection store raises; `index` names the offending item, if one."""
 
-    def __init__(self, message: str, index: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.index = index
+
+class CollectionNotFoundError(IndexStoreError, NotFound):
+    code = "collection_not_found"
 
 
-class CollectionNotFoundError(IndexStoreError):
-    pass
+class CollectionExistsError(IndexStoreError, Conflict):
+    code = "collection_exists"
 
 
-class CollectionExistsError(IndexStoreError):
-    pass
+class ItemNotFoundError(IndexStoreError, NotFound):
+    code = "item_not_found"
 
 
-class ItemNotFoundError(IndexStoreError):
-    pass
-
-
-class InvalidInputError(IndexStoreError):
+class InvalidInputError(IndexStoreError, InvalidInput):
     """A bad vector, id, filter, name or parameter from the caller."""
 
 
-class ModelMismatchError(IndexStoreError):
+class ModelMismatchError(IndexStoreError, Conflict):
     """The collection's vectors come from a different embedding space than the one asked for."""
 
+    code = "model_mismatch"
 
-class BackendUnavailableError(IndexStoreError):
+
+class BackendUnavailableError(IndexStoreError, Unavailable):
     """The storage behind the store cannot be reached or lacks something it needs."""
+
+    code = "collections_unavailable"
 
 
 class IndexParams(BaseModel):
@@ -199,11 +199,8 @@ class CollectionStore(Protocol):
 
 
 def validate_collection_name(name: str) -> None:
-    if not isinstance(name, str) or not _COLLECTION_NAME_RE.match(name):
-        raise InvalidInputError(
-            f"invalid collection name {name!r}: use letters, digits, '.', '_' or '-' (at most 128), "
-            "starting with a letter or digit"
-        )
+    if not is_valid_name(name):
+        raise InvalidInputError(f"invalid collection name {name!r}: {NAME_RULE}")
 
 
 def check_binding(name: str, binding: ModelBinding, content_hash: str) -> None:

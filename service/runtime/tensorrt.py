@@ -12,7 +12,27 @@ from pathlib import Path
 
 import numpy as np
 
+from export.bundle import Bundle
 from service.runtime import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions
+
+
+def select_engine(bundle: Bundle, tower: str) -> tuple[Path, str]:
+    """The tower's TensorRT engine, preferring one built by the installed TensorRT version."""
+    engines = [
+        e
+        for e in bundle.manifest.files
+        if e.role == "engine" and (e.tower == tower or (e.tower is None and e.path.startswith(f"{tower}.")))
+    ]
+    if not engines:
+        raise RuntimeConfigError(f"{bundle.ref} has no TensorRT engine for its {tower} tower")
+    try:
+        import tensorrt
+
+        installed = tensorrt.__version__
+    except ImportError:
+        installed = None
+    chosen = next((e for e in engines if e.tensorrt_version == installed), engines[0])
+    return bundle.path / chosen.path, chosen.precision or "fp16"
 
 
 def _check(result: tuple) -> object:

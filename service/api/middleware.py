@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import contextvars
 import hmac
 import json
 import logging
@@ -20,11 +19,11 @@ import uuid
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_body
+from service.api.errors import error_body
+from service.logs import request_id_var
 from service.metrics import Metrics
 
 access_log = logging.getLogger("clipserve.access")
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/"})
 OPEN_PREFIXES = ("/static/",)
 ADMIN_PREFIX = "/v1/admin/"

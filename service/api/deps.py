@@ -1,0 +1,33 @@
+"""What the routes are given, as `Annotated` aliases. Every object is built in the app's lifespan
+(`service.app`) and kept on `app.state`; the routes never build state of their own."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from service.classification import Classifier
+from service.collections import Collections
+from service.embedding import Embedder
+from service.labelsets import LabelSets
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.settings import Settings
+
+
+def _state(name: str):
+    def get(request: Request) -> object:
+        return getattr(request.app.state, name)
+
+    get.__name__ = f"get_{name}"
+    return get
+
+
+SettingsDep = Annotated[Settings, Depends(_state("settings"))]
+MetricsDep = Annotated[Metrics, Depends(_state("metrics"))]
+RegistryDep = Annotated[ModelRegistry, Depends(_state("registry"))]
+EmbedderDep = Annotated[Embedder, Depends(_state("embedder"))]
+ClassifierDep = Annotated[Classifier, Depends(_state("classifier"))]
+LabelSetsDep = Annotated[LabelSets, Depends(_state("labelsets"))]
+CollectionsDep = Annotated[Collections, Depends(_state("collections"))]

@@ -1,0 +1,64 @@
+"""Zero-shot classification of images against labels given in the request or a stored label set."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine import LabelScore, ModelEngine
+from service.errors import InvalidInput
+from service.inputs import ImageFetcher
+from service.labelsets import LabelSets
+from service.limits import check_images, check_labels, check_top_k
+from service.registry import ModelRegistry
+from service.schemas import ClassifyRequest
+from service.settings import Settings
+from service.templates import resolve_templates
+
+
+@dataclass
+class Classification:
+    engine: ModelEngine
+    results: list[list[LabelScore]]
+
+
+class Classifier:
+    def __init__(
+        self, registry: ModelRegistry, labelsets: LabelSets, fetcher: ImageFetcher, settings: Settings
+    ):
+        self.registry, self.labelsets, self.fetcher, self.settings = registry, labelsets, fetcher, settings
+
+    async def classify(self, request: ClassifyRequest) -> Classification:
+        """Top-k labels per image: the class matrix (cached, or built) and the image vectors are
+        computed at once, then scored as the model was trained."""
+        templates = self._check(request)
+        images = await self.fetcher.load(request.images)
+        classes: Awaitable[np.ndarray]
+        if request.labelset is not None:
+            engine, labelset = await self.labelsets.bound(request.labelset, request.model)
+            labels = labelset.labels
+            classes = self.labelsets.matrix(engine, labelset)
+        else:
+            assert request.labels is not None and templates is not None
+            engine, labels = self.registry.resolve(request.model), request.labels
+            classes = engine.class_matrix(labels, templates)
+        matrix, vectors = await asyncio.gather(classes, engine.encode_images(images))
+        return Classification(engine, engine.score(vectors, labels, matrix, request.top_k))
+
+    def _check(self, request: ClassifyRequest) -> tuple[str, ...] | None:
+        """Every limit, before any work; the templates of a labels request."""
+        if not request.images:
+            raise InvalidInput("images: the list is empty; give at least one image")
+        check_images(len(request.images), self.settings)
+        check_top_k(request.top_k, self.settings)
+        if (request.labels is None) == (request.labelset is None):
+            raise InvalidInput("give exactly one of labels or labelset")
+        if request.labels is None:
+            if request.templates is not None:
+                raise InvalidInput("templates apply to labels; a label set keeps its own templates")
+            return None
+        check_labels(request.labels, self.settings.max_labels_per_request, self.settings.max_text_chars)
+        return resolve_templates(request.templates, self.settings.max_templates)

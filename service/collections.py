@@ -1,0 +1,251 @@
+"""Persistent collections searchable by text, image or vector: the operations behind /v1/collections.
+
+A collection is bound to the embedding space (bundle content hash) of the model it was created with.
+Writes and searches use the model now served under that name; when it is a different space, they are
+refused with `model_mismatch` until `reembed` re-embeds the items from their stored sources. Texts
+are always kept; an image is kept when given as a URL (inline base64 images are not stored, so items
+added that way, or as raw vectors, cannot be re-embedded).
+
+Conventions: upsert by id, the last of duplicate ids in one call wins; a filter is an equality test on
+top-level metadata fields, and a field no item has matches nothing (empty results, not an error).
+The store (embedded FAISS + SQLite, or pgvector) is opened on first use, so an app that never
+touches collections creates no files and needs no PostgreSQL; a store that failed to open is tried
+again on the next call. Store calls block, so they run in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any, Literal, TypeVar
+
+import anyio.to_thread
+import numpy as np
+from pydantic import ValidationError
+
+from service.embedding import Embedder
+from service.engine import ModelEngine
+from service.errors import Conflict, InvalidInput, NotFound
+from service.index import (
+    CollectionInfo,
+    CollectionStore,
+    IndexParams,
+    ModelBinding,
+    Source,
+    open_store,
+)
+from service.inputs import is_url
+from service.limits import check_images, check_item_texts, check_top_k
+from service.registry import ModelRegistry
+from service.schemas import (
+    CollectionDescription,
+    CreateCollection,
+    Hit,
+    Item,
+    ItemView,
+    SearchRequest,
+    StoredSource,
+    UpsertItems,
+)
+from service.settings import Settings
+
+log = logging.getLogger("clipserve.collections")
+T = TypeVar("T")
+
+
+async def _blocking(function: Callable[..., T], *args: Any) -> T:
+    return await anyio.to_thread.run_sync(function, *args)
+
+
+class Collections:
+    def __init__(self, registry: ModelRegistry, embedder: Embedder, settings: Settings):
+        self.registry, self.embedder, self.settings = registry, embedder, settings
+        self._store: CollectionStore | None = None
+        self._opening = asyncio.Lock()
+
+    async def store(self) -> CollectionStore:
+        if self._store is None:
+            async with self._opening:
+                if self._store is None:
+                    s = self.settings
+                    try:
+                        self._store = await _blocking(
+                            lambda: open_store(s.collections_backend, data_dir=s.data_dir, dsn=s.postgres_dsn)
+                        )
+                    except Exception as exc:
+                        log.error("collections are unavailable: %s", getattr(exc, "message", exc))
+                        raise
+        return self._store
+
+    async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        store = await self.store()
+        return await _blocking(lambda: getattr(store, method)(*args, **kwargs))
+
+    async def close(self) -> None:
+        if self._store is not None:
+            await _blocking(self._store.close)
+            self._store = None
+
+    # Operations -------------------------------------------------------------------------------------
+
+    async def create(self, request: CreateCollection) -> CollectionDescription:
+        """Bind a new collection to a served model's embedding space, with a flat, HNSW or IVF index."""
+        params = _index_params(request)
+        engine = self.registry.resolve(request.model)
+        binding = ModelBinding(engine.name, engine.version, engine.content_hash, engine.dim)
+        return self._describe(await self._call("create_collection", request.name, binding, params))
+
+    async def list_all(self) -> list[CollectionDescription]:
+        return [self._describe(info) for info in await self._call("list_collections")]
+
+    async def describe(self, name: str) -> CollectionDescription:
+        return self._describe(await self._call("describe", name))
+
+    async def drop(self, name: str) -> None:
+        await self._call("drop_collection", name)
+
+    async def upsert(self, name: str, request: UpsertItems) -> int:
+        """Upsert by id (the last of duplicate ids wins); texts and images go through the batchers."""
+        engine = self._engine_for(name, await self._call("binding", name))
+        items = request.items
+        texts = {i: item.text for i, item in enumerate(items) if item.text is not None}
+        images = {i: item.image for i, item in enumerate(items) if item.image is not None}
+        check_item_texts(texts, self.settings, field="items")
+        check_images(len(images), self.settings, field="items (images)")
+        for position, item in enumerate(items):
+            if item.vector is not None and len(item.vector) != engine.dim:
+                raise InvalidInput(
+                    f"items[{position}].vector has {len(item.vector)} dimensions, "
+                    f"the collection's space has {engine.dim}",
+                    code="invalid_vector",
+                    index=position,
+                )
+        vectors = await self.embedder.items(engine, texts, images, len(items), "items")
+        for position, item in enumerate(items):
+            if item.vector is not None:
+                vectors[position] = np.asarray(item.vector, dtype=np.float32)
+        return await self._call(
+            "upsert",
+            name,
+            [str(item.id) for item in items],
+            vectors,
+            content_hash=engine.content_hash,
+            metadata=[item.metadata for item in items],
+            sources=[_source(item) for item in items],
+        )
+
+    async def get_item(self, name: str, item_id: str) -> ItemView:
+        item = await self._call("get", name, item_id)
+        source = None if item.source is None else StoredSource(kind=item.source.kind, value=item.source.value)
+        return ItemView(id=item.id, metadata=item.metadata, source=source, vector=item.vector.tolist())
+
+    async def delete_item(self, name: str, item_id: str) -> None:
+        await self._call("delete", name, item_id)
+
+    async def search(self, name: str, request: SearchRequest) -> tuple[ModelEngine, list[Hit]]:
+        """Nearest items by cosine to a text, an image or a vector, optionally filtered on metadata."""
+        check_top_k(request.top_k, self.settings)
+        engine = self._engine_for(name, await self._call("binding", name))
+        query = await self.embedder.query(engine, request)
+        hits = await self._call(
+            "search",
+            name,
+            query,
+            content_hash=engine.content_hash,
+            top_k=request.top_k,
+            filter=request.filter,
+        )
+        return engine, [Hit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits]
+
+    async def reembed(self, name: str, model: str | None) -> tuple[ModelEngine, int]:
+        """Move the collection to the served model's space, embedding every item again from its source."""
+        info = await self._call("describe", name)
+        engine = self.registry.resolve(model or info.binding.model)
+        if engine.content_hash == info.binding.content_hash:
+            return engine, 0
+        store = await self.store()
+        pairs = await _blocking(lambda: [pair for page in store.iter_sources(name) for pair in page])
+        missing = [item_id for item_id, source in pairs if source is None]
+        if missing:
+            raise Conflict(
+                f"{len(missing)} of {len(pairs)} items of {name!r} have no stored text or image URL "
+                f"(e.g. {missing[0]!r}: added as a vector or an inline image); re-add them or recreate "
+                "the collection",
+                code="cannot_reembed",
+            )
+        vectors = await self._embed_sources(engine, [s for _, s in pairs])
+        binding = ModelBinding(engine.name, engine.version, engine.content_hash, engine.dim)
+        await self._call("rebind", name, binding, [item_id for item_id, _ in pairs], vectors)
+        return engine, len(pairs)
+
+    # Helpers ----------------------------------------------------------------------------------------
+
+    async def _embed_sources(self, engine: ModelEngine, sources: list[Source | None]) -> np.ndarray:
+        """Every source embedded in chunks the size of one request, through the same batchers."""
+        out = np.zeros((len(sources), engine.dim), dtype=np.float32)
+        chunk = min(self.settings.max_texts_per_request, self.settings.max_images_per_request)
+        for start in range(0, len(sources), chunk):
+            part = sources[start : start + chunk]
+            texts = {i: s.value for i, s in enumerate(part) if s is not None and s.kind == "text"}
+            images = {i: s.value for i, s in enumerate(part) if s is not None and s.kind == "image"}
+            out[start : start + len(part)] = await self.embedder.items(
+                engine, texts, images, len(part), "stored sources"
+            )
+        return out
+
+    def _describe(self, info: CollectionInfo) -> CollectionDescription:
+        return CollectionDescription(
+            name=info.name,
+            count=info.count,
+            model=info.binding.model,
+            version=info.binding.version,
+            content_hash=info.binding.content_hash,
+            dim=info.binding.dim,
+            index=info.index,
+            created_at=info.created_at,
+            model_status=self._model_status(info),
+        )
+
+    def _model_status(self, info: CollectionInfo) -> Literal["current", "stale", "not_served"]:
+        served = next((m for m in self.registry.models() if m.name == info.binding.model), None)
+        if served is None:
+            return "not_served"
+        return "current" if served.content_hash == info.binding.content_hash else "stale"
+
+    def _engine_for(self, name: str, binding: ModelBinding) -> ModelEngine:
+        """The engine serving this collection's space, or a conflict saying how to get back to it."""
+        try:
+            engine = self.registry.resolve(binding.model)
+        except NotFound as exc:
+            raise Conflict(
+                f"collection {name!r} was built with {binding.model}@{binding.version}, "
+                "which is not served here",
+                code="model_not_served",
+            ) from exc
+        if engine.content_hash != binding.content_hash:
+            raise Conflict(
+                f"collection {name!r} holds vectors of {binding.model}@{binding.version}, but "
+                f"{engine.ref} is served now, a different embedding space; POST "
+                f"/v1/collections/{name}/reembed re-embeds it from its stored texts and image URLs",
+                code="model_mismatch",
+            )
+        return engine
+
+
+def _source(item: Item) -> Source | None:
+    if item.text is not None:
+        return Source("text", item.text)
+    if item.image is not None and is_url(item.image):
+        return Source("image", item.image.strip())
+    return None
+
+
+def _index_params(request: CreateCollection) -> IndexParams:
+    try:
+        return IndexParams(kind=request.index, **request.index_params.model_dump(exclude_none=True))
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"index_params.{'.'.join(map(str, e['loc'])) or 'index'}: {e['msg']}" for e in exc.errors()
+        )
+        raise InvalidInput(problems) from exc

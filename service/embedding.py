@@ -1,0 +1,136 @@
+"""The embedding operations: texts and images to vectors (`/v1/embed`, `/v1/embeddings`), one query
+against candidates (`/v1/rank`), and the queries and items the collections embed.
+
+Each operation checks the server's limits first, then fetches images, then asks one engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.engine import ModelEngine, Ranked
+from service.errors import InvalidImage, InvalidInput, TooLarge
+from service.inputs import ImageFetcher
+from service.limits import check_images, check_item_texts, check_texts, check_top_k, unit_vector
+from service.registry import ModelRegistry
+from service.schemas import EmbeddingsRequest, Query, RankRequest
+from service.settings import Settings
+
+
+@dataclass
+class Embedded:
+    engine: ModelEngine
+    text_vectors: np.ndarray
+    truncated: list[bool]
+    image_vectors: np.ndarray
+    tokens: int = 0
+
+
+@dataclass
+class RankOutcome:
+    engine: ModelEngine
+    results: list[Ranked]
+
+
+class Embedder:
+    def __init__(self, registry: ModelRegistry, fetcher: ImageFetcher, settings: Settings):
+        self.registry, self.fetcher, self.settings = registry, fetcher, settings
+
+    async def embed(
+        self,
+        model: str | None,
+        texts: Sequence[str],
+        images: Sequence[str] = (),
+        image_bytes: Sequence[bytes] = (),
+    ) -> Embedded:
+        """Texts and images (as API strings, or bytes already uploaded) to vectors, both towers at once."""
+        check_images(len(images) + len(image_bytes), self.settings)
+        check_texts(texts, self.settings)
+        if not texts and not images and not image_bytes:
+            raise InvalidInput("nothing to embed: give at least one text or image")
+        engine = self.registry.resolve(model)
+        data = list(image_bytes) or await self.fetcher.load(list(images))
+        return await self._encode(engine, texts, data)
+
+    async def _encode(self, engine: ModelEngine, texts: Sequence[str], data: Sequence[bytes]) -> Embedded:
+        empty = np.zeros((0, engine.dim), dtype=np.float32)
+
+        async def text_part() -> tuple[np.ndarray, list[bool], int]:
+            if not texts:
+                return empty, [], 0
+            encoded = await engine.encode_texts(texts)
+            return encoded.vectors, encoded.truncated, encoded.tokens
+
+        async def image_part() -> np.ndarray:
+            return await engine.encode_images(data) if data else empty
+
+        (text_vectors, truncated, tokens), image_vectors = await asyncio.gather(text_part(), image_part())
+        return Embedded(engine, text_vectors, truncated, image_vectors, tokens)
+
+    async def embeddings(self, request: EmbeddingsRequest) -> Embedded:
+        """The OpenAI-compatible call: `input` is texts, or images with `modality: image`."""
+        inputs = [request.input] if isinstance(request.input, str) else request.input
+        if not inputs:
+            raise InvalidInput("input: the list is empty")
+        engine = self.registry.resolve(request.model)
+        if request.dimensions is not None and request.dimensions != engine.dim:
+            raise InvalidInput(f"dimensions: {engine.ref} gives {engine.dim}-dim vectors only")
+        if request.modality == "image":
+            check_images(len(inputs), self.settings, field="input")
+            return await self._encode(engine, [], await self.fetcher.load(inputs))
+        check_texts(inputs, self.settings, field="input")
+        return await self._encode(engine, inputs, [])
+
+    async def rank(self, request: RankRequest) -> RankOutcome:
+        """Cosine of each candidate to the query, highest first (and the model's probabilities)."""
+        check_top_k(request.top_k, self.settings)
+        texts = {i: c.text for i, c in enumerate(request.candidates) if c.text is not None}
+        images = {i: c.image for i, c in enumerate(request.candidates) if c.image is not None}
+        check_item_texts(texts, self.settings, field="candidates")
+        check_images(
+            len(images) + (request.query.image is not None),
+            self.settings,
+            field="images (query and candidates)",
+        )
+        engine = self.registry.resolve(request.model)
+        query, candidates = await asyncio.gather(
+            self.query(engine, request.query),
+            self.items(engine, texts, images, len(request.candidates), "candidates"),
+        )
+        return RankOutcome(engine, engine.rank(query, candidates, request.top_k, request.probabilities))
+
+    async def query(self, engine: ModelEngine, query: Query) -> np.ndarray:
+        """A query (text, image or vector) as a unit vector of the engine's space."""
+        if query.vector is not None:
+            return unit_vector(query.vector, engine.dim, "query vector")
+        if query.text is not None:
+            check_texts([query.text], self.settings, field="query.text")
+            return (await engine.encode_texts([query.text])).vectors[0]
+        images = await self.fetcher.load([query.image or ""])
+        return (await engine.encode_images(images))[0]
+
+    async def items(
+        self,
+        engine: ModelEngine,
+        texts: Mapping[int, str],
+        images: Mapping[int, str],
+        count: int,
+        field: str,
+    ) -> np.ndarray:
+        """Vectors for positions 0..count-1 given as texts or API image strings; an image's error
+        names its item (`candidates[3].image`), not its place among the images."""
+        positions = list(images)
+        try:
+            data = await self.fetcher.load(list(images.values()))
+            return await engine.encode_items(texts, dict(zip(positions, data, strict=True)), count)
+        except (InvalidImage, TooLarge) as exc:
+            if exc.index is None or exc.index >= len(positions):
+                raise
+            position = positions[exc.index]
+            raise exc.at(
+                position, exc.message.replace(f"image {exc.index}", f"{field}[{position}].image", 1)
+            ) from exc

@@ -1,0 +1,380 @@
+"""One served model version and its whole path: tokenize, cache, batch, infer, normalize, score.
+
+Everything that asks a model for vectors or scores goes through these public methods:
+
+    engine.encode_texts(["a dog"])          -> TextVectors(vectors [N, D], truncated, tokens)
+    engine.encode_images([png_bytes, ...])  -> float32 [N, D]   (bad image -> InvalidImage naming it)
+    engine.encode_items(texts, images, n)   -> float32 [n, D]   (items given by position, both towers)
+    engine.class_matrix(labels, templates)  -> float32 [labels, D], cached by the embedding space
+    engine.classify(images, labels, matrix, top_k) -> one ranked list of labels per image
+    engine.rank(query, candidates, top_k, probabilities) -> candidates ranked by cosine
+
+Vectors are L2-normalized. Requests go through the model's dynamic batchers (`Overloaded` when a
+queue is full, `TimedOut` past the request timeout). Text vectors are cached by the bundle's content
+hash (Redis shared by replicas, else in process), class matrices likewise; scoring follows the
+bundle (`export.scoring`: softmax for CLIP, sigmoid for SigLIP).
+
+An engine stays usable for `retire_grace_s` after a newer version replaced it, and until its last
+in-flight call ends (`using()`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from export.bundle import Manifest
+from export.scoring import Scoring, class_vectors, normalize, prompts, top_k
+from export.tokenizer import TokenizedBatch
+from service.batching import Batcher
+from service.cache import KEY_PREFIX, VectorCache
+from service.loading import LoadedBundle
+from service.metrics import Metrics
+from service.preprocess import ImagePreprocessor
+from service.settings import Settings
+
+log = logging.getLogger("clipserve.engine")
+_INLINE_TOKENIZE = 16
+_LOCAL_MATRICES = 32
+
+
+def pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    batch = np.full((len(rows), width), pad_id, dtype=np.int64)
+    for i, row in enumerate(rows):
+        batch[i, : len(row)] = row
+    return batch
+
+
+def classes_digest(labels: Sequence[str], templates: Sequence[str]) -> str:
+    """Identity of a class matrix within one embedding space: its labels and templates, in order."""
+    return hashlib.sha256(
+        json.dumps([list(labels), list(templates)], ensure_ascii=False).encode()
+    ).hexdigest()
+
+
+@dataclass
+class TextVectors:
+    vectors: np.ndarray
+    truncated: list[bool]
+    tokens: int
+
+
+@dataclass
+class LabelScore:
+    label: str
+    score: float
+    similarity: float
+
+
+@dataclass
+class Ranked:
+    index: int
+    score: float
+    probability: float | None = None
+
+
+@dataclass
+class TowerStats:
+    calls: int = 0
+    items: int = 0
+
+
+class ModelEngine:
+    def __init__(
+        self,
+        loaded: LoadedBundle,
+        settings: Settings,
+        metrics: Metrics,
+        cache: VectorCache,
+        pool: ThreadPoolExecutor,
+    ):
+        self.loaded = loaded
+        self.bundle = loaded.bundle
+        self.manifest: Manifest = loaded.bundle.manifest
+        self.name = self.manifest.name
+        self.version = self.manifest.version
+        self.dim = self.manifest.embed_dim
+        self.content_hash = self.manifest.content_hash
+        self.scoring: Scoring = self.manifest.scorer
+        self._tokenizer = loaded.tokenizer
+        self._preprocessor = ImagePreprocessor(
+            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin
+        )
+        self._settings, self._metrics, self._cache, self._pool = settings, metrics, cache, pool
+        self.text_stats, self.image_stats = TowerStats(), TowerStats()
+        self.in_flight = 0
+        variant = "" if loaded.text_precision == "fp32" else f"-{loaded.text_precision}"
+        # Vectors of an int8 or fp16 text graph differ slightly: they get a space of their own.
+        self.space_id = f"{self.content_hash}{variant}"
+        self._text_key_prefix = f"{KEY_PREFIX}:{self.space_id}:text:"
+        self._matrices: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        common = dict(
+            max_wait_ms=settings.max_wait_ms,
+            max_queue=settings.max_queue,
+            timeout_s=settings.request_timeout_s,
+            metrics=metrics,
+        )
+        self.image_batcher = Batcher(
+            self.ref, "image", self._run_images, max_batch=settings.max_batch_size_image, **common
+        )
+        self.text_batcher = Batcher(
+            self.ref, "text", self._run_texts, max_batch=settings.max_batch_size_text, **common
+        )
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "dim": self.dim,
+            "content_hash": self.content_hash,
+            "precision": {"image": self.loaded.image_precision, "text": self.loaded.text_precision},
+            "providers": self.loaded.providers,
+            "logit_scale": self.scoring.logit_scale,
+            "image_size": list(self.manifest.image.size),
+            "context_length": self.manifest.tokenizer.context_length,
+            "source": self.manifest.source.model_dump(exclude_none=True, exclude={"config"}),
+        }
+
+    # Inference, in the towers' own threads ------------------------------------------------------
+
+    def _run_images(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        output = self.loaded.image_runtime.run(np.stack(rows))
+        self._count("image", self.image_stats, len(rows))
+        return normalize(output)
+
+    def _run_texts(self, rows: Sequence[np.ndarray]) -> np.ndarray:
+        output = self.loaded.text_runtime.run(pad_rows(rows, self.manifest.tokenizer.pad_token_id))
+        self._count("text", self.text_stats, len(rows))
+        return normalize(output)
+
+    def _count(self, tower: str, stats: TowerStats, items: int) -> None:
+        stats.calls += 1
+        stats.items += items
+        self._metrics.encoder_calls.labels(model=self.ref, tower=tower).inc()
+
+    # Texts ------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def using(self) -> Iterator[None]:
+        """Hold this version while working with it: retirement waits until no one holds it."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def _tokenize(self, texts: Sequence[str]) -> TokenizedBatch:
+        if len(texts) <= _INLINE_TOKENIZE:
+            return self._tokenizer.encode(list(texts))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._tokenizer.encode, list(texts)
+        )
+
+    def _token_rows(self, batch: TokenizedBatch) -> list[np.ndarray]:
+        if self.manifest.text.dynamic_length:
+            return [batch.ids[i, : int(n)] for i, n in enumerate(batch.lengths)]
+        return list(batch.ids)
+
+    def _text_key(self, row: np.ndarray) -> str:
+        digest = hashlib.sha256(np.ascontiguousarray(row, dtype=np.int64).tobytes()).hexdigest()
+        return self._text_key_prefix + digest
+
+    async def encode_texts(self, texts: Sequence[str]) -> TextVectors:
+        """Unit vectors of `texts`, each from the cache or the text tower's batcher."""
+        with self.using():
+            batch = await self._tokenize(texts)
+            vectors = await self._vectors_for_rows(self._token_rows(batch), self.text_batcher.submit)
+            return TextVectors(vectors, [bool(t) for t in batch.truncated], int(batch.lengths.sum()))
+
+    async def _vectors_for_rows(
+        self, rows: list[np.ndarray], encode: Callable[[list[np.ndarray]], object]
+    ) -> np.ndarray:
+        """Vectors for token-id rows: from the cache where present, the rest with `encode` (cached)."""
+        keys = [self._text_key(r) for r in rows]
+        cached = await self._cache.get_vectors(keys)
+        out = np.empty((len(rows), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        for i, value in enumerate(cached):
+            if value is not None and len(value) == 4 * self.dim:
+                out[i] = np.frombuffer(value, dtype=np.float32)
+            else:
+                missing.setdefault(keys[i], []).append(i)
+        if missing:
+            vectors = await encode([rows[positions[0]] for positions in missing.values()])  # type: ignore[misc]
+            for positions, vector in zip(missing.values(), vectors, strict=True):
+                out[positions] = vector
+            await self._cache.set_vectors({k: v.tobytes() for k, v in zip(missing, vectors, strict=True)})
+        return out
+
+    async def _encode_bulk(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Token rows on the text tower's inference thread, without the request queue: bulk work
+        (class matrices) takes turns with live batches instead of filling their queue."""
+        return await self.text_batcher.run_directly(rows)
+
+    # Images -----------------------------------------------------------------------------------------
+
+    async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
+        """Unit vectors of encoded images (decoded and preprocessed in the pool, then batched)."""
+        with self.using():
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            self.image_batcher.announce(len(images))
+            try:
+                rows = await asyncio.gather(
+                    *(
+                        loop.run_in_executor(self._pool, self._preprocessor, data, i)
+                        for i, data in enumerate(images)
+                    )
+                )
+            finally:
+                self.image_batcher.withdraw(len(images))
+            if images:
+                per_item = (time.perf_counter() - started) / len(images)
+                self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)
+            return await self.image_batcher.submit(rows)
+
+    async def encode_items(
+        self, texts: Mapping[int, str], images: Mapping[int, bytes], count: int
+    ) -> np.ndarray:
+        """Vectors for positions 0..count-1, each given as a text or an image; both towers at once.
+        Positions given neither stay zero (the caller fills them, e.g. with vectors it was given).
+        An image error's `index` is its place among `images`, in position order."""
+        out = np.zeros((count, self.dim), dtype=np.float32)
+
+        async def text_part() -> None:
+            if texts:
+                out[list(texts)] = (await self.encode_texts(list(texts.values()))).vectors
+
+        async def image_part() -> None:
+            if images:
+                out[list(images)] = await self.encode_images(list(images.values()))
+
+        await asyncio.gather(text_part(), image_part())
+        return out
+
+    # Classes and scores -----------------------------------------------------------------------------
+
+    def _remember(self, digest: str, matrix: np.ndarray) -> None:
+        self._matrices[digest] = matrix
+        self._matrices.move_to_end(digest)
+        while len(self._matrices) > _LOCAL_MATRICES:
+            self._matrices.popitem(last=False)
+
+    def _matrix_key(self, digest: str) -> str:
+        return f"{KEY_PREFIX}:{self.space_id}:classes:{digest}"
+
+    async def cached_class_matrix(self, digest: str) -> np.ndarray | None:
+        """A class matrix already computed for this space: this replica's copy, else the shared cache."""
+        matrix = self._matrices.get(digest)
+        if matrix is not None:
+            self._matrices.move_to_end(digest)
+            return matrix
+        raw = await self._cache.get_blob(self._matrix_key(digest), kind="class_matrix")
+        if raw is None or len(raw) % (4 * self.dim):
+            return None
+        matrix = np.frombuffer(raw, dtype=np.float32).reshape(-1, self.dim)
+        self._remember(digest, matrix)
+        return matrix
+
+    async def class_matrix(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str],
+        *,
+        stored: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """[labels, D] class vectors (`export.scoring.class_vectors` of the filled templates).
+
+        Found in the caches when this space has computed it before; else encoded in chunks of
+        `labelset_chunk_texts` texts on the text tower's thread, calling `progress(labels_done)` after
+        each chunk. The caching policy, in one place: a `stored` label set's matrix is
+        shared through the cache for every replica (and its prompts are not cached one by one); an
+        ad-hoc label list keeps its matrix in this replica and caches each prompt's vector, since the
+        same labels come back in other combinations."""
+        digest = classes_digest(labels, templates)
+        matrix = await self.cached_class_matrix(digest)
+        if matrix is not None:
+            return matrix
+        with self.using():
+            matrix = await self._compute_classes(list(labels), list(templates), not stored, progress)
+        if stored:
+            await self._cache.set_blob(self._matrix_key(digest), matrix.tobytes())
+        self._remember(digest, matrix)
+        return matrix
+
+    async def _compute_classes(
+        self,
+        labels: list[str],
+        templates: list[str],
+        cache_texts: bool,
+        progress: Callable[[int], None] | None,
+    ) -> np.ndarray:
+        per_chunk = max(1, self._settings.labelset_chunk_texts // len(templates))
+        matrix = np.empty((len(labels), self.dim), dtype=np.float32)
+        for start in range(0, len(labels), per_chunk):
+            chunk = labels[start : start + per_chunk]
+            rows = self._token_rows(await self._tokenize(prompts(chunk, templates)))
+            if cache_texts:
+                vectors = await self._vectors_for_rows(rows, self._encode_bulk)
+            else:
+                vectors = await self._encode_bulk(rows)
+            matrix[start : start + len(chunk)] = class_vectors(vectors, len(templates))
+            if progress is not None:
+                progress(start + len(chunk))
+        return matrix
+
+    def score(
+        self, image_vectors: np.ndarray, labels: Sequence[str], matrix: np.ndarray, k: int
+    ) -> list[list[LabelScore]]:
+        """Top-k labels per image, scored as the model was trained (`self.scoring`)."""
+        similarity = image_vectors @ matrix.T
+        probabilities = self.scoring.probabilities(similarity)
+        return [
+            [LabelScore(labels[j], float(probs[j]), float(sims[j])) for j in order]
+            for order, probs, sims in zip(top_k(probabilities, k), probabilities, similarity, strict=True)
+        ]
+
+    async def classify(
+        self, images: Sequence[bytes], labels: Sequence[str], matrix: np.ndarray, k: int
+    ) -> list[list[LabelScore]]:
+        """Top-k of `labels` (whose class vectors are `matrix`) for each image."""
+        return self.score(await self.encode_images(images), labels, matrix, k)
+
+    def rank(
+        self, query: np.ndarray, candidates: np.ndarray, k: int | None, probabilities: bool
+    ) -> list[Ranked]:
+        """Candidates by cosine to the query, highest first; optionally the model's probabilities."""
+        scores = candidates @ query
+        order = top_k(scores, k or len(scores))[0]
+        probs = self.scoring.probabilities(scores[None, :])[0] if probabilities else None
+        return [Ranked(int(i), float(scores[i]), None if probs is None else float(probs[i])) for i in order]
+
+    # Lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.image_batcher.start()
+        self.text_batcher.start()
+
+    @property
+    def alive(self) -> bool:
+        return self.image_batcher.alive and self.text_batcher.alive
+
+    async def close(self) -> None:
+        await self.image_batcher.close()
+        await self.text_batcher.close()

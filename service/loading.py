@@ -1,0 +1,87 @@
+"""From a published bundle to runtimes that are ready to serve: verify, open, warm up.
+
+`load_version(repository, name, version, settings)` is blocking (hashing, session creation and a
+first pass through each tower): the registry runs it in a thread. It picks each tower's file from
+the settings (`precision`, `engine`), opens one runtime per tower and the bundle's tokenizer, and
+fails a graph whose output does not match the manifest before it ever serves a request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.bundle import Bundle, BundleError, ModelRepository
+from export.tokenizer import ClipTokenizer
+from service.runtime import Runtime, RuntimeOptions, open_runtime
+from service.runtime.tensorrt import select_engine
+from service.settings import Settings
+
+log = logging.getLogger("clipserve.loading")
+
+
+@dataclass
+class LoadedBundle:
+    """Everything a version needs before it can serve, built off the event loop."""
+
+    bundle: Bundle
+    image_runtime: Runtime
+    text_runtime: Runtime
+    tokenizer: ClipTokenizer
+    text_precision: str
+    image_precision: str
+    providers: list[str] = field(default_factory=list)
+
+
+def tower_file(bundle: Bundle, tower: str, settings: Settings) -> tuple[Path, str]:
+    """The file that runs `tower` under these settings, and its precision."""
+    if settings.engine == "tensorrt":
+        return select_engine(bundle, tower)
+    if bundle.manifest.file(tower, settings.precision) is not None:
+        return bundle.file_path(tower, settings.precision), settings.precision
+    log.warning("%s has no %s %s graph; serving its fp32 graph", bundle.ref, settings.precision, tower)
+    return bundle.file_path(tower, "fp32"), "fp32"
+
+
+def load_version(
+    repository: ModelRepository, name: str, version: int | None, settings: Settings
+) -> LoadedBundle:
+    """Load, verify every hash, open both runtimes and warm them up."""
+    bundle = repository.load(name, version, verify=True)
+    options = RuntimeOptions(providers=tuple(settings.providers), intra_op_threads=settings.intra_op_threads)
+    image_path, image_precision = tower_file(bundle, "image", settings)
+    text_path, text_precision = tower_file(bundle, "text", settings)
+    image_runtime = open_runtime(image_path, options)
+    text_runtime = open_runtime(text_path, options)
+    tokenizer = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path)
+    loaded = LoadedBundle(
+        bundle,
+        image_runtime,
+        text_runtime,
+        tokenizer,
+        text_precision,
+        image_precision,
+        providers=list(image_runtime.active_providers),
+    )
+    if settings.warmup:
+        warm_up(loaded)
+    return loaded
+
+
+def warm_up(loaded: LoadedBundle) -> None:
+    """One real pass through each tower: fails a broken graph before it serves, and primes kernels."""
+    manifest = loaded.bundle.manifest
+    height, width = manifest.image.size
+    image_out = loaded.image_runtime.run(np.zeros((1, 3, height, width), dtype=np.float32))
+    ids = loaded.tokenizer.encode(["a photo of a cat"])
+    text_ids = ids.trimmed() if manifest.text.dynamic_length else ids.ids
+    text_out = loaded.text_runtime.run(text_ids)
+    for tower, output in (("image", image_out), ("text", text_out)):
+        if output.shape != (1, manifest.embed_dim) or not np.all(np.isfinite(output)):
+            raise BundleError(
+                f"{loaded.bundle.ref}: the {tower} graph gave shape {output.shape} or non-finite values; "
+                f"the manifest says [1, {manifest.embed_dim}]"
+            )
