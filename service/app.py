@@ -22,7 +22,7 @@ from service.classification import Classifier
 from service.collections import Collections
 from service.embedding import Embedder
 from service.inputs import ImageFetcher
-from service.labelsets import LabelSets, LabelSetStore
+from service.labelsets import LabelSets
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -43,13 +43,14 @@ def _lifespan(settings: Settings):
         )
         state.registry = registry = ModelRegistry(settings, state.metrics, state.cache)
         state.fetcher = ImageFetcher(settings)
-        state.labelsets = LabelSets(LabelSetStore(state.cache), registry, settings)
+        state.labelsets = LabelSets(registry, state.cache, settings, state.metrics)
         state.classifier = Classifier(registry, state.labelsets, state.fetcher, settings)
         state.embedder = Embedder(registry, state.fetcher, settings)
-        state.collections = Collections(registry, state.embedder, settings)
+        state.collections = Collections(registry, state.embedder, settings, state.metrics)
         poller: asyncio.Task | None = None
         try:
             await registry.start()
+            await state.labelsets.start()
             if settings.reload_poll_s > 0:
                 poller = asyncio.get_running_loop().create_task(
                     registry.poll_forever(), name="repository-poll"

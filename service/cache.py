@@ -5,8 +5,8 @@ Keys are built by the callers from the bundle's content hash, never the model na
 
 - vectors (`get_vectors` / `set_vectors`): text embeddings, float32 bytes, with a TTL; the stand-in
   is an LRU of `cache_lru_size` entries;
-- blobs (`get_blob` / `set_blob` / `delete` / `scan`): label-set definitions and class matrices,
-  no TTL; the stand-in is a plain dict.
+- blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices of stored label sets, no
+  TTL; the stand-in is a plain dict. (Label-set definitions are data: `service.index.labelsets`.)
 
 When Redis fails, the cache logs one warning, counts the error, sets the fallback gauge and
 serves from the stand-in; it tries Redis again after `redis_retry_s` and logs when it is back.
@@ -80,6 +80,11 @@ class VectorCache:
         self._down_until = 0.0
         self._down = not redis_url
         metrics.cache_fallback.set(1 if self._down else 0)
+
+    @property
+    def configured(self) -> bool:
+        """A Redis URL was given (it may be down right now)."""
+        return self._redis is not None
 
     @property
     def using_redis(self) -> bool:

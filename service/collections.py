@@ -28,6 +28,7 @@ from service.embedding import Embedder
 from service.engine import ModelEngine
 from service.errors import Conflict, InvalidInput, NotFound
 from service.index import (
+    BackendUnavailableError,
     CollectionInfo,
     CollectionStore,
     IndexParams,
@@ -37,6 +38,7 @@ from service.index import (
 )
 from service.inputs import is_url
 from service.limits import check_images, check_item_texts, check_top_k
+from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.schemas import (
     CollectionDescription,
@@ -54,13 +56,9 @@ log = logging.getLogger("clipserve.collections")
 T = TypeVar("T")
 
 
-async def _blocking(function: Callable[..., T], *args: Any) -> T:
-    return await anyio.to_thread.run_sync(function, *args)
-
-
 class Collections:
-    def __init__(self, registry: ModelRegistry, embedder: Embedder, settings: Settings):
-        self.registry, self.embedder, self.settings = registry, embedder, settings
+    def __init__(self, registry: ModelRegistry, embedder: Embedder, settings: Settings, metrics: Metrics):
+        self.registry, self.embedder, self.settings, self.metrics = registry, embedder, settings, metrics
         self._store: CollectionStore | None = None
         self._opening = asyncio.Lock()
 
@@ -69,22 +67,26 @@ class Collections:
             async with self._opening:
                 if self._store is None:
                     s = self.settings
-                    try:
-                        self._store = await _blocking(
-                            lambda: open_store(s.collections_backend, data_dir=s.data_dir, dsn=s.postgres_dsn)
-                        )
-                    except Exception as exc:
-                        log.error("collections are unavailable: %s", getattr(exc, "message", exc))
-                        raise
+                    self._store = await self._blocking(
+                        lambda: open_store(s.collections_backend, data_dir=s.data_dir, dsn=s.postgres_dsn)
+                    )
         return self._store
+
+    async def _blocking(self, function: Callable[[], T]) -> T:
+        try:
+            return await anyio.to_thread.run_sync(function)
+        except BackendUnavailableError as exc:
+            self.metrics.store_errors.labels(store="collections").inc()
+            log.error("%s", exc.message)
+            raise
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         store = await self.store()
-        return await _blocking(lambda: getattr(store, method)(*args, **kwargs))
+        return await self._blocking(lambda: getattr(store, method)(*args, **kwargs))
 
     async def close(self) -> None:
         if self._store is not None:
-            await _blocking(self._store.close)
+            await anyio.to_thread.run_sync(self._store.close)
             self._store = None
 
     # Operations -------------------------------------------------------------------------------------
@@ -165,7 +167,7 @@ class Collections:
         if engine.content_hash == info.binding.content_hash:
             return engine, 0
         store = await self.store()
-        pairs = await _blocking(lambda: [pair for page in store.iter_sources(name) for pair in page])
+        pairs = await self._blocking(lambda: [pair for page in store.iter_sources(name) for pair in page])
         missing = [item_id for item_id, source in pairs if source is None]
         if missing:
             raise Conflict(

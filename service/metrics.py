@@ -57,6 +57,12 @@ class Metrics:
         self.cache_fallback = Gauge(
             "clipserve_cache_fallback", "1 while the in-process cache stands in for Redis", registry=r
         )
+        self.store_errors = Counter(
+            "clipserve_store_errors_total",
+            "calls to a data store (collections, label sets) that failed because it could not be reached",
+            ["store"],
+            registry=r,
+        )
         self.reloads = Counter("clipserve_reloads_total", "model (re)loads", ["model", "result"], registry=r)
         self.model_info = Gauge(
             "clipserve_model_loaded",

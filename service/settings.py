@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     labelset_chunk_texts: int = Field(
         256, ge=1, description="texts per encoder call when building label sets"
     )
+    labelset_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="a background label-set build whose owner sent no heartbeat for this long is taken "
+        "over by another replica",
+    )
 
     # Cache
     redis_url: str | None = "redis://127.0.0.1:6379/0"

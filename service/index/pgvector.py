@@ -14,7 +14,6 @@ collections, searches scan exactly. PostgreSQL's MVCC keeps readers working duri
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -47,6 +46,12 @@ from .base import (
     validate_filter,
     validate_top_k,
 )
+from .postgres import ConnectionPool
+
+
+def unavailable(detail: str) -> BackendUnavailableError:
+    return BackendUnavailableError(f"collections are unavailable: {detail}; retry shortly")
+
 
 _SCHEMA_LOCK_KEY = 0x636C6970  # any constant shared by every replica
 _CATALOG = """
@@ -86,47 +91,6 @@ class _Catalog:
         return None
 
 
-class _Pool:
-    """A few autocommit connections reused across threads (psycopg_pool is not a dependency)."""
-
-    def __init__(self, dsn: str, size: int):
-        self._dsn = dsn
-        self._idle: list[psycopg.Connection] = []
-        self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
-
-    def open(self) -> psycopg.Connection:
-        try:
-            return psycopg.connect(self._dsn, autocommit=True)
-        except psycopg.OperationalError as exc:
-            raise BackendUnavailableError(f"cannot connect to PostgreSQL for collections: {exc}") from exc
-
-    @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
-        self._slots.acquire()
-        try:
-            with self._lock:
-                conn = self._idle.pop() if self._idle else None
-            if conn is None or conn.closed:
-                conn = self.open()
-                register_vector(conn)
-            try:
-                yield conn
-            except psycopg.OperationalError:
-                conn.close()
-                raise
-            with self._lock:
-                self._idle.append(conn)
-        finally:
-            self._slots.release()
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._idle:
-                conn.close()
-            self._idle.clear()
-
-
 class PgVectorStore:
     """Collections in PostgreSQL with pgvector, configured by a DSN."""
 
@@ -146,7 +110,7 @@ class PgVectorStore:
         self.batch_size = batch_size
         self.maintenance_work_mem = maintenance_work_mem
         self.reindex_min_rows = reindex_min_rows
-        self._pool = _Pool(dsn, pool_size)
+        self._pool = ConnectionPool(dsn, pool_size, unavailable, configure=register_vector)
         self._create_schema()
 
     def _create_schema(self) -> None:
@@ -155,7 +119,7 @@ class PgVectorStore:
             try:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             except psycopg.Error as exc:
-                raise BackendUnavailableError(
+                raise unavailable(
                     "cannot enable pgvector in this PostgreSQL: it needs the extension installed (e.g. the "
                     f"pgvector/pgvector image) and CREATE EXTENSION vector run once by an owner: {exc}"
                 ) from exc
@@ -167,7 +131,7 @@ class PgVectorStore:
             with self._pool.connection() as conn, conn.transaction():
                 yield conn
         except psycopg.OperationalError as exc:
-            raise BackendUnavailableError(f"PostgreSQL for collections failed: {exc}") from exc
+            raise unavailable(f"PostgreSQL failed: {str(exc).strip().splitlines()[0]}") from exc
 
     def _catalog(self, conn: psycopg.Connection, name: str, lock: str = "") -> _Catalog:
         validate_collection_name(name)
