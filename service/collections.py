@@ -95,7 +95,8 @@ class Collections:
         """Bind a new collection to a served model's embedding space, with a flat, HNSW or IVF index."""
         params = _index_params(request)
         engine = self.registry.resolve(request.model)
-        binding = ModelBinding(engine.name, engine.version, engine.content_hash, engine.dim)
+        dim = engine.output_dim(request.dimensions)
+        binding = ModelBinding(engine.name, engine.version, engine.content_hash, dim)
         return self._describe(await self._call("create_collection", request.name, binding, params))
 
     async def list_all(self) -> list[CollectionDescription]:
@@ -109,21 +110,24 @@ class Collections:
 
     async def upsert(self, name: str, request: UpsertItems) -> int:
         """Upsert by id (the last of duplicate ids wins); texts and images go through the batchers."""
-        engine = self._engine_for(name, await self._call("binding", name))
+        binding = await self._call("binding", name)
+        engine = self._engine_for(name, binding)
         items = request.items
         texts = {i: item.text for i, item in enumerate(items) if item.text is not None}
         images = {i: item.image for i, item in enumerate(items) if item.image is not None}
         check_item_texts(texts, self.settings, field="items")
         check_images(len(images), self.settings, field="items (images)")
         for position, item in enumerate(items):
-            if item.vector is not None and len(item.vector) != engine.dim:
+            if item.vector is not None and len(item.vector) != binding.dim:
                 raise InvalidInput(
                     f"items[{position}].vector has {len(item.vector)} dimensions, "
-                    f"the collection's space has {engine.dim}",
+                    f"the collection's space has {binding.dim}",
                     code="invalid_vector",
                     index=position,
                 )
-        vectors = await self.embedder.items(engine, texts, images, len(items), "items")
+        vectors = engine.reduce(
+            await self.embedder.items(engine, texts, images, len(items), "items"), binding.dim
+        )
         for position, item in enumerate(items):
             if item.vector is not None:
                 vectors[position] = np.asarray(item.vector, dtype=np.float32)
@@ -148,8 +152,9 @@ class Collections:
     async def search(self, name: str, request: SearchRequest) -> tuple[ModelEngine, list[Hit]]:
         """Nearest items by cosine to a text, an image or a vector, optionally filtered on metadata."""
         check_top_k(request.top_k, self.settings)
-        engine = self._engine_for(name, await self._call("binding", name))
-        query = await self.embedder.query(engine, request)
+        binding = await self._call("binding", name)
+        engine = self._engine_for(name, binding)
+        query = await self.embedder.query(engine, request, binding.dim)
         hits = await self._call(
             "search",
             name,
@@ -176,8 +181,9 @@ class Collections:
                 "the collection",
                 code="cannot_reembed",
             )
-        vectors = await self._embed_sources(engine, [s for _, s in pairs])
-        binding = ModelBinding(engine.name, engine.version, engine.content_hash, engine.dim)
+        dim = min(info.binding.dim, engine.dim)  # a collection keeps the dimensions it was made with
+        vectors = engine.reduce(await self._embed_sources(engine, [s for _, s in pairs]), dim)
+        binding = ModelBinding(engine.name, engine.version, engine.content_hash, dim)
         await self._call("rebind", name, binding, [item_id for item_id, _ in pairs], vectors)
         return engine, len(pairs)
 

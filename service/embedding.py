@@ -29,6 +29,10 @@ class Embedded:
     image_vectors: np.ndarray
     tokens: int = 0
 
+    @property
+    def dim(self) -> int:
+        return int(self.text_vectors.shape[1] if len(self.text_vectors) else self.image_vectors.shape[1])
+
 
 @dataclass
 class RankOutcome:
@@ -46,17 +50,22 @@ class Embedder:
         texts: Sequence[str],
         images: Sequence[str] = (),
         image_bytes: Sequence[bytes] = (),
+        dimensions: int | None = None,
     ) -> Embedded:
-        """Texts and images (as API strings, or bytes already uploaded) to vectors, both towers at once."""
+        """Texts and images (as API strings, or bytes already uploaded) to vectors, both towers at once,
+        optionally reduced to their first `dimensions` components."""
         check_images(len(images) + len(image_bytes), self.settings)
         check_texts(texts, self.settings)
         if not texts and not images and not image_bytes:
             raise InvalidInput("nothing to embed: give at least one text or image")
         engine = self.registry.resolve(model)
+        engine.output_dim(dimensions)
         data = list(image_bytes) or await self.fetcher.load(list(images))
-        return await self._encode(engine, texts, data)
+        return await self._encode(engine, texts, data, dimensions)
 
-    async def _encode(self, engine: ModelEngine, texts: Sequence[str], data: Sequence[bytes]) -> Embedded:
+    async def _encode(
+        self, engine: ModelEngine, texts: Sequence[str], data: Sequence[bytes], dimensions: int | None
+    ) -> Embedded:
         empty = np.zeros((0, engine.dim), dtype=np.float32)
 
         async def text_part() -> tuple[np.ndarray, list[bool], int]:
@@ -69,7 +78,13 @@ class Embedder:
             return await engine.encode_images(data) if data else empty
 
         (text_vectors, truncated, tokens), image_vectors = await asyncio.gather(text_part(), image_part())
-        return Embedded(engine, text_vectors, truncated, image_vectors, tokens)
+        return Embedded(
+            engine,
+            engine.reduce(text_vectors, dimensions),
+            truncated,
+            engine.reduce(image_vectors, dimensions),
+            tokens,
+        )
 
     async def embeddings(self, request: EmbeddingsRequest) -> Embedded:
         """The OpenAI-compatible call: `input` is texts, or images with `modality: image`."""
@@ -77,13 +92,12 @@ class Embedder:
         if not inputs:
             raise InvalidInput("input: the list is empty")
         engine = self.registry.resolve(request.model)
-        if request.dimensions is not None and request.dimensions != engine.dim:
-            raise InvalidInput(f"dimensions: {engine.ref} gives {engine.dim}-dim vectors only")
+        engine.output_dim(request.dimensions)
         if request.modality == "image":
             check_images(len(inputs), self.settings, field="input")
-            return await self._encode(engine, [], await self.fetcher.load(inputs))
+            return await self._encode(engine, [], await self.fetcher.load(inputs), request.dimensions)
         check_texts(inputs, self.settings, field="input")
-        return await self._encode(engine, inputs, [])
+        return await self._encode(engine, inputs, [], request.dimensions)
 
     async def rank(self, request: RankRequest) -> RankOutcome:
         """Cosine of each candidate to the query, highest first (and the model's probabilities)."""
@@ -103,15 +117,17 @@ class Embedder:
         )
         return RankOutcome(engine, engine.rank(query, candidates, request.top_k, request.probabilities))
 
-    async def query(self, engine: ModelEngine, query: Query) -> np.ndarray:
-        """A query (text, image or vector) as a unit vector of the engine's space."""
+    async def query(self, engine: ModelEngine, query: Query, dim: int | None = None) -> np.ndarray:
+        """A query (text, image or vector) as a unit vector of the engine's space, reduced to `dim`
+        components when given (a collection made with fewer dimensions)."""
         if query.vector is not None:
-            return unit_vector(query.vector, engine.dim, "query vector")
+            return unit_vector(query.vector, dim or engine.dim, "query vector")
         if query.text is not None:
             check_texts([query.text], self.settings, field="query.text")
-            return (await engine.encode_texts([query.text])).vectors[0]
-        images = await self.fetcher.load([query.image or ""])
-        return (await engine.encode_images(images))[0]
+            vector = (await engine.encode_texts([query.text])).vectors[0]
+        else:
+            vector = (await engine.encode_images(await self.fetcher.load([query.image or ""])))[0]
+        return engine.reduce(vector, dim)
 
     async def items(
         self,

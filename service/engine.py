@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from export.scoring import Scoring, class_vectors, normalize, prompts, top_k
 from export.tokenizer import TokenizedBatch
 from service.batching import Batcher
 from service.cache import KEY_PREFIX, VectorCache
+from service.errors import InvalidInput
 from service.loading import LoadedBundle
 from service.metrics import Metrics
 from service.preprocess import ImagePreprocessor
@@ -137,18 +139,43 @@ class ModelEngine:
         return f"{self.name}@{self.version}"
 
     def describe(self) -> dict:
+        """What `/v1/models` lists: OpenAI's fields (`id`, `object`, `created`, `owned_by`) and ours."""
         return {
+            "id": self.name,
+            "object": "model",
+            "created": int(datetime.fromisoformat(self.manifest.created_at).timestamp()),
+            "owned_by": "clipserve",
             "name": self.name,
             "version": self.version,
             "dim": self.dim,
             "content_hash": self.content_hash,
             "precision": {"image": self.loaded.image_precision, "text": self.loaded.text_precision},
             "providers": self.loaded.providers,
+            "scoring": self.scoring.kind,
             "logit_scale": self.scoring.logit_scale,
+            "logit_bias": self.manifest.logit_bias,
             "image_size": list(self.manifest.image.size),
             "context_length": self.manifest.tokenizer.context_length,
             "source": self.manifest.source.model_dump(exclude_none=True, exclude={"config"}),
         }
+
+    def reduce(self, vectors: np.ndarray, dimensions: int | None) -> np.ndarray:
+        """The first `dimensions` components of unit vectors, renormalized (exact for Matryoshka-
+        trained models, an approximation for others); all of them when None."""
+        if self.output_dim(dimensions) == self.dim:
+            return vectors
+        return normalize(vectors[..., :dimensions])
+
+    def output_dim(self, dimensions: int | None) -> int:
+        """The dim of vectors reduced to `dimensions`; refused when out of this model's range."""
+        if dimensions is None:
+            return self.dim
+        if not 1 <= dimensions <= self.dim:
+            raise InvalidInput(
+                f"dimensions: {dimensions} is out of range; {self.ref} gives {self.dim}-dim vectors, "
+                f"so use 1 to {self.dim}"
+            )
+        return dimensions
 
     # Inference, in the towers' own threads ------------------------------------------------------
 

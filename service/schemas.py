@@ -3,13 +3,40 @@ Requests refuse unknown fields."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 from service.index import IndexParams
 
 EncodingFormat = Literal["float", "base64"]
+
+
+def _whole_number(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        raise ValueError(
+            f"give a whole number from 1 to the model's dim (GET /v1/models lists each model's dim), not {value!r}"
+        ) from exc
+
+
+Dimensions = Annotated[
+    int | None,
+    WrapValidator(_whole_number),
+    Field(
+        description="keep the first N components of each vector, renormalized: exact for Matryoshka-"
+        "trained models, an approximation for others; 1 to the model's dim",
+    ),
+]
 Vectors = list[list[float]] | list[str]
 Templates = list[str] | str
 
@@ -35,6 +62,7 @@ class EmbedRequest(_Request):
     encoding_format: EncodingFormat = Field(
         "float", description="base64: each vector as base64 of float32 little-endian"
     )
+    dimensions: Dimensions = None
 
 
 class EmbedForm(_Request):
@@ -44,6 +72,7 @@ class EmbedForm(_Request):
     texts: list[str] = Field(default_factory=list, description="one form field per text")
     images: list[bytes] = Field(default_factory=list, description="one file per image")
     encoding_format: EncodingFormat = "float"
+    dimensions: Dimensions = None
 
 
 class EmbedResponse(BaseModel):
@@ -68,7 +97,10 @@ class ClassifyRequest(_Request):
 
 class LabelScore(BaseModel):
     label: str
-    score: float = Field(description="softmax(logit_scale * cosine) over all labels")
+    score: float = Field(
+        description="the model's probability: softmax(logit_scale * cosine) over all labels (CLIP), or "
+        "sigmoid(logit_scale * cosine + logit_bias) for this label alone (SigLIP; scores do not sum to 1)"
+    )
     similarity: float = Field(description="cosine similarity")
 
 
@@ -77,10 +109,14 @@ class ClassifyResult(BaseModel):
     labels: list[LabelScore]
 
 
+Scoring = Literal["softmax", "sigmoid"]
+
+
 class ClassifyResponse(BaseModel):
     model: str
     version: int
     dim: int
+    scoring: Scoring = Field(description="how `score` was computed from the cosine (the model's own rule)")
     results: list[ClassifyResult]
 
 
@@ -112,7 +148,7 @@ class EmbeddingsRequest(_Request):
     model: str
     encoding_format: EncodingFormat = "float"
     modality: Literal["text", "image"] = "text"
-    dimensions: int | None = Field(None, description="accepted only when equal to the model's dim")
+    dimensions: Dimensions = None
     user: str | None = None
 
 
@@ -135,13 +171,19 @@ class EmbeddingsResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
+    id: str = Field(description="the model name, as requests give it (`name@version` also works)")
+    object: Literal["model"] = "model"
+    created: int = Field(description="publish time of the served version, seconds since the epoch")
+    owned_by: str = "clipserve"
     name: str
     version: int
     dim: int
     content_hash: str
     precision: dict[str, str]
     providers: list[str]
+    scoring: Scoring
     logit_scale: float
+    logit_bias: float | None
     image_size: list[int]
     context_length: int
     source: dict
@@ -200,7 +242,7 @@ class RankRequest(_Request):
     candidates: list[Candidate] = Field(min_length=1)
     top_k: int | None = Field(None, description="results to return; all candidates when absent")
     probabilities: bool = Field(
-        False, description="also give softmax(logit_scale * cosine) over the candidates"
+        False, description="also give the model's probabilities (softmax over the candidates, or sigmoid)"
     )
 
 
@@ -214,6 +256,7 @@ class RankResponse(BaseModel):
     model: str
     version: int
     dim: int
+    scoring: Scoring | None = Field(None, description="how `probability` was computed, when asked for")
     results: list[RankResult]
 
 
@@ -228,6 +271,7 @@ class IndexOptions(_Request):
 class CreateCollection(_Request):
     name: str
     model: str | None = Field(None, description="name or name@version; the default model when absent")
+    dimensions: Dimensions = None
     index: Literal["flat", "hnsw", "ivf"] = "flat"
     index_params: IndexOptions = Field(default_factory=IndexOptions)
 

@@ -37,8 +37,9 @@ def test_openai_client_sees_clear_errors(live_server) -> None:
     with pytest.raises(openai.NotFoundError) as err:
         client.embeddings.create(model="text-embedding-3-small", input="x")
     assert "not served" in str(err.value)
-    with pytest.raises(openai.UnprocessableEntityError):
-        client.embeddings.create(model="tiny", input="x", dimensions=8)
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        client.embeddings.create(model="tiny", input="x", dimensions=64)
+    assert "use 1 to 32" in str(err.value)
 
 
 def test_openai_client_with_api_keys(live_server) -> None:
@@ -48,3 +49,26 @@ def test_openai_client_with_api_keys(live_server) -> None:
     bad = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.embeddings.create(model="tiny", input="x")
+
+
+def test_the_official_client_lists_models_whose_ids_it_can_embed_with(live_server) -> None:
+    client = openai.OpenAI(base_url=f"{live_server()}/v1", api_key="unused", max_retries=0)
+    models = client.models.list().data
+    assert [(m.id, m.object, m.owned_by) for m in models] == [("tiny", "model", "clipserve")]
+    assert isinstance(models[0].created, int) and models[0].created > 1_700_000_000
+    extra = models[0].model_extra
+    assert extra["version"] == 1 and extra["dim"] == 32 and extra["scoring"] == "softmax"
+    embedded = client.embeddings.create(model=models[0].id, input="a cat", encoding_format="float")
+    pinned = client.embeddings.create(model=f"{models[0].id}@1", input="a cat", encoding_format="float")
+    np.testing.assert_allclose(embedded.data[0].embedding, pinned.data[0].embedding, atol=1e-6)
+
+
+def test_dimensions_keep_the_first_components_renormalized(live_server) -> None:
+    client = openai.OpenAI(base_url=f"{live_server()}/v1", api_key="unused", max_retries=0)
+    full = np.array(
+        client.embeddings.create(model="tiny", input="a cat", encoding_format="float").data[0].embedding
+    )
+    short = client.embeddings.create(model="tiny", input="a cat", dimensions=8, encoding_format="float")
+    vector = np.array(short.data[0].embedding)
+    assert vector.shape == (8,) and abs(np.linalg.norm(vector) - 1) < 1e-5
+    np.testing.assert_allclose(vector, full[:8] / np.linalg.norm(full[:8]), atol=1e-6)

@@ -11,19 +11,25 @@ from service.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, L
 router = APIRouter(tags=["classification"])
 
 
+_ROUTE = dict(
+    response_model=ClassifyResponse, responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503)
+)
+
+
+@router.post("/v1/classify", summary="Zero-shot classification", **_ROUTE)
 @router.post(
-    "/v1/classify",
-    response_model=ClassifyResponse,
-    responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
-    summary="Zero-shot classification",
+    "/classify", summary="Zero-shot classification (the card's path: same as /v1/classify)", **_ROUTE
 )
 async def classify(body: ClassifyRequest, request: Request, classifier: ClassifierDep) -> ClassifyResponse:
+    """Top-k labels per image, given as `labels` (with optional `templates`) or a stored `labelset`;
+    `score` follows the model's own scoring (softmax over the labels, or sigmoid per label)."""
     outcome = await unless_disconnected(request, classifier.classify(body))
     engine = outcome.engine
     return ClassifyResponse(
         model=engine.name,
         version=engine.version,
         dim=engine.dim,
+        scoring=engine.scoring.kind,
         results=[
             ClassifyResult(index=i, labels=[LabelScore(**vars(s)) for s in scores])
             for i, scores in enumerate(outcome.results)

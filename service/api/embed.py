@@ -55,26 +55,32 @@ async def _form(request: Request, settings: Settings) -> EmbedForm:
     texts = form.getlist("texts")
     if any(not isinstance(t, str) for t in texts):
         raise InvalidInput("texts must be form fields, not files")
-    fields = {k: form.get(k) for k in ("model", "encoding_format") if form.get(k) is not None}
+    fields = {k: form.get(k) for k in ("model", "encoding_format", "dimensions") if form.get(k) is not None}
     return _validated(EmbedForm, {**fields, "texts": texts, "images": images})  # type: ignore[return-value]
 
 
-@router.post(
-    "/v1/embed",
+_ROUTE = dict(
     response_model=EmbedResponse,
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
     openapi_extra=_BODY_DOC,
-    summary="Embed texts and/or images",
 )
+
+
+@router.post("/v1/embed", summary="Embed texts and/or images", **_ROUTE)
+@router.post("/embed", summary="Embed texts and/or images (the card's path: same as /v1/embed)", **_ROUTE)
 async def embed(request: Request, embedder: EmbedderDep, settings: SettingsDep) -> JSONResponse:
     """Vectors in input order, L2-normalized; `base64` gives float32 little-endian per vector."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").startswith(
+        ("multipart/form-data", "application/x-www-form-urlencoded")
+    ):
         form = await _form(request, settings)
-        work = embedder.embed(form.model, form.texts, image_bytes=form.images)
+        work = embedder.embed(form.model, form.texts, image_bytes=form.images, dimensions=form.dimensions)
         encoding = form.encoding_format
     else:
         body: EmbedRequest = _validated(EmbedRequest, await request.body())  # type: ignore[assignment]
-        work = embedder.embed(body.model, body.texts or [], images=body.images or [])
+        work = embedder.embed(
+            body.model, body.texts or [], images=body.images or [], dimensions=body.dimensions
+        )
         encoding = body.encoding_format
     result = await unless_disconnected(request, work)
     engine = result.engine
@@ -82,7 +88,7 @@ async def embed(request: Request, embedder: EmbedderDep, settings: SettingsDep) 
         {
             "model": engine.name,
             "version": engine.version,
-            "dim": engine.dim,
+            "dim": result.dim,
             "text_embeddings": encode_vectors(result.text_vectors, encoding),
             "image_embeddings": encode_vectors(result.image_vectors, encoding),
             "truncated": result.truncated,

@@ -31,5 +31,6 @@ async def rank(body: RankRequest, request: Request, embedder: EmbedderDep) -> Ra
         model=engine.name,
         version=engine.version,
         dim=engine.dim,
+        scoring=engine.scoring.kind if body.probabilities else None,
         results=[RankResult(**vars(r)) for r in outcome.results],
     )
