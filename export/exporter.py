@@ -178,12 +178,12 @@ def export_tower_graphs(
     """The fp32 image.onnx and text.onnx that a bundle of `model` would hold, written to `folder`
     without checks or a manifest: for measuring the served graphs (`clip-distill eval`)."""
     was_training = model.training
+    folder = Path(folder)
     try:
-        model = cpu_float32(model.eval())
-        preprocess = preprocess or preprocess_from_model(model)
-        deployed = inference_copy(model)
+        exported = cpu_float32(model.eval())
+        preprocess = preprocess or preprocess_from_model(exported)
+        deployed = inference_copy(exported)
         plan = plan_text_tower(deployed)
-        folder = Path(folder)
         export_image_graph(ImageTower(deployed).eval(), fixed_images(*preprocess.size), folder / "image.onnx")
         length_free = export_text_graph(plan, fixed_token_ids(plan.context_length), folder / "text.onnx")
     finally:
