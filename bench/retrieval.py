@@ -37,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from export.cli_settings import usable_cores
 from service.index import CollectionStore, IndexParams, ModelBinding
 
 HASH = "b" * 64
@@ -61,10 +62,6 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:
@@ -291,7 +288,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip pgvector HNSW above this size (its build is the slowest part)",
     )
     parser.add_argument("--postgres-dsn", default=os.environ.get("CLIPSERVE_BENCH_POSTGRES_DSN"))
-    parser.add_argument("--threads", type=int, default=cores(), help="FAISS OpenMP threads")
+    parser.add_argument("--threads", type=int, default=usable_cores(), help="FAISS OpenMP threads")
     parser.add_argument(
         "--models-dir", type=Path, help="model repository for the items/s run (default: tiny)"
     )
@@ -311,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in args.sizes.split(",")]
     backends, kinds = args.backends.split(","), args.kinds.split(",")
     print(
-        f"machine: {cpu_name()}, {cores()} cores, load average {os.getloadavg()[0]:.1f}; faiss {faiss.__version__}, "
+        f"machine: {cpu_name()}, {usable_cores()} cores, load average {os.getloadavg()[0]:.1f}; faiss {faiss.__version__}, "
         f"{args.threads} threads; numpy {np.__version__}"
     )
     print(

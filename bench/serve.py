@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.bundle import Bundle, ModelRepository  # noqa: E402
+from export.cli_settings import usable_cores  # noqa: E402
 from service.preprocess import ImagePreprocessor  # noqa: E402
 from service.runtime import RuntimeOptions, open_runtime  # noqa: E402
 
@@ -66,10 +67,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def photo(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
@@ -105,7 +102,7 @@ def ensure_bundle(repo: Path, name: str, export_args: list[str]) -> Bundle:
             "none",
             "--name",
             name,
-            "--repo",
+            "--models-dir",
             str(repo),
             "--quiet",
         ]
@@ -166,7 +163,7 @@ class Server:
                 sys.executable,
                 "-m",
                 "service.cli",
-                "--models",
+                "--models-dir",
                 str(repo),
                 "--host",
                 "127.0.0.1",
@@ -323,7 +320,7 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
 
     print("\n" + "=" * 100)
     print(
-        f"machine: {cpu_name()}, {cores()} cores; onnxruntime {onnxruntime.__version__}; server threads "
+        f"machine: {cpu_name()}, {usable_cores()} cores; onnxruntime {onnxruntime.__version__}; server threads "
         f"{args.threads}; JPEG draft margin {args.jpeg_draft_margin}; inputs: 640x480 JPEG per image request, "
         "one short text per text request"
     )
@@ -380,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny model, concurrency 1 and 8, few requests")
     parser.add_argument("--repo", type=Path, default=ROOT / "runs" / "bench-models")
-    parser.add_argument("--threads", type=int, default=cores())
+    parser.add_argument("--threads", type=int, default=usable_cores())
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--port", type=int, default=8701)
     parser.add_argument("--json", help="also write the figures to this JSON file")

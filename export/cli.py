@@ -1,117 +1,82 @@
 """`clip-export`: turn an open_clip model into a verified, published model bundle.
 
-    clip-export --model ViT-B-32 --pretrained none --name vitb32 --repo models/ [--int8] [--fp16] [--tensorrt]
-    clip-export --model ViT-B-32 --pretrained laion2b_s34b_b79k --checkpoint ~/Downloads/vitb32.bin --name vitb32
-    clip-export --config my_arch.json --checkpoint student.pt --name student
-
-Every flag can also be given as an environment variable CLIP_EXPORT_<FLAG> (e.g. CLIP_EXPORT_REPO).
+clip-export --model ViT-B-32 --pretrained none --name vitb32 --models-dir models/ [--int8] [--fp16] [--tensorrt]
+clip-export --model ViT-B-32 --pretrained laion2b_s34b_b79k --checkpoint ~/Downloads/vitb32.bin --name vitb32
+clip-export --config my_arch.json --checkpoint student.pt --name student
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
 
 from export.bundle import Bundle, BundleError, ModelSource
+from export.cli_settings import CliSettings, Renamed, SettingsError, load_settings
 
-ENV_PREFIX = "CLIP_EXPORT_"
-_TRUE = {"1", "true", "yes", "on"}
-
-
-def _env(flag: str, default: str | None = None) -> str | None:
-    return os.environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
+PROG = "clip-export"
 
 
-def _env_flag(flag: str) -> bool:
-    return (_env(flag) or "").strip().lower() in _TRUE
+class ExportSettings(CliSettings):
+    """The options of `clip-export`."""
 
+    model_config = SettingsConfigDict(env_prefix="CLIP_EXPORT_")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="clip-export",
-        description="Export an open_clip model to a verified ONNX model bundle.",
-        epilog="Every flag can also be set as an environment variable CLIP_EXPORT_<FLAG>, e.g. CLIP_EXPORT_REPO.",
+    renamed: ClassVar[tuple[Renamed, ...]] = (
+        Renamed("--repo", "models_dir", env=True),
+        Renamed("--threads", "torch_threads", env=True),
     )
-    what = parser.add_argument_group("model")
-    what.add_argument(
-        "--model", default=_env("model"), help="open_clip model name, e.g. ViT-B-32, MobileCLIP2-S0"
+
+    # The model
+    model: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32, MobileCLIP2-S0")
+    config: Path | None = Field(
+        None, description="JSON architecture (bare model config or open_clip_config.json) instead of a name"
     )
-    what.add_argument(
-        "--config",
-        default=_env("config"),
-        help="JSON architecture (bare model config or open_clip_config.json) instead of a name",
+    pretrained: str | None = Field(
+        None, description="open_clip pretrained tag, 'none' for random init, or a checkpoint path"
     )
-    what.add_argument(
-        "--pretrained",
-        default=_env("pretrained"),
-        help="open_clip pretrained tag, 'none' for random init, or a checkpoint path",
-    )
-    what.add_argument(
-        "--checkpoint",
-        default=_env("checkpoint"),
-        help="local weights: a state_dict, {'state_dict': ...} or DDP 'module.' keys; with "
+    checkpoint: Path | None = Field(
+        None,
+        description="local weights: a state_dict, {'state_dict': ...} or DDP 'module.' keys; with "
         "--pretrained TAG the file holds that tag's weights and its preprocessing is used",
     )
-    what.add_argument("--seed", type=int, default=_env("seed", "0"), help="seed for random init")
-    where = parser.add_argument_group("bundle")
-    where.add_argument("--name", default=_env("name"), help="model name in the repository (default: --model)")
-    where.add_argument(
-        "--repo", default=_env("repo", "models"), help="model repository folder (default: models)"
+    seed: int = Field(0, description="seed for random init")
+    # The bundle
+    name: str | None = Field(None, description="model name in the repository; none: the --model name")
+    models_dir: Path = Field(Path("models"), description="model repository to publish to")
+    version: int | None = Field(None, ge=1, description="version to publish; none: the next free one")
+    # Variants and checks
+    int8: bool = Field(False, description="add int8 graphs (CPU)")
+    fp16: bool = Field(False, description="add fp16 graphs (GPU)")
+    tensorrt: bool = Field(
+        False, description="add TensorRT fp16 engines for this GPU (needs CUDA and tensorrt)"
     )
-    where.add_argument(
-        "--version", type=int, default=_env("version"), help="version to publish (default: the next free one)"
-    )
-    variants = parser.add_argument_group("variants and checks")
-    variants.add_argument(
-        "--int8", action="store_true", default=_env_flag("int8"), help="add int8 graphs (CPU)"
-    )
-    variants.add_argument(
-        "--fp16", action="store_true", default=_env_flag("fp16"), help="add fp16 graphs (GPU)"
-    )
-    variants.add_argument(
-        "--tensorrt",
-        action="store_true",
-        default=_env_flag("tensorrt"),
-        help="add TensorRT fp16 engines for this GPU (needs CUDA and tensorrt)",
-    )
-    variants.add_argument(
-        "--min-cosine", type=float, default=_env("min_cosine"), help="fp32 parity threshold (default 0.9999)"
-    )
-    variants.add_argument(
-        "--min-cosine-int8",
-        type=float,
-        default=_env("min_cosine_int8"),
-        help="int8 parity threshold (default 0.99)",
-    )
-    variants.add_argument(
-        "--min-cosine-fp16",
-        type=float,
-        default=_env("min_cosine_fp16"),
-        help="fp16 and TensorRT parity threshold (default 0.999)",
-    )
-    parser.add_argument(
-        "--threads", type=int, default=_env("threads"), help="torch CPU threads (default: torch's choice)"
-    )
-    parser.add_argument("--quiet", action="store_true", default=_env_flag("quiet"), help="no progress lines")
-    parser.add_argument("--list-models", action="store_true", help="list open_clip model names and exit")
-    return parser
+    min_cosine: float | None = Field(None, description="fp32 parity threshold; none: 0.9999")
+    min_cosine_int8: float | None = Field(None, description="int8 parity threshold; none: 0.99")
+    min_cosine_fp16: float | None = Field(None, description="fp16 and TensorRT parity threshold; none: 0.999")
+    # The run
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads (none: torch's choice)")
+    quiet: bool = Field(False, description="no progress lines")
+    list_models: bool = Field(False, description="list open_clip model names and exit")
 
-
-def _thresholds(args: argparse.Namespace) -> dict[str, float]:
-    given = {"fp32": args.min_cosine, "int8": args.min_cosine_int8, "fp16": args.min_cosine_fp16}
-    for precision, value in given.items():
+    @field_validator("min_cosine", "min_cosine_int8", "min_cosine_fp16")
+    @classmethod
+    def _cosine(cls, value: float | None) -> float | None:
         if value is not None and not 0.0 < value <= 1.0:
-            raise BundleError(
-                f"--min-cosine{'' if precision == 'fp32' else '-' + precision} must be in (0, 1]"
-            )
-    return {precision: value for precision, value in given.items() if value is not None}
+            raise ValueError("must be in (0, 1]")
+        return value
+
+    def thresholds(self) -> dict[str, float]:
+        given = {"fp32": self.min_cosine, "int8": self.min_cosine_int8, "fp16": self.min_cosine_fp16}
+        return {precision: value for precision, value in given.items() if value is not None}
 
 
-def _default_name(args: argparse.Namespace) -> str:
+def _default_name(args: ExportSettings) -> str:
     if args.name:
         return args.name
     if args.model:
@@ -155,7 +120,7 @@ def summary(bundle: Bundle) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> Bundle:
+def run(args: ExportSettings) -> Bundle:
     import torch
 
     from export.bundle import ModelRepository
@@ -164,24 +129,24 @@ def run(args: argparse.Namespace) -> Bundle:
 
     if args.model is None and args.config is None:
         raise BundleError("say which model: --model NAME (see --list-models) or --config JSON")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     name = _default_name(args)
-    thresholds = _thresholds(args)
+    thresholds = args.thresholds()
     if args.model and args.pretrained is None and args.checkpoint is None:
         raise BundleError(
             "say which weights: --pretrained TAG, --pretrained none (random init) or --checkpoint PATH"
         )
-    check_can_publish(ModelRepository(args.repo), name, args.version, args.tensorrt)
+    check_can_publish(ModelRepository(args.models_dir), name, args.version, args.tensorrt)
     started = time.perf_counter()
     if not args.quiet:
-        print(f"clip-export: {args.model or args.config} -> {Path(args.repo) / name}", file=sys.stderr)
+        print(f"{PROG}: {args.model or args.config} -> {args.models_dir / name}", file=sys.stderr)
     loaded = load_model(args.model, args.pretrained, args.checkpoint, args.config, seed=args.seed)
     if not args.quiet:
         print(f"  model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return export_bundle(
         loaded.model,
-        args.repo,
+        args.models_dir,
         name,
         source=loaded.source,
         int8=args.int8,
@@ -194,7 +159,11 @@ def run(args: argparse.Namespace) -> Bundle:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = load_settings(ExportSettings, argv, PROG, description=__doc__)
+    except SettingsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
     if args.list_models:
         import open_clip
 
@@ -203,10 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bundle = run(args)
     except BundleError as exc:
-        print(f"clip-export: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("clip-export: interrupted; nothing was published", file=sys.stderr)
+        print(f"{PROG}: interrupted; nothing was published", file=sys.stderr)
         return 130
     print(summary(bundle))
     return 0

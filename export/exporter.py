@@ -46,6 +46,7 @@ from export.bundle import (
 from export.errors import ExportError, ParityError
 from export.logs import quiet_logs
 from export.quantize import convert_fp16, quantize_int8
+from export.scoring import Scoring
 from export.tensorrt import build_engines, require_tensorrt, run_engine
 from export.tokenizer import VOCAB_FILENAME
 from export.towers import ImageTower, TextTowerPlan, plan_text_tower
@@ -142,6 +143,54 @@ def dynamic_input_axes(path: Path, input_name: str) -> set[int]:
     raise ExportError(f"{path.name} has no input named {input_name!r}")
 
 
+def export_image_graph(tower: nn.Module, images: np.ndarray, path: Path) -> None:
+    """The image tower as a bundle holds it: any batch size."""
+    example = torch.from_numpy(images[:EXAMPLE_BATCH])
+    export_graph(
+        tower, example, path, IMAGE_INPUT, IMAGE_OUTPUT, {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    )
+
+
+def export_text_graph(plan: TextTowerPlan, token_ids: np.ndarray, path: Path) -> bool:
+    """The text tower as a bundle holds it; True when the saved graph takes any length up to the
+    context (the service then pads a batch only to its longest text)."""
+    ids = token_ids[:EXAMPLE_BATCH]
+    axes = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    if plan.length_free:
+        ids = ids[:, : max(3, int(token_counts(ids).max()))]
+        axes[1] = torch.export.Dim("sequence", min=2, max=plan.context_length)
+    export_graph(
+        plan.module, torch.from_numpy(np.ascontiguousarray(ids)), path, TEXT_INPUT, TEXT_OUTPUT, axes
+    )
+    return plan.length_free and 1 in dynamic_input_axes(path, TEXT_INPUT)
+
+
+@dataclass(frozen=True)
+class TowerGraphs:
+    image: Path
+    text: Path
+    text_length_free: bool
+
+
+def export_tower_graphs(
+    model: nn.Module, folder: Path, preprocess: ImagePreprocess | None = None
+) -> TowerGraphs:
+    """The fp32 image.onnx and text.onnx that a bundle of `model` would hold, written to `folder`
+    without checks or a manifest: for measuring the served graphs (`clip-distill eval`)."""
+    was_training = model.training
+    folder = Path(folder)
+    try:
+        exported = cpu_float32(model.eval())
+        preprocess = preprocess or preprocess_from_model(exported)
+        deployed = inference_copy(exported)
+        plan = plan_text_tower(deployed)
+        export_image_graph(ImageTower(deployed).eval(), fixed_images(*preprocess.size), folder / "image.onnx")
+        length_free = export_text_graph(plan, fixed_token_ids(plan.context_length), folder / "text.onnx")
+    finally:
+        model.train(was_training)
+    return TowerGraphs(folder / "image.onnx", folder / "text.onnx", length_free)
+
+
 def preprocess_from_model(model: nn.Module) -> ImagePreprocess:
     """The image preprocessing the model was built with (open_clip keeps it on model.visual); what it
     leaves out (interpolation, resize mode, fill) takes open_clip's own defaults."""
@@ -192,6 +241,15 @@ def _scalar(parameter: torch.Tensor | None) -> float | None:
     return float(parameter.detach().float().reshape(-1)[0])
 
 
+def model_scoring(model: nn.Module) -> Scoring:
+    """How the model's similarities become zero-shot scores: what its manifest records, and what
+    training's evaluation applies to the torch model."""
+    scale = _scalar(getattr(model, "logit_scale", None))
+    if scale is None:
+        raise ExportError(f"a {type(model).__name__} has no logit_scale: cannot tell how it scores labels")
+    return Scoring("softmax", float(np.exp(scale)), _scalar(getattr(model, "logit_bias", None)) or 0.0)
+
+
 def inference_copy(model: nn.Module) -> nn.Module:
     """The model with re-parameterizable blocks (MobileCLIP, FastViT, RepVGG) fused for inference."""
     fusable = any(
@@ -226,36 +284,16 @@ class _BundleWriter:
 
     def export_fp32(self) -> None:
         towers = self.towers
-        image_path = self.staging.path / "image.onnx"
         with self.progress.step("exporting image tower to image.onnx"):
-            example = torch.from_numpy(towers.images[:EXAMPLE_BATCH])
-            export_graph(
-                towers.image,
-                example,
-                image_path,
-                IMAGE_INPUT,
-                IMAGE_OUTPUT,
-                {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},
-            )
-        text_path = self.staging.path / "text.onnx"
+            export_image_graph(towers.image, towers.images, self.staging.path / "image.onnx")
         with self.progress.step("exporting text tower to text.onnx"):
-            self._export_text(text_path)
+            self.length_free = export_text_graph(
+                towers.text, towers.token_ids, self.staging.path / "text.onnx"
+            )
         self.files += [
             self.staging.describe("image.onnx", "image", "fp32"),
             self.staging.describe("text.onnx", "text", "fp32"),
         ]
-
-    def _export_text(self, path: Path) -> None:
-        plan = self.towers.text
-        ids = self.towers.token_ids[:EXAMPLE_BATCH]
-        axes = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
-        if plan.length_free:
-            ids = ids[:, : max(3, int(token_counts(ids).max()))]
-            axes[1] = torch.export.Dim("sequence", min=2, max=plan.context_length)
-        export_graph(
-            plan.module, torch.from_numpy(np.ascontiguousarray(ids)), path, TEXT_INPUT, TEXT_OUTPUT, axes
-        )
-        self.length_free = plan.length_free and 1 in dynamic_input_axes(path, TEXT_INPUT)
 
     def copy_vocab(self) -> None:
         shutil.copyfile(VOCAB_SOURCE, self.staging.path / VOCAB_SOURCE.name)
@@ -467,6 +505,7 @@ def _export(
     with steps.step("preparing towers and reference outputs"):
         towers = _prepare_towers(model, preprocess)
     tokenizer = tokenizer_spec(towers.text.context_length, source)
+    scoring = model_scoring(model)
     thresholds = {p: cosine_threshold(p, min_cosine) for p in ("fp32", "int8", "fp16")}
     with repository.stage(name) as staging:
         writer = _BundleWriter(staging, towers, thresholds, steps)
@@ -482,8 +521,9 @@ def _export(
         manifest = Manifest(
             name=name,
             embed_dim=int(towers.image_reference.shape[1]),
-            logit_scale=float(np.exp(_scalar(model.logit_scale))),
-            logit_bias=_scalar(model.logit_bias),
+            logit_scale=scoring.logit_scale,
+            logit_bias=_scalar(getattr(model, "logit_bias", None)),
+            scoring=scoring.kind,
             image=preprocess,
             tokenizer=tokenizer,
             text=TextGraph(dynamic_length=writer.length_free, pooling=towers.text.pooling),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
 import json
 import logging
 import tempfile
@@ -19,7 +18,7 @@ import torch
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
-from export.bundle import ModelSource
+from export.bundle import ModelSource, sha256_file
 from export.errors import SourceError
 from export.logs import quiet_logs
 
@@ -28,7 +27,6 @@ PREPROCESS_KEYS = tuple(field.name for field in fields(PreprocessCfg))
 CONFIG_FILE = "open_clip_config.json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _SHOWN_KEYS = 8
-_HASH_CHUNK = 1 << 20
 _CAUSE_CHARS = 240
 
 
@@ -99,14 +97,6 @@ def model_from_config(
         except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
             raise SourceError(f"invalid model config: {type(exc).__name__}: {exc}") from exc
     return model.eval()
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -255,5 +245,5 @@ def load_model(
     load_weights(model, state_dict, path, architecture)
     return LoadedModel(
         model.eval(),
-        ModelSource(pretrained=pretrained if tagged else None, checkpoint_sha256=sha256_of(path), **source),
+        ModelSource(pretrained=pretrained if tagged else None, checkpoint_sha256=sha256_file(path), **source),
     )

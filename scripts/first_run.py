@@ -9,10 +9,10 @@
    the service's own start-up policy (each model's newest loadable version; broken bundles are
    named in its log and in /readyz, and left out).
 
-Configuration, all optional: CLIPSERVE_MODELS_DIR (or CLIPSERVE_MODELS naming a directory: the
-repository; default `models/`), CLIPSERVE_HOST (127.0.0.1), CLIPSERVE_PORT (8000),
-CLIPSERVE_REDIS_URL, CLIPSERVE_DEMO_STEPS (a shorter demo training, for tests and slow machines),
-and any other CLIPSERVE_* setting of the service.
+Configuration, all optional: CLIPSERVE_MODELS_DIR (the repository; default `models/`;
+CLIPSERVE_MODELS naming a directory, its old spelling, still works for one release), CLIPSERVE_HOST
+(127.0.0.1), CLIPSERVE_PORT (8000), CLIPSERVE_REDIS_URL, CLIPSERVE_DEMO_STEPS (a shorter demo
+training, for tests and slow machines), and any other CLIPSERVE_* setting of the service.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
+from service.settings import names_a_directory  # noqa: E402
 
 DEMO_MODEL = "shapes-demo"
 READY_TIMEOUT_S = 300.0
@@ -56,9 +57,16 @@ def check_port(host: str, port: int) -> None:
 
 
 def models_dir_from_env(env: dict[str, str]) -> Path:
-    """The repository: CLIPSERVE_MODELS when it names a directory, else CLIPSERVE_MODELS_DIR, else models/."""
+    """The repository: CLIPSERVE_MODELS_DIR, else models/; CLIPSERVE_MODELS naming a directory is
+    the old spelling of CLIPSERVE_MODELS_DIR and still wins, with a warning."""
     named = env.get("CLIPSERVE_MODELS", "")
-    if named and Path(named).is_dir():
+    if named and names_a_directory(named):
+        print(
+            f"clipserve: warning: CLIPSERVE_MODELS naming a directory is deprecated: "
+            f"use CLIPSERVE_MODELS_DIR={named}",
+            file=sys.stderr,
+            flush=True,
+        )
         return Path(named)
     return Path(env.get("CLIPSERVE_MODELS_DIR") or "models")
 
@@ -132,7 +140,7 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     repo_dir = models_dir_from_env(env)
     child_env = dict(env)
     repo = ModelRepository(repo_dir)
-    if env.get("CLIPSERVE_MODELS") and not Path(env["CLIPSERVE_MODELS"]).is_dir():
+    if env.get("CLIPSERVE_MODELS") and not names_a_directory(env["CLIPSERVE_MODELS"]):
         try:
             wanted = [
                 parse_model_ref(ref.strip())[0] for ref in env["CLIPSERVE_MODELS"].split(",") if ref.strip()
@@ -148,7 +156,7 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         if not repo.models():
             build_demo(repo_dir, DEMO_MODEL, env)
     child_env.setdefault("CLIPSERVE_LOG_JSON", "false")
-    argv = ["clip-serve", "--models", str(repo_dir), "--host", host, "--port", str(port)]
+    argv = ["clip-serve", "--models-dir", str(repo_dir), "--host", host, "--port", str(port)]
     if not env.get("CLIPSERVE_REDIS_URL"):
         # The service's default is a local Redis; an empty URL means the in-process cache only.
         child_env["CLIPSERVE_REDIS_URL"] = ""

@@ -1,73 +1,147 @@
-"""`clip-serve`: run the API with uvicorn. Every flag is also an env var `CLIPSERVE_*`."""
+"""`clip-serve`: serve the model repository over HTTP with uvicorn.
+
+Every option is a field of service/settings.py: `--max-wait-ms` is also CLIPSERVE_MAX_WAIT_MS.
+"""
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+from collections.abc import Sequence
 
-from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from export.bundle import ModelRepository
+from export.bundle import BundleError, ModelRepository, parse_model_ref
+from export.cli_settings import SettingsError, load_settings
+from service.errors import ServiceError
 from service.logs import configure_logging
-from service.settings import Settings
+from service.runtime import RuntimeConfigError
+from service.settings import Settings, names_a_directory
+
+PROG = "clip-serve"
+# Start-up failures the user can fix, whose message says it all: no traceback for these.
+STARTUP_PROBLEMS = (BundleError, RuntimeConfigError, ServiceError)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="clip-serve", description=__doc__)
-    parser.add_argument("--models", help="model repository dir (CLIPSERVE_MODELS_DIR)")
-    parser.add_argument(
-        "--serve", help="models to serve, comma-separated name or name@version (CLIPSERVE_MODELS)"
-    )
-    parser.add_argument(
-        "--default-model", help="model used when a request names none (CLIPSERVE_DEFAULT_MODEL)"
-    )
-    parser.add_argument("--host", default=os.environ.get("CLIPSERVE_HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("CLIPSERVE_PORT", "8000")))
-    parser.add_argument("--redis-url", help="CLIPSERVE_REDIS_URL; 'none' for the in-process cache only")
-    parser.add_argument("--providers", help="comma-separated: cpu, cuda, tensorrt (CLIPSERVE_PROVIDERS)")
-    parser.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="CLIPSERVE_PRECISION")
-    parser.add_argument(
-        "--threads", type=int, help="ONNX Runtime intra-op threads (CLIPSERVE_INTRA_OP_THREADS)"
-    )
-    parser.add_argument("--log-level", help="CLIPSERVE_LOG_LEVEL")
-    return parser.parse_args(argv)
+class RepositoryError(Exception):
+    """The model repository cannot serve what the settings ask for; the message says what to do."""
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {
-        "models_dir": args.models,
-        "models": args.serve,
-        "default_model": args.default_model,
-        "providers": args.providers,
-        "precision": args.precision,
-        "intra_op_threads": args.threads,
-        "log_level": args.log_level,
-    }
-    given = {k: v for k, v in overrides.items() if v is not None}
-    if args.redis_url is not None:  # after the filter: None here means "no Redis", not "not given"
-        given["redis_url"] = None if args.redis_url.lower() in ("", "none") else args.redis_url
-    return Settings(**given)
+def _old_models_flag(argv: Sequence[str]) -> list[str]:
+    """`--models DIR` (before --models-dir) as `--models-dir DIR`, so that `--models DIR --serve a,b`
+    keeps its old meaning too; `--models a,b` is the list of models to serve."""
+    rewritten = list(argv)
+    for index, arg in enumerate(rewritten):
+        name, equals, value = arg.partition("=")
+        if name != "--models":
+            continue
+        if not equals and index + 1 < len(rewritten):
+            value = rewritten[index + 1]
+        if value and names_a_directory(value):
+            print(f"{PROG}: warning: --models DIR is deprecated: use --models-dir {value}", file=sys.stderr)
+            rewritten[index] = "--models-dir" + (f"={value}" if equals else "")
+    return rewritten
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def settings_from(argv: Sequence[str] | None) -> Settings:
+    argv = _old_models_flag(sys.argv[1:] if argv is None else argv)
+    return load_settings(Settings, argv, PROG, description=__doc__)
+
+
+def check_repository(settings: Settings) -> None:
+    """What can be told before anything is loaded: the repository exists and has something to serve.
+
+    Cheap on purpose (no hashing): the registry verifies every bundle as it loads it."""
+    repository = ModelRepository(settings.models_dir)
+    root = repository.root
+    if not root.exists():
+        raise RepositoryError(
+            f"model repository {root} does not exist (set --models-dir or CLIPSERVE_MODELS_DIR)"
+        )
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} is not a directory")
+    present = repository.models()
+    if settings.models:
+        try:
+            wanted = [parse_model_ref(ref) for ref in settings.models]
+        except BundleError as exc:
+            raise RepositoryError(f"--models / CLIPSERVE_MODELS: {exc}") from None
+        # A named model without versions yet is left out and joins on reload; none at all is a mistake.
+        if not any(name in present for name, _ in wanted):
+            raise RepositoryError(
+                f"none of the models to serve ({', '.join(settings.models)}) is in {root} "
+                f"(models there: {', '.join(present) or 'none'})"
+            )
+        served = {name for name, _ in wanted}
+    elif not present:
+        raise RepositoryError(f"no models in {root} (export one with clip-export)")
+    else:
+        served = set(present)
+    if settings.default_model:
+        try:
+            default = parse_model_ref(settings.default_model)[0]
+        except BundleError as exc:
+            raise RepositoryError(f"--default-model: {exc}") from None
+        if default not in served:
+            raise RepositoryError(
+                f"default model {settings.default_model!r} is not among the models to serve "
+                f"({', '.join(sorted(served))})"
+            )
+
+
+class StartupProblems:
+    """ASGI wrapper: when the app's start-up fails with one of STARTUP_PROBLEMS (every bundle
+    refused, a provider missing, a store out of reach), uvicorn logs its message instead of the
+    traceback, and the message is kept for `main` to print."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.problem: str | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_problem_only(message: Message) -> None:
+            # Starlette sends the failure from inside its `except`, so the exception is at hand here.
+            failure = sys.exc_info()[1]
+            if message["type"] == "lifespan.startup.failed" and isinstance(failure, STARTUP_PROBLEMS):
+                self.problem = str(failure)
+                message = {**message, "message": f"cannot start: {failure}"}
+            await send(message)
+
+        await self.app(scope, receive, send_problem_only)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        settings = settings_from(args)
-    except ValidationError as exc:
-        print(f"clip-serve: invalid settings:\n{exc}", file=sys.stderr)
+        settings = settings_from(argv)
+    except SettingsError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        check_repository(settings)
+    except RepositoryError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level, settings.log_json)
     import uvicorn
 
     from service.app import create_app
 
-    if not settings.models and not ModelRepository(settings.models_dir).models():
-        print(
-            f"clip-serve: no models in {settings.models_dir} (export one with clip-export)", file=sys.stderr
-        )
+    app = StartupProblems(create_app(settings))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)
+    )
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way of ending a failed start-up
+        if server.started:
+            raise
+    if not server.started:
+        problem = app.problem or "the service did not start; see the log above"
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
         return 1
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_config=None, access_log=False)
     return 0
 
 

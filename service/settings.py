@@ -1,69 +1,69 @@
-"""Service settings: pydantic-settings, every option also an environment variable `CLIPSERVE_<NAME>`.
+"""Service settings, the options of `clip-serve`: each field `name` is the flag `--name` and the
+environment variable `CLIPSERVE_NAME` (see export/cli_settings.py).
 
-List options accept JSON (`'["a","b"]'`) or a comma-separated string (`a,b`) in the environment.
+List options accept JSON (`'["a","b"]'`) or a comma-separated string (`a,b`).
 Fields used by the retrieval routers: `data_dir`, `collections_backend`, `postgres_dsn`, `max_top_k`.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from export.cli_settings import CliSettings, CommaList, Renamed, usable_cores
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
-StrList = Annotated[list[str], NoDecode]
 
 
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return max(1, os.cpu_count() or 1)
+def names_a_directory(value: str) -> bool:
+    """Whether a `models` value is a path rather than model names: model names hold no '/'."""
+    text = value.strip()
+    return bool(text) and "," not in text and ("/" in text or os.sep in text or Path(text).is_dir())
 
 
-def _split_list(value: object) -> object:
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            import json
+class Settings(CliSettings):
+    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_")
 
-            return json.loads(text)
-        return [item.strip() for item in text.split(",") if item.strip()]
-    return value
+    renamed: ClassVar[tuple[Renamed, ...]] = (
+        Renamed("--serve", "models"),
+        Renamed("--threads", "intra_op_threads"),
+    )
 
-
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_", extra="forbid", validate_default=True)
+    # Server
+    host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 for every interface")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
 
     # Models
     models_dir: Path = Field(Path("models"), description="model repository: <name>/<version>/manifest.json")
-    models: StrList = Field(
+    models: CommaList[str] = Field(
         default_factory=list,
         description="models to serve, as name (latest version, hot-reloaded) or name@version (pinned); "
-        "empty: every model in the repository",
+        "empty: every model in the repository (a directory here is read as --models-dir, deprecated)",
     )
     default_model: str | None = Field(None, description="model used when a request names none")
     precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="bundle variant to serve")
     engine: Literal["onnxruntime", "tensorrt"] = Field(
         "onnxruntime", description="tensorrt serves the bundle's .plan engines (GPU only)"
     )
-    providers: Annotated[list[Provider], NoDecode] = Field(
+    providers: CommaList[Provider] = Field(
         default_factory=lambda: ["cpu"], description="execution providers, in order of preference"
     )
     intra_op_threads: int = Field(
-        default_factory=_cores, ge=1, description="ONNX Runtime threads per session"
+        default_factory=usable_cores, ge=1, description="ONNX Runtime threads per session"
     )
-    preprocess_workers: int = Field(default_factory=_cores, ge=1, description="threads decoding images")
+    preprocess_workers: int = Field(default_factory=usable_cores, ge=1, description="threads decoding images")
     jpeg_draft_margin: float = Field(
         2.0,
         ge=0,
         description="JPEGs decode at a reduced scale while still this many times the resize target; "
         "1 is fastest, 0 turns it off",
     )
-    warmup: bool = True
+    warmup: bool = Field(True, description="run each tower once at load, before the model is ready")
     reload_poll_s: float = Field(
         30.0, ge=0, description="seconds between repository polls; 0 turns polling off"
     )
@@ -72,11 +72,11 @@ class Settings(BaseSettings):
     )
 
     # Batching
-    max_batch_size_image: int = Field(8, ge=1)
-    max_batch_size_text: int = Field(64, ge=1)
-    max_wait_ms: float = Field(4.0, ge=0)
+    max_batch_size_image: int = Field(8, ge=1, description="images per image-tower call")
+    max_batch_size_text: int = Field(64, ge=1, description="texts per text-tower call")
+    max_wait_ms: float = Field(4.0, ge=0, description="how long a batch waits to fill up")
     max_queue: int = Field(512, ge=1, description="items waiting per model and tower before 429")
-    request_timeout_s: float = Field(30.0, gt=0)
+    request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 503")
     labelset_chunk_texts: int = Field(
         256, ge=1, description="texts per encoder call when building label sets"
     )
@@ -88,44 +88,72 @@ class Settings(BaseSettings):
     )
 
     # Cache
-    redis_url: str | None = "redis://127.0.0.1:6379/0"
+    redis_url: str | None = Field(
+        "redis://127.0.0.1:6379/0", description="Redis for the shared cache; 'none' or empty: in-process only"
+    )
     cache_lru_size: int = Field(50_000, ge=0, description="entries in the in-process cache")
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="TTL of cached text vectors; 0 keeps them")
     redis_retry_s: float = Field(5.0, ge=0, description="wait before trying Redis again after a failure")
 
     # Security and limits
-    api_keys: StrList = Field(default_factory=list, description="Bearer keys; empty turns auth off")
-    admin_key: str | None = None
-    cors_origins: StrList = Field(default_factory=list)
-    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_images_per_request: int = Field(64, ge=1)
-    max_texts_per_request: int = Field(512, ge=1)
-    max_labels_per_request: int = Field(2000, ge=1)
-    max_labelset_labels: int = Field(20_000, ge=1)
-    max_templates: int = Field(100, ge=1)
-    max_text_chars: int = Field(2000, ge=1)
-    max_image_pixels: int = Field(50_000_000, ge=1)
-    max_top_k: int = Field(1000, ge=1)
+    api_keys: CommaList[str] = Field(default_factory=list, description="Bearer keys; empty turns auth off")
+    admin_key: str | None = Field(None, description="Bearer key of /v1/admin/*; none: admin routes off")
+    cors_origins: CommaList[str] = Field(default_factory=list, description="origins allowed by CORS")
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body")
+    max_images_per_request: int = Field(64, ge=1, description="images in one request")
+    max_texts_per_request: int = Field(512, ge=1, description="texts in one request")
+    max_labels_per_request: int = Field(2000, ge=1, description="labels in one classify request")
+    max_labelset_labels: int = Field(20_000, ge=1, description="labels in one label set")
+    max_templates: int = Field(100, ge=1, description="prompt templates per request or label set")
+    max_text_chars: int = Field(2000, ge=1, description="characters in one text")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="pixels in one decoded image")
+    max_top_k: int = Field(1000, ge=1, description="largest top_k a request may ask for")
 
     # Image URLs
-    url_fetch_enabled: bool = False
-    url_allowed_hosts: StrList = Field(default_factory=list, description="hosts allowed; '*' allows any")
-    url_allow_private: bool = False
-    url_connect_timeout_s: float = Field(3.0, gt=0)
-    url_read_timeout_s: float = Field(10.0, gt=0)
-    url_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
-    url_max_redirects: int = Field(3, ge=0)
+    url_fetch_enabled: bool = Field(False, description="accept image URLs and fetch them")
+    url_allowed_hosts: CommaList[str] = Field(
+        default_factory=list, description="hosts allowed; '*' allows any"
+    )
+    url_allow_private: bool = Field(False, description="allow URLs resolving to private addresses")
+    url_connect_timeout_s: float = Field(3.0, gt=0, description="connect timeout of an image fetch")
+    url_read_timeout_s: float = Field(10.0, gt=0, description="read timeout of an image fetch")
+    url_max_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest fetched image")
+    url_max_redirects: int = Field(3, ge=0, description="redirects followed per fetch")
 
     # Retrieval
-    data_dir: Path = Path("data")
-    collections_backend: Literal["embedded", "pgvector"] = "embedded"
-    postgres_dsn: str | None = None
+    data_dir: Path = Field(Path("data"), description="where the embedded backend keeps collections")
+    collections_backend: Literal["embedded", "pgvector"] = Field(
+        "embedded", description="embedded: SQLite + FAISS in one process; pgvector: shared by replicas"
+    )
+    postgres_dsn: str | None = Field(None, description="PostgreSQL of the pgvector backend")
 
     # Logs
-    log_level: str = "INFO"
-    log_json: bool = True
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_json: bool = Field(True, description="one JSON object a line; off: plain text")
 
-    @field_validator("models", "providers", "api_keys", "cors_origins", "url_allowed_hosts", mode="before")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _lists(cls, value: object) -> object:
-        return _split_list(value)
+    def _level_name(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _no_redis(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in ("", "none"):
+            return None
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _models_naming_a_directory(cls, data: Any) -> Any:
+        # `clip-serve --models DIR` and `CLIPSERVE_MODELS=DIR` meant the repository before --models-dir
+        value = data.get("models") if isinstance(data, dict) else None
+        if isinstance(value, str) and names_a_directory(value):
+            warnings.warn(
+                f"--models / CLIPSERVE_MODELS naming a directory ({value}) is deprecated: "
+                f"use --models-dir / CLIPSERVE_MODELS_DIR for the repository",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return {**data, "models_dir": value.strip(), "models": []}
+        return data

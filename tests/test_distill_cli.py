@@ -1,4 +1,4 @@
-"""`clip-distill` end to end: the documented invocation with --publish, config files, eval, stored
+"""`clip-distill` end to end: the documented invocation with --models-dir, config files, eval, stored
 targets, and clear errors with exit status 2 instead of tracebacks."""
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ def test_documented_invocation_publishes_a_bundle_that_loads_and_runs(
     argv += [
         "--out",
         "runs/demo",
-        "--publish",
+        "--models-dir",
         "models/",
         "--name",
         "demo-student",
         "--no-progress",
-        "--no-eval",
+        "--no-evaluate",
     ]
     assert main(argv) == 0
 
@@ -86,7 +86,9 @@ def test_config_file_with_flag_overrides_trains_from_scratch(
     config.write_text(
         f"student: {tiny_student_config}\ndata: '{TINY_DATA}'\nsteps: 50\nbatch-size: 8\nlosses: clip\nprogress: false\n"
     )
-    assert main(["--config", str(config), "--steps", "3", "--out", str(tmp_path / "run"), "--no-eval"]) == 0
+    assert (
+        main(["--config", str(config), "--steps", "3", "--out", str(tmp_path / "run"), "--no-evaluate"]) == 0
+    )
     records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in records] == [1, 2, 3]
     assert set(json.loads(records[0])["parts"]) == {"clip"}
@@ -130,7 +132,7 @@ def test_stored_targets_command_feeds_training_without_the_teacher(
         "--batch-size",
         "8",
         "--no-progress",
-        "--no-eval",
+        "--no-evaluate",
     ]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
@@ -151,6 +153,32 @@ def test_eval_reports_teacher_beside_student(
     assert student["latency_ms"]["image"] > 0 and student["latency_ms"]["text"] > 0
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| teacher |" in markdown and "ORT ms image" in markdown
+
+
+def test_eval_times_the_graphs_a_bundle_holds(tiny_model, tiny_bundle, tmp_path: Path) -> None:
+    """`clip-distill eval` exports through export/: the same opset, the same dynamic axes, the same
+    vectors as the bundle of the same model."""
+    import onnx
+
+    from export.exporter import ONNX_OPSET, TEXT_INPUT, export_tower_graphs
+    from export.verify import fixed_token_ids
+
+    graphs = export_tower_graphs(tiny_model, tmp_path)
+    assert graphs.text_length_free == tiny_bundle.manifest.text.dynamic_length is True
+    ids = fixed_token_ids(77)[:, :12]
+    for ours, theirs in (
+        (graphs.image, tiny_bundle.file_path("image")),
+        (graphs.text, tiny_bundle.file_path("text")),
+    ):
+        ours_model, theirs_model = onnx.load(str(ours)), onnx.load(str(theirs))
+        assert [o.version for o in ours_model.opset_import if o.domain == ""] == [ONNX_OPSET]
+        assert str(ours_model.graph.input) == str(theirs_model.graph.input)
+    sessions = [
+        ort.InferenceSession(str(p), providers=["CPUExecutionProvider"])
+        for p in (graphs.text, tiny_bundle.file_path("text"))
+    ]
+    ours_vectors, bundle_vectors = (s.run(None, {TEXT_INPUT: ids})[0] for s in sessions)
+    np.testing.assert_allclose(ours_vectors, bundle_vectors, atol=1e-6)
 
 
 def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: Path) -> None:
@@ -175,7 +203,7 @@ def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: 
         (["--data", "nowhere.csv"], "caption file nowhere.csv does not exist"),
         (["--init", "inherit"], "--init inherit needs a --teacher or --inherit-from"),
         (["--teacher", "ViT-Nope-1"], "unknown model 'ViT-Nope-1'"),
-        (["--publish", "models"], "--publish needs --name"),
+        (["--models-dir", "models"], "--models-dir needs --name"),
         (["--resume", "missing.pt"], "cannot read checkpoint missing.pt"),
     ],
 )
@@ -184,7 +212,7 @@ def test_bad_input_exits_2_with_a_clear_message(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     argv = ["--student", str(tiny_student_config), "--data", TINY_DATA, "--steps", "1", "--batch-size", "8"]
-    assert main([*argv, "--no-progress", "--no-eval", *extra]) == 2
+    assert main([*argv, "--no-progress", "--no-evaluate", *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 

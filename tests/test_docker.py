@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import parse_args
+from export.cli_settings import SettingsError
+from service.cli import settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -259,7 +260,7 @@ def test_copied_sources_build_a_wheel_with_the_service_and_the_demo_page(tmp_pat
     assert "clip-serve = service.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
-def test_docs_give_the_images_install_and_start_commands() -> None:
+def test_docs_give_the_images_install_and_start_commands(capsys: pytest.CaptureFixture[str]) -> None:
     commands = documented_commands()
     serve = dockerfile("serve")
     installs = [project_extras(argv) for argv in commands if project_extras(argv)]
@@ -271,9 +272,11 @@ def test_docs_give_the_images_install_and_start_commands() -> None:
     for argv in [cmd, *starts]:
         if "--help" not in argv:
             try:
-                parse_args(argv[1:])
-            except SystemExit:
-                pytest.fail(f"clip-serve refuses `{shlex.join(argv)}`, given in the docs or the image")
+                settings_from(argv[1:])
+            except SettingsError as exc:
+                pytest.fail(f"clip-serve refuses `{shlex.join(argv)}`, given in the docs or the image: {exc}")
+            warned = capsys.readouterr().err
+            assert "deprecated" not in warned, f"`{shlex.join(argv)}` uses an old spelling: {warned}"
     assert any({arg.split("=")[0] for arg in argv if arg.startswith("--")} == image_flags for argv in starts)
     builds = [argv for argv in commands if argv[:2] == ["docker", "build"]]
     assert builds, "docs never show how to build the images"

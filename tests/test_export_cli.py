@@ -43,9 +43,9 @@ def test_local_checkpoint_is_exported_verified_and_summarized(
             str(checkpoint),
             "--name",
             "student",
-            "--repo",
+            "--models-dir",
             str(repo),
-            "--threads",
+            "--torch-threads",
             "2",
         ]
     )
@@ -78,7 +78,7 @@ def test_checkpoint_of_another_architecture_is_refused_naming_keys(
     torch.save(tiny_model.state_dict(), checkpoint)
     repo = tmp_path / "models"
     code = main(
-        ["--config", str(arch), "--checkpoint", str(checkpoint), "--name", "wider", "--repo", str(repo)]
+        ["--config", str(arch), "--checkpoint", str(checkpoint), "--name", "wider", "--models-dir", str(repo)]
     )
     err = capsys.readouterr().err
     assert code == 2
@@ -92,7 +92,7 @@ def test_unknown_model_suggests_and_writes_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo = tmp_path / "models"
-    code = main(["--model", "ViT-B-23", "--pretrained", "none", "--repo", str(repo)])
+    code = main(["--model", "ViT-B-23", "--pretrained", "none", "--models-dir", str(repo)])
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown open_clip model 'ViT-B-23'; did you mean ViT-B-32" in err
@@ -106,7 +106,7 @@ def test_offline_pretrained_tag_simulated_tells_how_to_pass_a_local_file(
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    code = main(["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--repo", str(tmp_path)])
+    code = main(["--model", "ViT-B-32", "--pretrained", "laion2b_s34b_b79k", "--models-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
     assert "offline" in err and "--checkpoint PATH" in err
@@ -124,7 +124,7 @@ def test_offline_pretrained_tag_simulated_tells_how_to_pass_a_local_file(
         ),
         (
             ["--model", "ViT-B-32", "--pretrained", "none", "--min-cosine", "1.5"],
-            "--min-cosine must be in (0, 1]",
+            "--min-cosine: must be in (0, 1] (got '1.5')",
         ),
         (["--config", "missing.json", "--name", "x"], "model config missing.json does not exist"),
     ],
@@ -137,7 +137,7 @@ def test_bad_arguments_get_a_clear_message(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    code = main([*argv, "--repo", str(tmp_path / "models")])
+    code = main([*argv, "--models-dir", str(tmp_path / "models")])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err
@@ -147,7 +147,9 @@ def test_bad_arguments_get_a_clear_message(
 def test_existing_version_is_refused_before_loading(
     tiny_repo: Path, arch_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = main(["--config", str(arch_file), "--name", "tiny", "--version", "1", "--repo", str(tiny_repo)])
+    code = main(
+        ["--config", str(arch_file), "--name", "tiny", "--version", "1", "--models-dir", str(tiny_repo)]
+    )
     assert code == 2
     assert "tiny version 1 already exists" in capsys.readouterr().err
     assert ModelRepository(tiny_repo).versions("tiny") == [1]
@@ -156,14 +158,14 @@ def test_existing_version_is_refused_before_loading(
 def test_unwritable_repository_is_refused(tmp_path: Path, arch_file: Path, capsys) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    code = main(["--config", str(arch_file), "--name", "x", "--repo", str(blocker / "models")])
+    code = main(["--config", str(arch_file), "--name", "x", "--models-dir", str(blocker / "models")])
     assert code == 2
     assert "is not writable" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where no GPU is present")
 def test_tensorrt_without_gpu_is_refused_before_any_work(tmp_path: Path, arch_file: Path, capsys) -> None:
-    code = main(["--config", str(arch_file), "--name", "x", "--tensorrt", "--repo", str(tmp_path)])
+    code = main(["--config", str(arch_file), "--name", "x", "--tensorrt", "--models-dir", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2
     assert "TensorRT engines" in err
@@ -174,9 +176,9 @@ def test_environment_variables_set_flags(
     tmp_path: Path, arch_file: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
     monkeypatch.setenv("CLIP_EXPORT_MIN_COSINE", "2")
-    code = main(["--config", str(arch_file), "--name", "x", "--repo", str(tmp_path)])
+    code = main(["--config", str(arch_file), "--name", "x", "--models-dir", str(tmp_path)])
     assert code == 2
-    assert "--min-cosine must be in (0, 1]" in capsys.readouterr().err
+    assert "CLIP_EXPORT_MIN_COSINE: must be in (0, 1] (got '2')" in capsys.readouterr().err
 
 
 def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:

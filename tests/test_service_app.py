@@ -124,7 +124,7 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
         sys.executable,
         "-m",
         "service.cli",
-        "--models",
+        "--models-dir",
         str(tiny_repo),
         "--host",
         "127.0.0.1",
@@ -167,7 +167,7 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
 
 def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--models", str(tmp_path)],
+        [sys.executable, "-m", "service.cli", "--models-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -246,9 +246,9 @@ def test_engine_files_are_picked_by_tower(tiny_bundle) -> None:
 
 
 def test_clip_serve_redis_url_none_means_the_in_process_cache(tiny_repo: Path) -> None:
-    from service.cli import parse_args, settings_from
+    from service.cli import settings_from
 
-    assert settings_from(parse_args(["--models", str(tiny_repo), "--redis-url", "none"])).redis_url is None
-    assert settings_from(parse_args(["--models", str(tiny_repo), "--redis-url", ""])).redis_url is None
-    given = settings_from(parse_args(["--redis-url", "redis://127.0.0.1:6379/3"]))
+    assert settings_from(["--models-dir", str(tiny_repo), "--redis-url", "none"]).redis_url is None
+    assert settings_from(["--models-dir", str(tiny_repo), "--redis-url", ""]).redis_url is None
+    given = settings_from(["--redis-url", "redis://127.0.0.1:6379/3"])
     assert given.redis_url == "redis://127.0.0.1:6379/3"

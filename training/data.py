@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from export.scoring import fill_template
 from training import synthetic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -210,7 +211,7 @@ class ImageFolderSource:
 
     def load(self, index: int) -> tuple[Image.Image, str, int]:
         path, label = self.items[index]
-        return _open_image(path), self.template.format(self.classes[label]), label
+        return _open_image(path), fill_template(self.template, self.classes[label]), label
 
     def describe(self, index: int) -> str:
         return str(self.items[index][0])

@@ -1,5 +1,6 @@
-"""Evaluation: zero-shot top-k with templates, retrieval Recall@K both ways, cost figures (parameters,
-GFLOPs, ONNX Runtime latency per tower) and a JSON + Markdown report with teacher beside student."""
+"""Evaluation: zero-shot top-k with templates (the service's classifier, export/scoring.py), retrieval
+Recall@K both ways, cost figures (parameters, GFLOPs, ONNX Runtime latency of each tower's graph as
+export/ writes it) and a JSON + Markdown report with teacher beside student."""
 
 from __future__ import annotations
 
@@ -7,18 +8,18 @@ import json
 import statistics
 import tempfile
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import open_clip
 import torch
 from PIL import Image
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from export.towers import ImageTower, WholeTextTower
 from training.models import ClipModel, class_vectors
 
 
@@ -55,6 +56,20 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int] 
     return {f"top{k}": float(hits[:, :k].any(dim=1).float().mean()) for k in ks}
 
 
+def zero_shot_scores(
+    clip: ClipModel, images: Sequence[Image.Image], classes: Sequence[str], templates: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """[images, classes] cosine similarities and scores of the zero-shot classifier, built as the
+    service builds it (export/scoring.py: prompts, class vectors, the model's scoring rule)."""
+    from export.exporter import model_scoring
+
+    clip.model.eval()
+    device = next(clip.model.parameters()).device
+    vectors = class_vectors(clip, list(classes), list(templates), device).float().cpu()
+    similarity = (encode_images(clip, images) @ vectors.T).numpy()
+    return similarity, model_scoring(clip.model).probabilities(similarity)
+
+
 def zero_shot(
     clip: ClipModel,
     images: Sequence[Image.Image],
@@ -64,11 +79,9 @@ def zero_shot(
     ks: Sequence[int] = (1, 5),
 ) -> dict[str, float]:
     """Top-k accuracy of classifying each image among `classes`, each class a mean of its templates."""
-    clip.model.eval()
-    device = next(clip.model.parameters()).device
-    vectors = class_vectors(clip, list(classes), list(templates), device).float().cpu()
-    logits = encode_images(clip, images) @ vectors.T
-    return topk_accuracy(logits, torch.tensor(list(labels)), ks)
+    # ranked by similarity: the scores' order, without float32 ties among vanishing probabilities
+    similarity, _ = zero_shot_scores(clip, images, classes, templates)
+    return topk_accuracy(torch.from_numpy(similarity), torch.tensor(list(labels)), ks)
 
 
 def recall_at_k(image: torch.Tensor, text: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -89,40 +102,22 @@ def retrieval(clip: ClipModel, images: Sequence[Image.Image], captions: Sequence
     return recall_at_k(encode_images(clip, images), encode_texts(clip, captions))
 
 
-class _ImageTower(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixel_values, normalize=True)
-
-
-class _TextTower(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(input_ids, normalize=True)
-
-
-def _example_inputs(clip: ClipModel, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _example_inputs(clip: ClipModel) -> tuple[torch.Tensor, torch.Tensor]:
     height, width = clip.preprocess_cfg["size"]
-    pixels = torch.randn(batch, 3, int(height), int(width))
-    tokens = clip.tokenizer(["a red circle and a blue square"] * batch)
+    pixels = torch.randn(1, 3, int(height), int(width))
+    tokens = clip.tokenizer(["a red circle and a blue square"])
     return pixels, tokens
 
 
 @torch.no_grad()
 def gflops(clip: ClipModel) -> dict[str, float]:
-    """Forward GFLOPs for one image and one text (FLOPs = 2 x multiply-adds)."""
+    """Forward GFLOPs for one image and one text at full context (FLOPs = 2 x multiply-adds)."""
     model = clip.model.eval().cpu()
-    pixels, tokens = _example_inputs(clip, 1)
+    pixels, tokens = _example_inputs(clip)
     result = {}
     for tower, module, example in (
-        ("image", _ImageTower(model), pixels),
-        ("text", _TextTower(model), tokens),
+        ("image", ImageTower(model), pixels),
+        ("text", WholeTextTower(model), tokens),
     ):
         counter = FlopCounterMode(display=False)
         with counter:
@@ -131,45 +126,30 @@ def gflops(clip: ClipModel) -> dict[str, float]:
     return result
 
 
-def _export_tower(module: nn.Module, example: torch.Tensor, input_name: str, path: Path) -> None:
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with warnings.catch_warnings():
-            # the tracer warns about shape checks inside nn.MultiheadAttention; they hold for any batch
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module,
-                (example,),
-                str(path),
-                input_names=[input_name],
-                output_names=["embeds"],
-                dynamic_axes={input_name: {0: "batch"}, "embeds": {0: "batch"}},
-                opset_version=17,
-                dynamo=False,
-            )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(True)
-
-
 def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: int = 20) -> dict[str, float]:
-    """Median ONNX Runtime milliseconds per tower, batch 1, on CPU with `threads` intra-op threads."""
+    """Median ONNX Runtime milliseconds per tower, batch 1, on CPU with `threads` intra-op threads, of
+    the graphs a bundle of this model holds (export/), fed as the service feeds them: a text graph
+    of dynamic length gets the text's own tokens, not the padding."""
     import onnxruntime as ort
 
-    model = clip.model.eval().cpu()
-    pixels, tokens = _example_inputs(clip, 2)
+    from export.exporter import IMAGE_INPUT, TEXT_INPUT, export_tower_graphs
+    from export.verify import token_counts
+
+    pixels, tokens = _example_inputs(clip)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     latency = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for tower, module, example, name in (
-            ("image", _ImageTower(model), pixels, "pixel_values"),
-            ("text", _TextTower(model), tokens, "input_ids"),
+        graphs = export_tower_graphs(clip.model, Path(tmp))
+        ids = tokens.numpy().astype(np.int64)
+        if graphs.text_length_free:
+            ids = ids[:, : int(token_counts(ids).max())]
+        for tower, path, feed in (
+            ("image", graphs.image, {IMAGE_INPUT: pixels.numpy()}),
+            ("text", graphs.text, {TEXT_INPUT: ids}),
         ):
-            path = Path(tmp) / f"{tower}.onnx"
-            _export_tower(module, example, name, path)
             session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            feed = {name: example[:1].numpy()}
             for _ in range(warmup):
                 session.run(None, feed)
             times = []

@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from export import scoring
 from export.bundle import sha256_file
+from export.scoring import prompts
 
 RUN_CONFIG_FILE = "open_clip_config.json"
 RUN_WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -220,12 +222,13 @@ class Teacher:
 def class_vectors(
     clip: ClipModel, class_names: list[str], templates: list[str], device: torch.device
 ) -> torch.Tensor:
-    rows = []
-    for name in class_names:
-        tokens = clip.tokenizer([t.format(name) for t in templates]).to(device)
-        embeddings = clip.model.encode_text(tokens, normalize=True).mean(dim=0)
-        rows.append(F.normalize(embeddings, dim=-1))
-    return torch.stack(rows)
+    """[classes, D]: the service's class vectors (export/scoring.py), from this model's text tower."""
+    embeddings = [
+        clip.model.encode_text(clip.tokenizer(prompts([name], templates)).to(device)).float().cpu()
+        for name in class_names
+    ]
+    vectors = scoring.class_vectors(torch.cat(embeddings).numpy(), len(templates))
+    return torch.from_numpy(vectors).to(device)
 
 
 def load_teacher(refs: list[str], pretrained: list[str | None] | None = None, seed: int = 0) -> Teacher:

@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from training import synthetic
 from training.losses import LossWeights
 
@@ -48,7 +46,7 @@ class ShapesBudget:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "warmup_steps": self.warmup_steps,
-            "threads": self.threads,
+            "torch_threads": self.threads,
             "data": self.data,
             "seed": self.seed,
         }
@@ -94,6 +92,7 @@ def classify_with_bundle(bundle_dir: Path, image, labels: list[str]) -> list[tup
     import open_clip
 
     from export.bundle import load_bundle
+    from export.scoring import class_vectors, prompts, top_k
     from export.tokenizer import ClipTokenizer
 
     bundle = load_bundle(bundle_dir)
@@ -117,16 +116,11 @@ def classify_with_bundle(bundle_dir: Path, image, labels: list[str]) -> list[tup
     pixels = open_clip.transform.image_transform_v2(cfg, is_train=False)(image).unsqueeze(0).numpy()
     image_embed = image_session.run(None, {image_session.get_inputs()[0].name: pixels})[0][0]
     tokenizer = ClipTokenizer.from_spec(manifest.tokenizer, bundle.path)
-    vectors = []
-    for label in labels:
-        ids = tokenizer.encode([t.format(label) for t in synthetic.CLASS_TEMPLATES]).ids
-        embeds = text_session.run(None, {text_session.get_inputs()[0].name: ids})[0]
-        mean = embeds.mean(axis=0)
-        vectors.append(mean / np.linalg.norm(mean))
-    logits = manifest.logit_scale * np.stack(vectors) @ image_embed
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
-    return sorted(zip(labels, probs.tolist(), strict=True), key=lambda x: -x[1])
+    templates = synthetic.CLASS_TEMPLATES
+    ids = tokenizer.encode(prompts(labels, templates)).ids
+    embeds = text_session.run(None, {text_session.get_inputs()[0].name: ids})[0]
+    scores = manifest.scorer.probabilities(class_vectors(embeds, len(templates)) @ image_embed)
+    return [(labels[i], float(scores[i])) for i in top_k(scores, len(labels))[0]]
 
 
 def build_demo_bundle(

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
+from export.scoring import fill_template
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 50),
@@ -161,7 +163,7 @@ def caption_for(objects: list[ShapeObject], background: str, rng: np.random.Gene
     with_colour = rng.random() >= 0.3
     parts = [_describe_object(o, rng, with_colour) for o in objects]
     if len(parts) == 1:
-        text = SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))].format(parts[0]).rstrip(".")
+        text = fill_template(SINGLE_TEMPLATES[int(rng.integers(len(SINGLE_TEMPLATES)))], parts[0]).rstrip(".")
     else:
         listed = ", ".join(f"a {p}" for p in parts[:-1]) + f" and a {parts[-1]}"
         style = int(rng.integers(3))

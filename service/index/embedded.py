@@ -32,6 +32,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from export.cli_settings import usable_cores
+
 from .base import (
     BackendUnavailableError,
     CollectionExistsError,
@@ -97,10 +99,6 @@ class _Catalog:
         self.binding = ModelBinding(row["model"], row["version"], row["content_hash"], row["dim"])
         self.params = IndexParams.model_validate_json(row["index_params"])
         self.created_at: str = row["created_at"]
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _new_faiss_index(params: IndexParams, vectors: np.ndarray, dim: int) -> tuple[faiss.Index, str]:
@@ -264,7 +262,7 @@ class EmbeddedStore:
         self.batch_size = batch_size
         self.exact_filter_limit = exact_filter_limit
         self.search_threads = search_threads
-        self.build_threads = build_threads or _cores()
+        self.build_threads = build_threads or usable_cores()
         try:
             (self.data_dir / "hnsw").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
