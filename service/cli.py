@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from export.bundle import ModelRepository
 from service.logs import configure_logging
+from service.runtime import ProviderUnavailableError
+from service.runtime.gpu_stack import check_single_onnxruntime
 from service.settings import Settings
 
 
@@ -57,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"clip-serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    try:
+        check_single_onnxruntime()
+    except ProviderUnavailableError as exc:
+        print(f"clip-serve: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level, settings.log_json)
     import uvicorn
 
