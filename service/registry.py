@@ -41,9 +41,10 @@ from service.runtime import (
     ProviderUnavailableError,
     Runtime,
     RuntimeConfigError,
-    RuntimeOptions,
     open_runtime,
+    tower_options,
 )
+from service.runtime.tensorrt import select_engine
 from service.settings import Settings
 
 log = logging.getLogger("clipserve.registry")
@@ -260,28 +261,9 @@ class ServedModel:
         await self.text_batcher.close()
 
 
-def _engine_file(bundle: Bundle, tower: str) -> tuple[Path, str]:
-    """The tower's TensorRT engine, preferring one built by the installed TensorRT version."""
-    engines = [
-        e
-        for e in bundle.manifest.files
-        if e.role == "engine" and (e.tower == tower or (e.tower is None and e.path.startswith(f"{tower}.")))
-    ]
-    if not engines:
-        raise RuntimeConfigError(f"{bundle.ref} has no TensorRT engine for its {tower} tower")
-    try:
-        import tensorrt
-
-        installed = tensorrt.__version__
-    except ImportError:
-        installed = None
-    chosen = next((e for e in engines if e.tensorrt_version == installed), engines[0])
-    return bundle.path / chosen.path, chosen.precision or "fp16"
-
-
 def _tower_file(bundle: Bundle, tower: str, settings: Settings) -> tuple[Path, str]:
     if settings.engine == "tensorrt":
-        return _engine_file(bundle, tower)
+        return select_engine(bundle, tower)
     if bundle.manifest.file(tower, settings.precision) is not None:
         return bundle.file_path(tower, settings.precision), settings.precision
     log.warning("%s has no %s %s graph; serving its fp32 graph", bundle.ref, settings.precision, tower)
@@ -293,11 +275,10 @@ def load_version(
 ) -> LoadedBundle:
     """Load, verify every hash, open both runtimes and warm them up. Blocking: run it in a thread."""
     bundle = repository.load(name, version, verify=True)
-    options = RuntimeOptions(providers=tuple(settings.providers), intra_op_threads=settings.intra_op_threads)
     image_path, image_precision = _tower_file(bundle, "image", settings)
     text_path, text_precision = _tower_file(bundle, "text", settings)
-    image_runtime = open_runtime(image_path, options)
-    text_runtime = open_runtime(text_path, options)
+    image_runtime = open_runtime(image_path, tower_options(settings, bundle.manifest, "image"))
+    text_runtime = open_runtime(text_path, tower_options(settings, bundle.manifest, "text"))
     tokenizer = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path)
     loaded = LoadedBundle(
         bundle,
