@@ -30,8 +30,11 @@ def require_tensorrt() -> tuple[Any, Any]:
     """(tensorrt, torch) when a CUDA GPU and TensorRT are both present; a clear error otherwise."""
     try:
         import tensorrt
-    except ImportError as exc:
-        raise ExportError("TensorRT engines need the tensorrt package: pip install 'clipserve[gpu]'") from exc
+    except (ImportError, OSError) as exc:
+        raise ExportError(
+            f"TensorRT engines need TensorRT ({exc}): build them in the GPU venv (make venv-gpu, "
+            "'.[serve-gpu,train-gpu,dev]', without the CPU onnxruntime)"
+        ) from exc
     import torch
 
     if not torch.cuda.is_available():
