@@ -86,10 +86,16 @@ def test_the_gpu_pins_satisfy_what_torch_asks_for() -> None:
 
 
 def _second_onnxruntime(folder: Path) -> Path:
-    """The metadata pip leaves for an installed onnxruntime-gpu, and nothing else."""
-    info = folder / "onnxruntime_gpu-1.31.1.dist-info"
+    """The metadata pip leaves for the other ONNX Runtime build (GPU beside CPU, or CPU beside GPU)."""
+    (installed,) = onnxruntime_distributions()
+    name, version = (
+        ("onnxruntime", "1.32.0")
+        if installed.startswith("onnxruntime-gpu")
+        else ("onnxruntime-gpu", "1.31.1")
+    )
+    info = folder / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.31.1\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
     (info / "RECORD").write_text("onnxruntime/__init__.py,,\nonnxruntime/capi/_ld_preload.py,,\n")
     return folder
 
@@ -220,8 +226,11 @@ def test_the_identity_graph_runs(tmp_path: Path) -> None:
     assert out.tolist() == [1.5, -2.0]
 
 
-def test_the_image_check_reports_a_cpu_only_environment(tmp_path: Path) -> None:
-    """`python -m service.runtime.gpu_stack` (run inside the GPU image) fails here, saying why."""
+def test_the_image_check_reports_this_environment() -> None:
+    """`python -m service.runtime.gpu_stack` (what runs inside the GPU image), run here: on a CPU
+    install it fails on the providers, saying so; on a GPU install it checks their libraries."""
+    import onnxruntime
+
     result = subprocess.run(
         [sys.executable, "-m", "service.runtime.gpu_stack"],
         capture_output=True,
@@ -229,7 +238,11 @@ def test_the_image_check_reports_a_cpu_only_environment(tmp_path: Path) -> None:
         timeout=120,
         cwd=ROOT,
     )
-    assert result.returncode == 1
-    assert "[ok] one ONNX Runtime distribution: onnxruntime " in result.stdout
-    assert "[FAIL] providers in this build" in result.stdout
+    assert f"[ok] one ONNX Runtime distribution: {check_single_onnxruntime()}" in result.stdout
     assert "Traceback" not in result.stderr
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert result.returncode == 1 and "[FAIL] providers in this build" in result.stdout
+        return
+    assert "[ok] providers in this build" in result.stdout
+    assert "ldd libonnxruntime_providers_cuda.so: libcublasLt.so.13 => " in result.stdout
+    assert "ldd libonnxruntime_providers_tensorrt.so" in result.stdout

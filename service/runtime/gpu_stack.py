@@ -89,14 +89,20 @@ TENSORRT_API = (
 
 
 def onnxruntime_distributions() -> list[str]:
-    """'name version' of every installed distribution that provides the `onnxruntime` package."""
+    """'name version' of every installed distribution that provides the `onnxruntime` package.
+
+    Only the metadata folders whose names can be ONNX Runtime's are read (reading every installed
+    distribution's metadata costs a fifth of a second; this check runs at every model load)."""
     found = set()
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
-        if ONNXRUNTIME_NAME.match(name) and any(
-            str(f) == "onnxruntime/__init__.py" for f in dist.files or ()
-        ):
-            found.add(f"{name} {dist.version}")
+    for entry in sys.path:
+        folder = Path(entry or ".")
+        for info in (*folder.glob("onnxruntime*.dist-info"), *folder.glob("ort_nightly*.dist-info")):
+            dist = importlib.metadata.PathDistribution(info)
+            name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+            if ONNXRUNTIME_NAME.match(name) and any(
+                str(f) == "onnxruntime/__init__.py" for f in dist.files or ()
+            ):
+                found.add(f"{name} {dist.version}")
     return sorted(found)
 
 
@@ -124,7 +130,7 @@ def load_tensorrt() -> object:
         return importlib.import_module("tensorrt")
     except (ImportError, OSError) as exc:
         raise ProviderUnavailableError(
-            f"TensorRT cannot be loaded ({exc}); install the 'gpu' extra, whose tensorrt-cu13 brings "
+            f"TensorRT cannot be loaded ({exc}); install '.[serve-gpu]', whose tensorrt-cu13 brings "
             "the TensorRT libraries"
         ) from exc
 
@@ -146,7 +152,7 @@ def load_cuda_libraries() -> None:
     if missing:
         detail = " ".join(printed.getvalue().split())
         raise ProviderUnavailableError(
-            f"CUDA libraries {missing} are not loadable; install the 'gpu' extra (nvidia-* CUDA 13 wheels)"
+            f"CUDA libraries {missing} are not loadable; install '.[serve-gpu]' or '.[serve-gpu-cuda]' (the nvidia-* CUDA 13 wheels)"
             + (f": {detail}" if detail else "")
         )
 

@@ -33,7 +33,7 @@ def _cudart() -> Any:
         from cuda.bindings import runtime as cudart
     except ImportError as exc:
         raise ProviderUnavailableError(
-            "TensorRT engines need cuda-bindings, which is not installed (install the 'gpu' extra)"
+            "TensorRT engines need cuda-bindings, which is not installed (install '.[serve-gpu]')"
         ) from exc
     return cudart
 
