@@ -24,7 +24,7 @@ from service.runtime.gpu_stack import (
     write_identity_graph,
 )
 from service.runtime.onnx import provider_list, tensorrt_provider_options
-from service.runtime.tensorrt import matching_engine
+from service.runtime.tensorrt import device_name, matching_engine
 from service.settings import Settings
 from tests.test_docker import expanded_extras, requirement_names
 
@@ -246,3 +246,12 @@ def test_the_image_check_reports_this_environment() -> None:
     assert "[ok] providers in this build" in result.stdout
     assert "ldd libonnxruntime_providers_cuda.so: libcublasLt.so.13 => " in result.stdout
     assert "ldd libonnxruntime_providers_tensorrt.so" in result.stdout
+
+
+def test_without_a_usable_gpu_engines_are_refused_saying_why() -> None:
+    cudart = pytest.importorskip("cuda.bindings.runtime")
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) == 0 and count > 0:
+        pytest.skip("a CUDA device is present; engines are chosen for it in the gpu tests")
+    with pytest.raises(ProviderUnavailableError, match=r"no usable CUDA device 0 .*\(cudaError"):
+        device_name(0)

@@ -38,11 +38,15 @@ def _cudart() -> Any:
     return cudart
 
 
+def _error_name(err: Any) -> str:
+    _, name = _cudart().cudaGetErrorName(err)
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
 def _check(result: tuple) -> Any:
     err, *values = result
     if int(err) != 0:
-        _, name = _cudart().cudaGetErrorName(err)
-        raise RuntimeConfigError(f"CUDA call failed: {name.decode() if isinstance(name, bytes) else name}")
+        raise RuntimeConfigError(f"CUDA call failed: {_error_name(err)}")
     return values[0] if len(values) == 1 else values
 
 
@@ -51,8 +55,9 @@ def device_name(device_id: int = 0) -> str:
     cudart = _cudart()
     err, properties = cudart.cudaGetDeviceProperties(device_id)
     if int(err) != 0:
-        _, reason = cudart.cudaGetErrorName(err)
-        raise ProviderUnavailableError(f"no usable CUDA device {device_id} for TensorRT engines ({reason})")
+        raise ProviderUnavailableError(
+            f"no usable CUDA device {device_id} for TensorRT engines ({_error_name(err)})"
+        )
     name = properties.name
     return (name.decode(errors="replace") if isinstance(name, bytes) else str(name)).rstrip("\x00")
 
