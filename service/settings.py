@@ -55,8 +55,8 @@ class Settings(BaseSettings):
     )
     engine_cache_dir: Path | None = Field(
         None,
-        description="where ONNX Runtime's TensorRT provider keeps the engines it builds, per bundle and "
-        "TensorRT version, so a restart does not build them again; empty: <data_dir>/engine-cache",
+        description="where ONNX Runtime's TensorRT provider keeps the engines it builds, per bundle, GPU model "
+        "and TensorRT version, so a restart does not build them again; empty: <data_dir>/engine-cache",
     )
     intra_op_threads: int = Field(
         default_factory=_cores, ge=1, description="ONNX Runtime threads per session"
