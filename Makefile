@@ -7,8 +7,11 @@ EXTRAS ?= serve,train,dev
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 comma := ,
 PYTEST_ARGS ?=
+# The GPU environment is a venv of its own: onnxruntime-gpu replaces the CPU onnxruntime there.
+GPU_VENV ?= .venv-gpu
+GPU_EXTRAS ?= serve-gpu,train-gpu,dev
 
-.PHONY: test serve bench lint redis browser venv clean
+.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check
 
 venv: $(STAMP)
 
@@ -41,5 +44,15 @@ bench: venv redis
 	$(PY) bench/retrieval.py
 	$(PY) bench/distill_shapes.py
 
+venv-gpu:
+	$(MAKE) venv VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS)
+
+test-gpu: venv-gpu redis
+	$(GPU_VENV)/bin/python -m pytest -m gpu -rs $(PYTEST_ARGS)
+
+# A first run on a GPU machine, step by step (scripts/gpu-check.sh says what it does).
+gpu-check: venv-gpu
+	PYTHON=$(GPU_VENV)/bin/python bash scripts/gpu-check.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache

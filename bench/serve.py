@@ -13,6 +13,7 @@ and takes some of its CPU: the served/raw ratio is a lower bound.
 
     python bench/serve.py                 # ViT-B-32 and MobileCLIP2-S0 (several minutes on 2 cores)
     python bench/serve.py --quick         # tiny model, concurrency 1 and 8: proves the pipeline works
+    python bench/serve.py --models vitb32 --providers cuda --precision fp16 --concurrency 64   # a GPU
 """
 
 from __future__ import annotations
@@ -118,9 +119,11 @@ class RawResult:
 
 
 def measure_raw(
-    bundle: Bundle, threads: int, images: list[bytes], batches: list[int], seconds: float, draft_margin: float
+    bundle: Bundle, args: argparse.Namespace, images: list[bytes], batches: list[int], seconds: float
 ) -> RawResult:
-    runtime = open_runtime(bundle.file_path("image"), RuntimeOptions(intra_op_threads=threads))
+    threads, draft_margin = args.threads, args.jpeg_draft_margin
+    options = RuntimeOptions(providers=tuple(args.providers.split(",")), intra_op_threads=threads)
+    runtime = open_runtime(bundle.file_path("image", args.precision), options)
     preprocessor = ImagePreprocessor(bundle.manifest.image, max_pixels=10**9, draft_margin=draft_margin)
     pixels = np.stack([preprocessor(images[i % len(images)]) for i in range(max(batches))])
     best = (0, 0.0)
@@ -145,10 +148,13 @@ def measure_raw(
 
 
 class Server:
-    def __init__(self, repo: Path, name: str, threads: int, redis_url: str, port: int, draft_margin: float):
+    def __init__(self, repo: Path, name: str, args: argparse.Namespace, port: int):
         self.base = f"http://127.0.0.1:{port}"
+        threads, redis_url, draft_margin = args.threads, args.redis_url, args.jpeg_draft_margin
         env = {
             **os.environ,
+            "CLIPSERVE_PROVIDERS": args.providers,
+            "CLIPSERVE_PRECISION": args.precision,
             "CLIPSERVE_MODELS": name,
             "CLIPSERVE_INTRA_OP_THREADS": str(threads),
             "CLIPSERVE_PREPROCESS_WORKERS": str(threads),
@@ -271,11 +277,13 @@ def classify_vs_embed(base: str, image: str, labels: int, rounds: int) -> tuple[
 
 
 def bench_model(args: argparse.Namespace, repo: Path, name: str, export_args: list[str], port: int) -> dict:
+    if args.precision != "fp32":
+        name, export_args = f"{name}-{args.precision}", [*export_args, f"--{args.precision}"]
     bundle = ensure_bundle(repo, name, export_args)
     images = [photo(seed) for seed in range(8)]
     print(f"\n== {name}: image {bundle.manifest.image.size}, dim {bundle.manifest.embed_dim}", flush=True)
-    raw = measure_raw(bundle, args.threads, images, args.batches, args.raw_seconds, args.jpeg_draft_margin)
-    server = Server(repo, name, args.threads, args.redis_url, port, args.jpeg_draft_margin)
+    raw = measure_raw(bundle, args, images, args.batches, args.raw_seconds)
+    server = Server(repo, name, args, port)
     try:
         start_s = server.wait_ready()
         image_bodies = [{"images": [base64.b64encode(data).decode()]} for data in images]
@@ -320,8 +328,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
 
     print("\n" + "=" * 100)
     print(
-        f"machine: {cpu_name()}, {usable_cores()} cores; onnxruntime {onnxruntime.__version__}; server threads "
-        f"{args.threads}; JPEG draft margin {args.jpeg_draft_margin}; inputs: 640x480 JPEG per image request, "
+        f"machine: {cpu_name()}, {usable_cores()} cores; onnxruntime {onnxruntime.__version__}; providers "
+        f"{args.providers}, {args.precision}; server threads {args.threads}; JPEG draft margin {args.jpeg_draft_margin}; inputs: 640x480 JPEG per image request, "
         "one short text per text request"
     )
     for row in rows:
@@ -382,7 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8701)
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--jpeg-draft-margin", type=float, default=2.0, help="as CLIPSERVE_JPEG_DRAFT_MARGIN")
+    parser.add_argument("--models", nargs="+", choices=sorted(FULL_MODELS), help="a subset of the full run")
+    parser.add_argument("--concurrency", nargs="+", type=int, help="load levels instead of 1 8 32")
+    parser.add_argument("--providers", default="cpu", help="as CLIPSERVE_PROVIDERS, for raw and served runs")
+    parser.add_argument(
+        "--precision", choices=["fp32", "fp16", "int8"], default="fp32", help="bundle variant"
+    )
     args = parser.parse_args(argv)
+    levels = args.concurrency
     if args.quick:
         config = Path(tempfile.mkdtemp()) / "tiny.json"
         config.write_text(json.dumps(TINY_CONFIG))
@@ -390,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         args.concurrency, args.requests, args.rounds = [1, 8], 24, 10
         args.batches, args.raw_seconds = [1, 8], 0.5
     else:
-        models = FULL_MODELS
+        models = {name: FULL_MODELS[name] for name in args.models or FULL_MODELS}
         args.concurrency, args.requests, args.rounds = [1, 8, 32], 200, 30
         args.batches, args.raw_seconds = [1, 2, 4, 8, 16, 32], 5.0
+    args.concurrency = levels or args.concurrency
     rows = [
         bench_model(args, args.repo, name, export_args, args.port + i)
         for i, (name, export_args) in enumerate(models.items())

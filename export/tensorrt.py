@@ -1,14 +1,18 @@
 """TensorRT engines built from the exported ONNX graphs, with the TensorRT Python API (GPU only).
 
 An engine only runs on the GPU model and TensorRT version that built it, so its file name and its
-manifest entry carry both. Layers whose accuracy needs it (normalizations, softmax, reductions)
-are kept in fp32 while the rest runs in fp16. The layer timing cache is kept between builds.
+manifest entry carry both. Engines are built as strongly typed networks from the fp16 graph
+(`export.quantize.convert_fp16`: fp16 weights and compute, fp32 inputs, outputs and the layers
+whose accuracy needs it): every tensor keeps the type the graph gives it. That is the only mode
+TensorRT 11 has; the weak-typing builder flags and per-layer precisions are deprecated since
+TensorRT 10.12 and removed in 11, so none is used. The layer timing cache is kept between builds.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +30,11 @@ def require_tensorrt() -> tuple[Any, Any]:
     """(tensorrt, torch) when a CUDA GPU and TensorRT are both present; a clear error otherwise."""
     try:
         import tensorrt
-    except ImportError as exc:
-        raise ExportError("TensorRT engines need the tensorrt package: pip install 'clipserve[gpu]'") from exc
+    except (ImportError, OSError) as exc:
+        raise ExportError(
+            f"TensorRT engines need TensorRT ({exc}): build them in the GPU venv (make venv-gpu, "
+            "'.[serve-gpu,train-gpu,dev]', without the CPU onnxruntime)"
+        ) from exc
     import torch
 
     if not torch.cuda.is_available():
@@ -42,13 +49,13 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(torch.cuda.current_device())
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def engine_filename(tower: str, gpu: str, tensorrt_version: str) -> str:
-    """e.g. image.nvidia-h200.trt10.13.0.plan: the tower first, as the manifest has no tower field."""
-    return f"{tower}.{_slug(gpu)}.trt{tensorrt_version}.plan"
+    """e.g. image.nvidia-h200.trt10.16.1.11.plan: the tower first, as the manifest has no tower field."""
+    return f"{tower}.{slug(gpu)}.trt{tensorrt_version}.plan"
 
 
 def timing_cache_path(gpu: str, tensorrt_version: str) -> Path:
@@ -56,7 +63,7 @@ def timing_cache_path(gpu: str, tensorrt_version: str) -> Path:
     the user cache folder."""
     default_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipserve" / "tensorrt"
     root = Path(os.environ.get(TIMING_CACHE_ENV) or default_root)
-    return root / f"timing-{_slug(gpu)}-trt{tensorrt_version}.cache"
+    return root / f"timing-{slug(gpu)}-trt{tensorrt_version}.cache"
 
 
 @dataclass(frozen=True)
@@ -82,18 +89,9 @@ def text_shapes(
     return ShapeRange("input_ids", (low, shortest), (mid, typical), (high, context_length))
 
 
-def _keep_accuracy_layers_fp32(trt: Any, network: Any) -> None:
-    fp32_layers = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX, trt.LayerType.REDUCE}
-    for index in range(network.num_layers):
-        layer = network.get_layer(index)
-        if layer.type in fp32_layers:
-            layer.precision = trt.float32
-            for output in range(layer.num_outputs):
-                layer.set_output_type(output, trt.float32)
-
-
 def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:
-    network = builder.create_network(0)
+    # Required for strong typing on TensorRT 10; accepted (and always on) in 11.
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -101,18 +99,15 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:
     return network
 
 
-def build_engine(onnx_path: Path, engine_path: Path, shapes: ShapeRange, fp16: bool = True) -> None:
-    """Build and serialize one engine; the timing cache is read before and written after."""
+def build_engine(onnx_path: Path, engine_path: Path, shapes: ShapeRange) -> None:
+    """Build and serialize one engine from `onnx_path` with the types its graph gives (so an fp16
+    graph makes an fp16 engine); the timing cache is read before and written after."""
     trt, _ = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = _parse(trt, builder, logger, onnx_path)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    if fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        _keep_accuracy_layers_fp32(trt, network)
     profile = builder.create_optimization_profile()
     profile.set_shape(shapes.input_name, shapes.minimum, shapes.optimum, shapes.maximum)
     config.add_optimization_profile(profile)
@@ -164,15 +159,29 @@ class EngineFile:
 def build_engines(
     bundle_dir: Path, image_size: tuple[int, int], context_length: int, dynamic_length: bool
 ) -> list[EngineFile]:
-    """fp16 engines for both towers of the fp32 graphs in `bundle_dir`."""
+    """fp16 engines for both towers, from the fp16 graphs in `bundle_dir` (converted from its fp32
+    graphs into a scratch folder when the bundle has none)."""
     trt, _ = require_tensorrt()
     gpu = gpu_name()
     engines = []
-    for tower, shapes in (
-        ("image", image_shapes(*image_size)),
-        ("text", text_shapes(context_length, dynamic_length)),
-    ):
-        name = engine_filename(tower, gpu, trt.__version__)
-        build_engine(bundle_dir / f"{tower}.onnx", bundle_dir / name, shapes)
-        engines.append(EngineFile(name, tower, gpu, trt.__version__))
+    with tempfile.TemporaryDirectory(prefix="clipserve-fp16-") as scratch:
+        for tower, shapes in (
+            ("image", image_shapes(*image_size)),
+            ("text", text_shapes(context_length, dynamic_length)),
+        ):
+            name = engine_filename(tower, gpu, trt.__version__)
+            build_engine(fp16_graph(bundle_dir, tower, Path(scratch)), bundle_dir / name, shapes)
+            engines.append(EngineFile(name, tower, gpu, trt.__version__))
     return engines
+
+
+def fp16_graph(bundle_dir: Path, tower: str, scratch: Path) -> Path:
+    """The tower's fp16 graph: the bundle's own, or one converted from its fp32 graph into `scratch`."""
+    published = bundle_dir / f"{tower}.fp16.onnx"
+    if published.is_file():
+        return published
+    from export.quantize import convert_fp16
+
+    converted = scratch / f"{tower}.fp16.onnx"
+    convert_fp16(bundle_dir / f"{tower}.onnx", converted)
+    return converted

@@ -14,7 +14,8 @@ from export.bundle import BundleError, ModelRepository, parse_model_ref
 from export.cli_settings import SettingsError, load_settings
 from service.errors import ServiceError
 from service.logs import configure_logging
-from service.runtime import RuntimeConfigError
+from service.runtime import ProviderUnavailableError, RuntimeConfigError
+from service.runtime.gpu_stack import check_single_onnxruntime
 from service.settings import Settings, names_a_directory
 
 PROG = "clip-serve"
@@ -121,7 +122,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         check_repository(settings)
-    except RepositoryError as exc:
+        check_single_onnxruntime()
+    except (RepositoryError, ProviderUnavailableError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level, settings.log_json)

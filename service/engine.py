@@ -403,5 +403,8 @@ class ModelEngine:
         return self.image_batcher.alive and self.text_batcher.alive
 
     async def close(self) -> None:
+        """Stop the batchers, then release the runtimes (TensorRT buffers and streams, sessions)."""
         await self.image_batcher.close()
         await self.text_batcher.close()
+        self.loaded.image_runtime.close()
+        self.loaded.text_runtime.close()

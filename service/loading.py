@@ -16,7 +16,7 @@ import numpy as np
 
 from export.bundle import Bundle, BundleError, ModelRepository
 from export.tokenizer import ClipTokenizer
-from service.runtime import Runtime, RuntimeOptions, open_runtime
+from service.runtime import Runtime, open_runtime, tower_options
 from service.runtime.tensorrt import select_engine
 from service.settings import Settings
 
@@ -51,23 +51,28 @@ def load_version(
 ) -> LoadedBundle:
     """Load, verify every hash, open both runtimes and warm them up."""
     bundle = repository.load(name, version, verify=True)
-    options = RuntimeOptions(providers=tuple(settings.providers), intra_op_threads=settings.intra_op_threads)
     image_path, image_precision = tower_file(bundle, "image", settings)
     text_path, text_precision = tower_file(bundle, "text", settings)
-    image_runtime = open_runtime(image_path, options)
-    text_runtime = open_runtime(text_path, options)
-    tokenizer = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path)
-    loaded = LoadedBundle(
-        bundle,
-        image_runtime,
-        text_runtime,
-        tokenizer,
-        text_precision,
-        image_precision,
-        providers=list(image_runtime.active_providers),
-    )
-    if settings.warmup:
-        warm_up(loaded)
+    opened: list[Runtime] = []
+    try:
+        opened.append(open_runtime(image_path, tower_options(settings, bundle.manifest, "image")))
+        opened.append(open_runtime(text_path, tower_options(settings, bundle.manifest, "text")))
+        tokenizer = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path)
+        loaded = LoadedBundle(
+            bundle,
+            opened[0],
+            opened[1],
+            tokenizer,
+            text_precision,
+            image_precision,
+            providers=list(opened[0].active_providers),
+        )
+        if settings.warmup:
+            warm_up(loaded)
+    except BaseException:
+        for runtime in opened:  # a refused version must not keep device memory or streams
+            runtime.close()
+        raise
     return loaded
 
 

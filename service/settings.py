@@ -53,6 +53,11 @@ class Settings(CliSettings):
     providers: CommaList[Provider] = Field(
         default_factory=lambda: ["cpu"], description="execution providers, in order of preference"
     )
+    engine_cache_dir: Path | None = Field(
+        None,
+        description="where ONNX Runtime's TensorRT provider keeps the engines it builds, per bundle, GPU model "
+        "and TensorRT version, so a restart does not build them again; empty: <data_dir>/engine-cache",
+    )
     intra_op_threads: int = Field(
         default_factory=usable_cores, ge=1, description="ONNX Runtime threads per session"
     )

@@ -169,32 +169,50 @@ def test_serve_image_installs_the_serve_extra_and_no_torch() -> None:
     instructions = dockerfile("serve")
     assert pip_installed_extras(instructions) == {"serve"}
     project = pyproject()["project"]
-    installed = requirement_names(project["dependencies"] + project["optional-dependencies"]["serve"])
+    installed = requirement_names(project["dependencies"] + expanded_extras({"serve"}))
     assert not installed & set(TORCH_PACKAGES), f"the serve extra pulls in {installed & set(TORCH_PACKAGES)}"
     assert "onnxruntime" in installed
     assert only(instructions, "CMD").exec_form[0] == "clip-serve"
 
 
-def test_gpu_image_has_cuda_onnxruntime_gpu_and_tensorrt() -> None:
+def expanded_extras(extras: set[str]) -> list[str]:
+    """The requirements of the project's extras, self-references (`clipserve[...]`) expanded."""
+    optional = pyproject()["project"]["optional-dependencies"]
+    requirements: list[str] = []
+    for extra in sorted(extras):
+        for requirement in optional[extra]:
+            nested = re.fullmatch(r"clipserve\[([a-z0-9,-]+)\]", requirement)
+            requirements += expanded_extras(set(nested.group(1).split(","))) if nested else [requirement]
+    return requirements
+
+
+def test_gpu_image_is_python_slim_with_only_the_gpu_onnxruntime_and_tensorrt() -> None:
     instructions = dockerfile("serve-gpu")
-    base = next(i.args for i in instructions if i.keyword == "ARG" and i.args.startswith("CUDA_IMAGE="))
-    assert re.fullmatch(r"CUDA_IMAGE=nvidia/cuda:[\d.]+-cudnn-runtime-ubuntu[\d.]+", base)
-    assert pip_installed_extras(instructions) == {"serve", "gpu"}
-    gpu = requirement_names(pyproject()["project"]["optional-dependencies"]["gpu"])
-    assert {"onnxruntime-gpu", "tensorrt"} <= gpu
-    run = next(i.args for i in instructions if i.keyword == "RUN" and "onnxruntime-gpu" in i.args)
-    # The CPU build shares the import name: it must be removed and the GPU build put back over it.
-    assert run.index("pip uninstall -y onnxruntime") < run.index(
-        "--force-reinstall --no-deps onnxruntime-gpu"
+    args = dict(i.args.split("=", 1) for i in instructions if i.keyword == "ARG" and "=" in i.args)
+    # The same base as the CPU image: every library but the driver comes from a wheel.
+    serve_args = dict(
+        i.args.split("=", 1) for i in dockerfile("serve") if i.keyword == "ARG" and "=" in i.args
     )
+    assert args["PYTHON_IMAGE"] == serve_args["PYTHON_IMAGE"]
+    assert not any(i.keyword == "FROM" and "nvidia/cuda" in i.args for i in instructions)
+    install = next(i.args for i in instructions if i.keyword == "RUN" and "pip install" in i.args)
+    assert shlex.split(install) == ["pip", "install", ".[${GPU_SET}]"]
+    assert args["GPU_SET"] == "serve-gpu"
+    names = requirement_names(expanded_extras({args["GPU_SET"]}))
+    assert {"onnxruntime-gpu", "tensorrt-cu13", "cuda-bindings", "nvidia-cudnn-cu13"} <= names
+    assert "onnxruntime" not in names and not names & set(TORCH_PACKAGES)
+    cuda_only = requirement_names(expanded_extras({"serve-gpu-cuda"}))
+    assert "onnxruntime-gpu" in cuda_only and "tensorrt-cu13" not in cuda_only
+    # Nothing is uninstalled or reinstalled over another build: one onnxruntime from the start.
+    assert not any("uninstall" in i.args or "--force-reinstall" in i.args for i in instructions)
     assert env_of(instructions)["CLIPSERVE_PROVIDERS"] == "tensorrt,cuda,cpu"
 
 
 def test_train_image_has_torch_and_open_clip() -> None:
     instructions = dockerfile("train")
     assert pip_installed_extras(instructions) == {"train"}
-    train = requirement_names(pyproject()["project"]["optional-dependencies"]["train"])
-    assert {"torch", "open_clip_torch", "onnx"} <= train
+    train = requirement_names(expanded_extras({"train"}))
+    assert {"torch", "open_clip_torch", "onnx", "onnxruntime"} <= train
 
 
 @pytest.mark.parametrize("image", ["serve", "serve-gpu"])

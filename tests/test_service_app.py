@@ -194,22 +194,28 @@ def test_default_model_among_several(make_client, tiny_repo: Path, tmp_path: Pat
 
 
 @pytest.mark.gpu
-def test_tensorrt_engines_serve_close_to_onnx(tiny_model, tmp_path: Path, make_client) -> None:
+def test_tensorrt_engines_serve_close_to_onnx(
+    tiny_model, tmp_path: Path, make_client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("tensorrt")
     import numpy as np
 
     from export.bundle import ModelSource
     from export.exporter import export_bundle
+    from export.tensorrt import TIMING_CACHE_ENV
+
+    monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "timing-cache"))
 
     export_bundle(
         tiny_model,
-        tmp_path,
+        tmp_path / "models",
         "tiny",
         source=ModelSource(architecture="tiny-clip"),
         tensorrt=True,
         progress=False,
     )
-    onnx_client = make_client(models_dir=tmp_path, providers=["cuda"])
-    engine_client = make_client(models_dir=tmp_path, providers=["cuda"], engine="tensorrt")
+    onnx_client = make_client(models_dir=tmp_path / "models", providers=["cuda"])
+    engine_client = make_client(models_dir=tmp_path / "models", providers=["cuda"], engine="tensorrt")
     body = {"texts": ["a photo of a cat"], "images": [b64(image_bytes(seed=3))]}
     reference, engine = (
         onnx_client.post("/v1/embed", json=body).json(),
@@ -218,31 +224,6 @@ def test_tensorrt_engines_serve_close_to_onnx(tiny_model, tmp_path: Path, make_c
     for kind in ("text_embeddings", "image_embeddings"):
         a, b = np.array(reference[kind]), np.array(engine[kind])
         assert float((a * b).sum()) > 0.999
-
-
-def test_engine_files_are_picked_by_tower(tiny_bundle) -> None:
-    from export.bundle import Bundle, BundleFile
-    from service.runtime.tensorrt import select_engine
-
-    sha = "0" * 64
-    engines = [
-        BundleFile(
-            path="text.gpu-a.trt10.0.plan",
-            sha256=sha,
-            size=1,
-            role="engine",
-            precision="fp16",
-            tower="text",
-            tensorrt_version="10.0",
-        ),
-        BundleFile(path="img.plan", sha256=sha, size=1, role="engine", precision="fp16", tower="image"),
-    ]
-    manifest = tiny_bundle.manifest.model_copy(update={"files": [*tiny_bundle.manifest.files, *engines]})
-    bundle = Bundle(manifest=manifest, path=tiny_bundle.path)
-    assert select_engine(bundle, "image")[0].name == "img.plan"
-    assert select_engine(bundle, "text")[0].name == "text.gpu-a.trt10.0.plan"
-    with pytest.raises(RuntimeConfigError, match="no TensorRT engine for its image tower"):
-        select_engine(tiny_bundle, "image")
 
 
 def test_clip_serve_redis_url_none_means_the_in_process_cache(tiny_repo: Path) -> None:

@@ -3,16 +3,23 @@
 A `Runtime` runs one tower: `run(batch) -> float32 [B, D]`, where `batch` is `pixel_values`
 float32 [B, 3, H, W] for the image tower or `input_ids` int64 [B, L] for the text tower.
 `open_runtime(path, options)` picks the adapter from the file: `.onnx` -> ONNX Runtime,
-`.plan` -> TensorRT engine (GPU only, imported lazily).
+`.plan` -> TensorRT engine (GPU only, imported lazily). `close()` releases what a runtime holds on
+the device; call it once no batch can reach the runtime any more.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+
+from export.tensorrt import ShapeRange, image_shapes, text_shapes
+
+if TYPE_CHECKING:
+    from export.bundle import Manifest
+    from service.settings import Settings
 
 
 class RuntimeConfigError(RuntimeError):
@@ -28,7 +35,30 @@ class RuntimeOptions:
     providers: tuple[str, ...] = ("cpu",)
     intra_op_threads: int = 1
     device_id: int = 0
+    # The input shapes the service will feed this tower (TensorRT optimization profiles).
+    shapes: ShapeRange | None = None
+    # Where ONNX Runtime's TensorRT provider keeps the engines it builds for this tower.
+    engine_cache_dir: Path | None = None
     extra: dict = field(default_factory=dict)
+
+
+def tower_options(settings: Settings, manifest: Manifest, tower: str) -> RuntimeOptions:
+    """Options for one tower of a bundle: the batch sizes it will see (live batches, and label-set
+    chunks for the text tower) and its engine cache folder, keyed by the bundle's content hash."""
+    if tower == "image":
+        live = settings.max_batch_size_image
+        shapes = image_shapes(*manifest.image.size, batches=(1, live, live))
+    else:
+        live = settings.max_batch_size_text
+        batches = (1, live, max(live, settings.labelset_chunk_texts))
+        shapes = text_shapes(manifest.tokenizer.context_length, manifest.text.dynamic_length, batches)
+    cache_root = settings.engine_cache_dir or settings.data_dir / "engine-cache"
+    return RuntimeOptions(
+        providers=tuple(settings.providers),
+        intra_op_threads=settings.intra_op_threads,
+        shapes=shapes,
+        engine_cache_dir=cache_root / f"{manifest.content_hash[:16]}-{tower}",
+    )
 
 
 class Runtime(Protocol):
@@ -36,6 +66,8 @@ class Runtime(Protocol):
     active_providers: list[str]
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
 
 
 def open_runtime(path: Path, options: RuntimeOptions) -> Runtime:
