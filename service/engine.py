@@ -406,5 +406,7 @@ class ModelEngine:
         """Stop the batchers, then release the runtimes (TensorRT buffers and streams, sessions)."""
         await self.image_batcher.close()
         await self.text_batcher.close()
+        for batcher in (self.image_batcher, self.text_batcher):  # no batch may still be running
+            await asyncio.to_thread(batcher.executor.shutdown, wait=True)
         self.loaded.image_runtime.close()
         self.loaded.text_runtime.close()
