@@ -82,7 +82,7 @@ standin() {
   [ "$ENGINE" = podman ] && format=(--format docker)
   engine_log "building stand-in $image ($recipe on $suite)"
   "$ENGINE" build -q "${format[@]}" --build-arg "ROOTFS=$base" --label "$STANDIN_LABEL=$recipe on $suite" \
-    -f "$context/$recipe.Dockerfile" -t "$image" "$context" >/dev/null
+    -f "$context/$recipe.Dockerfile" -t "$image" "$context" >/dev/null || { rm -rf "$context"; return 1; }
   rm -rf "$context"
   engine_log "$image: stand-in, $(image_size_mb "$image") MB in $((SECONDS - started)) s"
 }
@@ -90,7 +90,7 @@ standin() {
 main() {
   engine_find || { echo "container-bases: no container engine (docker or podman) here" >&2; exit 1; }
   mkdir -p "$CONTAINER_STATE_DIR"
-  local wanted=("$@") name image
+  local wanted=("$@") missing=() suites=() pids=() name image suite
   [ ${#wanted[@]} -gt 0 ] || wanted=("${!STANDINS[@]}")
   for name in "${wanted[@]}"; do
     image=$(qualified "$name")
@@ -100,9 +100,19 @@ main() {
     elif timeout 120 "$ENGINE" pull -q "$image" >/dev/null 2>&1; then
       engine_log "$image: pulled, $(image_size_mb "$image") MB"
     else
-      standin "$image"
+      missing+=("$image")
+      suites+=("${STANDINS[$image]%% *}")
     fi
   done
+  [ ${#missing[@]} -gt 0 ] || return 0
+  engine_log "not pullable here, building stand-ins: ${missing[*]}"
+  # The Debian trees download and unpack side by side; the stand-ins then build on them.
+  for suite in $(printf '%s\n' "${suites[@]}" | sort -u); do
+    rootfs "$suite" >/dev/null &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || { echo "container-bases: a Debian tree failed (above)" >&2; exit 1; }; done
+  for image in "${missing[@]}"; do standin "$image"; done
 }
 
 main "$@"
