@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 comma := ,
 PYTEST_ARGS ?=
 
-.PHONY: test serve bench lint redis browser venv clean
+.PHONY: test serve bench lint redis browser venv clean container-smoke
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ lint: venv
 
 serve: venv
 	@bash scripts/serve.sh
+
+# docker-compose.yml for real: build, run three replicas, check through the proxy, take it down.
+container-smoke: venv
+	@bash scripts/container-smoke.sh
 
 # Each benchmark prints its figures (and the machine); none asserts on time.
 bench: venv redis

@@ -1,6 +1,6 @@
 # Stand-in for nginx:1.28-alpine: Debian's nginx (bookworm's 1.22, older than the upstream image, so
 # deploy/ is proven on an nginx without 1.27's features), logging to the container's output, with
-# the two features of the upstream entry point that deploy/ uses (see nginx-entrypoint.sh).
+# the features of the upstream entry point that deploy/ uses (see nginx-entrypoint.sh).
 ARG ROOTFS
 FROM ${ROOTFS}
 ARG DEBIAN_FRONTEND=noninteractive
@@ -10,6 +10,7 @@ RUN apt-get update \
  && ln -sf /dev/stdout /var/log/nginx/access.log \
  && ln -sf /dev/stderr /var/log/nginx/error.log
 COPY nginx-entrypoint.sh /docker-entrypoint.sh
+RUN mkdir -p /docker-entrypoint.d /etc/nginx/templates
 EXPOSE 80
 STOPSIGNAL SIGQUIT
 ENTRYPOINT ["/docker-entrypoint.sh"]
