@@ -4,7 +4,7 @@ The file is checked as Compose would check it, without an engine: variables inte
 defaults, then validated against the Compose Specification JSON schema (vendored in
 tests/data/compose, see SOURCE.md), then the cross-references Compose resolves at `up` time
 (services, volumes, profiles, files), then what the deployment relies on. scripts/container-smoke.sh
-runs the stack for real (in CI, after these tests); the README gives the compose commands it runs.
+runs the stack for real (in CI, after these tests).
 """
 
 from __future__ import annotations
@@ -27,15 +27,12 @@ import pytest
 import yaml
 
 from service.settings import Settings
-from tests.test_docker import documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA_FILE = ROOT / "tests" / "data" / "compose" / "compose-spec.json"
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
 NGINX_RESOLVER = ROOT / "deploy" / "nginx-resolver.envsh"
-SMOKE = ROOT / "scripts" / "container-smoke.sh"
-SMOKE_CHECKS = ROOT / "scripts" / "container_smoke_checks.py"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -310,28 +307,3 @@ def test_resolver_script_takes_the_first_nameserver(tmp_path: Path, resolv_conf:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == resolver
-
-
-def smoke_compose_commands() -> set[tuple[str, ...]]:
-    """The compose commands the container smoke runs as a user would (its documented ones)."""
-    commands = {
-        tuple(shlex.split(args))
-        for args in re.findall(r"^\s*compose_as_documented (.+)$", SMOKE.read_text(), flags=re.M)
-    }
-    commands |= {
-        tuple(ast.literal_eval(f"({args},)"))
-        for args in re.findall(r"self\.engine\.compose_run\(([^)]*)\)", SMOKE_CHECKS.read_text())
-    }
-    return commands
-
-
-def test_readme_compose_commands_are_the_ones_the_smoke_runs() -> None:
-    readme = {
-        tuple(argv[2:])
-        for argv in documented_commands()
-        if argv[:2] == ["docker", "compose"] and "--profile" not in argv
-    }
-    smoke = smoke_compose_commands()
-    assert ("up", "-d", "--scale", "api=3") in smoke and ("restart", "redis") in smoke
-    # The profiles (trainer: a multi-GB image; gpu: no GPU in CI) are documented, not smoke-tested.
-    assert readme == smoke
