@@ -78,6 +78,11 @@ engine_find() {
   podman info >/dev/null 2>&1 || { engine_log "podman is installed but does not work: $(podman info 2>&1 | tail -1)"; return 1; }
 }
 
+# Where the engine keeps images and containers.
+engine_storage_dir() {
+  if [ "$ENGINE" = podman ]; then podman info --format '{{.Store.GraphRoot}}'; else docker info --format '{{.DockerRootDir}}'; fi
+}
+
 # An image's size in MB, as the engine reports it.
 image_size_mb() {
   "$ENGINE" image inspect --format '{{.Size}}' "$1" 2>/dev/null | awk '{printf "%.0f", $1 / 1e6}'

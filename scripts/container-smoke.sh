@@ -22,6 +22,7 @@ PROJECT=$COMPOSE_PROJECT_NAME
 VENV="${VENV:-.venv}"
 SERVE_IMAGE="clipserve-serve:${CLIPSERVE_TAG:-latest}"
 BASES=(python:3.11-slim-bookworm redis:7.4-alpine pgvector/pgvector:pg17 nginx:1.28-alpine)
+TRAIN_BUILD_FREE_GB=20
 COMPOSE=()
 RUN_DIR="" PODMAN_SERVICE_PID="" HEALTH_DRIVER_PID="" STACK_CREATED=""
 STAGES=()
@@ -164,6 +165,12 @@ main() {
 
   if [ "${CONTAINER_SMOKE_TRAIN:-}" = 1 ]; then
     stage "build docker/Dockerfile.train"
+    # The image is 6.3 GB; pip's downloads and a second copy of the layer, written while the build
+    # commits it, come on top (a build here with 25 GB free ran out of space).
+    local free_gb
+    free_gb=$(df --output=avail -BG "$(engine_storage_dir)" | tail -1 | tr -dc 0-9)
+    [ "$free_gb" -ge "$TRAIN_BUILD_FREE_GB" ] \
+      || fail "building docker/Dockerfile.train needs ${TRAIN_BUILD_FREE_GB} GB free in $(engine_storage_dir), there are ${free_gb} GB"
     "${COMPOSE[@]}" --profile trainer build trainer
   else
     engine_log "docker/Dockerfile.train not built: its torch from PyPI is a multi-GB CUDA build (README, Deployment); CONTAINER_SMOKE_TRAIN=1 builds it"
