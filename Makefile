@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 GPU_VENV ?= .venv-gpu
 GPU_EXTRAS ?= serve-gpu,train-gpu,dev
 
-.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check
+.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check container-smoke
 
 venv: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: venv
 
 serve: venv
 	@bash scripts/serve.sh
+
+# docker-compose.yml for real: build, run three replicas, check through the proxy, take it down.
+container-smoke: venv
+	@bash scripts/container-smoke.sh
 
 # Each benchmark prints its figures (and the machine); none asserts on time.
 bench: venv redis

@@ -1,9 +1,10 @@
 """docker-compose.yml and deploy/: schema-valid, consistent with the service settings and the proxy.
 
-No container engine runs here, so the file is checked as Compose would check it: variables
-interpolated with their defaults, then validated against the Compose Specification JSON schema
-(vendored in tests/data/compose, see SOURCE.md), then the cross-references Compose resolves at
-`up` time (services, volumes, profiles, files), then what the deployment relies on.
+The file is checked as Compose would check it, without an engine: variables interpolated with their
+defaults, then validated against the Compose Specification JSON schema (vendored in
+tests/data/compose, see SOURCE.md), then the cross-references Compose resolves at `up` time
+(services, volumes, profiles, files), then what the deployment relies on. scripts/container-smoke.sh
+runs the stack for real (in CI, after these tests).
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import copy
 import importlib
 import inspect
 import json
+import os
 import re
 import shlex
-from pathlib import Path
+import subprocess
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -27,7 +31,8 @@ from service.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA_FILE = ROOT / "tests" / "data" / "compose" / "compose-spec.json"
-NGINX_CONF = ROOT / "deploy" / "nginx.conf"
+NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf.template"
+NGINX_RESOLVER = ROOT / "deploy" / "nginx-resolver.envsh"
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}|\$([A-Za-z_][A-Za-z0-9_]*)")
 
 
@@ -236,22 +241,69 @@ def test_trainer_and_gpu_profiles(compose: dict[str, Any]) -> None:
 
 
 def nginx_directives(text: str) -> list[list[str]]:
+    """Each directive's words; a template's `${VAR}` stays one word (its braces open no block)."""
     cleaned = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
-    statements = re.split(r"[;{}]", cleaned)
-    return [shlex.split(statement) for statement in statements if statement.strip()]
+    protected = re.sub(r"\$\{(\w+)\}", r"$<\1>", cleaned)
+    statements = re.split(r"[;{}]", protected)
+    return [
+        [re.sub(r"\$<(\w+)>", r"${\1}", word) for word in shlex.split(statement)]
+        for statement in statements
+        if statement.strip()
+    ]
 
 
 def test_proxy_targets_the_api_service_and_accepts_the_largest_body(compose: dict[str, Any]) -> None:
-    directives = nginx_directives(NGINX_CONF.read_text())
-    servers = [d for d in directives if d[0] == "server" and len(d) > 1]
-    assert servers, "no upstream server in deploy/nginx.conf"
-    host, port = servers[0][1].split(":")
-    assert host == "api" and "resolve" in servers[0]
-    api = compose["services"]["api"]
-    assert port in api["expose"]
+    directives = nginx_directives(NGINX_TEMPLATE.read_text())
+    # `api` sits in a variable, so nginx resolves it per request: no upstream block (addresses fixed
+    # at start) and no `resolve` parameter (nginx >= 1.27.3 only).
+    assert not [d for d in directives if d[0] == "upstream" or "resolve" in d[1:]]
+    variables = {d[1]: d[2] for d in directives if d[0] == "set"}
+    (proxy_pass,) = [d[1] for d in directives if d[0] == "proxy_pass"]
+    target = urlsplit(variables[proxy_pass])
+    assert target.hostname == "api"
+    assert str(target.port) in compose["services"]["api"]["expose"]
+    resolver = next(d for d in directives if d[0] == "resolver")
+    assert resolver[1] == "${NGINX_CONTAINER_RESOLVER}" and "valid=5s" in resolver
     listen = next(d[1] for d in directives if d[0] == "listen")
     assert compose["services"]["proxy"]["ports"][0].endswith(f":{listen}")
     body_limit = next(d[1] for d in directives if d[0] == "client_max_body_size")
     assert int(body_limit.removesuffix("m")) * 1024 * 1024 >= Settings().max_body_bytes
-    mount = next(m for m in compose["services"]["proxy"]["volumes"] if "nginx" in m)
-    assert (ROOT / mount.split(":")[0]).resolve() == NGINX_CONF
+
+
+def test_proxy_mounts_what_the_nginx_entry_point_renders(compose: dict[str, Any]) -> None:
+    """The nginx image sources the executable /docker-entrypoint.d/*.envsh in name order, then
+    renders /etc/nginx/templates/*.template into /etc/nginx/conf.d/ (its 20-envsubst-on-templates.sh)."""
+    mounts = {
+        (ROOT / source).resolve(): target
+        for source, target, *_ in (m.split(":") for m in compose["services"]["proxy"]["volumes"])
+    }
+    assert mounts[NGINX_TEMPLATE] == "/etc/nginx/templates/default.conf.template"
+    script = PurePosixPath(mounts[NGINX_RESOLVER])
+    assert script.parent == PurePosixPath("/docker-entrypoint.d") and script.suffix == ".envsh"
+    assert script.name < "20-envsubst-on-templates.sh", "the variable must be set before the templates render"
+    assert os.access(NGINX_RESOLVER, os.X_OK), "the entry point ignores scripts that are not executable"
+
+
+@pytest.mark.parametrize(
+    ("resolv_conf", "resolver"),
+    [
+        ("nameserver 127.0.0.11\noptions ndots:0\n", "127.0.0.11"),  # Docker's embedded DNS
+        ("search dns.podman\nnameserver 10.89.0.1\nnameserver 10.255.255.53\n", "10.89.0.1"),  # podman
+        ("# generated\nnameserver fd00::1\nnameserver 10.0.0.1\n", "[fd00::1]"),
+        ("search example.org\n", "127.0.0.11"),
+    ],
+    ids=["docker", "podman", "ipv6", "none"],
+)
+def test_resolver_script_takes_the_first_nameserver(tmp_path: Path, resolv_conf: str, resolver: str) -> None:
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(resolv_conf)
+    script = NGINX_RESOLVER.read_text().replace("/etc/resolv.conf", str(resolv))
+    assert str(resolv) in script
+    done = subprocess.run(
+        ["sh", "-c", f'set -eu\n{script}\nprintf %s "$NGINX_CONTAINER_RESOLVER"'],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == resolver
