@@ -9,7 +9,7 @@
 #      `python -m service.runtime.gpu_stack` (one onnxruntime; CUDA and TensorRT providers in the
 #      build; ldd of both provider libraries, the TensorRT libraries a cuda image lacks named as
 #      expected; the TensorRT API walk, or why it cannot run; real sessions; the gpu test gate's
-#      decision and its reason);
+#      decision and its reason), then the serving side's gpu tests under pytest, which skip saying why;
 #   3. the image's own CMD on a tiny random-init model: with CLIPSERVE_PROVIDERS=cuda,cpu it refuses
 #      to start, its last line naming the CUDA provider (never a silent CPU fallback), no traceback; with
 #      CLIPSERVE_PROVIDERS=cpu it serves, and its HEALTHCHECK turns healthy;
@@ -85,7 +85,12 @@ build_image() {
     | tee "$log" | build_progress
   status=${PIPESTATUS[0]}
   set -e
-  [ "$status" -eq 0 ] || { tail -40 "$log" >&2; fail "the build failed (above)"; }
+  if [ "$status" -ne 0 ]; then
+    tail -40 "$log" >&2
+    ! grep -q 'tensorrt.cu13.libs' "$log" || ! grep -qiE 'pypi\.nvidia\.com.*(not reachable|unreachable)|URLError|Name or service not known' "$log" \
+      || fail "the build could not install tensorrt-cu13-libs: the TensorRT libraries come only from NVIDIA's package index, which this machine does not reach; GPU_SET=serve-gpu-cuda builds the CUDA-provider image"
+    fail "the build failed (above)"
+  fi
   [ "$("$ENGINE" image inspect --format '{{json .Config.Healthcheck}}' "$IMAGE")" != null ] \
     || fail "$IMAGE has no HEALTHCHECK"
   local label
@@ -113,6 +118,30 @@ check_stack() {
   grep -qE '^\[(ok|expected)\] ldd libonnxruntime_providers_tensorrt.so: ' "$out" \
     || fail "no ldd report of the TensorRT provider"
   grep -qE '^\[(ok|skip)\] gpu test gate: ' "$out" || fail "no decision of the gpu test gate"
+}
+
+# The gpu tests of the serving side, collected by pytest inside the image (tests/ and pyproject.toml
+# mounted read-only; pytest from wheels fetched on the host, the image itself has none): where no
+# CUDA session starts, the gate skips each of them, and says why.
+check_pytest_gate() {
+  local out="$RUN_DIR/pytest-gate.txt" version status=0
+  if grep -q '^\[ok\] gpu test gate: ' "$RUN_DIR/gpu-stack.txt"; then
+    engine_log "pytest -m gpu not run in the image: a CUDA session starts here, and the gpu tests build their models with torch (make test-gpu runs them)"
+    return
+  fi
+  version=$("$VENV/bin/python" -c 'import pytest; print(pytest.__version__)')
+  "$VENV/bin/python" -m pip download -q --disable-pip-version-check --only-binary=:all: \
+    -d "$RUN_DIR/wheels" "pytest==$version" 2>/dev/null || fail "pip download of pytest $version failed"
+  engine_log "pytest $version -m gpu -rs tests/test_gpu_runtimes.py tests/test_service_app.py, in the image"
+  "$ENGINE" run --rm --network none --no-healthcheck -v "$RUN_DIR/wheels:/wheels:ro" \
+    -v "$PWD/tests:/check/tests:ro" -v "$PWD/pyproject.toml:/check/pyproject.toml:ro" -w /check "$IMAGE" \
+    sh -c 'pip install -q --no-index --find-links /wheels --target /tmp/pytest pytest \
+      && PYTHONPATH=/tmp/pytest python -m pytest -p no:cacheprovider -q -m gpu -rs tests/test_gpu_runtimes.py tests/test_service_app.py' \
+    >"$out" 2>&1 || status=$?
+  grep -E '^SKIPPED|passed|failed|error' "$out" | cut -c1-220
+  [ "$status" = 0 ] || { cat "$out" >&2; fail "pytest -m gpu in the image exited $status"; }
+  grep -q '^SKIPPED .*needs a CUDA GPU: ' "$out" && ! grep -qE '[0-9]+ (passed|failed)' "$out" \
+    || { cat "$out" >&2; fail "the gpu tests in the image did not skip with the gate's reason"; }
 }
 
 write_tiny_model() {
@@ -227,6 +256,7 @@ main() {
 
   stage "checks in the image"
   check_stack
+  check_pytest_gate
 
   stage "the image's CMD, no GPU"
   write_tiny_model
