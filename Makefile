@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 GPU_VENV ?= .venv-gpu
 GPU_EXTRAS ?= serve-gpu,train-gpu,dev
 
-.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check container-smoke
+.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check container-smoke gpu-image-check
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ serve: venv
 # docker-compose.yml for real: build, run three replicas, check through the proxy, take it down.
 container-smoke: venv
 	@bash scripts/container-smoke.sh
+
+# docker/Dockerfile.serve-gpu built (the CUDA-provider set, GPU_SET=serve-gpu-cuda, unless told) and
+# checked without a GPU: its libraries, providers, the service's refusal and its CPU start.
+gpu-image-check: venv
+	@bash scripts/container-gpu-check.sh
 
 # Each benchmark prints its figures (and the machine); none asserts on time.
 bench: venv redis

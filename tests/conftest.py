@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import pytest
 
 pytest_plugins = [
@@ -16,27 +13,11 @@ pytest_plugins = [
 
 
 def _why_no_cuda() -> str | None:
-    """Why CUDA cannot run here, decided by a real session on a one-node graph (None: it can).
+    """Decided by a real CUDA session on a one-node graph (service.runtime.gpu_stack.why_no_cuda),
+    the same question the GPU image's check asks."""
+    from service.runtime.gpu_stack import why_no_cuda
 
-    `get_available_providers()` only lists what the onnxruntime build contains; a session says
-    whether the provider really loads (driver, GPU, CUDA and cuDNN libraries)."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return "onnxruntime is not installed"
-    from service.runtime import ProviderUnavailableError
-    from service.runtime.gpu_stack import check_single_onnxruntime, session_providers, write_identity_graph
-
-    try:
-        installed = check_single_onnxruntime()
-    except ProviderUnavailableError as exc:
-        return str(exc)
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return f"{installed} has no CUDA provider (install '.[serve-gpu,train-gpu,dev]' in a separate venv)"
-    with tempfile.TemporaryDirectory() as scratch:
-        graph = write_identity_graph(Path(scratch) / "identity.onnx")
-        active, why = session_providers(graph, ["CUDAExecutionProvider"], preload=True)
-    return None if "CUDAExecutionProvider" in active else f"a CUDA session does not start here: {why}"
+    return why_no_cuda()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -240,6 +240,57 @@ def test_trainer_and_gpu_profiles(compose: dict[str, Any]) -> None:
     }
 
 
+def test_gpu_replicas_run_as_the_cpu_replicas_do(compose: dict[str, Any]) -> None:
+    """api-gpu: the same stores, settings and read-only models as api; the engine cache in a named
+    volume; the image's own HEALTHCHECK (the same /readyz probe), overridden by neither."""
+    services = compose["services"]
+    api, gpu = services["api"], services["api-gpu"]
+    assert "models:/models:ro" in api["volumes"] and "models:/models:ro" in gpu["volumes"]
+    assert not [m for m in gpu["volumes"] if m.startswith("models:") and not m.endswith(":ro")]
+    (data,) = [m for m in gpu["volumes"] if m.split(":")[1] == gpu["environment"]["CLIPSERVE_DATA_DIR"]]
+    assert data.split(":")[0] in compose["volumes"] and not data.endswith(":ro")
+    assert "healthcheck" not in api and "healthcheck" not in gpu
+    assert gpu["depends_on"] == api["depends_on"]
+    shared = {k: v for k, v in api["environment"].items() if k != "CLIPSERVE_INTRA_OP_THREADS"}
+    assert {k: gpu["environment"][k] for k in shared} == shared
+    assert gpu["expose"] == api["expose"] and gpu["stop_grace_period"] == api["stop_grace_period"]
+    # The build argument picks one of the GPU sets; either name is an extra of pyproject.toml.
+    assert gpu["build"]["args"] == {"GPU_SET": "serve-gpu"}
+    cuda_only = load_compose({"CLIPSERVE_GPU_SET": "serve-gpu-cuda", "CLIPSERVE_GPU_PROVIDERS": "cuda,cpu"})
+    assert cuda_only["services"]["api-gpu"]["build"]["args"] == {"GPU_SET": "serve-gpu-cuda"}
+    assert cuda_only["services"]["api-gpu"]["environment"]["CLIPSERVE_PROVIDERS"] == "cuda,cpu"
+    assert schema_errors(cuda_only) == []
+
+
+def test_docker_compose_reads_the_gpu_profile(tmp_path: Path) -> None:
+    """`docker-compose --profile gpu config`, the real parser, where it is installed (no engine needed)."""
+    import shutil
+
+    compose_bin = shutil.which("docker-compose")
+    if compose_bin is None:
+        pytest.skip("docker-compose is not installed here (scripts/container-gpu-check.sh runs this in CI)")
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [compose_bin, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    gpu = yaml.safe_load(done.stdout)["services"]["api-gpu"]
+    mounts = {}
+    for volume in gpu["volumes"]:
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            mounts[target] = (source, "ro" in mode)
+        else:
+            mounts[volume["target"]] = (volume.get("source"), bool(volume.get("read_only")))
+    assert mounts == {"/models": ("models", True), "/data": ("gpu-data", False)}
+    assert gpu["environment"]["CLIPSERVE_PROVIDERS"] == "tensorrt,cuda,cpu"
+    assert gpu["build"]["args"] == {"GPU_SET": "serve-gpu"}
+
+
 def nginx_directives(text: str) -> list[list[str]]:
     """Each directive's words; a template's `${VAR}` stays one word (its braces open no block)."""
     cleaned = "\n".join(line.split("#", 1)[0] for line in text.splitlines())

@@ -199,8 +199,29 @@ def test_gpu_image_is_python_slim_with_only_the_gpu_onnxruntime_and_tensorrt() -
     )
     assert args["PYTHON_IMAGE"] == serve_args["PYTHON_IMAGE"]
     assert not any(i.keyword == "FROM" and "nvidia/cuda" in i.args for i in instructions)
-    install = next(i.args for i in instructions if i.keyword == "RUN" and "pip install" in i.args)
-    assert shlex.split(install) == ["pip", "install", ".[${GPU_SET}]"]
+    # The pinned requirements of the set first (a layer keyed on pyproject.toml alone), then the
+    # project on top of them, adding no requirement of its own.
+    installs = [
+        shell_commands(i.args) for i in instructions if i.keyword == "RUN" and "pip install" in i.args
+    ]
+    assert installs == [
+        [
+            [
+                "python",
+                "/src/requirements.py",
+                "${GPU_SET}",
+                "/src/pyproject.toml",
+                ">",
+                "/src/requirements.txt",
+            ],
+            ["pip", "install", "-r", "/src/requirements.txt"],
+        ],
+        [["pip", "install", "--no-deps", "/src"], ["rm", "-rf", "/src"]],
+    ]
+    copies = [shlex.split(i.args) for i in instructions if i.keyword == "COPY"]
+    assert copies.index(["pyproject.toml", "docker/requirements.py", "/src/"]) < copies.index(
+        ["service", "/src/service"]
+    )
     assert args["GPU_SET"] == "serve-gpu"
     names = requirement_names(expanded_extras({args["GPU_SET"]}))
     assert {"onnxruntime-gpu", "tensorrt-cu13", "cuda-bindings", "nvidia-cudnn-cu13"} <= names

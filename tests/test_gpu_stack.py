@@ -8,6 +8,7 @@ what the metadata proves.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -21,6 +22,8 @@ from service.runtime.gpu_stack import (
     check_single_onnxruntime,
     link_report,
     onnxruntime_distributions,
+    tensorrt_link_verdict,
+    why_no_cuda,
     write_identity_graph,
 )
 from service.runtime.onnx import provider_list, tensorrt_provider_options
@@ -228,7 +231,8 @@ def test_the_identity_graph_runs(tmp_path: Path) -> None:
 
 def test_the_image_check_reports_this_environment() -> None:
     """`python -m service.runtime.gpu_stack` (what runs inside the GPU image), run here: on a CPU
-    install it fails on the providers, saying so; on a GPU install it checks their libraries."""
+    install it fails on the providers, saying so; on a GPU install it checks their libraries.
+    Either way it ends with the gpu test gate's decision, from the same function as the gate."""
     import onnxruntime
 
     result = subprocess.run(
@@ -240,12 +244,115 @@ def test_the_image_check_reports_this_environment() -> None:
     )
     assert f"[ok] one ONNX Runtime distribution: {check_single_onnxruntime()}" in result.stdout
     assert "Traceback" not in result.stderr
+    reason = why_no_cuda()
+    gate = result.stdout.strip().splitlines()[-1]
+    if reason is None:
+        assert gate == "[ok] gpu test gate: a CUDA session starts: the gpu tests run"
+    else:
+        assert gate == f"[skip] gpu test gate: the gpu tests skip here, saying: needs a CUDA GPU: {reason}"
     if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
         assert result.returncode == 1 and "[FAIL] providers in this build" in result.stdout
+        assert "[FAIL] ldd libonnxruntime_providers_cuda.so: not in this onnxruntime build" in result.stdout
         return
     assert "[ok] providers in this build" in result.stdout
     assert "ldd libonnxruntime_providers_cuda.so: libcublasLt.so.13 => " in result.stdout
     assert "ldd libonnxruntime_providers_tensorrt.so" in result.stdout
+
+
+def test_the_gpu_gate_decides_with_a_session_and_says_why() -> None:
+    """The reason the `gpu` tests skip with: here, a CPU onnxruntime (or no CUDA session)."""
+    import onnxruntime
+
+    reason = why_no_cuda()
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert (
+            reason
+            == f"{check_single_onnxruntime()} has no CUDA provider (install '.[serve-gpu,train-gpu,dev]' in a separate venv)"
+        )
+    elif reason is not None:
+        assert reason.startswith("a CUDA session does not start here: CUDAExecutionProvider")
+
+
+@pytest.fixture(scope="module")
+def provider_standin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A library linked like ONNX Runtime's TensorRT provider: libnvinfer.so.10, libnvonnxparser.so.10
+    and a CUDA library (of a name no system has: a CUDA toolkit on the host would resolve a real
+    one), built here with the C compiler. Returns it and the folders of its TensorRT and CUDA
+    dependencies."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler here to build the provider stand-in")
+    root = tmp_path_factory.mktemp("provider")
+    tensorrt, cuda = root / "tensorrt", root / "cuda"
+    for folder, sonames in (
+        (tensorrt, ("libnvinfer.so.10", "libnvonnxparser.so.10")),
+        (cuda, ("libclipserve_standin_cuda.so.13",)),
+    ):
+        folder.mkdir()
+        for soname in sonames:
+            source = root / f"{soname}.c"
+            source.write_text(f"int {soname.split('.')[0]}_standin(void) {{ return 0; }}\n")
+            subprocess.run(
+                [
+                    compiler,
+                    "-shared",
+                    "-fPIC",
+                    str(source),
+                    "-o",
+                    str(folder / soname),
+                    f"-Wl,-soname,{soname}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+    provider = root / "libonnxruntime_providers_tensorrt.so"
+    source = root / "provider.c"
+    source.write_text("int provider(void) { return 0; }\n")
+    links = ["-l:libnvinfer.so.10", "-l:libnvonnxparser.so.10", "-l:libclipserve_standin_cuda.so.13"]
+    subprocess.run(
+        [
+            compiler,
+            "-shared",
+            "-fPIC",
+            str(source),
+            "-o",
+            str(provider),
+            f"-L{tensorrt}",
+            f"-L{cuda}",
+            "-Wl,--no-as-needed",
+            *links,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return provider, tensorrt, cuda
+
+
+def test_a_cuda_install_names_the_tensorrt_libraries_it_lacks(provider_standin) -> None:
+    """Real ldd: without TensorRT's folder, exactly its libraries are missing. A gpu-cuda install
+    says so and passes as expected; a full install fails; any other missing library fails both."""
+    provider, tensorrt, cuda = provider_standin
+    without_tensorrt = link_report(provider, [cuda])
+    assert without_tensorrt.missing == ["libnvinfer.so.10", "libnvonnxparser.so.10"]
+    status, detail = tensorrt_link_verdict(without_tensorrt, cuda_only=True)
+    assert status == "expected"
+    assert detail.startswith("not found: libnvinfer.so.10, libnvonnxparser.so.10, TensorRT's own libraries")
+    assert "expected for this variant" in detail
+    assert tensorrt_link_verdict(without_tensorrt, cuda_only=False) == (
+        "FAIL",
+        "not found: libnvinfer.so.10, libnvonnxparser.so.10",
+    )
+    nothing = link_report(provider, [])
+    status, detail = tensorrt_link_verdict(nothing, cuda_only=True)
+    assert status == "FAIL" and detail.startswith(
+        "not found: libclipserve_standin_cuda.so.13 (and TensorRT's own libnvinfer.so.10"
+    )
+    complete = link_report(provider, [tensorrt, cuda])
+    assert complete.missing == []
+    assert tensorrt_link_verdict(complete, cuda_only=False) == ("ok", "every library found")
+    assert tensorrt_link_verdict(complete, cuda_only=True) == ("ok", "every library found")
 
 
 def test_without_a_usable_gpu_engines_are_refused_saying_why() -> None:

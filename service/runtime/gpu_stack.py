@@ -37,6 +37,9 @@ PROVIDER_LIBRARIES = {
 }
 # Comes with the NVIDIA driver (the container toolkit mounts it), never from a wheel.
 DRIVER_LIBRARIES = frozenset({"libcuda.so.1"})
+# TensorRT's own libraries (the tensorrt-cu13-libs wheel, from NVIDIA's index): absent by design
+# from a gpu-cuda install, whose ONNX Runtime still carries its TensorRT provider library.
+TENSORRT_LIBRARY = re.compile(r"^lib(nvinfer|nvinfer_plugin|nvonnxparser)\.so(\.\d+)*$")
 # What ONNX Runtime's CUDA provider needs loaded before a session is made (cuDNN for convolutions).
 CUDA_SONAMES = ("libcudart.so.13", "libcublasLt.so.13", "libcublas.so.13", "libcurand.so.10", "libcudnn.so.9")
 
@@ -296,9 +299,61 @@ def _system_library(path: str | None) -> bool:
     return path is not None and path.startswith(("/lib", "/usr/lib"))
 
 
+def why_no_cuda() -> str | None:
+    """Why CUDA cannot run here, decided by a real session on a one-node graph (None: it can).
+
+    The `gpu` tests' gate (tests/conftest.py) and the in-image check both ask this.
+    `get_available_providers()` only lists what the onnxruntime build contains; a session says
+    whether the provider really loads (driver, GPU, CUDA and cuDNN libraries)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return "onnxruntime is not installed"
+    try:
+        installed = check_single_onnxruntime()
+    except ProviderUnavailableError as exc:
+        return str(exc)
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return f"{installed} has no CUDA provider (install '.[serve-gpu,train-gpu,dev]' in a separate venv)"
+    with tempfile.TemporaryDirectory(prefix="clipserve-gpu-gate-") as scratch:
+        graph = write_identity_graph(Path(scratch) / "identity.onnx")
+        active, why = session_providers(graph, ["CUDAExecutionProvider"], preload=True)
+    return None if "CUDAExecutionProvider" in active else f"a CUDA session does not start here: {why}"
+
+
+def tensorrt_link_verdict(report: LinkReport, cuda_only: bool) -> tuple[str, str]:
+    """(status, what to print) for ldd of the TensorRT provider library.
+
+    A full install must resolve every library. A gpu-cuda install has no TensorRT libraries, so
+    exactly those may be missing, and are named: `expected` when nothing else is, else `FAIL`."""
+    missing = report.missing
+    if not missing:
+        return "ok", "every library found"
+    if not cuda_only:
+        return "FAIL", f"not found: {', '.join(missing)}"
+    tensorrt_own = [name for name in missing if TENSORRT_LIBRARY.match(name)]
+    others = [name for name in missing if name not in tensorrt_own]
+    if others:
+        return (
+            "FAIL",
+            f"not found: {', '.join(others)} (and TensorRT's own {', '.join(tensorrt_own) or 'none'})",
+        )
+    return "expected", (
+        f"not found: {', '.join(tensorrt_own)}, TensorRT's own libraries, which a gpu-cuda install "
+        "does not have (expected for this variant: the TensorRT provider cannot load, the CUDA "
+        "provider does not need them); every other library found"
+    )
+
+
+def _print_line(status: str, label: str, detail: str) -> None:
+    print(f"[{status}] {label}: {detail}")
+
+
 def run_checks(require_gpu: bool, cuda_only: bool) -> bool:
     """The checks that need no GPU, then real sessions (failing only with `require_gpu`).
-    `cuda_only`: a gpu-cuda install, which has no TensorRT to check."""
+
+    `cuda_only`: a gpu-cuda install (the `serve-gpu-cuda` image), which has no TensorRT: its
+    TensorRT provider library is still checked, and the TensorRT libraries it lacks are named."""
     try:
         installed = check_single_onnxruntime()
     except ProviderUnavailableError as exc:
@@ -306,33 +361,58 @@ def run_checks(require_gpu: bool, cuda_only: bool) -> bool:
     results = [_print_check(True, "one ONNX Runtime distribution", installed)]
     import onnxruntime
 
-    wanted = GPU_PROVIDERS[:1] if cuda_only else GPU_PROVIDERS
+    # Both providers are compiled into every onnxruntime-gpu build, whatever else is installed.
     available = onnxruntime.get_available_providers()
     results.append(
-        _print_check(all(p in available for p in wanted), "providers in this build", str(available))
+        _print_check(all(p in available for p in GPU_PROVIDERS), "providers in this build", str(available))
     )
-    for provider, report in provider_link_reports().items():
-        if provider not in wanted:
+    reports = provider_link_reports()
+    for provider in GPU_PROVIDERS:
+        library = PROVIDER_LIBRARIES[provider]
+        report = reports.get(provider)
+        if report is None:
+            results.append(_print_check(False, f"ldd {library}", "not in this onnxruntime build"))
             continue
         found = ", ".join(
             f"{n} => {p or 'not found'}" for n, p in report.resolved.items() if not _system_library(p)
         )
-        results.append(_print_check(not report.missing, f"ldd {report.library.name}", found))
+        if provider == "TensorrtExecutionProvider":
+            status, verdict = tensorrt_link_verdict(report, cuda_only)
+            _print_line(status, f"ldd {library}", verdict)
+            print(f"     {found}")
+            results.append(status != "FAIL")
+        else:
+            results.append(_print_check(not report.missing, f"ldd {library}", found))
         if report.driver_missing:
             print(
                 f"     {provider}: {', '.join(report.driver_missing)} comes with the NVIDIA driver (none here)"
             )
-    if not cuda_only:
-        try:
-            trt = load_tensorrt()
-            missing = missing_tensorrt_api(trt)
-            detail = f"{trt.__version__}, {len(TENSORRT_API)} names used, missing: {missing or 'none'}"
-            results.append(_print_check(not missing, "TensorRT API", detail))
-        except ProviderUnavailableError as exc:
+    try:
+        trt = load_tensorrt()
+    except ProviderUnavailableError as exc:
+        if cuda_only:
+            _print_line(
+                "skip",
+                "TensorRT API",
+                "not walked: the tensorrt package is not installed (a gpu-cuda install has no TensorRT; "
+                "its libraries come only from NVIDIA's package index). tests/test_tensorrt_api.py walks "
+                "the pinned tensorrt-cu13-bindings instead",
+            )
+        else:
             results.append(_print_check(False, "import tensorrt", str(exc)))
+    else:
+        missing = missing_tensorrt_api(trt)
+        detail = f"{trt.__version__}, {len(TENSORRT_API)} names used, missing: {missing or 'none'}"
+        results.append(_print_check(not missing, "TensorRT API", detail))
     requests = SESSION_REQUESTS[:1] if cuda_only else SESSION_REQUESTS
     for loaded, detail in session_lines(preload=True, requests=requests):
         results.append(_print_check(loaded or not require_gpu, "session", detail))
+    reason = why_no_cuda()
+    if reason is None:
+        _print_line("ok", "gpu test gate", "a CUDA session starts: the gpu tests run")
+    else:
+        _print_line("skip", "gpu test gate", f"the gpu tests skip here, saying: needs a CUDA GPU: {reason}")
+        results.append(not require_gpu)
     return all(results)
 
 
