@@ -112,13 +112,41 @@ def with_bearer_scheme(app: FastAPI) -> dict:
                 "needed only when the service has keys configured",
             }
         }
+        components = schema["components"].setdefault("schemas", {})
         for path, operations in schema.get("paths", {}).items():
-            if path in OPEN_ROUTES:
-                continue
             for operation in operations.values():
-                operation["security"] = [{BEARER: []}]
+                if path not in OPEN_ROUTES:
+                    operation["security"] = [{BEARER: []}]
+                _with_examples(path, operation, components)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+# Path parameters, as "Try it out" fills them in: the names the body examples create.
+PATH_EXAMPLES = {
+    ("/v1/collections/", "name"): "my-images",
+    ("/v1/labelsets/", "name"): "shapes",
+    ("/v1/collections/", "item_id"): "red-circle",
+}
+
+
+def _with_examples(path: str, operation: dict, components: dict) -> None:
+    """Each body's example (its model's first) where Swagger UI and ReDoc look for it, the models
+    that bodies read by `service.api.bodies` refer to among the components, and path examples."""
+    for content in operation.get("requestBody", {}).get("content", {}).values():
+        body = content.get("schema", {})
+        components.update(body.pop("$defs", {}))
+        model = body
+        # an optional body is `anyOf: [model, null]`
+        ref = body.get("$ref") or next((o["$ref"] for o in body.get("anyOf", []) if "$ref" in o), None)
+        if ref:
+            model = components.get(ref.rsplit("/", 1)[1], {})
+        if "examples" in model and "example" not in content:
+            content["example"] = model["examples"][0]
+    for parameter in operation.get("parameters", []):
+        for (prefix, name), example in PATH_EXAMPLES.items():
+            if parameter.get("in") == "path" and parameter["name"] == name and path.startswith(prefix):
+                parameter["example"] = example
 
 
 def install_docs(app: FastAPI) -> None:

@@ -78,7 +78,7 @@ async function loadModels() {
 async function loadLabelsets() {
   try {
     const sets = listOf(await api("GET", "/v1/labelsets"), "labelsets");
-    fillSelect($("labelset"), sets.map((s) => [s.name, `${s.name} (${s.labels} labels)`]), "(labels typed here)");
+    fillSelect($("labelset"), sets.map((s) => [s.name, `${s.name} (${s.label_count} labels)`]), "(labels typed here)");
   } catch {
     // The typed labels still work; the status line already says what is wrong with the API.
   }
