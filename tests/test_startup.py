@@ -174,3 +174,24 @@ def test_progress_redraws_become_a_few_lines_in_a_file() -> None:
     out = io.StringIO()
     first_run.relay_progress(source, out, every_s=3600)
     assert out.getvalue().splitlines() == ["building the teacher", "training 100%|##########", "done"]
+
+
+def test_clip_serve_help_lists_every_setting_with_its_default_and_variable() -> None:
+    from service.settings import Settings
+
+    result = subprocess.run([str(CLIP_SERVE), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in Settings.model_fields:
+        flag = "--" + name.replace("_", "-")
+        assert flag in text, flag
+        assert f"env CLIPSERVE_{name.upper()}]" in text, name
+    assert text.count("[default: ") + text.count("[required;") == len(Settings.model_fields)
+    for limit in (
+        "--api-keys",
+        "--admin-key",
+        "--max-body-bytes",
+        "--max-images-per-request",
+        "--log-format",
+    ):
+        assert limit in text
