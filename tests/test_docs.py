@@ -107,3 +107,21 @@ def test_favicon_is_served(client) -> None:
     response = client.get("/favicon.ico")
     assert response.status_code == 200 and response.headers["content-type"].startswith("image/svg+xml")
     assert httpx.Response(200, content=response.content).text.startswith("<svg")
+
+
+def test_try_it_out_with_the_example_answers_200(offline_page, live_server: Callable[..., str]) -> None:
+    """Swagger UI's "Try it out" on /v1/embed and /v1/classify sends the route's example as it is."""
+    page, refused = offline_page
+    page.goto(live_server() + "/docs")
+    for operation in (
+        "operations-embeddings-embed_v1_embed_post",
+        "operations-classification-classify_v1_classify_post",
+    ):
+        block = page.locator(f"#{operation}")
+        block.locator(".opblock-summary").click()
+        block.locator("button.execute").click()
+        code = block.locator(".live-responses-table tbody .response-col_status").first
+        code.wait_for()
+        assert code.inner_text().strip() == "200", block.locator(".live-responses-table").inner_text()
+    screenshot(page, "docs-try-it-out")
+    assert refused == []
