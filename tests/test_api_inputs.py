@@ -170,7 +170,7 @@ def test_every_request_field_has_a_description_and_an_example(client) -> None:
             assert "examples" in spec, f"{name}.{field} has no example"
     for path, operations in schema["paths"].items():
         for method, operation in operations.items():
-            assert operation.get("description") or operation.get("summary"), f"{method} {path}"
+            assert operation.get("summary") and operation.get("description"), f"{method} {path}"
     assert schema["paths"]["/v1/classify"]["post"]["description"]
 
 

@@ -36,6 +36,7 @@ async def create_collection(body: CreateCollection, collections: CollectionsDep)
 
 @router.get("/v1/collections", responses=_ERRORS, summary="List collections")
 async def list_collections(collections: CollectionsDep) -> CollectionList:
+    """Every collection with its count, model, index and whether the served model still matches."""
     return CollectionList(collections=await collections.list_all())
 
 
@@ -47,6 +48,7 @@ async def describe_collection(name: str, collections: CollectionsDep) -> Collect
 
 @router.delete("/v1/collections/{name}", responses=_ERRORS, summary="Delete a collection")
 async def drop_collection(name: str, collections: CollectionsDep) -> CollectionDeleted:
+    """Delete the collection and all its items."""
     await collections.drop(name)
     return CollectionDeleted(name=name)
 
@@ -71,11 +73,13 @@ async def upsert_items(
 
 @router.get("/v1/collections/{name}/items/{item_id:path}", responses=_ERRORS, summary="Get an item")
 async def get_item(name: str, item_id: str, collections: CollectionsDep) -> ItemView:
+    """One item: its metadata, what it was embedded from (when kept) and its vector."""
     return await collections.get_item(name, item_id)
 
 
 @router.delete("/v1/collections/{name}/items/{item_id:path}", responses=_ERRORS, summary="Delete an item")
 async def delete_item(name: str, item_id: str, collections: CollectionsDep) -> ItemDeleted:
+    """Delete one item by id."""
     await collections.delete_item(name, item_id)
     return ItemDeleted(id=item_id)
 

@@ -46,15 +46,18 @@ async def put_labelset(
 
 @router.get("/v1/labelsets", response_model=LabelSetList, responses=_ERRORS, summary="List label sets")
 async def list_labelsets(labelsets: LabelSetsDep) -> LabelSetList:
+    """Every stored label set, with its labels, templates and build status."""
     return LabelSetList(labelsets=[_info(state) for state in await labelsets.list_all()])
 
 
 @router.get("/v1/labelsets/{name}", response_model=LabelSetInfo, responses=_ERRORS, summary="Get a label set")
 async def get_labelset(name: str, labelsets: LabelSetsDep) -> LabelSetInfo:
+    """One label set: its labels as they were given, templates, model and build status."""
     return _info(await labelsets.get(name))
 
 
 @router.delete("/v1/labelsets/{name}", status_code=204, responses=_ERRORS, summary="Delete a label set")
 async def delete_labelset(name: str, labelsets: LabelSetsDep) -> Response:
+    """Delete the label set and its cached class matrix; 204 when done."""
     await labelsets.delete(name)
     return Response(status_code=204)
