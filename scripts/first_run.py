@@ -77,7 +77,7 @@ def check_models_dir(repo_dir: Path, env: dict[str, str]) -> bool:
     where = "CLIPSERVE_MODELS_DIR" if env.get("CLIPSERVE_MODELS_DIR") else "CLIPSERVE_MODELS"
     if repo_dir.exists() and not repo_dir.is_dir():
         raise FirstRunError(f"model repository {repo_dir} is a file, not a directory (check {where})")
-    if ModelRepository(repo_dir).models() if repo_dir.is_dir() else False:
+    if repo_dir.is_dir() and ModelRepository(repo_dir).models():
         return False
     if default or asked_for_demo(env):
         return True

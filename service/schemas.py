@@ -9,7 +9,7 @@ string wherever one is accepted."""
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -81,8 +81,6 @@ class _Request(BaseModel):
     """Refuses unknown fields, each with the closest known name (`text` -> did you mean `texts`?)."""
 
     model_config = ConfigDict(extra="forbid")
-    # Other names a field may be given by in a form (none by default).
-    aliases: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="wrap")
     @classmethod
