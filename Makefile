@@ -34,7 +34,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-serve: venv
+serve:
 	@bash scripts/serve.sh
 
 # docker-compose.yml for real: build, run three replicas, check through the proxy, take it down.

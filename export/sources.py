@@ -110,8 +110,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             loaded: Any = load_file(str(path), device="cpu")
         else:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise SourceError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # torch.load's errors on junk: KeyError, UnpicklingError, RuntimeError ...
+        raise SourceError(
+            f"cannot read checkpoint {path}: it is not a PyTorch (.pt, .bin) or .safetensors file of weights "
+            f"({type(exc).__name__}); save one with torch.save(model.state_dict(), path)"
+        ) from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if (

@@ -1,9 +1,10 @@
 """`make serve`: start the service on a fresh clone with something meaningful to serve.
 
 1. Refuse at once, with a clear message, when the port is taken (before any long work).
-2. When the repository holds no published bundle, build the demo bundle once (a teacher trained on
-   the synthetic shapes set, a student distilled from it, verified and published); later runs
-   find it there and start at once.
+2. When the default repository `models/` holds no published bundle, build the demo bundle once (a
+   teacher trained on the synthetic shapes set, a student distilled from it, verified and
+   published), installing the train extra first if it is missing; later runs find it there and
+   start at once. Another repository is never filled unasked: a missing one is named as missing.
 3. Start `clip-serve` (in-process cache unless CLIPSERVE_REDIS_URL is set), wait for /readyz,
    print the demo page and API docs URLs, and stop the service on Ctrl-C. Which versions serve is
    the service's own start-up policy (each model's newest loadable version; broken bundles are
@@ -12,48 +13,42 @@
 Configuration, all optional: CLIPSERVE_MODELS_DIR (the repository; default `models/`;
 CLIPSERVE_MODELS naming a directory, its old spelling, still works for one release), CLIPSERVE_HOST
 (127.0.0.1), CLIPSERVE_PORT (8000), CLIPSERVE_REDIS_URL, CLIPSERVE_DEMO_STEPS (a shorter demo
-training, for tests and slow machines), and any other CLIPSERVE_* setting of the service.
+training, for tests and slow machines), CLIPSERVE_BUILD_DEMO=1 (build the demo model into a
+repository other than `models/`), and any other CLIPSERVE_* setting of the service.
 """
 
 from __future__ import annotations
 
-import errno
+import importlib.util
 import json
 import os
+import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO, TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from export.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
+from service.listen import PortUnavailable, check_port  # noqa: E402
 from service.settings import names_a_directory  # noqa: E402
+from service.startup import hidden_password  # noqa: E402
 
 DEMO_MODEL = "shapes-demo"
+DEFAULT_MODELS_DIR = ROOT / "models"
+# A progress bar written to a file or a pipe: one line of its state this often, not every redraw.
+PROGRESS_EVERY_S = 10.0
 READY_TIMEOUT_S = 300.0
 
 
 class FirstRunError(Exception):
     """A problem the user can fix; the message says how."""
-
-
-def check_port(host: str, port: int) -> None:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise FirstRunError(
-                    f"port {port} on {host} is already in use (is clipserve already running?). "
-                    f"Stop what uses it, or pick another port: CLIPSERVE_PORT={port + 1} make serve"
-                ) from exc
-            raise FirstRunError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
 
 
 def models_dir_from_env(env: dict[str, str]) -> Path:
@@ -71,6 +66,76 @@ def models_dir_from_env(env: dict[str, str]) -> Path:
     return Path(env.get("CLIPSERVE_MODELS_DIR") or "models")
 
 
+def asked_for_demo(env: dict[str, str]) -> bool:
+    return env.get("CLIPSERVE_BUILD_DEMO", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_models_dir(repo_dir: Path, env: dict[str, str]) -> bool:
+    """Whether the demo model is to be built into `repo_dir`: only into the default models/ or
+    when CLIPSERVE_BUILD_DEMO=1 asks, so a mistyped CLIPSERVE_MODELS_DIR is named, not filled."""
+    default = repo_dir.resolve() == DEFAULT_MODELS_DIR.resolve()
+    where = "CLIPSERVE_MODELS_DIR" if env.get("CLIPSERVE_MODELS_DIR") else "CLIPSERVE_MODELS"
+    if repo_dir.exists() and not repo_dir.is_dir():
+        raise FirstRunError(f"model repository {repo_dir} is a file, not a directory (check {where})")
+    if repo_dir.is_dir() and ModelRepository(repo_dir).models():
+        return False
+    if default or asked_for_demo(env):
+        return True
+    if not repo_dir.exists():
+        raise FirstRunError(
+            f"model repository {repo_dir} does not exist (check {where}; unset it to use models/, "
+            f"or run CLIPSERVE_BUILD_DEMO=1 make serve to build the demo model into {repo_dir})"
+        )
+    raise FirstRunError(
+        f"no published bundle in {repo_dir}: export one with clip-export, or run "
+        f"CLIPSERVE_BUILD_DEMO=1 make serve to build the demo model there"
+    )
+
+
+def ensure_training_installed() -> None:
+    """The demo build needs the train extra (torch, open_clip: several GB); install it only now."""
+    if all(importlib.util.find_spec(name) for name in ("torch", "open_clip", "training")):
+        return
+    venv = Path(sys.executable).parent.parent
+    print(
+        "clipserve: installing the train extra (torch, open_clip: several GB, once) to build the demo model",
+        flush=True,
+    )
+    result = subprocess.run(
+        ["make", "--no-print-directory", "venv", f"VENV={venv}", "EXTRAS=serve,train"], cwd=ROOT
+    )
+    if result.returncode != 0:
+        raise FirstRunError(
+            f"installing the train extra failed (exit {result.returncode}); see the messages above, "
+            "or point CLIPSERVE_MODELS_DIR at a repository that already holds a bundle"
+        )
+
+
+def relay_progress(source: IO[bytes], out: TextIO, every_s: float = PROGRESS_EVERY_S) -> None:
+    """Copy a child's output to `out` line by line. A progress bar redraws its line with '\\r':
+    written to a file that is one endless line, so each redraw is dropped but one every `every_s`
+    seconds, and the bar's last state ends its line."""
+    line = b""
+    shown_at = time.monotonic()
+    while chunk := source.read1(65536):  # type: ignore[attr-defined]
+        for piece in re.split(rb"(\r|\n)", chunk):
+            if piece == b"\n":
+                out.write(line.decode(errors="replace") + "\n")
+                line = b""
+            elif piece == b"\r":
+                now = time.monotonic()
+                if line.strip() and now - shown_at >= every_s:
+                    out.write(line.decode(errors="replace") + "\n")
+                    shown_at = now
+                line = b""
+            else:
+                line += piece
+        out.flush()
+    if line:
+        out.write(line.decode(errors="replace") + "\n")
+        out.flush()
+
+
 def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
     """Build in a child process, so the service later runs without torch in memory."""
     print(
@@ -78,13 +143,19 @@ def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
         "(shapes teacher -> distilled student -> verified bundle; minutes on 2 cores)",
         flush=True,
     )
+    ensure_training_installed()
     started = time.monotonic()
     command = [sys.executable, str(Path(__file__).resolve()), "--build-demo", str(repo_dir), name]
-    result = subprocess.run(command, cwd=ROOT, env=env)
-    if result.returncode != 0:
-        raise FirstRunError(
-            f"building the demo model failed (exit {result.returncode}); see the messages above"
-        )
+    if sys.stdout.isatty():
+        result = subprocess.run(command, cwd=ROOT, env=env)
+        code = result.returncode
+    else:
+        child = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert child.stdout is not None
+        relay_progress(child.stdout, sys.stdout)
+        code = child.wait()
+    if code != 0:
+        raise FirstRunError(f"building the demo model failed (exit {code}); see the messages above")
     print(
         f"clipserve: demo model built in {time.monotonic() - started:.0f} s, kept in {repo_dir / name} "
         "for the next runs",
@@ -117,14 +188,22 @@ def wait_ready(base: str, server: subprocess.Popen, timeout_s: float) -> str:
     raise FirstRunError(f"clip-serve was not ready after {timeout_s:.0f} s")
 
 
-def banner(base: str, ready: dict, cache: str) -> str:
+def auth_line(env: dict[str, str]) -> str:
+    keys = [key for key in re.split(r"[,\s]+", env.get("CLIPSERVE_API_KEYS", "").strip("[]")) if key]
+    if not keys:
+        return "off: no key needed (set CLIPSERVE_API_KEYS to require one)"
+    return f"on: {len(keys)} API key(s); the demo page and /docs ask for one (Authorize)"
+
+
+def banner(base: str, ready: dict, cache: str, auth: str) -> str:
     broken = ready.get("left_out", [])
     lines = [
         "",
         f"clipserve is ready: serving {', '.join(ready['models'])}",
         f"  demo page  {base}/",
-        f"  API docs   {base}/docs",
+        f"  API docs   {base}/docs (and {base}/redoc)",
         f"  cache      {cache}",
+        f"  auth       {auth}",
     ]
     if broken:
         lines.append(f"  left out   {len(broken)} broken bundle(s), named in the log above")
@@ -136,7 +215,10 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """Everything before the start: port, demo build when nothing is published; returns argv and env."""
     host = env.get("CLIPSERVE_HOST") or "127.0.0.1"
     port = int(env.get("CLIPSERVE_PORT") or 8000)
-    check_port(host, port)
+    try:
+        check_port(host, port, "CLIPSERVE_PORT={port} make serve")
+    except PortUnavailable as exc:
+        raise FirstRunError(str(exc)) from None
     repo_dir = models_dir_from_env(env)
     child_env = dict(env)
     repo = ModelRepository(repo_dir)
@@ -153,9 +235,8 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
             )
     else:
         child_env.pop("CLIPSERVE_MODELS", None)
-        if not repo.models():
+        if check_models_dir(repo_dir, env):
             build_demo(repo_dir, DEMO_MODEL, env)
-    child_env.setdefault("CLIPSERVE_LOG_JSON", "false")
     argv = ["clip-serve", "--models-dir", str(repo_dir), "--host", host, "--port", str(port)]
     if not env.get("CLIPSERVE_REDIS_URL"):
         # The service's default is a local Redis; an empty URL means the in-process cache only.
@@ -167,7 +248,11 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
 def run(env: dict[str, str]) -> int:
     argv, child_env = prepare(env)
     base = f"http://{argv[argv.index('--host') + 1]}:{argv[argv.index('--port') + 1]}"
-    cache = "in-process (set CLIPSERVE_REDIS_URL to share one Redis)" if "--redis-url" in argv else "Redis"
+    cache = (
+        "in-process (set CLIPSERVE_REDIS_URL to share one Redis)"
+        if "--redis-url" in argv
+        else f"Redis at {hidden_password(env['CLIPSERVE_REDIS_URL'])}"
+    )
     print(f"clipserve: starting {' '.join(argv)}", flush=True)
     executable = str(Path(sys.executable).parent / argv[0])
     # Its own session: Ctrl-C reaches only this script, which asks the service once to stop gracefully.
@@ -189,7 +274,7 @@ def run(env: dict[str, str]) -> int:
             server.terminate()
             server.wait(timeout=30)
         raise
-    print(banner(base, json.loads(ready), cache), flush=True)
+    print(banner(base, json.loads(ready), cache, auth_line(env)), flush=True)
     code = server.wait()
     # uvicorn ends with the signal it was stopped by, after a graceful shutdown: that is a clean stop.
     return 0 if stopping and code in (0, -signal.SIGTERM) else code

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api import ROUTERS
+from service.api.docs import install_docs
 from service.api.errors import install_error_handlers
 from service.api.middleware import Auth, BodyLimit, RequestContext
 from service.cache import VectorCache
@@ -28,6 +29,11 @@ from service.registry import ModelRegistry
 from service.settings import Settings
 
 log = logging.getLogger("clipserve.app")
+
+
+def _served(registry: ModelRegistry) -> str:
+    """`tiny@3 (providers cpu), ...`: what each model serves with, once loaded."""
+    return ", ".join(f"{m.ref} (providers {', '.join(m.loaded.providers)})" for m in registry.models())
 
 
 def _lifespan(settings: Settings):
@@ -55,7 +61,7 @@ def _lifespan(settings: Settings):
                 poller = asyncio.get_running_loop().create_task(
                     registry.poll_forever(), name="repository-poll"
                 )
-            log.info("serving %s", ", ".join(m.ref for m in registry.models()))
+            log.info("serving %s", _served(registry))
             yield
         finally:
             if poller is not None:
@@ -76,12 +82,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description="Embeddings, zero-shot classification and retrieval with small CLIP models.",
         lifespan=_lifespan(settings),
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    install_docs(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Auth, api_keys=settings.api_keys, admin_key=settings.admin_key)
     if settings.cors_origins:

@@ -5,6 +5,7 @@ Every option is a field of service/settings.py: `--max-wait-ms` is also CLIPSERV
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -13,12 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from export.bundle import BundleError, ModelRepository, parse_model_ref
 from export.cli_settings import SettingsError, load_settings
 from service.errors import ServiceError
+from service.listen import PortUnavailable, check_port
 from service.logs import configure_logging
 from service.runtime import ProviderUnavailableError, RuntimeConfigError
 from service.runtime.gpu_stack import check_single_onnxruntime
 from service.settings import Settings, names_a_directory
+from service.startup import startup_summary
 
 PROG = "clip-serve"
+log = logging.getLogger("clipserve.start")
 # Start-up failures the user can fix, whose message says it all: no traceback for these.
 STARTUP_PROBLEMS = (BundleError, RuntimeConfigError, ServiceError)
 
@@ -89,6 +93,22 @@ def check_repository(settings: Settings) -> None:
             )
 
 
+def preflight(settings: Settings) -> None:
+    """Everything that can be refused in a second, before the models load (which takes minutes)."""
+    check_repository(settings)
+    check_single_onnxruntime()
+    if settings.port:
+        check_port(settings.host, settings.port, PROG + " --port {port}")
+
+
+def announce(settings: Settings) -> None:
+    """Logging in its one format, then the set-up in the first lines of the log."""
+    configure_logging(settings.log_level, settings.resolved_log_format(sys.stderr.isatty()))
+    log.info("clip-serve starting")
+    for line in startup_summary(settings):
+        log.info("%s", line)
+
+
 class StartupProblems:
     """ASGI wrapper: when the app's start-up fails with one of STARTUP_PROBLEMS (every bundle
     refused, a provider missing, a store out of reach), uvicorn logs its message instead of the
@@ -121,12 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     try:
-        check_repository(settings)
-        check_single_onnxruntime()
-    except (RepositoryError, ProviderUnavailableError) as exc:
+        preflight(settings)
+    except (RepositoryError, ProviderUnavailableError, PortUnavailable) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
-    configure_logging(settings.log_level, settings.log_json)
+    announce(settings)
     import uvicorn
 
     from service.app import create_app

@@ -163,7 +163,12 @@ class Collections:
             top_k=request.top_k,
             filter=request.filter,
         )
-        return engine, [Hit(id=hit.id, score=hit.score, metadata=hit.metadata) for hit in hits]
+        floor = request.min_score
+        return engine, [
+            Hit(id=hit.id, score=hit.score, metadata=hit.metadata)
+            for hit in hits
+            if floor is None or hit.score >= floor
+        ]
 
     async def reembed(self, name: str, model: str | None) -> tuple[ModelEngine, int]:
         """Move the collection to the served model's space, embedding every item again from its source."""
@@ -244,7 +249,7 @@ class Collections:
 def _source(item: Item) -> Source | None:
     if item.text is not None:
         return Source("text", item.text)
-    if item.image is not None and is_url(item.image):
+    if isinstance(item.image, str) and is_url(item.image):
         return Source("image", item.image.strip())
     return None
 

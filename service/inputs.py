@@ -1,4 +1,5 @@
-"""API image strings to bytes: base64, `data:` URIs and (when enabled) http(s) URLs.
+"""API image strings to bytes: base64, `data:` URIs and (when enabled) http(s) URLs; uploaded files
+are bytes already.
 
 `ImageFetcher(settings).load(items)` returns one `bytes` per item, in order, or raises `InvalidImage`
 naming the bad item's index. URL rules, all from settings: fetching is off unless
@@ -49,9 +50,9 @@ def decode_base64(text: str, index: int) -> bytes:
         raise _bad(f"image {index} is not valid base64: {exc}", index) from exc
 
 
-def is_url(text: str) -> bool:
-    """An http(s) URL (leading whitespace ignored), as opposed to base64 or a data URI."""
-    return text.lstrip()[:8].lower().startswith(("http://", "https://"))
+def is_url(text: str | bytes) -> bool:
+    """An http(s) URL (leading whitespace ignored), as opposed to base64, a data URI or bytes."""
+    return isinstance(text, str) and text.lstrip()[:8].lower().startswith(("http://", "https://"))
 
 
 class ImageFetcher:
@@ -63,7 +64,8 @@ class ImageFetcher:
         if self._client is not None:
             await self._client.aclose()
 
-    async def load(self, items: list[str]) -> list[bytes]:
+    async def load(self, items: list[str | bytes]) -> list[bytes]:
+        """The bytes of each image: API strings decoded or fetched, uploaded bytes as they are."""
         for index, item in enumerate(items):
             if is_url(item) and not self.settings.url_fetch_enabled:
                 raise _bad(
@@ -73,7 +75,11 @@ class ImageFetcher:
                 )
         return list(await asyncio.gather(*(self._one(item, i) for i, item in enumerate(items))))
 
-    async def _one(self, item: str, index: int) -> bytes:
+    async def _one(self, item: str | bytes, index: int) -> bytes:
+        if isinstance(item, bytes):
+            if not item:
+                raise _bad(f"image {index} is an empty file", index)
+            return item
         text = item.strip()
         if is_url(text):
             return await self._fetch(text, index)

@@ -1,4 +1,5 @@
-"""JSON logs, one object a line, each with the request id of the request that wrote it."""
+"""Logs in one of two formats, chosen once (`--log-format`): JSON, one object a line, or text; each
+line carries the request id of the request that wrote it."""
 
 from __future__ import annotations
 
@@ -24,11 +25,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def configure_logging(level: str, as_json: bool) -> None:
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        request_id = request_id_var.get()
+        return line if request_id == "-" else f"{line} [request {request_id}]"
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    """Every logger (uvicorn's too) to stderr in `log_format` ("json" or "text")."""
     handler = logging.StreamHandler()
-    handler.setFormatter(
-        JsonFormatter() if as_json else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
-    )
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

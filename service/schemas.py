@@ -1,19 +1,28 @@
 """Request and response models of the public API (pydantic v2), every resource in one place.
-Requests refuse unknown fields."""
+
+Requests refuse unknown fields, naming the closest known one. Every request field has a
+description and an example, and every request model a whole example that works on a fresh
+service with the demo model (the docs' "Try it out" sends it). Images are base64, data URIs, URLs
+(when enabled) or uploaded files (multipart, `service.api.bodies`); a text item may be a plain
+string wherever one is accepted."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     WrapValidator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from service.index import IndexParams
 
@@ -39,10 +48,53 @@ Dimensions = Annotated[
 ]
 Vectors = list[list[float]] | list[str]
 Templates = list[str] | str
+# A 24x24 PNG of a red disc on white: the docs' examples send it, so "Try it out" just works.
+EXAMPLE_IMAGE = (
+    "iVBORw0KGgoAAAANSUhEUgAAABgAAAAYCAIAAABvFaqvAAAAaElEQVR42t2UUQoAIQgF8+H9r2y/xWrqohD1Vw6DmkgiMioORtG5T8ROnGi72g3lqGJ91"
+    "HRIWI5RpC0Ggz8WjWz6/ng6H/7hyW4SZVfKwveVFk9qJ+ESEYtd2tmlRdmhC/ZRsmX3DeQEsv8dMyhWbq0AAAAASUVORK5CYII="
+)
+IMAGE_FORMS = (
+    "base64, a data URI, an http(s) URL (when the server fetches URLs), or a file in a multipart upload"
+)
+# An image: text as JSON gives it, or the bytes of an uploaded file (multipart).
+ImageInput = Annotated[
+    str | bytes,
+    WithJsonSchema(
+        {"type": "string", "description": f"an image: {IMAGE_FORMS}", "examples": [EXAMPLE_IMAGE]}
+    ),
+]
+MODEL_FIELD = Field(
+    None,
+    description="model name, or name@version; the default model when absent",
+    examples=["shapes-demo"],
+)
+
+
+def _suggestion(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.5)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known fields: {', '.join(known)}"
 
 
 class _Request(BaseModel):
+    """Refuses unknown fields, each with the closest known name (`text` -> did you mean `texts`?)."""
+
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _unknown_fields(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(data, dict):
+            known = list(cls.model_fields)
+            unknown = [key for key in data if isinstance(key, str) and key not in cls.model_fields]
+            if unknown:
+                raise PydanticCustomError(
+                    "unknown_field",
+                    "unknown field '{field}': {suggestion}",
+                    {"field": unknown[0], "suggestion": _suggestion(unknown[0], known)},
+                )
+        return handler(data)
 
 
 class ErrorDetail(BaseModel):
@@ -56,47 +108,81 @@ class ErrorResponse(BaseModel):
 
 
 class EmbedRequest(_Request):
-    model: str | None = Field(None, description="name or name@version; the default model when absent")
-    texts: list[str] | None = None
-    images: list[str] | None = Field(None, description="base64, data URIs, or http(s) URLs when enabled")
-    encoding_format: EncodingFormat = Field(
-        "float", description="base64: each vector as base64 of float32 little-endian"
+    """Texts and/or images to L2-normalized vectors, in input order (texts first in the response's
+    `text_embeddings`, images in `image_embeddings`). As JSON, or as a multipart form with image
+    files under `images` and one `texts` field per text."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"texts": ["a red circle", "a blue square"], "images": [EXAMPLE_IMAGE]}]
+        },
     )
-    dimensions: Dimensions = None
-
-
-class EmbedForm(_Request):
-    """`/v1/embed` as `multipart/form-data`: image files and text fields."""
-
-    model: str | None = Field(None, description="name or name@version; the default model when absent")
-    texts: list[str] = Field(default_factory=list, description="one form field per text")
-    images: list[bytes] = Field(default_factory=list, description="one file per image")
-    encoding_format: EncodingFormat = "float"
-    dimensions: Dimensions = None
+    model: str | None = MODEL_FIELD
+    texts: list[str] | None = Field(
+        None, description="texts to embed; a plain string each", examples=[["a red circle", "a blue square"]]
+    )
+    images: list[ImageInput] | None = Field(
+        None, description=f"images to embed: {IMAGE_FORMS}", examples=[[EXAMPLE_IMAGE]]
+    )
+    encoding_format: EncodingFormat = Field(
+        "float",
+        description="float: lists of numbers; base64: each vector as base64 of float32 little-endian",
+        examples=["float"],
+    )
+    dimensions: Dimensions = Field(None, examples=[None])
 
 
 class EmbedResponse(BaseModel):
-    model: str
-    version: int
-    dim: int
-    text_embeddings: Vectors
-    image_embeddings: Vectors
+    model: str = Field(description="the model that made the vectors")
+    version: int = Field(description="its version")
+    dim: int = Field(description="components per vector")
+    text_embeddings: Vectors = Field(description="one vector per text, in the order given")
+    image_embeddings: Vectors = Field(description="one vector per image, in the order given")
     truncated: list[bool] = Field(description="one per text: true where it was cut to the context length")
 
 
 class ClassifyRequest(_Request):
-    model: str | None = None
-    images: list[str]
-    labels: list[str] | None = None
-    labelset: str | None = None
-    templates: Templates | None = Field(
-        None, description="templates with '{}', or an ensemble name: default, imagenet80, none"
+    """Zero-shot classification: each image against `labels` (turned into prompts by `templates`)
+    or a stored `labelset`, top-k labels per image. As JSON, or as a multipart form with image files
+    under `images` and one `labels` field per label."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "images": [EXAMPLE_IMAGE],
+                    "labels": ["red circle", "blue square", "green triangle"],
+                    "top_k": 2,
+                }
+            ]
+        },
     )
-    top_k: int = Field(5, ge=1)
+    model: str | None = MODEL_FIELD
+    images: list[ImageInput] = Field(
+        description=f"images to classify: {IMAGE_FORMS}", examples=[[EXAMPLE_IMAGE]]
+    )
+    labels: list[str] | None = Field(
+        None,
+        description="the labels to choose from, a plain string each (or give `labelset`)",
+        examples=[["red circle", "blue square", "green triangle"]],
+    )
+    labelset: str | None = Field(
+        None,
+        description="name of a stored label set (PUT /v1/labelsets/{name}) instead of `labels`",
+        examples=["shapes"],
+    )
+    templates: Templates | None = Field(
+        None,
+        description="prompt templates with '{}' for the label, or an ensemble name: default, imagenet80, none",
+        examples=[["a photo of a {}."]],
+    )
+    top_k: int = Field(5, ge=1, description="labels to return per image, best first", examples=[2])
 
 
 class LabelScore(BaseModel):
-    label: str
+    label: str = Field(description="one of the labels given, or of the label set")
     score: float = Field(
         description="the model's probability: softmax(logit_scale * cosine) over all labels (CLIP), or "
         "sigmoid(logit_scale * cosine + logit_bias) for this label alone (SigLIP; scores do not sum to 1)"
@@ -105,51 +191,76 @@ class LabelScore(BaseModel):
 
 
 class ClassifyResult(BaseModel):
-    index: int
-    labels: list[LabelScore]
+    index: int = Field(description="position of the image in the request's `images`")
+    labels: list[LabelScore] = Field(description="the top-k labels, best first")
 
 
 Scoring = Literal["softmax", "sigmoid"]
 
 
 class ClassifyResponse(BaseModel):
-    model: str
-    version: int
-    dim: int
+    model: str = Field(description="the model that classified")
+    version: int = Field(description="its version")
+    dim: int = Field(description="its embedding dimension")
     scoring: Scoring = Field(description="how `score` was computed from the cosine (the model's own rule)")
-    results: list[ClassifyResult]
+    results: list[ClassifyResult] = Field(description="one per image, in the order given")
 
 
 class LabelSetRequest(_Request):
-    labels: list[str]
-    templates: Templates | None = None
-    model: str | None = None
+    """A named label set: its labels are encoded once (with the templates) and kept, so every
+    classification against it costs one image encoding."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"labels": ["circle", "square", "triangle", "diamond", "cross"]}]},
+    )
+    labels: list[str] = Field(
+        description="the labels, a plain string each", examples=[["circle", "square", "triangle"]]
+    )
+    templates: Templates | None = Field(
+        None,
+        description="prompt templates with '{}', or an ensemble name: default, imagenet80, none",
+        examples=["default"],
+    )
+    model: str | None = MODEL_FIELD
 
 
 class LabelSetInfo(BaseModel):
-    name: str
-    model: str
-    labels: int
-    templates: list[str]
-    status: Literal["ready", "building", "failed"]
+    name: str = Field(description="the label set's name")
+    model: str = Field(description="the model whose space its class matrix is in")
+    labels: list[str] = Field(description="its labels, as they were given")
+    label_count: int = Field(description="how many labels")
+    templates: list[str] = Field(description="the prompt templates its class vectors were made with")
+    status: Literal["ready", "building", "failed"] = Field(description="whether it can classify yet")
     progress: float = Field(description="share of the class matrix computed, 0..1")
-    error: str | None = None
-    created_at: str
-    label_names: list[str] | None = None
+    error: str | None = Field(None, description="why the build failed, when it did")
+    created_at: str = Field(description="when it was stored (ISO 8601)")
 
 
 class LabelSetList(BaseModel):
-    labelsets: list[LabelSetInfo]
+    labelsets: list[LabelSetInfo] = Field(description="every stored label set")
 
 
 class EmbeddingsRequest(_Request):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"description": "OpenAI-compatible"})
-    input: str | list[str]
-    model: str
-    encoding_format: EncodingFormat = "float"
-    modality: Literal["text", "image"] = "text"
-    dimensions: Dimensions = None
-    user: str | None = None
+    """OpenAI-compatible embeddings: the official clients work unchanged."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"model": "shapes-demo", "input": ["a red circle", "a green triangle"]}]
+        },
+    )
+    input: str | list[str] = Field(
+        description="a text or a list of texts (images, as base64 or data URIs, with modality image)",
+        examples=[["a red circle", "a green triangle"]],
+    )
+    model: str = Field(description="model name (GET /v1/models lists the ids)", examples=["shapes-demo"])
+    encoding_format: EncodingFormat = Field(
+        "float", description="float, or base64 of float32 little-endian", examples=["float"]
+    )
+    modality: Literal["text", "image"] = Field("text", description="what `input` holds", examples=["text"])
+    dimensions: Dimensions = Field(None, examples=[None])
+    user: str | None = Field(None, description="accepted for compatibility; not used", examples=[None])
 
 
 class EmbeddingItem(BaseModel):
@@ -212,11 +323,14 @@ def _exactly_one(model: BaseModel, fields: tuple[str, ...]) -> None:
 
 
 class Query(_Request):
-    """Exactly one of text, image (base64, data URI or URL) or vector."""
+    """Exactly one of text, image or vector."""
 
-    text: str | None = None
-    image: str | None = None
-    vector: list[float] | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "a red circle"}]})
+    text: str | None = Field(None, description="a sentence", examples=["a red circle"])
+    image: ImageInput | None = Field(None, description=f"an image: {IMAGE_FORMS}", examples=[EXAMPLE_IMAGE])
+    vector: list[float] | None = Field(
+        None, description="a vector of the model's (or the collection's) dimension", examples=[None]
+    )
 
     @model_validator(mode="after")
     def _one_query(self) -> Query:
@@ -225,10 +339,11 @@ class Query(_Request):
 
 
 class Candidate(_Request):
-    """Exactly one of text or image."""
+    """Exactly one of text or image; a plain string is a text candidate."""
 
-    text: str | None = None
-    image: str | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"text": "a red circle"}]})
+    text: str | None = Field(None, description="a sentence", examples=["a red circle"])
+    image: ImageInput | None = Field(None, description=f"an image: {IMAGE_FORMS}", examples=[EXAMPLE_IMAGE])
 
     @model_validator(mode="after")
     def _one_candidate(self) -> Candidate:
@@ -236,52 +351,112 @@ class Candidate(_Request):
         return self
 
 
+def _text_item(value: object) -> object:
+    return {"text": value} if isinstance(value, str) else value
+
+
+def _text_item_with_id(value: object) -> object:
+    return {"id": value, "text": value} if isinstance(value, str) else value
+
+
+# A plain string where a text item goes: validated as {"text": ...} (items: its id is the text).
+QueryOrText = Annotated[Query, BeforeValidator(_text_item, json_schema_input_type=Query | str)]
+CandidateOrText = Annotated[Candidate, BeforeValidator(_text_item, json_schema_input_type=Candidate | str)]
+
+
 class RankRequest(_Request):
-    model: str | None = Field(None, description="name or name@version; the default model when absent")
-    query: Query
-    candidates: list[Candidate] = Field(min_length=1)
-    top_k: int | None = Field(None, description="results to return; all candidates when absent")
+    """One query against candidates given in the request. A plain string is a text (as the query,
+    or as a candidate). As a multipart form: `query` and each of `candidates` a text field or an
+    image file."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"query": {"image": EXAMPLE_IMAGE}, "candidates": ["a red circle", "a blue square"]}]
+        },
+    )
+    model: str | None = MODEL_FIELD
+    query: QueryOrText = Field(
+        description="the query: a plain string (a text), or one of text, image or vector",
+        examples=[{"image": EXAMPLE_IMAGE}],
+    )
+    candidates: list[CandidateOrText] = Field(
+        min_length=1,
+        description="what to rank: plain strings (texts), or objects with a text or an image",
+        examples=[["a red circle", "a blue square", {"image": EXAMPLE_IMAGE}]],
+    )
+    top_k: int | None = Field(None, description="results to return; all candidates when absent", examples=[2])
     probabilities: bool = Field(
-        False, description="also give the model's probabilities (softmax over the candidates, or sigmoid)"
+        False,
+        description="also give the model's probabilities (softmax over the candidates, or sigmoid)",
+        examples=[True],
     )
 
 
 class RankResult(BaseModel):
-    index: int
-    score: float
-    probability: float | None = None
+    index: int = Field(description="position of the candidate in the request's `candidates`")
+    score: float = Field(description="cosine similarity to the query")
+    probability: float | None = Field(None, description="the model's probability, when asked for")
 
 
 class RankResponse(BaseModel):
-    model: str
-    version: int
-    dim: int
+    model: str = Field(description="the model that ranked")
+    version: int = Field(description="its version")
+    dim: int = Field(description="its embedding dimension")
     scoring: Scoring | None = Field(None, description="how `probability` was computed, when asked for")
-    results: list[RankResult]
+    results: list[RankResult] = Field(description="candidates, best first")
 
 
 class IndexOptions(_Request):
-    m: int | None = Field(None, description="HNSW links per node")
-    ef_construction: int | None = Field(None, description="HNSW build candidate list")
-    ef_search: int | None = Field(None, description="HNSW search candidate list")
-    nlist: int | None = Field(None, description="IVF lists")
-    nprobe: int | None = Field(None, description="IVF lists visited per search")
+    """Index parameters; each has a sensible default for its index kind (HNSW's shown)."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"m": 32, "ef_construction": 200, "ef_search": 64}]}
+    )
+    m: int | None = Field(None, description="HNSW links per node", examples=[32])
+    ef_construction: int | None = Field(None, description="HNSW build candidate list", examples=[200])
+    ef_search: int | None = Field(None, description="HNSW search candidate list", examples=[64])
+    nlist: int | None = Field(None, description="IVF lists", examples=[1024])
+    nprobe: int | None = Field(None, description="IVF lists visited per search", examples=[16])
 
 
 class CreateCollection(_Request):
-    name: str
-    model: str | None = Field(None, description="name or name@version; the default model when absent")
-    dimensions: Dimensions = None
-    index: Literal["flat", "hnsw", "ivf"] = "flat"
-    index_params: IndexOptions = Field(default_factory=IndexOptions)
+    """A collection bound to a served model's embedding space."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"name": "my-images"}]})
+    name: str = Field(description="the collection's name, used in its URLs", examples=["my-images"])
+    model: str | None = MODEL_FIELD
+    dimensions: Dimensions = Field(None, examples=[None])
+    index: Literal["flat", "hnsw", "ivf"] = Field(
+        "flat", description="flat: exact; hnsw, ivf: approximate, for large collections", examples=["flat"]
+    )
+    index_params: IndexOptions = Field(
+        default_factory=IndexOptions,
+        description="parameters of the index (none needed for flat)",
+        json_schema_extra={"examples": [{}]},
+    )
 
 
 class Item(_Request):
-    id: str | int
-    text: str | None = None
-    image: str | None = None
-    vector: list[float] | None = None
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    """One item: an id and exactly one of text, image or vector, with metadata to filter on."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"id": "red-circle", "image": EXAMPLE_IMAGE, "metadata": {"file": "red.png"}}]
+        },
+    )
+    id: str | int = Field(description="the item's id; an existing id is replaced", examples=["red-circle"])
+    text: str | None = Field(None, description="a text to embed", examples=["a red circle"])
+    image: ImageInput | None = Field(
+        None, description=f"an image to embed: {IMAGE_FORMS}", examples=[EXAMPLE_IMAGE]
+    )
+    vector: list[float] | None = Field(
+        None, description="a vector of the collection's dimension", examples=[None]
+    )
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="fields to filter searches on", examples=[{"file": "red.png"}]
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> Item:
@@ -289,18 +464,57 @@ class Item(_Request):
         return self
 
 
+ItemOrText = Annotated[Item, BeforeValidator(_text_item_with_id, json_schema_input_type=Item | str)]
+
+
 class UpsertItems(_Request):
-    items: list[Item] = Field(min_length=1)
+    """Items to add or replace. A plain string is a text item whose id is the text itself. As a
+    multipart form: image files under `items` (each file's name is its id and `metadata.file`)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "items": [
+                        {"id": "red-circle", "image": EXAMPLE_IMAGE, "metadata": {"file": "red.png"}},
+                        "a blue square",
+                    ]
+                }
+            ]
+        },
+    )
+    items: list[ItemOrText] = Field(
+        min_length=1,
+        description="items: objects with an id, or plain strings (text items, id = the text)",
+        examples=[[{"id": "red-circle", "image": EXAMPLE_IMAGE}, "a blue square"]],
+    )
 
 
 class SearchRequest(Query):
-    top_k: int = 10
-    filter: dict[str, Any] | None = Field(None, description="field: value, all must be equal")
+    """Nearest items to exactly one of text, image or vector. As a multipart form: the image as a
+    file under `image`."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"text": "a red circle", "top_k": 5}]}
+    )
+    top_k: int = Field(10, description="results to return, best first", examples=[5])
+    min_score: float | None = Field(
+        None, description="leave out items whose cosine similarity is below this", examples=[0.0]
+    )
+    filter: dict[str, Any] | None = Field(
+        None, description="field: value, all must be equal", examples=[{"file": "red.png"}]
+    )
 
 
 class ReembedRequest(_Request):
+    """Which model to move the collection to."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
     model: str | None = Field(
-        None, description="model to move to; the one now served under the collection's name"
+        None,
+        description="model to move to; the one now served under the collection's name",
+        examples=["shapes-demo"],
     )
 
 

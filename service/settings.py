@@ -133,8 +133,23 @@ class Settings(CliSettings):
     postgres_dsn: str | None = Field(None, description="PostgreSQL of the pgvector backend")
 
     # Logs
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_json: bool = Field(True, description="one JSON object a line; off: plain text")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="least severe log level written"
+    )
+    log_format: Literal["json", "text"] | None = Field(
+        None,
+        description="json: one JSON object a line (for log collectors); text: one readable line each; "
+        "none: text on a terminal, json otherwise",
+    )
+    log_json: bool | None = Field(None, description="older switch for --log-format json (on) or text (off)")
+
+    def resolved_log_format(self, on_terminal: bool) -> Literal["json", "text"]:
+        """The log format to use: --log-format, else the older --log-json, else by where logs go."""
+        if self.log_format is not None:
+            return self.log_format
+        if self.log_json is not None:
+            return "json" if self.log_json else "text"
+        return "text" if on_terminal else "json"
 
     @field_validator("log_level", mode="before")
     @classmethod

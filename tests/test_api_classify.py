@@ -92,11 +92,13 @@ def test_labelset_lifecycle(client) -> None:
     name = unique("animals")
     put = client.put(f"/v1/labelsets/{name}", json={"labels": LABELS, "templates": ["a photo of a {}."]})
     assert put.status_code == 200, put.text
-    assert put.json()["status"] == "ready" and put.json()["labels"] == len(LABELS)
-    got = client.get(f"/v1/labelsets/{name}").json()
     assert (
-        got["label_names"] == LABELS and got["templates"] == ["a photo of a {}."] and got["model"] == "tiny"
+        put.json()["status"] == "ready"
+        and put.json()["label_count"] == len(LABELS)
+        and put.json()["labels"] == LABELS
     )
+    got = client.get(f"/v1/labelsets/{name}").json()
+    assert got["labels"] == LABELS and got["templates"] == ["a photo of a {}."] and got["model"] == "tiny"
     assert name in [s["name"] for s in client.get("/v1/labelsets").json()["labelsets"]]
     by_set = client.post("/v1/classify", json={"images": IMAGES, "labelset": name}).json()
     by_labels = client.post(

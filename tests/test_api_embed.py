@@ -130,7 +130,7 @@ def test_models_health_metrics_and_docs(client) -> None:
     assert json_body["title"] == "EmbedRequest" and {"texts", "images", "model"} <= set(
         json_body["properties"]
     )
-    assert form_body["title"] == "EmbedForm"
+    assert form_body["title"] == "EmbedRequest (form)"
     assert form_body["properties"]["images"]["items"] == {"type": "string", "format": "binary"}
     for path in ("/v1/classify", "/v1/embeddings", "/v1/labelsets/{name}", "/v1/models", "/v1/admin/reload"):
         assert path in schema["paths"]

@@ -70,9 +70,12 @@ def browser() -> Iterator[object]:
         launched.close()
 
 
-@pytest.fixture
-def page(browser) -> Iterator[object]:
-    context = browser.new_context(viewport={"width": 1100, "height": 900})
+DESKTOP = {"width": 1100, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+def open_page(browser, viewport: dict) -> Iterator[object]:
+    context = browser.new_context(viewport=viewport)
     context.set_default_timeout(30_000)
     opened = context.new_page()
     errors: list[str] = []
@@ -80,6 +83,16 @@ def page(browser) -> Iterator[object]:
     yield opened
     context.close()
     assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture
+def page(browser) -> Iterator[object]:
+    yield from open_page(browser, DESKTOP)
+
+
+@pytest.fixture
+def phone(browser) -> Iterator[object]:
+    yield from open_page(browser, PHONE)
 
 
 def screenshot(page, name: str) -> Path:
@@ -159,14 +172,28 @@ def test_a_non_image_file_shows_a_visible_error(page, live_server: Callable[...,
     screenshot(page, "non-image-error")
 
 
-def test_bytes_that_are_not_an_image_show_the_servers_error(page, live_server: Callable[..., str]) -> None:
+def test_bytes_that_are_not_an_image_leave_no_broken_preview(page, live_server: Callable[..., str]) -> None:
     page.goto(live_server() + "/")
     upload(page, "#image-file", "fake.png", "image/png", b"\x89PNG but not really an image")
     error = page.locator("#classify-error")
     error.wait_for(state="visible")
-    text = error.inner_text()
-    assert text.startswith("4"), text
-    assert "image" in text.lower()
+    assert error.inner_text() == "fake.png is not an image. Choose a PNG, JPEG, WebP or GIF file."
+    assert page.is_hidden("#preview") and page.get_attribute("#preview", "src") is None
+
+
+def test_an_error_goes_once_its_cause_is_fixed(page, live_server: Callable[..., str]) -> None:
+    page.goto(live_server() + "/")
+    upload(page, "#image-file", "notes.txt", "text/plain", b"not a picture")
+    page.locator("#classify-error").wait_for(state="visible")
+    upload(page, "#image-file", "red-circle.png", "image/png", shape_png())
+    page.wait_for_selector("#classify-results li")
+    assert page.is_hidden("#classify-error")
+    page.fill("#labels", "")
+    page.click("#classify-button")
+    page.locator("#classify-error").wait_for(state="visible")
+    assert page.inner_text("#classify-error") == "Type at least one label, or pick a label set."
+    page.fill("#labels", "red circle, blue square")
+    assert page.is_hidden("#classify-error")
 
 
 def test_add_images_to_a_collection_and_search_it_by_a_sentence(
@@ -184,11 +211,12 @@ def test_add_images_to_a_collection_and_search_it_by_a_sentence(
     )
     page.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 3')")
     page.fill("#query", "a red circle")
+    page.fill("#min-score", "-1")
     page.click("#search-button")
     page.wait_for_selector("#search-results li")
     items = page.locator("#search-results li")
     assert items.count() == 3
-    assert sorted(items.nth(i).locator(".caption span").first.inner_text() for i in range(3)) == [
+    assert sorted(items.nth(i).locator(".caption .name").inner_text() for i in range(3)) == [
         "blue.png",
         "green.png",
         "red.png",
@@ -200,28 +228,144 @@ def test_add_images_to_a_collection_and_search_it_by_a_sentence(
     screenshot(page, "search")
 
 
-def test_searching_an_unknown_collection_shows_the_error(
+def test_searching_an_unknown_collection_says_how_to_make_it(
     page, live_server: Callable[..., str], tmp_path: Path
 ) -> None:
     page.goto(live_server(data_dir=tmp_path / "data") + "/")
+    page.wait_for_function("document.getElementById('collection-hint').textContent.length > 0")
+    # the empty state: nothing pre-filled, and what to do
+    assert page.input_value("#collection") == ""
+    assert page.inner_text("#collection-hint") == (
+        "No collections yet. Type a name above and add images: the page creates the collection for you."
+    )
     page.fill("#collection", "nowhere")
     page.fill("#query", "a red circle")
     page.click("#search-button")
     error = page.locator("#search-error")
     error.wait_for(state="visible")
-    assert error.inner_text().startswith("404: ") and "nowhere" in error.inner_text()
+    assert error.inner_text() == (
+        "There is no collection named nowhere yet. Add images to it above and the page creates it."
+    )
+    page.fill("#query", "a blue square")
+    assert page.is_hidden("#search-error")
+
+
+def test_search_shows_the_top_k_above_the_score_threshold(
+    page, live_server: Callable[..., str], tmp_path: Path
+) -> None:
+    page.goto(live_server(data_dir=tmp_path / "data") + "/")
+    page.fill("#collection", "threshold")
+    long_name = "a-rather-long-file-name-of-a-red-circle.png"
+    files = [{"name": long_name, "mimeType": "image/png", "buffer": shape_png("red")}]
+    files += [
+        {"name": f"{c}.png", "mimeType": "image/png", "buffer": shape_png(c)}
+        for c in ("blue", "green", "yellow")
+    ]
+    page.set_input_files("#index-files", files=files)
+    page.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 4')")
+    page.fill("#query", "a red circle")
+    page.fill("#search-top-k", "2")
+    page.fill("#min-score", "-1")
+    page.click("#search-button")
+    page.wait_for_function("document.querySelectorAll('#search-results li').length === 2")
+    scores = [float(t.split()[1]) for t in page.locator("#search-results .score").all_inner_texts()]
+    assert scores == sorted(scores, reverse=True)
+    # above the best score, nothing is shown, and the page says why
+    page.fill("#min-score", f"{scores[0] + 0.01:.3f}")
+    page.click("#search-button")
+    page.wait_for_function("document.querySelectorAll('#search-results li').length === 0")
+    assert page.inner_text("#search-info").startswith("Nothing in threshold scores")
+    page.fill("#search-top-k", "10")
+    page.fill("#min-score", "-1")
+    page.click("#search-button")
+    page.wait_for_function("document.querySelectorAll('#search-results li').length === 4")
+    names = page.locator("#search-results .caption .name")
+    assert long_name in names.all_inner_texts()
+    cut = page.eval_on_selector_all(
+        "#search-results .caption .name", "els => els.filter(e => e.scrollWidth > e.clientWidth).length"
+    )
+    assert cut == 0, "a file name is cut off"
 
 
 def test_the_page_works_with_auth_on(page, live_server: Callable[..., str]) -> None:
     base = live_server(api_keys=["demo-key"])
     response = page.goto(base + "/")
     assert response is not None and response.status == 200
-    page.wait_for_function("document.getElementById('status').textContent.includes('401')")
+    page.wait_for_function("document.getElementById('status').textContent.includes('needs an API key')")
+    page.fill("#labels", "\n".join(LABELS))
+    upload(page, "#image-file", "red-circle.png", "image/png", shape_png())
+    error = page.locator("#classify-error")
+    error.wait_for(state="visible")
+    assert error.inner_text() == "This service needs an API key. Enter it above."
+    page.fill("#api-key", "wrong-key")
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("document.getElementById('status').textContent.includes('was not accepted')")
     page.fill("#api-key", "demo-key")
     page.dispatch_event("#api-key", "change")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('serving tiny')")
+    # the image already chosen is classified again, and the old message is gone
+    page.wait_for_selector("#classify-results li")
+    assert page.is_hidden("#classify-error")
+    assert len(read_bars(page)) == 4
+    screenshot(page, "auth")
+
+
+def test_no_request_of_the_page_fails_and_it_has_a_favicon(page, live_server: Callable[..., str]) -> None:
+    failed: list[str] = []
+    page.on("response", lambda r: failed.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+    page.goto(live_server() + "/")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('serving tiny')")
+    assert page.get_attribute("link[rel=icon]", "href") == "/favicon.ico"
+    favicon = page.request.get(page.url.rstrip("/") + "/favicon.ico")
+    assert favicon.status == 200 and favicon.headers["content-type"].startswith("image/svg+xml")
+    assert failed == []
+
+
+def test_the_page_reads_well_on_a_phone(phone, live_server: Callable[..., str], tmp_path: Path) -> None:
+    """390 px wide: nothing wider than the screen, bars across the width, whole file names."""
+    phone.goto(live_server(data_dir=tmp_path / "data") + "/")
+    phone.wait_for_function("document.getElementById('status').textContent.startsWith('serving tiny')")
+    screenshot(phone, "phone-empty")
+    phone.fill("#labels", "\n".join(LABELS))
+    upload(phone, "#image-file", "red-circle.png", "image/png", shape_png())
+    phone.wait_for_selector("#classify-results li")
+    tracks = phone.eval_on_selector_all(
+        "#classify-results .track", "els => els.map(e => e.getBoundingClientRect().width)"
+    )
+    assert tracks and min(tracks) >= 300, tracks
+    page_width = phone.evaluate("document.documentElement.scrollWidth")
+    assert page_width <= 390, f"the page is {page_width} px wide on a 390 px screen"
+    screenshot(phone, "phone-classify")
+    phone.fill("#collection", "phone")
+    phone.set_input_files(
+        "#index-files",
+        files=[
+            {"name": f"{colour}-shape-picture.png", "mimeType": "image/png", "buffer": shape_png(colour)}
+            for colour in ("red", "blue", "green")
+        ],
+    )
+    phone.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 3')")
+    phone.fill("#query", "a red circle")
+    phone.fill("#min-score", "-1")
+    phone.click("#search-button")
+    phone.wait_for_function("document.querySelectorAll('#search-results li').length === 3")
+    cut = phone.eval_on_selector_all(
+        "#search-results .caption .name", "els => els.filter(e => e.scrollWidth > e.clientWidth).length"
+    )
+    assert cut == 0
+    assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+    screenshot(phone, "phone-search")
+
+
+def test_desktop_screenshots_of_the_whole_page(page, live_server: Callable[..., str], tmp_path: Path) -> None:
+    page.goto(live_server(data_dir=tmp_path / "data") + "/")
+    page.wait_for_function("document.getElementById('collection-hint').textContent.length > 0")
+    screenshot(page, "desktop-empty")
     page.fill("#labels", "\n".join(LABELS))
     upload(page, "#image-file", "red-circle.png", "image/png", shape_png())
     page.wait_for_selector("#classify-results li")
-    assert len(read_bars(page)) == 4
-    screenshot(page, "auth")
+    tracks = page.eval_on_selector_all(
+        "#classify-results .track", "els => els.map(e => e.getBoundingClientRect().width)"
+    )
+    assert min(tracks) >= 400, tracks
+    screenshot(page, "desktop-classify")

@@ -203,6 +203,7 @@ def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: 
         (["--data", "nowhere.csv"], "caption file nowhere.csv does not exist"),
         (["--init", "inherit"], "--init inherit needs a --teacher or --inherit-from"),
         (["--teacher", "ViT-Nope-1"], "unknown model 'ViT-Nope-1'"),
+        (["--teacher", "ViT-B-322"], "did you mean ViT-B-32"),
         (["--models-dir", "models"], "--models-dir needs --name"),
         (["--resume", "missing.pt"], "cannot read checkpoint missing.pt"),
     ],
@@ -224,3 +225,21 @@ def test_unknown_config_key_and_missing_student_are_clear(tmp_path: Path, capsys
     assert "unknown option(s) in" in capsys.readouterr().err
     assert main(["--data", TINY_DATA]) == 2
     assert "--student is required" in capsys.readouterr().err
+
+
+def test_a_wrong_student_or_data_is_told_before_the_teacher_is_built(tmp_path: Path, capsys) -> None:
+    """The teacher named here does not exist either: the student's mistake must be the one told."""
+    assert main(["--teacher", "ViT-Nope-1", "--student", "ViT-S-322", "--data", TINY_DATA]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'ViT-S-322'" in err and "did you mean ViT-S-32" in err and "ViT-Nope-1" not in err
+    assert main(["--teacher", "ViT-Nope-1", "--student", "ViT-S-32", "--data", str(tmp_path / "no.csv")]) == 2
+    assert "no.csv does not exist" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands_first(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert out.index("commands:") < out.index("--teacher")
+    for command in ("train", "eval", "targets"):
+        assert f"  {command} " in out

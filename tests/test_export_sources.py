@@ -155,3 +155,16 @@ def test_mobileclip_is_reparameterized_for_export_with_the_same_outputs(mobilecl
         expected = model.encode_image(images)
         actual = deployed.encode_image(images)
     assert torch.nn.functional.cosine_similarity(expected, actual).min() > 0.9999
+
+
+@pytest.mark.parametrize("junk", [b"\x00\x01 random bytes", b"PK\x03\x04 half a zip"])
+def test_a_junk_checkpoint_is_one_line_that_says_what_to_do(tmp_path, junk: bytes) -> None:
+    from export.sources import SourceError, read_state_dict
+
+    path = tmp_path / "junk.pt"
+    path.write_bytes(junk * 100)
+    with pytest.raises(SourceError) as refused:
+        read_state_dict(path)
+    message = str(refused.value)
+    assert "\n" not in message and "torch.save(model.state_dict(), path)" in message
+    assert message.startswith(f"cannot read checkpoint {path}: it is not a PyTorch")

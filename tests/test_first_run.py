@@ -83,7 +83,7 @@ def serve(tmp_path: Path) -> Iterator:
     runs: list[Run] = []
 
     def start(models_dir: Path | None, **extra: str) -> Run:
-        port = free_port()
+        port = int(extra.pop("CLIPSERVE_PORT", 0)) or free_port()
         log = tmp_path / f"serve-{len(runs)}.log"
         with log.open("w") as out:
             process = subprocess.Popen(
@@ -200,6 +200,35 @@ def test_a_taken_port_gives_a_clear_message_at_once(serve, tiny_repo: Path) -> N
     assert "Traceback" not in out
 
 
+def time_wait_sockets(port: int) -> int:
+    """TCP connections of this machine in TIME-WAIT (state 06) on local port `port`."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                local, state = row.split()[1], row.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state == "06"
+    return count
+
+
+def test_stopped_with_ctrl_c_it_starts_again_at_once_on_the_same_port(serve, tiny_repo: Path) -> None:
+    """The port probe binds as the server does (SO_REUSEADDR): the TIME-WAIT connections a stopped
+    server leaves for a minute are no reason to refuse the port."""
+    run = serve(tiny_repo)
+    run.wait_for("clipserve is ready", 90)
+    port = int(run.base.rsplit(":", 1)[1])
+    # an idle keep-alive connection that the server closes as it stops: it stays in TIME-WAIT
+    with httpx.Client(base_url=run.base, timeout=10) as client:
+        assert client.get("/readyz").status_code == 200
+        assert run.interrupt() == 0
+    assert time_wait_sockets(port) >= 1
+    again = serve(tiny_repo, CLIPSERVE_PORT=str(port))
+    out = again.wait_for("clipserve is ready", 90)
+    assert "already in use" not in out
+    assert again.base == run.base and httpx.get(f"{again.base}/readyz", timeout=10).status_code == 200
+
+
 def test_a_corrupt_bundle_is_named_and_the_rest_is_served(serve, tiny_repo: Path, tmp_path: Path) -> None:
     models = copy_repo(tiny_repo, tmp_path / "models")
     shutil.copytree(models / "tiny", models / "other")
@@ -279,7 +308,8 @@ def test_first_run_builds_the_demo_model_once_and_it_calls_a_red_circle_a_red_ci
     from training.synthetic import COLOURS, SHAPES
 
     models = tmp_path / "models"
-    run = serve(models)
+    # a repository other than the checkout's models/ is filled only when asked
+    run = serve(models, CLIPSERVE_BUILD_DEMO="1")
     out = run.wait_for("clipserve is ready", DEMO_BUILD_TIMEOUT_S)
     assert f"no published bundle in {models}; building the demo model once" in out
     assert "demo model built in" in out

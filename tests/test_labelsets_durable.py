@@ -49,7 +49,7 @@ def test_a_set_made_while_redis_is_down_classifies_on_another_replica_once_redis
     response = second.post("/v1/classify", json={"images": IMAGES, "labelset": name, "top_k": 6})
     assert response.status_code == 200, response.text
     assert {s["label"] for s in response.json()["results"][0]["labels"]} == set(LABELS)
-    assert second.get(f"/v1/labelsets/{name}").json()["label_names"] == LABELS
+    assert second.get(f"/v1/labelsets/{name}").json()["labels"] == LABELS
 
 
 def test_sets_of_the_redis_layout_are_moved_into_the_store_once(make_client, private_redis, caplog) -> None:
@@ -75,14 +75,14 @@ def test_sets_of_the_redis_layout_are_moved_into_the_store_once(make_client, pri
             time.sleep(0.1)
     assert any("moved 2 label set(s) from Redis" in r.message for r in caplog.records)
     info = client.get("/v1/labelsets/old-cars").json()
-    assert info["label_names"] == ["sedan", "truck", "van"] and info["created_at"].startswith(
+    assert info["labels"] == ["sedan", "truck", "van"] and info["created_at"].startswith(
         "2026-11-01T10:00:00"
     )
     assert legacy.keys("clipserve:v1:labelset*") == []
     caplog.clear()
     with caplog.at_level("INFO", logger="clipserve.labelsets"):
         again = make_client(redis_url=private_redis.url())
-        assert again.get("/v1/labelsets/old-animals").json()["label_names"] == ["cat", "dog"]
+        assert again.get("/v1/labelsets/old-animals").json()["labels"] == ["cat", "dog"]
     assert not any("moved" in r.message for r in caplog.records)
 
 

@@ -100,7 +100,7 @@ def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture) -> None:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     try:
-        configure_logging("INFO", as_json=True)
+        configure_logging("INFO", "json")
         token = request_id_var.set("req-42")
         logging.getLogger("clipserve.test").info("hello %s", "world")
         request_id_var.reset(token)

@@ -19,7 +19,15 @@ from export.cli_settings import SettingsError, load_settings, validated
 from training import synthetic
 from training.data import DataError, build_dataset
 from training.losses import LossConfigError, LossWeights
-from training.models import ClipModel, ModelSpecError, Teacher, inherit_weights, load_clip, load_teacher
+from training.models import (
+    ClipModel,
+    ModelSpecError,
+    Teacher,
+    check_model_ref,
+    inherit_weights,
+    load_clip,
+    load_teacher,
+)
 from training.objective import LossSettings
 from training.settings import EvalSettings, TargetsSettings, TrainSettings
 from training.train import CheckpointError, TrainConfig, TrainResult, train
@@ -133,13 +141,16 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     )
     if options.teacher and options.teacher_targets:
         raise UsageError("give --teacher or --teacher-targets, not both")
+    # the student and the data first: a mistake is told in a second, not after the teacher has loaded
+    for ref in (options.student, *([options.inherit_from] if options.inherit_from else [])):
+        check_model_ref(ref)
+    dataset = build_dataset(options.data, on_bad_image=options.on_bad_image)
     teacher = (
         load_teacher(options.teacher, options.teacher_pretrained or None, seed=options.seed + 1000)
         if options.teacher
         else None
     )
     student = _build_student(options, teacher)
-    dataset = build_dataset(options.data, on_bad_image=options.on_bad_image)
     class_names = _read_lines(options.class_names) or dataset.classes
     templates = _templates(options.templates)
     class_vectors, targets, teacher_dims = None, None, None
@@ -268,7 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif command == "targets":
             targets_main(argv)
         else:
-            run_training(load_settings(TrainSettings, argv, PROG, TrainSettings.__doc__, COMMANDS_HELP))
+            # the commands first (a reader looks at the top), then train's options
+            description = f"{TrainSettings.__doc__}\n\n{COMMANDS_HELP}"
+            run_training(load_settings(TrainSettings, argv, PROG, description))
     except (
         SettingsError,
         UsageError,

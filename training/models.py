@@ -18,6 +18,7 @@ from torch import nn
 from export import scoring
 from export.bundle import sha256_file
 from export.scoring import prompts
+from export.sources import suggest
 
 RUN_CONFIG_FILE = "open_clip_config.json"
 RUN_WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -118,6 +119,21 @@ def _from_config(model_cfg: dict[str, Any], architecture: str, seed: int) -> Cli
     )
 
 
+def check_model_ref(ref: str) -> None:
+    """Refuse, in a moment and before anything is built, a ref that names no model we can build."""
+    if run_model_dir(ref) is not None or ref.endswith(".json"):
+        if ref.endswith(".json") and not Path(ref).is_file():
+            raise ModelSpecError(f"model config {ref} does not exist")
+        return
+    if open_clip.get_model_config(ref) is None:
+        close = suggest(ref, open_clip.list_models())
+        hint = f"did you mean {', '.join(close)}?" if close else "see open_clip.list_models()"
+        raise ModelSpecError(
+            f"unknown model {ref!r}: not an open_clip model name, a .json config or a run folder with "
+            f"{RUN_CONFIG_FILE} ({hint})"
+        )
+
+
 def load_clip(ref: str, pretrained: str | None = None, seed: int = 0) -> ClipModel:
     """Build a CLIP model, in eval mode, from an open_clip name (+ pretrained tag, `none`, or
     checkpoint file), a JSON config file, or a run folder of ours."""
@@ -140,11 +156,7 @@ def _load_clip(ref: str, pretrained: str | None, seed: int) -> ClipModel:
         return loaded
     if ref.endswith(".json"):
         return _from_config(read_model_config(Path(ref)), Path(ref).stem, seed)
-    if open_clip.get_model_config(ref) is None:
-        raise ModelSpecError(
-            f"unknown model {ref!r}: not an open_clip model name, a .json config or a run folder with "
-            f"{RUN_CONFIG_FILE} (see open_clip.list_models())"
-        )
+    check_model_ref(ref)
     tag = None if pretrained in (None, "", "none") else pretrained
     torch.manual_seed(seed)
     try:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request
 
+from service.api.bodies import body_of, documented
 from service.api.common import error_responses, unless_disconnected
 from service.api.deps import ClassifierDep
 from service.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore
@@ -12,7 +15,9 @@ router = APIRouter(tags=["classification"])
 
 
 _ROUTE = dict(
-    response_model=ClassifyResponse, responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503)
+    response_model=ClassifyResponse,
+    responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
+    openapi_extra=documented(ClassifyRequest, {"images": "image files, one per image"}),
 )
 
 
@@ -20,9 +25,13 @@ _ROUTE = dict(
 @router.post(
     "/classify", summary="Zero-shot classification (the card's path: same as /v1/classify)", **_ROUTE
 )
-async def classify(body: ClassifyRequest, request: Request, classifier: ClassifierDep) -> ClassifyResponse:
+async def classify(
+    request: Request, classifier: ClassifierDep, body: Annotated[ClassifyRequest, body_of(ClassifyRequest)]
+) -> ClassifyResponse:
     """Top-k labels per image, given as `labels` (with optional `templates`) or a stored `labelset`;
-    `score` follows the model's own scoring (softmax over the labels, or sigmoid per label)."""
+    `score` follows the model's own scoring (softmax over the labels, or sigmoid per label).
+    JSON (images as base64, data URIs or URLs) or a multipart form (image files under `images`,
+    one `labels` field per label)."""
     outcome = await unless_disconnected(request, classifier.classify(body))
     engine = outcome.engine
     return ClassifyResponse(

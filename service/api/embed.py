@@ -2,86 +2,34 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ValidationError
-from starlette.datastructures import UploadFile
+from typing import Annotated
 
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from service.api.bodies import body_of, documented
 from service.api.common import encode_vectors, error_responses, unless_disconnected
-from service.api.deps import EmbedderDep, SettingsDep
-from service.errors import InvalidInput
-from service.schemas import EmbedForm, EmbedRequest, EmbedResponse
-from service.settings import Settings
+from service.api.deps import EmbedderDep
+from service.schemas import EmbedRequest, EmbedResponse
 
 router = APIRouter(tags=["embeddings"])
-
-
-def _schema(model: type[BaseModel]) -> dict:
-    return model.model_json_schema(ref_template="#/components/schemas/{model}")
-
-
-# The route reads its body itself (JSON or multipart), so both bodies are published from their models.
-_BODY_DOC = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": _schema(EmbedRequest)},
-            "multipart/form-data": {"schema": _schema(EmbedForm)},
-        },
-    }
-}
-
-
-def _validated(model: type[BaseModel], data: object) -> BaseModel:
-    try:
-        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from exc
-
-
-async def _form(request: Request, settings: Settings) -> EmbedForm:
-    form = await request.form(
-        max_files=settings.max_images_per_request + 1, max_fields=settings.max_texts_per_request + 8
-    )
-    unknown = sorted(set(form.keys()) - set(EmbedForm.model_fields))
-    if unknown:
-        raise InvalidInput(f"unknown form fields: {', '.join(unknown)}")
-    images: list[bytes] = []
-    for index, item in enumerate(form.getlist("images")):
-        if not isinstance(item, UploadFile):
-            raise InvalidInput(f"images[{index}] must be a file upload", index=index)
-        images.append(await item.read())
-    texts = form.getlist("texts")
-    if any(not isinstance(t, str) for t in texts):
-        raise InvalidInput("texts must be form fields, not files")
-    fields = {k: form.get(k) for k in ("model", "encoding_format", "dimensions") if form.get(k) is not None}
-    return _validated(EmbedForm, {**fields, "texts": texts, "images": images})  # type: ignore[return-value]
-
 
 _ROUTE = dict(
     response_model=EmbedResponse,
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
-    openapi_extra=_BODY_DOC,
+    openapi_extra=documented(EmbedRequest, {"images": "image files, one per image"}),
 )
 
 
 @router.post("/v1/embed", summary="Embed texts and/or images", **_ROUTE)
 @router.post("/embed", summary="Embed texts and/or images (the card's path: same as /v1/embed)", **_ROUTE)
-async def embed(request: Request, embedder: EmbedderDep, settings: SettingsDep) -> JSONResponse:
-    """Vectors in input order, L2-normalized; `base64` gives float32 little-endian per vector."""
-    if request.headers.get("content-type", "").startswith(
-        ("multipart/form-data", "application/x-www-form-urlencoded")
-    ):
-        form = await _form(request, settings)
-        work = embedder.embed(form.model, form.texts, image_bytes=form.images, dimensions=form.dimensions)
-        encoding = form.encoding_format
-    else:
-        body: EmbedRequest = _validated(EmbedRequest, await request.body())  # type: ignore[assignment]
-        work = embedder.embed(
-            body.model, body.texts or [], images=body.images or [], dimensions=body.dimensions
-        )
-        encoding = body.encoding_format
+async def embed(
+    request: Request, embedder: EmbedderDep, body: Annotated[EmbedRequest, body_of(EmbedRequest)]
+) -> JSONResponse:
+    """Vectors in input order, L2-normalized; `base64` gives float32 little-endian per vector.
+    JSON (images as base64, data URIs or URLs) or a multipart form (image files under `images`,
+    one `texts` field per text)."""
+    work = embedder.embed(body.model, body.texts or [], images=body.images or [], dimensions=body.dimensions)
     result = await unless_disconnected(request, work)
     engine = result.engine
     return JSONResponse(
@@ -89,8 +37,8 @@ async def embed(request: Request, embedder: EmbedderDep, settings: SettingsDep) 
             "model": engine.name,
             "version": engine.version,
             "dim": result.dim,
-            "text_embeddings": encode_vectors(result.text_vectors, encoding),
-            "image_embeddings": encode_vectors(result.image_vectors, encoding),
+            "text_embeddings": encode_vectors(result.text_vectors, body.encoding_format),
+            "image_embeddings": encode_vectors(result.image_vectors, body.encoding_format),
             "truncated": result.truncated,
         }
     )

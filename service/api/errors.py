@@ -83,7 +83,9 @@ def service_error_response(error: ServiceError) -> JSONResponse:
 
 
 def _location(loc: Sequence[object]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    # only the first element says where in the request (a field may be called `query`)
+    rest = loc[1:] if loc and loc[0] in ("body", "query", "path", "header", "form") else loc
+    parts = [str(p) for p in rest]
     text = ""
     for part in parts:
         text += f"[{part}]" if part.isdigit() else (f".{part}" if text else part)
@@ -105,7 +107,11 @@ def describe_validation(errors: Sequence[Mapping]) -> tuple[str, int | None]:
         if err.get("type") == "json_invalid":
             messages.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', msg)})")
             continue
-        messages.append(f"{_location(err.get('loc', ()))}: {msg}")
+        location = _location(err.get("loc", ()))
+        if err.get("type") == "unknown_field" and location == "body":
+            messages.append(msg)  # names the field itself
+            continue
+        messages.append(f"{location}: {msg}")
     if len(errors) > 5:
         messages.append(f"and {len(errors) - 5} more")
     index = _first_index(errors[0].get("loc", ())) if len(errors) == 1 else None

@@ -14,6 +14,7 @@ router = APIRouter(tags=["health"])
 
 @router.get("/livez", summary="Liveness: the batch loops are running")
 async def livez(registry: RegistryDep) -> Response:
+    """200 while the batch loops run; 503 when one has stopped (restart the process)."""
     if registry.ready and not registry.alive:
         return error_response(503, "not_alive", "a batch loop has stopped")
     return Response('{"status":"alive"}', media_type="application/json")
@@ -21,6 +22,7 @@ async def livez(registry: RegistryDep) -> Response:
 
 @router.get("/readyz", summary="Readiness: models loaded and warmed up")
 async def readyz(registry: RegistryDep) -> Response:
+    """200 with the served models and the bundles left out as broken; 503 while models load."""
     if not registry.ready:
         return error_response(503, "not_ready", "models are still loading", headers={"Retry-After": "2"})
     body = {"status": "ready", "models": [m.ref for m in registry.models()], "left_out": registry.left_out}
@@ -29,4 +31,5 @@ async def readyz(registry: RegistryDep) -> Response:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus text format: request latency per route, batch sizes, queue depth, cache hits."""
     return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -13,18 +13,19 @@ router = APIRouter(tags=["label sets"])
 _ERRORS = error_responses(401, 404, 413, 422, 503)
 
 
-def _info(state: LabelSetStatus, with_labels: bool) -> LabelSetInfo:
+def _info(state: LabelSetStatus) -> LabelSetInfo:
+    """The same shape from every route: the labels as they were given, and their count."""
     labelset = state.labelset
     return LabelSetInfo(
         name=labelset.name,
         model=labelset.model,
-        labels=len(labelset.labels),
+        labels=list(labelset.labels),
+        label_count=len(labelset.labels),
         templates=list(labelset.templates),
         status=state.status,
         progress=state.progress,
         error=state.error,
         created_at=labelset.created_at,
-        label_names=labelset.labels if with_labels else None,
     )
 
 
@@ -40,20 +41,23 @@ async def put_labelset(
     """200 when the class matrix is ready; 202 while a large set builds in the background."""
     state = await labelsets.put(name, body.labels, body.templates, body.model)
     response.status_code = 200 if state.status == "ready" else 202
-    return _info(state, with_labels=False)
+    return _info(state)
 
 
 @router.get("/v1/labelsets", response_model=LabelSetList, responses=_ERRORS, summary="List label sets")
 async def list_labelsets(labelsets: LabelSetsDep) -> LabelSetList:
-    return LabelSetList(labelsets=[_info(state, with_labels=False) for state in await labelsets.list_all()])
+    """Every stored label set, with its labels, templates and build status."""
+    return LabelSetList(labelsets=[_info(state) for state in await labelsets.list_all()])
 
 
 @router.get("/v1/labelsets/{name}", response_model=LabelSetInfo, responses=_ERRORS, summary="Get a label set")
 async def get_labelset(name: str, labelsets: LabelSetsDep) -> LabelSetInfo:
-    return _info(await labelsets.get(name), with_labels=True)
+    """One label set: its labels as they were given, templates, model and build status."""
+    return _info(await labelsets.get(name))
 
 
 @router.delete("/v1/labelsets/{name}", status_code=204, responses=_ERRORS, summary="Delete a label set")
 async def delete_labelset(name: str, labelsets: LabelSetsDep) -> Response:
+    """Delete the label set and its cached class matrix; 204 when done."""
     await labelsets.delete(name)
     return Response(status_code=204)

@@ -3,7 +3,8 @@
 - `RequestContext`: request id (from `X-Request-ID` or new), JSON log context, latency metric per
   route template, the id echoed in the response headers;
 - `Auth`: Bearer API keys on everything but `/livez`, `/readyz` and the demo page's own files
-  (`/`, `/static/*`: no data, and the page needs to load to ask for a key) when keys are
+  (`/`, `/static/*`, and the API docs `/docs`, `/redoc`, `/openapi.json`: no data, and
+  the pages need to load to ask for a key) when keys are
   configured; the admin key on `/v1/admin/*`;
 - `BodyLimit`: refuses bodies above `max_body_bytes` (by Content-Length, and while streaming).
 """
@@ -24,7 +25,8 @@ from service.logs import request_id_var
 from service.metrics import Metrics
 
 access_log = logging.getLogger("clipserve.access")
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/"})
+# The docs and the schema hold no data and must load before anyone has typed a key.
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/", "/docs", "/redoc", "/openapi.json", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
 ADMIN_PREFIX = "/v1/admin/"
 

@@ -21,6 +21,7 @@ router = APIRouter(tags=["openai"])
     summary="OpenAI-compatible embeddings",
 )
 async def embeddings(body: EmbeddingsRequest, request: Request, embedder: EmbedderDep) -> EmbeddingsResponse:
+    """OpenAI's embeddings API: texts (or images with `modality: image`) to vectors; the official clients work unchanged."""
     result = await unless_disconnected(request, embedder.embeddings(body))
     vectors = result.image_vectors if body.modality == "image" else result.text_vectors
     return EmbeddingsResponse(

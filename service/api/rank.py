@@ -1,4 +1,6 @@
 """POST /v1/rank: one query (text, image or vector) against candidates given in the request.
+A plain string is a text, as the query or as a candidate; as a multipart form, `query` and each of
+`candidates` are text fields or image files.
 
 Scores are cosine similarities, highest first; with `"probabilities": true` each result also gets
 the model's probability over all the candidates. Query and candidates go through the same batchers
@@ -7,8 +9,11 @@ as /v1/embed.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from fastapi import APIRouter, Request
 
+from service.api.bodies import body_of, documented
 from service.api.common import error_responses, unless_disconnected
 from service.api.deps import EmbedderDep
 from service.schemas import RankRequest, RankResponse, RankResult
@@ -22,8 +27,14 @@ router = APIRouter(tags=["retrieval"])
     response_model_exclude_none=True,
     responses=error_responses(400, 401, 404, 409, 413, 422, 429, 503),
     summary="Rank candidates against a query",
+    openapi_extra=documented(
+        RankRequest,
+        {"query": "the query: a text field or an image file", "candidates": "texts or image files, in order"},
+    ),
 )
-async def rank(body: RankRequest, request: Request, embedder: EmbedderDep) -> RankResponse:
+async def rank(
+    request: Request, embedder: EmbedderDep, body: Annotated[RankRequest, body_of(RankRequest)]
+) -> RankResponse:
     """Cosine similarity of each candidate to the query, highest first; `index` is the candidate's position."""
     outcome = await unless_disconnected(request, embedder.rank(body))
     engine = outcome.engine
