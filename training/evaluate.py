@@ -60,14 +60,13 @@ def zero_shot_scores(
     clip: ClipModel, images: Sequence[Image.Image], classes: Sequence[str], templates: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """[images, classes] cosine similarities and scores of the zero-shot classifier, built as the
-    service builds it (export/scoring.py: prompts, class vectors, the model's scoring rule)."""
-    from export.exporter import model_scoring
-
+    service builds it (export/scoring.py: prompts, class vectors, the model's scoring rule: a softmax
+    over the classes for CLIP, an independent sigmoid per class for SigLIP)."""
     clip.model.eval()
     device = next(clip.model.parameters()).device
     vectors = class_vectors(clip, list(classes), list(templates), device).float().cpu()
     similarity = (encode_images(clip, images) @ vectors.T).numpy()
-    return similarity, model_scoring(clip.model).probabilities(similarity)
+    return similarity, clip.scoring.probabilities(similarity)
 
 
 def zero_shot(
@@ -141,7 +140,7 @@ def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: i
     options.inter_op_num_threads = 1
     latency = {}
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = export_tower_graphs(clip.model, Path(tmp))
+        graphs = export_tower_graphs(clip.model, Path(tmp), tokenizer=clip.tokenizer)
         ids = tokens.numpy().astype(np.int64)
         if graphs.text_length_free:
             ids = ids[:, : int(token_counts(ids).max())]
