@@ -29,7 +29,7 @@ CONFIG_FILE = "open_clip_config.json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _SHOWN_KEYS = 8
 _CAUSE_CHARS = 240
-VOCAB_SLACK = 256
+VOCAB_SLACK = 64
 
 
 @dataclass(frozen=True)
