@@ -159,3 +159,69 @@ def test_cli_exports_with_the_tokenizer_from_a_folder(tmp_path: Path, capsys) ->
     bundle = ModelRepository(repo).load("sig")
     assert bundle.manifest.source.tokenizer == str(folder)
     assert bundle.manifest.tokenizer.clean == "canonicalize"
+
+
+def _open_clip_text_family(kind: str, folder: Path) -> dict:
+    """Shrunk CLIPA (BERT WordPiece, strip_sep_token, last-token pooling, no causal mask) and
+    worldwide (an XLM-V-style tokenizer, causal mask, pooling at the eos id) configs."""
+    from export.local_tokenizers import build_tokenizer
+
+    vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
+    if kind == "clipa":
+        tokenizer = build_tokenizer(folder / "bert", "bert", vocab_size=VOCAB_SMALL)
+        return {
+            "embed_dim": 32,
+            "vision_cfg": {**vision, "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True},
+            "text_cfg": {
+                "context_length": 32,
+                "vocab_size": VOCAB_SMALL,
+                "hf_tokenizer_name": str(tokenizer),
+                "tokenizer_kwargs": {"strip_sep_token": True},
+                "width": 64,
+                "heads": 2,
+                "layers": 2,
+                "pool_type": "last",
+                "no_causal_mask": True,
+            },
+        }
+    tokenizer = build_tokenizer(folder / "xlm-v", "xlm-roberta", vocab_size=VOCAB_SMALL)
+    return {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": vision,
+        "text_cfg": {
+            "hf_tokenizer_name": str(tokenizer),
+            "pool_type": "eos",
+            "eos_id": 2,
+            "context_length": 77,
+            "vocab_size": VOCAB_SMALL,
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+        },
+    }
+
+
+VOCAB_SMALL = 1000
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "pooling"), [("clipa", "last"), ("worldwide", "eos")])
+def test_clipa_and_worldwide_families_export_verified(kind: str, pooling: str, tmp_path: Path) -> None:
+    import torch
+
+    from export.exporter import export_bundle
+    from export.sources import load_model
+
+    torch.set_num_threads(2)
+    config = tmp_path / f"{kind}.json"
+    config.write_text(json.dumps(_open_clip_text_family(kind, tmp_path)))
+    loaded = load_model(config=config)
+    manifest = export_bundle(
+        loaded.model, tmp_path / "repo", kind, source=loaded.source, progress=False
+    ).manifest
+    assert (
+        manifest.tokenizer.kind == "hf" and manifest.text.pooling == pooling and manifest.scoring == "softmax"
+    )
+    assert (manifest.tokenizer.strip_sep_token_id is not None) == (kind == "clipa")
+    assert all(r.passed and r.min_cosine >= 0.9999 for r in manifest.parity)
