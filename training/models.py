@@ -231,6 +231,10 @@ class TowerOutputs:
     logit_bias: torch.Tensor | None = None
 
 
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
+
+
 @dataclass
 class Teacher:
     """One or several frozen CLIP models; each gets the inputs prepared with its own preprocessing."""
@@ -263,7 +267,7 @@ class Teacher:
                     image=model.encode_image(images[member.image_key], normalize=True),
                     text=model.encode_text(tokens[member.text_key], normalize=True),
                     logit_scale=model.logit_scale.exp().detach(),
-                    logit_bias=None if model.logit_bias is None else model.logit_bias.detach(),
+                    logit_bias=_detached(getattr(model, "logit_bias", None)),
                 )
             )
         return outputs
