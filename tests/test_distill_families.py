@@ -116,3 +116,23 @@ def test_same_family_student_keeps_the_tokenizer_and_sigmoid_scoring(
         by_label = {entry["label"]: entry["score"] for entry in row["labels"]}
         np.testing.assert_allclose([by_label[label] for label in labels], trained[index], atol=1e-5)
     assert float(trained[0].sum()) != pytest.approx(1.0)  # independent labels: no softmax
+
+
+def test_eval_reports_a_siglip_family_model(family_config, tmp_path: Path, torch_one_thread) -> None:
+    from training.cli import main
+
+    out = tmp_path / "report"
+    argv = [
+        "eval",
+        "--model",
+        str(family_config("siglip2")),
+        "--data",
+        TINY_DATA,
+        "--out",
+        str(out),
+        "--no-latency",
+    ]
+    assert main(argv) == 0
+    (report,) = json.loads((out / "report.json").read_text())
+    assert set(report["accuracy"]) == {"top1", "top5"}
+    assert report["gflops"]["image"] > 0 and report["gflops"]["text"] > 0

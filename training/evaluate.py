@@ -114,14 +114,22 @@ def gflops(clip: ClipModel) -> dict[str, float]:
     model = clip.model.eval().cpu()
     pixels, tokens = _example_inputs(clip)
     result = {}
-    for tower, module, example in (
-        ("image", ImageTower(model), pixels),
-        ("text", WholeTextTower(model), tokens),
-    ):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            module(example)
-        result[tower] = counter.get_total_flops() / 1e9
+    # The counter's module tracker cannot follow a parameter that requiring grad enters a module as
+    # its input (SigLIP's attention-pool latent): count with gradients off, then restore them.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        for tower, module, example in (
+            ("image", ImageTower(model), pixels),
+            ("text", WholeTextTower(model), tokens),
+        ):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                module(example)
+            result[tower] = counter.get_total_flops() / 1e9
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return result
 
 
