@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 import pytest
-
-# No hub can be reached from here: the Hugging Face libraries' offline mode makes a lookup of a hub
-# name fail at once, as it does on an offline machine, instead of after a minute of retries.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest_plugins = [
     "tests.fixtures.models",
