@@ -1,12 +1,14 @@
 """Export benchmark: export time, ONNX Runtime vs torch latency per tower and batch, int8 speed-up.
 
-    python bench/export.py                       # ViT-B-32 and MobileCLIP2-S0, batches 1, 8, 32
-    python bench/export.py --quick               # a tiny model, to check that the benchmark runs
-    python bench/export.py --models ViT-B-32 --batches 1 8 --repeats 10 --threads 2
+    python bench/export.py                       # ViT-B-32, MobileCLIP2-S0, ViT-B-16-SigLIP; batches 1, 8, 32
+    python bench/export.py --quick               # tiny models (CLIP and SigLIP-family), to check it runs
+    python bench/export.py --models ViT-B-16-SigLIP --batches 1 8 --repeats 10 --threads 2
 
-Random-init weights (no downloads). Figures are printed, never asserted. Latency is the median of
-`--repeats` timed runs after one warm-up run. "ORT gain" is torch ms / ORT fp32 ms; "int8 gain" is
-ORT fp32 ms / ORT int8 ms.
+Random-init weights (no downloads). A model with a Hugging Face tokenizer (SigLIP, CLIPA, ...) gets a
+tokenizer of its vocabulary size trained here (`export.local_tokenizers`), and its bundle adds the
+tokenizer throughput of the served path (`tokenizers`, Rust) against open_clip's HFTokenizer
+(transformers). Figures are printed, never asserted. Latency is the median of `--repeats` timed runs
+after one warm-up run. "ORT gain" is torch ms / ORT fp32 ms; "int8 gain" is ORT fp32 ms / ORT int8 ms.
 """
 
 from __future__ import annotations
@@ -31,13 +33,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.bundle import Bundle, ModelSource
 from export.exporter import export_bundle
-from export.sources import load_model, model_from_config
+from export.local_tokenizers import build_tokenizer, corpus
+from export.sources import hf_tokenizer_name, load_model, model_from_config
+from export.tokenizer import load_tokenizer
 from export.verify import fixed_token_ids, make_session, token_counts
 
 QUICK_CONFIG = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+QUICK_SIGLIP_CONFIG = {
+    "embed_dim": 32,
+    "init_logit_bias": -10,
+    "custom_text": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {
+        "context_length": 64,
+        "vocab_size": 1024,
+        "tokenizer_kwargs": {"clean": "canonicalize"},
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+        "no_causal_mask": True,
+        "proj_bias": True,
+        "pool_type": "last",
+    },
 }
 CAPTIONS = (
     "a photo of a dog",
@@ -67,31 +88,97 @@ def machine() -> str:
     )
 
 
-def _export(model: torch.nn.Module, name: str, root: Path) -> tuple[Bundle, float]:
+def _export(
+    model: torch.nn.Module, name: str, root: Path, source: ModelSource | None, tokenizer: Path | None
+) -> tuple[Bundle, float]:
     started = time.perf_counter()
     bundle = export_bundle(
         model,
         root,
         name,
-        source=ModelSource(architecture=name, pretrained="none"),
+        source=source or ModelSource(architecture=name, pretrained="none"),
         int8=True,
         min_cosine={"int8": 0.5},
         progress=True,
+        tokenizer=tokenizer,
     )
     return bundle, time.perf_counter() - started
 
 
-def _captions(count: int, context_length: int) -> np.ndarray:
+def _captions(bundle: Bundle, count: int) -> np.ndarray:
     texts = [CAPTIONS[i % len(CAPTIONS)] for i in range(count)]
-    return fixed_token_ids(context_length, texts)
+    if bundle.manifest.tokenizer.kind == "hf":
+        return load_tokenizer(bundle.manifest.tokenizer, bundle.path).encode(texts).ids
+    return fixed_token_ids(bundle.manifest.tokenizer.context_length, texts)
+
+
+def local_tokenizer(architecture: str, model_cfg: dict, folder: Path) -> Path | None:
+    """A tokenizer of the model's vocabulary size in the style of its family, trained here; None for
+    CLIP BPE."""
+    if hf_tokenizer_name(model_cfg) is None:
+        return None
+    text_cfg = model_cfg["text_cfg"]
+    if "vocab_size" not in text_cfg:
+        raise SystemExit(f"{architecture} has a Hugging Face text model: its config.json comes from the hub")
+    name = architecture.lower()
+    style = (
+        "gemma"
+        if "siglip2" in name
+        else "t5"
+        if "siglip" in name
+        else "bert"
+        if "clipa" in name
+        else "xlm-roberta"
+    )
+    return build_tokenizer(
+        folder / f"{architecture}-tokenizer", style, vocab_size=int(text_cfg["vocab_size"])
+    )
+
+
+def bench_tokenizers(bundle: Bundle, count: int = 4000, batch: int = 64) -> None:
+    """Texts per second through the served tokenizer and open_clip's HFTokenizer, same texts."""
+    from open_clip.tokenizer import HFTokenizer
+
+    spec = bundle.manifest.tokenizer
+    texts = corpus(count, seed=1)
+    served = load_tokenizer(spec, bundle.path)
+    reference = HFTokenizer(
+        bundle.manifest.source.tokenizer, context_length=spec.context_length, clean=spec.clean
+    )
+    assert np.array_equal(served.encode(texts[:256]).ids, reference(texts[:256]).numpy())
+
+    def run(encode: Callable[[list[str]], object]) -> float:
+        started = time.perf_counter()
+        for start in range(0, count, batch):
+            encode(texts[start : start + batch])
+        return count / (time.perf_counter() - started)
+
+    run(served.encode), run(reference)  # warm-up
+    ours = statistics.median(run(served.encode) for _ in range(3))
+    theirs = statistics.median(run(reference) for _ in range(3))
+    print(
+        f"tokenizer ({count} texts, batches of {batch}, same ids): tokenizers path {ours:,.0f} texts/s, "
+        f"open_clip HFTokenizer {theirs:,.0f} texts/s ({ours / theirs:.2f}x)"
+    )
 
 
 def bench_model(
-    label: str, model: torch.nn.Module, batches: list[int], repeats: int, threads: int, root: Path
+    label: str,
+    model: torch.nn.Module,
+    batches: list[int],
+    repeats: int,
+    threads: int,
+    root: Path,
+    source: ModelSource | None = None,
+    tokenizer: Path | None = None,
 ) -> None:
     print(f"\n== {label}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    bundle, seconds = _export(model, label.replace("/", "-"), root)
-    print(f"export (fp32 + int8 + parity checks): {seconds:.1f} s")
+    bundle, seconds = _export(model, label.replace("/", "-"), root, source, tokenizer)
+    manifest = bundle.manifest
+    print(
+        f"export (fp32 + int8 + parity checks): {seconds:.1f} s; tokenizer {manifest.tokenizer.kind}, "
+        f"scoring {manifest.scoring}, {manifest.image.resize_mode} resize"
+    )
     for report in bundle.manifest.parity:
         print(f"  parity {report.file:<18} min cosine {report.min_cosine:.6f}  mean {report.mean_cosine:.6f}")
     sessions = {
@@ -103,6 +190,8 @@ def bench_model(
     }
     height, width = bundle.manifest.image.size
     context = bundle.manifest.tokenizer.context_length
+    if manifest.tokenizer.kind == "hf":
+        bench_tokenizers(bundle)
     print(
         f"{'tower':<6} {'batch':>5} {'torch ms':>10} {'ORT ms':>10} {'ORT int8':>10} "
         f"{'ORT gain':>10} {'int8 gain':>10}  note"
@@ -119,7 +208,7 @@ def bench_model(
             images,
             "",
         )
-        ids = _captions(batch, context)
+        ids = _captions(bundle, batch)
         trimmed = np.ascontiguousarray(ids[:, : int(token_counts(ids).max())])
         _row(
             "text",
@@ -129,7 +218,7 @@ def bench_model(
             {p: s["text"] for p, s in sessions.items()},
             "input_ids",
             ids,
-            "all padded to 77",
+            f"all padded to {context}",
         )
         if bundle.manifest.text.dynamic_length:
             _row(
@@ -140,7 +229,7 @@ def bench_model(
                 {p: s["text"] for p, s in sessions.items()},
                 "input_ids",
                 trimmed,
-                f"ORT padded to {trimmed.shape[1]} (dynamic length), torch to 77",
+                f"ORT padded to {trimmed.shape[1]} (dynamic length), torch to {context}",
             )
 
 
@@ -168,7 +257,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "MobileCLIP2-S0"])
+    parser.add_argument("--models", nargs="+", default=["ViT-B-32", "MobileCLIP2-S0", "ViT-B-16-SigLIP"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
@@ -186,10 +275,25 @@ def main() -> None:
             print("quick mode: a tiny random model; the figures only show that the benchmark runs")
             torch.manual_seed(0)
             bench_model("tiny", model_from_config(QUICK_CONFIG), [1, 4], 2, args.threads, Path(folder))
+            config = {**QUICK_SIGLIP_CONFIG}
+            tokenizer = build_tokenizer(Path(folder) / "tiny-siglip-tokenizer", "t5", vocab_size=1024)
+            config["text_cfg"] = {**config["text_cfg"], "hf_tokenizer_name": str(tokenizer)}
+            source = ModelSource(architecture="tiny-siglip", pretrained="none", config=config)
+            model = model_from_config(config)
+            bench_model("tiny-siglip", model, [1, 4], 2, args.threads, Path(folder), source)
             return
         for name in args.models:
+            loaded = load_model(name, "none")
+            tokenizer = local_tokenizer(name, loaded.source.config or {}, Path(folder))
             bench_model(
-                name, load_model(name, "none").model, args.batches, args.repeats, args.threads, Path(folder)
+                name,
+                loaded.model,
+                args.batches,
+                args.repeats,
+                args.threads,
+                Path(folder),
+                loaded.source,
+                tokenizer,
             )
 
 

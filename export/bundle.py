@@ -30,11 +30,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from export.scoring import Scoring, ScoringKind
 
-FORMAT_VERSION = 1
+# 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. A format-1 manifest
+# still loads, with the same content hash.
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".publish.lock"
@@ -84,17 +86,56 @@ class ImagePreprocess(_Strict):
     fill_color: int = 0
 
 
-class TokenizerSpec(_Strict):
-    """What the torch-free tokenizer needs to reproduce the model's token ids exactly."""
+TokenizerKind = Literal["clip-bpe", "hf"]
+Padding = Literal["longest", "max_length"]
+Side = Literal["right", "left"]
 
-    kind: Literal["clip-bpe"] = "clip-bpe"
+
+class TokenizerSpec(_Strict):
+    """What the torch-free tokenizer needs to reproduce the model's token ids exactly.
+
+    `clip-bpe`: CLIP's byte-level BPE (`vocab_file` holds the merges), start/end tokens, rows cut to
+    their own length when the text graph is dynamic. `hf` (format 2): a Hugging Face `tokenizer.json`
+    run by the `tokenizers` library as open_clip's HFTokenizer runs it: the same cleaning, the file's
+    own normalizer, template and special tokens, then truncation and padding to the full context.
+    Fields a kind does not use stay None and are left out of the content hash."""
+
+    kind: TokenizerKind = "clip-bpe"
     context_length: int = Field(77, ge=2)
-    vocab_file: str = Field(description="file in the bundle holding the BPE merges")
+    vocab_file: str = Field(
+        description="file in the bundle: the BPE merges (clip-bpe) or tokenizer.json (hf)"
+    )
     lowercase: bool = True
     clean: Literal["lower", "whitespace", "canonicalize"] = "lower"
-    sot_token_id: int
-    eot_token_id: int
+    sot_token_id: int | None = Field(None, description="clip-bpe: the start token")
+    eot_token_id: int | None = Field(None, description="clip-bpe: the end token")
     pad_token_id: int = 0
+    padding: Padding | None = Field(
+        None,
+        description="hf: max_length (every row padded to context_length, as the text graph expects); "
+        "clip-bpe leaves it None: rows are padded to the batch's longest text when the graph allows",
+    )
+    padding_side: Side | None = None
+    truncation_side: Side | None = None
+    vocab_size: int | None = Field(None, ge=1, description="hf: ids in tokenizer.json, added tokens included")
+    strip_sep_token_id: int | None = Field(
+        None, description="hf: an id replaced by 0 after tokenizing (open_clip's strip_sep_token, CLIPA)"
+    )
+
+    @model_validator(mode="after")
+    def _complete_for_kind(self) -> TokenizerSpec:
+        if self.kind == "clip-bpe":
+            if self.sot_token_id is None or self.eot_token_id is None:
+                raise ValueError("a clip-bpe tokenizer needs sot_token_id and eot_token_id")
+        else:
+            missing = [
+                key
+                for key in ("padding", "padding_side", "truncation_side", "vocab_size")
+                if getattr(self, key) is None
+            ]
+            if missing:
+                raise ValueError(f"an hf tokenizer needs {', '.join(missing)}")
+        return self
 
 
 class TextGraph(_Strict):
@@ -104,7 +145,11 @@ class TextGraph(_Strict):
         description="True when the sequence axis is dynamic: a batch may be padded only to its "
         "longest text instead of context_length, giving identical vectors faster",
     )
-    pooling: Literal["argmax", "last", "first"] = "argmax"
+    pooling: Literal["argmax", "last", "first", "eos", "mean", "max", "cls"] = Field(
+        "argmax",
+        description="where the text vector is read: argmax (end token, CLIP), last/first/eos position, "
+        "or a Hugging Face text model's pooler (mean, max, cls)",
+    )
 
 
 class BundleFile(_Strict):
@@ -135,6 +180,9 @@ class ModelSource(_Strict):
     config: dict | None = None
     training_run: str | None = None
     open_clip_version: str | None = None
+    tokenizer: str | None = Field(
+        None, description="where a Hugging Face tokenizer came from: a hub name or the folder given"
+    )
 
 
 class ParityReport(_Strict):
@@ -207,7 +255,8 @@ class Manifest(_Strict):
         payload = {
             "embed_dim": self.embed_dim,
             "image": self.image.model_dump(mode="json"),
-            "tokenizer": self.tokenizer.model_dump(mode="json"),
+            # exclude_none: the fields format 2 added are None for clip-bpe, so old hashes hold
+            "tokenizer": self.tokenizer.model_dump(mode="json", exclude_none=True),
             "files": sorted((f.path, f.sha256) for f in self.files),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

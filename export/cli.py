@@ -3,6 +3,7 @@
 clip-export --model ViT-B-32 --pretrained none --name vitb32 --models-dir models/ [--int8] [--fp16] [--tensorrt]
 clip-export --model ViT-B-32 --pretrained laion2b_s34b_b79k --checkpoint ~/Downloads/vitb32.bin --name vitb32
 clip-export --config my_arch.json --checkpoint student.pt --name student
+clip-export --model ViT-B-16-SigLIP2 --pretrained webli --checkpoint siglip2.bin --tokenizer ./siglip2-tokenizer/
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class ExportSettings(CliSettings):
         "--pretrained TAG the file holds that tag's weights and its preprocessing is used",
     )
     seed: int = Field(0, description="seed for random init")
+    tokenizer: str | None = Field(
+        None,
+        description="for models with a Hugging Face tokenizer (SigLIP, multilingual): a folder holding "
+        "its tokenizer.json, or a hub name; none: the one the model config names, from the hub",
+    )
     # The bundle
     name: str | None = Field(None, description="model name in the repository; none: the --model name")
     models_dir: Path = Field(Path("models"), description="model repository to publish to")
@@ -95,6 +101,16 @@ def describe_source(source: ModelSource) -> str:
     return ", ".join(parts)
 
 
+def _describe_tokenizer(manifest) -> str:
+    spec = manifest.tokenizer
+    if spec.kind == "clip-bpe":
+        return f"CLIP BPE, clean {spec.clean}"
+    where = f" from {manifest.source.tokenizer}" if manifest.source.tokenizer else ""
+    return (
+        f"Hugging Face {spec.vocab_file} ({spec.vocab_size} ids{where}), clean {spec.clean}, pad to context"
+    )
+
+
 def summary(bundle: Bundle) -> str:
     m = bundle.manifest
     image = m.image
@@ -108,6 +124,9 @@ def summary(bundle: Bundle) -> str:
         f"mean {tuple(round(v, 4) for v in image.mean)}, std {tuple(round(v, 4) for v in image.std)}",
         f"  text           context {m.tokenizer.context_length}, {m.text.pooling} pooling, "
         f"{'dynamic length' if m.text.dynamic_length else 'fixed length (pad to context)'}",
+        f"  tokenizer      {_describe_tokenizer(m)}",
+        f"  scoring        {m.scoring}"
+        + (" (per label: sigmoid of scale * cos + bias)" if m.scoring == "sigmoid" else " over the labels"),
         "  files",
     ]
     lines += [f"    {f.path:<44} {f.size / 1e6:9.2f} MB  {f.precision or f.role}" for f in m.files]
@@ -141,6 +160,7 @@ def run(args: ExportSettings) -> Bundle:
     started = time.perf_counter()
     if not args.quiet:
         print(f"{PROG}: {args.model or args.config} -> {args.models_dir / name}", file=sys.stderr)
+    tokenizer = early_tokenizer(args)
     loaded = load_model(args.model, args.pretrained, args.checkpoint, args.config, seed=args.seed)
     if not args.quiet:
         print(f"  model loaded in {time.perf_counter() - started:.1f}s", file=sys.stderr)
@@ -155,7 +175,27 @@ def run(args: ExportSettings) -> Bundle:
         min_cosine=thresholds or None,
         version=args.version,
         progress=not args.quiet,
+        tokenizer=tokenizer,
     )
+
+
+def early_tokenizer(args: ExportSettings):
+    """The model's Hugging Face tokenizer, loaded and checked against the config's vocabulary size
+    before the model is built (a wrong folder or an offline hub fails in a second, not after minutes);
+    None for CLIP BPE."""
+    from export.sources import builtin_config, check_tokenizer_vocab, load_hf_tokenizer, read_config_file
+
+    if args.config is not None:
+        model_cfg, _ = read_config_file(args.config)
+    else:
+        model_cfg = builtin_config(args.model)
+    architecture = args.model or args.config.stem
+    tokenizer = load_hf_tokenizer(architecture, model_cfg, args.tokenizer)
+    vocab_size = model_cfg.get("text_cfg", {}).get("vocab_size")
+    if tokenizer is not None and vocab_size and not model_cfg["text_cfg"].get("hf_model_name"):
+        where = args.tokenizer or model_cfg["text_cfg"]["hf_tokenizer_name"]
+        check_tokenizer_vocab(architecture, tokenizer, int(vocab_size), str(where))
+    return tokenizer
 
 
 def main(argv: Sequence[str] | None = None) -> int:

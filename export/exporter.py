@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import shutil
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import numpy as np
 import onnx
 import open_clip
 import torch
-from open_clip.tokenizer import SimpleTokenizer
+from open_clip import tokenizer as open_clip_tokenizer
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg
 from open_clip.utils import to_2tuple
 from pydantic import ValidationError
@@ -43,14 +45,16 @@ from export.bundle import (
     VersionExistsError,
     validate_name,
 )
-from export.errors import ExportError, ParityError
+from export.errors import ExportError, ParityError, SourceError
 from export.logs import quiet_logs
 from export.quantize import convert_fp16, quantize_int8
 from export.scoring import Scoring
+from export.sources import check_tokenizer_vocab, hf_tokenizer_name, load_hf_tokenizer
 from export.tensorrt import build_engines, require_tensorrt, run_engine
-from export.tokenizer import VOCAB_FILENAME
-from export.towers import ImageTower, TextTowerPlan, plan_text_tower
+from export.tokenizer import VOCAB_FILENAME, load_tokenizer
+from export.towers import CLIP_BPE_VOCAB_SIZE, ImageTower, TextTowerPlan, plan_text_tower, text_vocab_size
 from export.verify import (
+    TOKENIZER_CHECK_TEXTS,
     cosine_threshold,
     fixed_images,
     fixed_token_ids,
@@ -69,6 +73,7 @@ ONNX_OPSET = 18
 EXAMPLE_BATCH = 2
 MAX_BATCH = 4096
 VOCAB_SOURCE = Path(open_clip.__file__).parent / VOCAB_FILENAME
+HF_TOKENIZER_FILE = "tokenizer.json"
 IMAGE_INPUT, IMAGE_OUTPUT = "pixel_values", "image_embeds"
 TEXT_INPUT, TEXT_OUTPUT = "input_ids", "text_embeds"
 
@@ -173,19 +178,24 @@ class TowerGraphs:
 
 
 def export_tower_graphs(
-    model: nn.Module, folder: Path, preprocess: ImagePreprocess | None = None
+    model: nn.Module,
+    folder: Path,
+    preprocess: ImagePreprocess | None = None,
+    tokenizer: TokenizerCall | None = None,
 ) -> TowerGraphs:
     """The fp32 image.onnx and text.onnx that a bundle of `model` would hold, written to `folder`
-    without checks or a manifest: for measuring the served graphs (`clip-distill eval`)."""
+    without checks or a manifest: for measuring the served graphs (`clip-distill eval`). `tokenizer`:
+    the model's open_clip tokenizer when it is not CLIP BPE."""
     was_training = model.training
     folder = Path(folder)
     try:
         exported = cpu_float32(model.eval())
         preprocess = preprocess or preprocess_from_model(exported)
         deployed = inference_copy(exported)
-        plan = plan_text_tower(deployed)
+        plan = plan_text_tower(deployed, getattr(tokenizer, "context_length", None))
         export_image_graph(ImageTower(deployed).eval(), fixed_images(*preprocess.size), folder / "image.onnx")
-        length_free = export_text_graph(plan, fixed_token_ids(plan.context_length), folder / "text.onnx")
+        ids = fixed_token_ids(plan.context_length, tokenizer=tokenizer)
+        length_free = export_text_graph(plan, ids, folder / "text.onnx")
     finally:
         model.train(was_training)
     return TowerGraphs(folder / "image.onnx", folder / "text.onnx", length_free)
@@ -216,16 +226,28 @@ def preprocess_from_model(model: nn.Module) -> ImagePreprocess:
         raise ExportError(f"unsupported image preprocess config {config}: {exc}") from exc
 
 
-def tokenizer_spec(context_length: int, source: ModelSource) -> TokenizerSpec:
-    text_cfg = (source.config or {}).get("text_cfg", {})
-    if text_cfg.get("hf_tokenizer_name"):
-        raise ExportError(
-            f"{source.architecture} uses the Hugging Face tokenizer {text_cfg['hf_tokenizer_name']!r}; "
-            "clipserve bundles support CLIP-BPE tokenizers only for now"
-        )
-    clean = text_cfg.get("tokenizer_kwargs", {}).get("clean", "lower")
-    bpe = SimpleTokenizer(context_length=context_length)
-    return TokenizerSpec(
+TokenizerCall = Callable[[list[str]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class BundleTokenizer:
+    """The tokenizer a bundle carries: its manifest entry, the file to write, and open_clip's own
+    tokenizer of the model (what the parity ids and the tokenizer check are made with)."""
+
+    spec: TokenizerSpec
+    reference: TokenizerCall
+    write: Callable[[Path], None]
+    origin: str | None = None
+
+    @property
+    def file(self) -> str:
+        return self.spec.vocab_file
+
+
+def _clip_bpe_tokenizer(context_length: int, source: ModelSource) -> BundleTokenizer:
+    clean = (source.config or {}).get("text_cfg", {}).get("tokenizer_kwargs", {}).get("clean", "lower")
+    bpe = SimpleTokenizer(context_length=context_length, clean=clean)
+    spec = TokenizerSpec(
         context_length=context_length,
         vocab_file=VOCAB_SOURCE.name,
         lowercase=clean != "whitespace",
@@ -233,6 +255,112 @@ def tokenizer_spec(context_length: int, source: ModelSource) -> TokenizerSpec:
         sot_token_id=bpe.sot_token_id,
         eot_token_id=bpe.eot_token_id,
     )
+    return BundleTokenizer(
+        spec, bpe, lambda folder: shutil.copyfile(VOCAB_SOURCE, folder / VOCAB_SOURCE.name)
+    )
+
+
+_CLEAN_MODES = {
+    open_clip_tokenizer._clean_lower: "lower",
+    open_clip_tokenizer._clean_whitespace: "whitespace",
+    open_clip_tokenizer._clean_canonicalize: "canonicalize",
+}
+
+
+def hf_tokenizer_spec(hf: HFTokenizer) -> TokenizerSpec:
+    """The manifest entry reproducing an open_clip HFTokenizer with the `tokenizers` library."""
+    if getattr(hf, "tokenizer_mode", "") not in ("", None):
+        raise ExportError(
+            f"open_clip tokenizer mode {hf.tokenizer_mode!r} is not supported by clipserve bundles"
+        )
+    clean = _CLEAN_MODES.get(hf.clean_fn)
+    if clean is None:
+        raise ExportError(f"the tokenizer's cleaning function {hf.clean_fn!r} is not one of open_clip's")
+    inner = hf.tokenizer
+    if getattr(inner, "backend_tokenizer", None) is None:
+        raise ExportError(
+            f"the tokenizer {type(inner).__name__} has no Hugging Face fast (tokenizers) backend to save as "
+            "tokenizer.json"
+        )
+    if inner.pad_token_id is None:
+        raise ExportError("the tokenizer has no pad token, so it cannot pad to the context length")
+    strip = inner.sep_token_id if hf.strip_sep_token else None
+    return TokenizerSpec(
+        kind="hf",
+        context_length=int(hf.context_length),
+        vocab_file=HF_TOKENIZER_FILE,
+        lowercase=clean != "whitespace",
+        clean=clean,
+        pad_token_id=int(inner.pad_token_id),
+        padding="max_length",
+        padding_side=inner.padding_side,
+        truncation_side=inner.truncation_side,
+        vocab_size=len(inner),
+        strip_sep_token_id=strip,
+    )
+
+
+def _write_tokenizer_json(hf: HFTokenizer, folder: Path) -> None:
+    # The backend as transformers runs it, without the truncation and padding left from its last
+    # call: the manifest says how to truncate and pad.
+    document = json.loads(hf.tokenizer.backend_tokenizer.to_str())
+    document["truncation"] = None
+    document["padding"] = None
+    (folder / HF_TOKENIZER_FILE).write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
+
+
+def _hf_bundle_tokenizer(hf: HFTokenizer, origin: str | None) -> BundleTokenizer:
+    return BundleTokenizer(
+        hf_tokenizer_spec(hf), hf, lambda folder: _write_tokenizer_json(hf, folder), origin
+    )
+
+
+def bundle_tokenizer(
+    model: nn.Module, source: ModelSource, tokenizer: str | Path | HFTokenizer | None = None
+) -> BundleTokenizer:
+    """The model's tokenizer for its bundle: CLIP BPE, or the Hugging Face tokenizer its config names
+    (or `tokenizer`: an open_clip HFTokenizer, a folder or a hub name), checked against the text
+    tower's vocabulary."""
+    config = source.config or {}
+    vocab = text_vocab_size(model)
+    try:
+        if isinstance(tokenizer, HFTokenizer):
+            hf, origin = tokenizer, getattr(tokenizer.tokenizer, "name_or_path", None)
+        else:
+            hf = load_hf_tokenizer(source.architecture, config, tokenizer)
+            origin = str(tokenizer or hf_tokenizer_name(config)) if hf is not None else None
+        if hf is not None:
+            check_tokenizer_vocab(source.architecture, hf, vocab, origin or "given")
+    except SourceError as exc:
+        raise ExportError(str(exc)) from exc
+    if hf is not None:
+        return _hf_bundle_tokenizer(hf, origin)
+    if vocab != CLIP_BPE_VOCAB_SIZE:
+        raise ExportError(
+            f"{source.architecture}'s text tower has a vocabulary of {vocab} tokens, not CLIP-BPE's "
+            f"{CLIP_BPE_VOCAB_SIZE}, and its config names no Hugging Face tokenizer: pass the tokenizer "
+            "(clip-export --tokenizer DIR_OR_HUB_NAME)"
+        )
+    return _clip_bpe_tokenizer(plan_text_tower(model).context_length, source)
+
+
+def check_tokenizer(
+    tokenizer: BundleTokenizer, folder: Path, texts: tuple[str, ...] = TOKENIZER_CHECK_TEXTS
+) -> None:
+    """The bundle's tokenizer, as the service loads it from `folder`, gives open_clip's ids exactly."""
+    served = load_tokenizer(tokenizer.spec, folder).encode(list(texts)).ids
+    expected = tokenizer.reference(list(texts)).numpy().astype(np.int64)
+    if served.shape != expected.shape:
+        raise ExportError(
+            f"the bundle's tokenizer gives ids of shape {served.shape}, open_clip's {expected.shape}"
+        )
+    for text, ours, theirs in zip(texts, served, expected, strict=True):
+        if not np.array_equal(ours, theirs):
+            at = int(np.flatnonzero(ours != theirs)[0])
+            raise ExportError(
+                f"the bundle's {tokenizer.file} tokenizes {text[:60]!r} differently from open_clip's tokenizer "
+                f"(first at position {at}: {int(ours[at])} vs {int(theirs[at])}); nothing was published"
+            )
 
 
 def _scalar(parameter: torch.Tensor | None) -> float | None:
@@ -247,7 +375,11 @@ def model_scoring(model: nn.Module) -> Scoring:
     scale = _scalar(getattr(model, "logit_scale", None))
     if scale is None:
         raise ExportError(f"a {type(model).__name__} has no logit_scale: cannot tell how it scores labels")
-    return Scoring("softmax", float(np.exp(scale)), _scalar(getattr(model, "logit_bias", None)) or 0.0)
+    bias = _scalar(getattr(model, "logit_bias", None))
+    # SigLIP-trained models carry a logit_bias: each label's sigmoid(scale * cos + bias) on its own
+    if bias is not None:
+        return Scoring("sigmoid", float(np.exp(scale)), bias)
+    return Scoring("softmax", float(np.exp(scale)))
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
@@ -295,9 +427,11 @@ class _BundleWriter:
             self.staging.describe("text.onnx", "text", "fp32"),
         ]
 
-    def copy_vocab(self) -> None:
-        shutil.copyfile(VOCAB_SOURCE, self.staging.path / VOCAB_SOURCE.name)
-        self.files.append(self.staging.describe(VOCAB_SOURCE.name, "tokenizer"))
+    def write_tokenizer(self, tokenizer: BundleTokenizer) -> None:
+        with self.progress.step(f"writing {tokenizer.file} and checking it against open_clip's tokenizer"):
+            tokenizer.write(self.staging.path)
+            check_tokenizer(tokenizer, self.staging.path)
+        self.files.append(self.staging.describe(tokenizer.file, "tokenizer"))
 
     def verify(self, precision: Precision, image_file: str, text_file: str) -> None:
         with self.progress.step(f"checking {precision} parity with the torch model"):
@@ -404,12 +538,13 @@ class _BundleWriter:
         )
 
 
-def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess) -> _Towers:
-    reference_image, reference_text = ImageTower(model).eval(), plan_text_tower(model)
+def _prepare_towers(model: nn.Module, preprocess: ImagePreprocess, tokenizer: BundleTokenizer) -> _Towers:
+    context = tokenizer.spec.context_length
+    reference_image, reference_text = ImageTower(model).eval(), plan_text_tower(model, context)
     deployed = inference_copy(model)
-    text_plan = plan_text_tower(deployed) if deployed is not model else reference_text
+    text_plan = plan_text_tower(deployed, context) if deployed is not model else reference_text
     images = fixed_images(*preprocess.size)
-    token_ids = fixed_token_ids(text_plan.context_length)
+    token_ids = fixed_token_ids(text_plan.context_length, tokenizer=tokenizer.reference)
     return _Towers(
         image=ImageTower(deployed).eval(),
         text=text_plan,
@@ -448,11 +583,14 @@ def export_bundle(
     min_cosine: float | Mapping[str, float] | None = None,
     version: int | None = None,
     progress: bool = True,
+    tokenizer: str | Path | HFTokenizer | None = None,
 ) -> Bundle:
     """Export both towers of `model`, verify them against it, and publish the bundle as `name`.
 
     `min_cosine`: a float sets the fp32 parity threshold; a mapping {"fp32"|"int8"|"fp16": value}
     sets any of them. Below its threshold, a graph is refused and nothing is published.
+    `tokenizer`: for a model with a Hugging Face tokenizer, where it comes from (an open_clip
+    HFTokenizer, a folder or a hub name); by default the one `source.config` names.
     """
     repository = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
     check_can_publish(repository, name, version, tensorrt)
@@ -470,6 +608,7 @@ def export_bundle(
             min_cosine,
             version,
             Progress(progress),
+            tokenizer,
         )
     finally:
         model.train(was_training)
@@ -498,19 +637,22 @@ def _export(
     min_cosine: float | Mapping[str, float] | None,
     version: int | None,
     steps: Progress,
+    tokenizer_given: str | Path | HFTokenizer | None,
 ) -> Bundle:
     preprocess = preprocess or preprocess_from_model(model)
     if source.open_clip_version is None:
         source = source.model_copy(update={"open_clip_version": open_clip.__version__})
+    tokenizer = bundle_tokenizer(model, source, tokenizer_given)
+    if tokenizer.origin and source.tokenizer is None:
+        source = source.model_copy(update={"tokenizer": tokenizer.origin})
     with steps.step("preparing towers and reference outputs"):
-        towers = _prepare_towers(model, preprocess)
-    tokenizer = tokenizer_spec(towers.text.context_length, source)
+        towers = _prepare_towers(model, preprocess, tokenizer)
     scoring = model_scoring(model)
     thresholds = {p: cosine_threshold(p, min_cosine) for p in ("fp32", "int8", "fp16")}
     with repository.stage(name) as staging:
         writer = _BundleWriter(staging, towers, thresholds, steps)
         writer.export_fp32()
-        writer.copy_vocab()
+        writer.write_tokenizer(tokenizer)
         writer.verify("fp32", "image.onnx", "text.onnx")
         if int8:
             writer.add_int8()
@@ -522,10 +664,10 @@ def _export(
             name=name,
             embed_dim=int(towers.image_reference.shape[1]),
             logit_scale=scoring.logit_scale,
-            logit_bias=_scalar(getattr(model, "logit_bias", None)),
+            logit_bias=scoring.logit_bias if scoring.kind == "sigmoid" else None,
             scoring=scoring.kind,
             image=preprocess,
-            tokenizer=tokenizer,
+            tokenizer=tokenizer.spec,
             text=TextGraph(dynamic_length=writer.length_free, pooling=towers.text.pooling),
             files=writer.files,
             source=source,

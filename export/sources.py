@@ -15,6 +15,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
@@ -28,6 +29,7 @@ CONFIG_FILE = "open_clip_config.json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _SHOWN_KEYS = 8
 _CAUSE_CHARS = 240
+VOCAB_SLACK = 64
 
 
 @dataclass(frozen=True)
@@ -71,15 +73,78 @@ def read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def check_text_tower_supported(architecture: str, model_cfg: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming what is missing, an architecture a bundle cannot hold."""
     text_cfg = model_cfg.get("text_cfg", {})
-    hf = text_cfg.get("hf_tokenizer_name") or text_cfg.get("hf_model_name")
-    if hf:
-        raise SourceError(
-            f"{architecture} uses the Hugging Face text model/tokenizer {hf!r}; clipserve bundles support "
-            "CLIP-BPE tokenizers only for now"
-        )
     if model_cfg.get("multimodal_cfg"):
-        raise SourceError(f"{architecture} is a captioning model (CoCa); only CLIP-style models are exported")
+        raise SourceError(
+            f"{architecture} is a captioning model (CoCa): its text decoder has no place in a bundle; "
+            "only CLIP-style models (an image and a text tower) are exported"
+        )
+    if text_cfg.get("tokenizer_mode"):
+        raise SourceError(
+            f"{architecture} uses open_clip's tokenizer mode {text_cfg['tokenizer_mode']!r}, which clipserve "
+            "bundles do not reproduce (supported: the standard Hugging Face tokenizer call, and CLIP BPE)"
+        )
+
+
+def hf_tokenizer_name(model_cfg: Mapping[str, Any]) -> str | None:
+    """The Hugging Face tokenizer (hub name or folder) the config names; None for CLIP BPE."""
+    return model_cfg.get("text_cfg", {}).get("hf_tokenizer_name") or None
+
+
+def load_hf_tokenizer(
+    architecture: str, model_cfg: Mapping[str, Any], tokenizer: str | Path | None = None
+) -> HFTokenizer | None:
+    """open_clip's tokenizer for a model with a Hugging Face tokenizer, as open_clip builds it (context
+    length, cleaning, strip_sep_token from the config), loaded from `tokenizer` (a folder or hub name)
+    or else from the name in the config. None for a CLIP-BPE model."""
+    named = hf_tokenizer_name(model_cfg)
+    if named is None:
+        if tokenizer is not None:
+            raise SourceError(
+                f"{architecture} uses CLIP's BPE tokenizer, which every bundle carries; --tokenizer is "
+                "for models with a Hugging Face tokenizer"
+            )
+        return None
+    text_cfg = model_cfg.get("text_cfg", {})
+    where = str(tokenizer or named)
+    if (
+        tokenizer is not None
+        and not Path(where).exists()
+        and (where.startswith((".", "~")) or Path(where).is_absolute())
+    ):
+        raise SourceError(f"tokenizer folder {where} does not exist")
+    if Path(where).is_file():
+        raise SourceError(
+            f"tokenizer {where} is a file; give the folder holding tokenizer.json (as save_pretrained writes it)"
+        )
+    kwargs = dict(text_cfg.get("tokenizer_kwargs", {}))
+    try:
+        with quiet_logs(logging.ERROR):
+            return HFTokenizer(where, context_length=int(text_cfg.get("context_length", 77)), **kwargs)
+    except Exception as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        cause = cause if len(cause) <= _CAUSE_CHARS else cause[:_CAUSE_CHARS] + "…"
+        raise SourceError(
+            f"cannot load the Hugging Face tokenizer {where!r} of {architecture} (offline, or not a tokenizer "
+            f"folder?): pass a local copy with --tokenizer DIR, a folder holding tokenizer.json  (cause: {cause})"
+        ) from exc
+
+
+def tokenizer_size(tokenizer: HFTokenizer) -> int:
+    """Ids the tokenizer can produce, added tokens included."""
+    return len(tokenizer.tokenizer)
+
+
+def check_tokenizer_vocab(architecture: str, tokenizer: HFTokenizer, vocab_size: int, where: str) -> None:
+    """Refuse a tokenizer whose ids do not fit the text tower's embedding table. A table may have a few
+    rows more than the tokenizer has ids (rounded up for speed: NLLB's 256206 for 256204 ids)."""
+    size = tokenizer_size(tokenizer)
+    if size > vocab_size or vocab_size - size > VOCAB_SLACK:
+        raise SourceError(
+            f"the tokenizer {where} has {size} ids but {architecture}'s text tower has a vocabulary of "
+            f"{vocab_size}: it is not this model's tokenizer"
+        )
 
 
 def model_from_config(
@@ -92,8 +157,23 @@ def model_from_config(
         document = {"model_cfg": dict(model_cfg), "preprocess_cfg": dict(preprocess_cfg or {})}
         (Path(folder) / CONFIG_FILE).write_text(json.dumps(document))
         try:
-            with quiet_logs():
-                model = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+            with quiet_logs(logging.ERROR):
+                # pretrained_text=False: a Hugging Face text tower is built from its config, no weights
+                model = open_clip.create_model(
+                    f"local-dir:{folder}", load_weights=False, pretrained_text=False
+                )
+        except OSError as exc:
+            hf_name = model_cfg.get("text_cfg", {}).get("hf_model_name")
+            cause = (
+                str(exc).strip().splitlines()[0][:_CAUSE_CHARS] if str(exc).strip() else type(exc).__name__
+            )
+            raise SourceError(
+                f"cannot build the Hugging Face text model {hf_name!r}: its config.json is not here (offline?); "
+                "use a --config whose text_cfg.hf_model_name is a folder holding that config.json  "
+                f"(cause: {cause})"
+                if hf_name
+                else f"cannot build the model: {cause}"
+            ) from exc
         except (TypeError, KeyError, ValueError, RuntimeError, AssertionError) as exc:
             raise SourceError(f"invalid model config: {type(exc).__name__}: {exc}") from exc
     return model.eval()
@@ -183,6 +263,19 @@ def tag_preprocess(name: str, tag: str) -> dict[str, Any]:
     return {key: tag_cfg[key] for key in PREPROCESS_KEYS if key in tag_cfg}
 
 
+def architecture_preprocess(name: str) -> dict[str, Any]:
+    """The preprocessing every published tag of an architecture shares (SigLIP's squash resize and 0.5
+    mean/std, MobileCLIP's 0/1): what its weights expect, so a random-init or untagged export gets it
+    too. Empty when the tags disagree or there are none (open_clip's defaults apply)."""
+    configs = [
+        {key: tag_cfg[key] for key in PREPROCESS_KEYS if key in tag_cfg}
+        for tag in open_clip.list_pretrained_tags_by_model(name)
+        if (tag_cfg := open_clip.get_pretrained_cfg(name, tag))
+    ]
+    shared = [json.dumps(config, sort_keys=True, default=list) for config in configs]
+    return configs[0] if configs and len(set(shared)) == 1 else {}
+
+
 def _create_pretrained(name: str, tag: str) -> nn.Module:
     check_tag(name, tag)
     try:
@@ -221,7 +314,7 @@ def load_model(
         model_cfg, preprocess_cfg = read_config_file(Path(config))
         architecture = name or Path(config).stem
     else:
-        model_cfg, preprocess_cfg = builtin_config(name), {}
+        model_cfg, preprocess_cfg = builtin_config(name), architecture_preprocess(name)
         architecture = name
     check_text_tower_supported(architecture, model_cfg)
     if pretrained and pretrained != RANDOM_INIT and _looks_like_a_path(pretrained):

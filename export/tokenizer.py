@@ -1,4 +1,7 @@
-"""CLIP byte-level BPE tokenizer without torch or open_clip.
+"""The tokenizers a bundle names, without torch or open_clip: CLIP byte-level BPE (`ClipTokenizer`)
+and Hugging Face `tokenizer.json` files (`HFTextTokenizer`); `load_tokenizer` picks one from the spec.
+
+The CLIP-BPE tokenizer:
 
 It reproduces, id for id, the tokenizer open_clip uses for CLIP-BPE models
 (`open_clip.tokenizer.SimpleTokenizer`), so the service can tokenize with only the standard
@@ -29,6 +32,7 @@ import string
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import ftfy
 import numpy as np
@@ -285,3 +289,126 @@ class ClipTokenizer:
             lengths[row] = len(tokens)
             truncated.append(cut)
         return TokenizedBatch(ids=ids, lengths=lengths, truncated=truncated)
+
+
+class TextTokenizer(Protocol):
+    """What the service asks of a bundle's tokenizer."""
+
+    context_length: int
+
+    def encode(self, texts: Sequence[str]) -> TokenizedBatch: ...
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a sequence of texts, not a single str; wrap it in a list")
+    for row, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {row} is a {type(text).__name__}, expected str")
+    return list(texts)
+
+
+class HFTextTokenizer:
+    """Text -> token ids with a Hugging Face `tokenizer.json`, identical to open_clip's HFTokenizer.
+
+    open_clip cleans each text (`clean` mode, as for CLIP-BPE), then calls the transformers tokenizer
+    with `max_length=context_length, padding="max_length", truncation=True`: the file's normalizer,
+    pre-tokenizer, model and template, the template's special tokens kept when a text is cut. This
+    runs the same `tokenizers` (Rust) pipeline with the same truncation and padding, so rows always
+    have `context_length` ids. With `strip_sep_token_id`, that id becomes 0 afterwards (CLIPA)."""
+
+    def __init__(
+        self,
+        tokenizer_file: str | Path,
+        context_length: int,
+        clean: str = "whitespace",
+        pad_token_id: int = 0,
+        padding_side: str = "right",
+        truncation_side: str = "right",
+        strip_sep_token_id: int | None = None,
+    ):
+        from tokenizers import Tokenizer
+
+        if clean not in _CLEANERS:
+            raise ValueError(f"unknown clean mode {clean!r}; expected one of {', '.join(CLEAN_MODES)}")
+        if context_length < 1:
+            raise ValueError(f"context_length must be >= 1, got {context_length}")
+        path = Path(tokenizer_file)
+        if not path.is_file():
+            raise VocabularyNotFoundError(f"tokenizer file not found: {path} (expected a tokenizer.json)")
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the Rust library raises plain Exceptions for unreadable files
+            raise TokenizerError(f"cannot read Hugging Face tokenizer {path}: {exc}") from exc
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if not 0 <= pad_token_id < self.vocab_size:
+            raise TokenizerError(
+                f"pad token id {pad_token_id} is outside {path.name}'s {self.vocab_size} ids"
+            )
+        self.tokenizer_file = path
+        self.context_length = context_length
+        self.clean = clean
+        self.pad_token_id = pad_token_id
+        self.strip_sep_token_id = strip_sep_token_id
+        self._clean_text = _CLEANERS[clean]
+        tokenizer.enable_truncation(max_length=context_length, direction=truncation_side)
+        tokenizer.enable_padding(
+            direction=padding_side,
+            pad_id=pad_token_id,
+            pad_token=tokenizer.id_to_token(pad_token_id) or "",
+            length=context_length,
+        )
+        self._tokenizer = tokenizer
+
+    @classmethod
+    def from_spec(cls, spec: TokenizerSpec, bundle_dir: Path) -> HFTextTokenizer:
+        """The tokenizer a bundle's manifest describes; refuses a file whose size contradicts it."""
+        tokenizer = cls(
+            Path(bundle_dir) / spec.vocab_file,
+            context_length=spec.context_length,
+            clean=spec.clean,
+            pad_token_id=spec.pad_token_id,
+            padding_side=spec.padding_side or "right",
+            truncation_side=spec.truncation_side or "right",
+            strip_sep_token_id=spec.strip_sep_token_id,
+        )
+        if spec.vocab_size is not None and tokenizer.vocab_size != spec.vocab_size:
+            raise TokenizerError(
+                f"tokenizer spec says {spec.vocab_size} ids, but {spec.vocab_file} has {tokenizer.vocab_size}"
+            )
+        return tokenizer
+
+    def to_spec(
+        self, vocab_file: str = "tokenizer.json", padding_side: str = "right", truncation_side: str = "right"
+    ) -> TokenizerSpec:
+        return TokenizerSpec(
+            kind="hf",
+            context_length=self.context_length,
+            vocab_file=vocab_file,
+            lowercase=self.clean != "whitespace",
+            clean=self.clean,
+            pad_token_id=self.pad_token_id,
+            padding="max_length",
+            padding_side=padding_side,
+            truncation_side=truncation_side,
+            vocab_size=self.vocab_size,
+            strip_sep_token_id=self.strip_sep_token_id,
+        )
+
+    def encode(self, texts: Sequence[str]) -> TokenizedBatch:
+        """Tokenize a batch: int64 [B, context_length], padded as the tokenizer pads."""
+        cleaned = [self._clean_text(text) for text in _check_texts(texts)]
+        encodings = self._tokenizer.encode_batch(cleaned) if cleaned else []
+        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(cleaned), self.context_length)
+        if self.strip_sep_token_id is not None:
+            ids[ids == self.strip_sep_token_id] = 0
+        lengths = np.array([sum(e.attention_mask) for e in encodings], dtype=np.int64)
+        truncated = [bool(e.overflowing) for e in encodings]
+        return TokenizedBatch(ids=ids, lengths=lengths, truncated=truncated)
+
+
+def load_tokenizer(spec: TokenizerSpec, bundle_dir: Path) -> ClipTokenizer | HFTextTokenizer:
+    """The tokenizer of a bundle, of the kind its manifest names."""
+    if spec.kind == "hf":
+        return HFTextTokenizer.from_spec(spec, bundle_dir)
+    return ClipTokenizer.from_spec(spec, bundle_dir)

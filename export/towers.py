@@ -3,8 +3,9 @@
 The text tower is rebuilt from the model's own parts (never copied weights) so that it slices the
 positional embedding and the causal mask to the length of the input: with a causal mask and
 end-token pooling, the vectors do not depend on padding, and the exported graph can keep its
-sequence axis dynamic. Models without a causal mask (e.g. MobileCLIP text towers) or with a pad
-mask or class token do see the padding, so they are wrapped as they are, at their full length.
+sequence axis dynamic. Models without a causal mask (e.g. MobileCLIP and SigLIP text towers), with
+a pad mask or class token, or with a Hugging Face text model (xlm-roberta, mt5, NLLB) do see the
+padding, so they are wrapped as they are, at the full length their tokenizer pads to.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip import CLIP, CustomTextCLIP
+from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MaxPooler, MeanPooler
 from open_clip.transformer import TextTransformer
 from torch import nn
 
 from export.errors import ExportError
 
 CLIP_BPE_VOCAB_SIZE = 49408
-SUPPORTED_POOLING = ("argmax", "last", "first")
+SUPPORTED_POOLING = ("argmax", "last", "first", "eos")
+_HF_POOLING = {MeanPooler: "mean", MaxPooler: "max", ClsPooler: "cls", ClsLastHiddenStatePooler: "cls"}
 
 
 class ImageTower(nn.Module):
@@ -76,6 +79,7 @@ class TextTowerPlan:
     pooling: str
     # True when padding cannot change the vectors, so the graph may take any length <= context.
     length_free: bool
+    vocab_size: int = CLIP_BPE_VOCAB_SIZE
 
 
 def _text_parts(model: nn.Module) -> tuple[nn.Module, str]:
@@ -85,8 +89,8 @@ def _text_parts(model: nn.Module) -> tuple[nn.Module, str]:
     if isinstance(model, CustomTextCLIP):
         if not isinstance(model.text, TextTransformer):
             raise ExportError(
-                f"the text tower is a {type(model.text).__name__} (a Hugging Face text model with its own "
-                "tokenizer); clipserve bundles support CLIP-BPE text towers only for now"
+                f"the text tower is a {type(model.text).__name__}, which clipserve bundles do not export "
+                "(supported: open_clip's TextTransformer and Hugging Face text models)"
             )
         return model.text, model.text.pool_type
     raise ExportError(
@@ -94,14 +98,31 @@ def _text_parts(model: nn.Module) -> tuple[nn.Module, str]:
     )
 
 
-def plan_text_tower(model: nn.Module) -> TextTowerPlan:
+def text_vocab_size(model: nn.Module) -> int:
+    """Rows of the text tower's token embedding table: the ids its tokenizer may produce."""
+    text = getattr(model, "text", None)
+    if isinstance(text, HFTextEncoder):
+        return int(text.transformer.get_input_embeddings().num_embeddings)
+    parts, _ = _text_parts(model)
+    return int(parts.token_embedding.num_embeddings)
+
+
+def plan_text_tower(model: nn.Module, context_length: int | None = None) -> TextTowerPlan:
+    """How to export the text tower. `context_length`: the length the model's tokenizer pads to, for
+    a Hugging Face text model (its own limit, max_position_embeddings, is usually far longer)."""
+    text = getattr(model, "text", None)
+    if isinstance(model, CustomTextCLIP) and isinstance(text, HFTextEncoder):
+        pooling = _HF_POOLING.get(type(text.pooler))
+        if pooling is None:
+            raise ExportError(f"Hugging Face text pooler {type(text.pooler).__name__} is not supported")
+        length = context_length or 77
+        if text.context_length and length > text.context_length:
+            raise ExportError(
+                f"the tokenizer pads to {length} tokens but the text model takes at most {text.context_length}"
+            )
+        return TextTowerPlan(WholeTextTower(model), length, pooling, False, text_vocab_size(model))
     text, pool_type = _text_parts(model)
     vocab_size = text.token_embedding.num_embeddings
-    if vocab_size != CLIP_BPE_VOCAB_SIZE:
-        raise ExportError(
-            f"the text tower has a vocabulary of {vocab_size} tokens, not CLIP-BPE's {CLIP_BPE_VOCAB_SIZE}: "
-            "its tokenizer is not supported by clipserve bundles yet"
-        )
     if pool_type not in SUPPORTED_POOLING:
         raise ExportError(
             f"text pooling {pool_type!r} is not supported (supported: {', '.join(SUPPORTED_POOLING)})"
@@ -109,7 +130,8 @@ def plan_text_tower(model: nn.Module) -> TextTowerPlan:
     context_length = int(text.positional_embedding.shape[0])
     causal = getattr(text, "attn_mask", None) is not None
     plain = getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False)
-    # Only argmax pooling reads a position that does not move with the padding.
-    if causal and plain and pool_type == "argmax":
-        return TextTowerPlan(CausalTextTower(text), context_length, pool_type, length_free=True)
-    return TextTowerPlan(WholeTextTower(model), context_length, pool_type, length_free=False)
+    # Only argmax pooling of CLIP's BPE ids (the end token has the highest id) reads a position that
+    # does not move with the padding.
+    if causal and plain and pool_type == "argmax" and vocab_size == CLIP_BPE_VOCAB_SIZE:
+        return TextTowerPlan(CausalTextTower(text), context_length, pool_type, True, vocab_size)
+    return TextTowerPlan(WholeTextTower(model), context_length, pool_type, False, vocab_size)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +24,19 @@ PARITY_TEXTS: tuple[str, ...] = (
     "dog",
     "an emoji 🐶 and an accent: café, naïve &amp; résumé",
     "a very long caption " + " ".join(f"word{i}" for i in range(120)),
+)
+# Tokenizer parity at export (the bundle's tokenizer.json against open_clip's tokenizer), beyond the
+# parity texts: case, punctuation, underscores, whitespace, entities, scripts, special-token strings.
+TOKENIZER_CHECK_TEXTS: tuple[str, ...] = (
+    *PARITY_TEXTS,
+    " ",
+    "A  Photo_of THE dog!!  (really?)",
+    "tab\tnew\nline\u00a0nbsp",
+    "Ein Foto von einem Hund; une photo d'un chien; una foto de un perro",
+    "фотография собаки, 一张狗的照片, 犬の写真, صورة كلب, एक कुत्ते की तस्वीर",
+    "ﬁ ligature ① ＦＵＬＬＷＩＤＴＨ e\u0301",
+    "<s> </s> <pad> <unk> [CLS] [SEP] <start_of_text>",
+    "x" * 400,
 )
 PARITY_IMAGES = 4
 
@@ -49,9 +62,14 @@ def fixed_images(height: int, width: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate([noise, gradient, checker]).astype(np.float32))
 
 
-def fixed_token_ids(context_length: int, texts: Sequence[str] = PARITY_TEXTS) -> np.ndarray:
-    """Token ids as open_clip's own tokenizer makes them, padded to the context length."""
-    tokenizer = SimpleTokenizer(context_length=context_length)
+def fixed_token_ids(
+    context_length: int,
+    texts: Sequence[str] = PARITY_TEXTS,
+    tokenizer: Callable[[list[str]], torch.Tensor] | None = None,
+) -> np.ndarray:
+    """Token ids as open_clip's own tokenizer makes them (CLIP BPE unless `tokenizer` is given, e.g.
+    the model's HFTokenizer), padded to the context length."""
+    tokenizer = tokenizer or SimpleTokenizer(context_length=context_length)
     return tokenizer(list(texts)).numpy().astype(np.int64)
 
 

@@ -3,7 +3,8 @@
 `load_version(repository, name, version, settings)` is blocking (hashing, session creation and a
 first pass through each tower): the registry runs it in a thread. It picks each tower's file from
 the settings (`precision`, `engine`), opens one runtime per tower and the bundle's tokenizer, and
-fails a graph whose output does not match the manifest before it ever serves a request.
+fails a graph whose output does not match the manifest before it ever serves a request. The
+tokenizer is the kind the manifest names: CLIP BPE, or a Hugging Face tokenizer.json.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from export.bundle import Bundle, BundleError, ModelRepository
-from export.tokenizer import ClipTokenizer
+from export.tokenizer import TextTokenizer, load_tokenizer
 from service.runtime import Runtime, open_runtime, tower_options
 from service.runtime.tensorrt import select_engine
 from service.settings import Settings
@@ -30,7 +31,7 @@ class LoadedBundle:
     bundle: Bundle
     image_runtime: Runtime
     text_runtime: Runtime
-    tokenizer: ClipTokenizer
+    tokenizer: TextTokenizer
     text_precision: str
     image_precision: str
     providers: list[str] = field(default_factory=list)
@@ -57,7 +58,7 @@ def load_version(
     try:
         opened.append(open_runtime(image_path, tower_options(settings, bundle.manifest, "image")))
         opened.append(open_runtime(text_path, tower_options(settings, bundle.manifest, "text")))
-        tokenizer = ClipTokenizer.from_spec(bundle.manifest.tokenizer, bundle.path)
+        tokenizer = load_tokenizer(bundle.manifest.tokenizer, bundle.path)
         loaded = LoadedBundle(
             bundle,
             opened[0],

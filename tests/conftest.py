@@ -9,6 +9,7 @@ pytest_plugins = [
     "tests.fixtures.service",
     "tests.fixtures.training",
     "tests.fixtures.retrieval",
+    "tests.fixtures.families",
 ]
 
 

@@ -124,9 +124,23 @@ def test_pretrained_tag_with_offline_hub_simulated_says_how_to_pass_a_local_file
     assert "--model ViT-B-32 --pretrained laion2b_s34b_b79k --checkpoint PATH" in message
 
 
-def test_hugging_face_text_towers_are_refused_before_any_download() -> None:
-    with pytest.raises(SourceError, match=r"Hugging Face .*CLIP-BPE tokenizers only"):
-        load_model("ViT-B-16-SigLIP", "none")
+def test_architectures_a_bundle_cannot_hold_are_refused_in_one_line() -> None:
+    with pytest.raises(SourceError, match=r"coca_ViT-B-32 is a captioning model \(CoCa\)"):
+        load_model("coca_ViT-B-32", "none")
+
+
+def test_hugging_face_text_model_offline_names_the_missing_config() -> None:
+    # the hub cannot be reached here: xlm-roberta-base's config.json is what is missing
+    with pytest.raises(SourceError, match=r"Hugging Face text model 'xlm-roberta-base': its config.json"):
+        load_model("xlm-roberta-base-ViT-B-32", "none")
+
+
+def test_random_init_takes_the_preprocessing_its_tags_share() -> None:
+    from export.sources import architecture_preprocess
+
+    siglip = architecture_preprocess("ViT-B-16-SigLIP2")
+    assert siglip["resize_mode"] == "squash" and tuple(siglip["mean"]) == (0.5, 0.5, 0.5)
+    assert architecture_preprocess("ViT-B-32")["resize_mode"] == "shortest"
 
 
 @pytest.fixture(scope="module")

@@ -203,7 +203,13 @@ def publish(student: ClipModel, result: TrainResult, repository: str | Path, nam
         checkpoint_sha256=result.checkpoint_sha256,
         training_run=result.run_id,
     )
-    return export_bundle(student.model.cpu().eval(), repository, name, source=source, int8=int8)
+    # the student's own tokenizer: CLIP BPE, or the Hugging Face one its config names
+    from open_clip.tokenizer import HFTokenizer
+
+    tokenizer = student.tokenizer if isinstance(student.tokenizer, HFTokenizer) else None
+    return export_bundle(
+        student.model.cpu().eval(), repository, name, source=source, int8=int8, tokenizer=tokenizer
+    )
 
 
 # ---- targets ------------------------------------------------------------------------------------

@@ -60,14 +60,13 @@ def zero_shot_scores(
     clip: ClipModel, images: Sequence[Image.Image], classes: Sequence[str], templates: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """[images, classes] cosine similarities and scores of the zero-shot classifier, built as the
-    service builds it (export/scoring.py: prompts, class vectors, the model's scoring rule)."""
-    from export.exporter import model_scoring
-
+    service builds it (export/scoring.py: prompts, class vectors, the model's scoring rule: a softmax
+    over the classes for CLIP, an independent sigmoid per class for SigLIP)."""
     clip.model.eval()
     device = next(clip.model.parameters()).device
     vectors = class_vectors(clip, list(classes), list(templates), device).float().cpu()
     similarity = (encode_images(clip, images) @ vectors.T).numpy()
-    return similarity, model_scoring(clip.model).probabilities(similarity)
+    return similarity, clip.scoring.probabilities(similarity)
 
 
 def zero_shot(
@@ -115,14 +114,22 @@ def gflops(clip: ClipModel) -> dict[str, float]:
     model = clip.model.eval().cpu()
     pixels, tokens = _example_inputs(clip)
     result = {}
-    for tower, module, example in (
-        ("image", ImageTower(model), pixels),
-        ("text", WholeTextTower(model), tokens),
-    ):
-        counter = FlopCounterMode(display=False)
-        with counter:
-            module(example)
-        result[tower] = counter.get_total_flops() / 1e9
+    # The counter's module tracker cannot follow a parameter that requiring grad enters a module as
+    # its input (SigLIP's attention-pool latent): count with gradients off, then restore them.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    try:
+        for tower, module, example in (
+            ("image", ImageTower(model), pixels),
+            ("text", WholeTextTower(model), tokens),
+        ):
+            counter = FlopCounterMode(display=False)
+            with counter:
+                module(example)
+            result[tower] = counter.get_total_flops() / 1e9
+    finally:
+        for parameter in trainable:
+            parameter.requires_grad_(True)
     return result
 
 
@@ -141,7 +148,7 @@ def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: i
     options.inter_op_num_threads = 1
     latency = {}
     with tempfile.TemporaryDirectory() as tmp:
-        graphs = export_tower_graphs(clip.model, Path(tmp))
+        graphs = export_tower_graphs(clip.model, Path(tmp), tokenizer=clip.tokenizer)
         ids = tokens.numpy().astype(np.int64)
         if graphs.text_length_free:
             ids = ids[:, : int(token_counts(ids).max())]

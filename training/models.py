@@ -55,7 +55,18 @@ class ClipModel:
 
     @property
     def text_key(self) -> str:
-        return f"{type(self.tokenizer).__name__}:{self.context_length}"
+        """Models with equal keys take identical token ids, so captions are tokenized once per key."""
+        inner = getattr(self.tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        origin = getattr(inner, "name_or_path", None)
+        name = type(self.tokenizer).__name__
+        return f"{name}:{origin}:{self.context_length}" if origin else f"{name}:{self.context_length}"
+
+    @property
+    def scoring(self) -> scoring.Scoring:
+        """The model's zero-shot scoring rule: softmax (CLIP) or per-label sigmoid (SigLIP)."""
+        from export.exporter import model_scoring
+
+        return model_scoring(self.model)
 
     def parameter_counts(self) -> dict[str, int]:
         visual = sum(p.numel() for p in self.model.visual.parameters())
@@ -84,16 +95,19 @@ def _friendly_to_open_clip(cfg: dict[str, Any]) -> dict[str, Any]:
     return {"embed_dim": embed_dim, "vision_cfg": vision, "text_cfg": text}
 
 
-def read_model_config(path: Path) -> dict[str, Any]:
+def read_config_with_preprocess(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model_cfg, preprocess_cfg) of a JSON config: bare, friendly, or open_clip_config.json style
+    (whose preprocess_cfg, e.g. SigLIP's squash resize and 0.5 mean/std, the model keeps)."""
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError as exc:
         raise ModelSpecError(f"model config {path} does not exist") from exc
     except json.JSONDecodeError as exc:
         raise ModelSpecError(f"model config {path} is not valid JSON: {exc}") from exc
+    preprocess = dict(raw.get("preprocess_cfg", {})) if "model_cfg" in raw else {}
     if "model_cfg" in raw:
         raw = raw["model_cfg"]
-    return raw if "vision_cfg" in raw else _friendly_to_open_clip(raw)
+    return (raw if "vision_cfg" in raw else _friendly_to_open_clip(raw)), preprocess
 
 
 def run_model_dir(ref: str | Path) -> Path | None:
@@ -105,18 +119,55 @@ def run_model_dir(ref: str | Path) -> Path | None:
     return None
 
 
-def _from_config(model_cfg: dict[str, Any], architecture: str, seed: int) -> ClipModel:
+def _needs_factory(model_cfg: dict[str, Any]) -> bool:
+    """Configs open_clip.CLIP cannot build alone: a custom text tower (SigLIP) or a Hugging Face one."""
+    text_cfg = model_cfg.get("text_cfg", {})
+    return bool(model_cfg.get("custom_text") or text_cfg.get("hf_model_name"))
+
+
+def model_tokenizer(model_cfg: dict[str, Any], architecture: str) -> Any:
+    """open_clip's tokenizer for a config: its Hugging Face tokenizer (a folder or hub name in
+    `text_cfg.hf_tokenizer_name`, with the config's cleaning) or CLIP's BPE."""
+    from export.errors import SourceError
+    from export.sources import load_hf_tokenizer
+
+    try:
+        tokenizer = load_hf_tokenizer(architecture, model_cfg)
+    except SourceError as exc:
+        raise ModelSpecError(str(exc).replace("--tokenizer DIR", "text_cfg.hf_tokenizer_name = DIR")) from exc
+    if tokenizer is not None:
+        return tokenizer
+    text_cfg = model_cfg["text_cfg"]
+    clean = text_cfg.get("tokenizer_kwargs", {}).get("clean", "lower")
+    return open_clip.SimpleTokenizer(context_length=int(text_cfg.get("context_length", 77)), clean=clean)
+
+
+def _from_config(
+    model_cfg: dict[str, Any],
+    architecture: str,
+    seed: int,
+    preprocess_cfg: dict[str, Any] | None = None,
+) -> ClipModel:
     torch.manual_seed(seed)
     cfg = copy.deepcopy(model_cfg)
-    model = open_clip.CLIP(**cfg)
-    size = model.visual.image_size
-    preprocess = dict(vars(open_clip.transform.PreprocessCfg()))
-    preprocess["size"] = list(size) if isinstance(size, tuple) else [size, size]
-    open_clip.set_model_preprocess_cfg(model, preprocess)
-    ctx = int(cfg["text_cfg"].get("context_length", 77))
-    return ClipModel(
-        model, model_cfg, preprocess, open_clip.SimpleTokenizer(context_length=ctx), architecture
-    )
+    tokenizer = model_tokenizer(cfg, architecture)
+    if _needs_factory(cfg):
+        from export.errors import SourceError
+        from export.sources import model_from_config
+
+        try:
+            model = model_from_config(cfg, preprocess_cfg)
+        except SourceError as exc:
+            raise ModelSpecError(str(exc)) from exc
+        preprocess = dict(open_clip.get_model_preprocess_cfg(model))
+    else:
+        model = open_clip.CLIP(**cfg)
+        size = model.visual.image_size
+        preprocess = dict(vars(open_clip.transform.PreprocessCfg()))
+        preprocess["size"] = list(size) if isinstance(size, tuple) else [size, size]
+        preprocess.update(preprocess_cfg or {})
+        open_clip.set_model_preprocess_cfg(model, preprocess)
+    return ClipModel(model, model_cfg, preprocess, tokenizer, architecture)
 
 
 def check_model_ref(ref: str) -> None:
@@ -146,7 +197,9 @@ def _load_clip(ref: str, pretrained: str | None, seed: int) -> ClipModel:
     run_dir = run_model_dir(ref)
     if run_dir is not None:
         saved = json.loads((run_dir / RUN_CONFIG_FILE).read_text())
-        loaded = _from_config(saved["model_cfg"], saved.get("architecture", str(run_dir)), seed)
+        loaded = _from_config(
+            saved["model_cfg"], saved.get("architecture", str(run_dir)), seed, saved.get("preprocess_cfg")
+        )
         loaded.preprocess_cfg = saved.get("preprocess_cfg", loaded.preprocess_cfg)
         open_clip.set_model_preprocess_cfg(loaded.model, loaded.preprocess_cfg)
         weights = run_dir / RUN_WEIGHTS_FILE
@@ -155,7 +208,8 @@ def _load_clip(ref: str, pretrained: str | None, seed: int) -> ClipModel:
         loaded.pretrained = str(run_dir)
         return loaded
     if ref.endswith(".json"):
-        return _from_config(read_model_config(Path(ref)), Path(ref).stem, seed)
+        model_cfg, preprocess_cfg = read_config_with_preprocess(Path(ref))
+        return _from_config(model_cfg, Path(ref).stem, seed, preprocess_cfg)
     check_model_ref(ref)
     tag = None if pretrained in (None, "", "none") else pretrained
     torch.manual_seed(seed)
@@ -169,7 +223,7 @@ def _load_clip(ref: str, pretrained: str | None, seed: int) -> ClipModel:
         model,
         model_cfg,
         dict(model.visual.preprocess_cfg),
-        open_clip.get_tokenizer(ref),
+        model_tokenizer(model_cfg, ref),
         ref,
         pretrained=tag,
         checkpoint_sha256=checkpoint_sha,
@@ -181,6 +235,12 @@ class TowerOutputs:
     image: torch.Tensor
     text: torch.Tensor
     logit_scale: torch.Tensor
+    # SigLIP-trained teachers: the bias of their sigmoid scoring (None for CLIP's softmax)
+    logit_bias: torch.Tensor | None = None
+
+
+def _detached(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach()
 
 
 @dataclass
@@ -215,6 +275,7 @@ class Teacher:
                     image=model.encode_image(images[member.image_key], normalize=True),
                     text=model.encode_text(tokens[member.text_key], normalize=True),
                     logit_scale=model.logit_scale.exp().detach(),
+                    logit_bias=_detached(getattr(model, "logit_bias", None)),
                 )
             )
         return outputs

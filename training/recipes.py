@@ -93,7 +93,7 @@ def classify_with_bundle(bundle_dir: Path, image, labels: list[str]) -> list[tup
 
     from export.bundle import load_bundle
     from export.scoring import class_vectors, prompts, top_k
-    from export.tokenizer import ClipTokenizer
+    from export.tokenizer import load_tokenizer
 
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
@@ -115,7 +115,7 @@ def classify_with_bundle(bundle_dir: Path, image, labels: list[str]) -> list[tup
     )
     pixels = open_clip.transform.image_transform_v2(cfg, is_train=False)(image).unsqueeze(0).numpy()
     image_embed = image_session.run(None, {image_session.get_inputs()[0].name: pixels})[0][0]
-    tokenizer = ClipTokenizer.from_spec(manifest.tokenizer, bundle.path)
+    tokenizer = load_tokenizer(manifest.tokenizer, bundle.path)
     templates = synthetic.CLASS_TEMPLATES
     ids = tokenizer.encode(prompts(labels, templates)).ids
     embeds = text_session.run(None, {text_session.get_inputs()[0].name: ids})[0]
