@@ -41,20 +41,30 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-import torch
+# The same kernels on every x86 CPU with AVX2, so that a seed gives the same figures on another
+# machine: ATen's vectorized ops, oneDNN's convolutions and MKL's GEMMs otherwise pick their code
+# path by CPU (AVX2, AVX-512, AMX), and one student's top-1 moved by 7.7 points between two such paths
+# on one machine. Set before torch loads; spawned student processes inherit them. A variable already
+# set wins (ATEN_CPU_CAPABILITY=default, say, for CPUs without AVX2).
+KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
+os.environ.setdefault("ATEN_CPU_CAPABILITY", KERNEL_PINS["ATEN_CPU_CAPABILITY"])
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", KERNEL_PINS["ONEDNN_MAX_CPU_ISA"])
+os.environ.setdefault("MKL_CBWR", KERNEL_PINS["MKL_CBWR"])
+
+import torch  # noqa: E402
 
 # run as `python bench/distill_shapes.py`, Python puts bench/ first on sys.path, where bench/export.py
 # would hide the `export` package: look in the repository root instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import synthetic
-from training.cli import run_training, shapes_evaluator
-from training.data import build_dataset
-from training.evaluate import ModelReport, describe_model, markdown_report, onnx_latency
-from training.losses import LossWeights
-from training.models import load_clip, load_teacher
-from training.recipes import TEACHER_CACHE_ROOT, ShapesBudget, TeacherRecipe, cached_teacher, student_options
-from training.targets import store_targets
+from training import synthetic  # noqa: E402
+from training.cli import run_training, shapes_evaluator  # noqa: E402
+from training.data import build_dataset  # noqa: E402
+from training.evaluate import ModelReport, describe_model, markdown_report, onnx_latency  # noqa: E402
+from training.losses import LossWeights  # noqa: E402
+from training.models import load_clip, load_teacher  # noqa: E402
+from training.recipes import TEACHER_CACHE_ROOT, ShapesBudget, TeacherRecipe, cached_teacher, student_options  # noqa: E402
+from training.targets import store_targets  # noqa: E402
 
 KD_METHODS = ("logit_kd", "feature", "icl", "class_kd")
 KD_LABELS = {
@@ -149,7 +159,16 @@ class Job:
             "seed": self.seed,
             "budget": asdict(self.budget),
             "teacher": self.teacher_dir.name if needs_teacher else None,
+            "kernels": kernels(),
         }
+
+
+def kernels() -> dict[str, str]:
+    """The kernel pins in force and the code path torch picked."""
+    return {
+        **{name: os.environ.get(name, "") for name in KERNEL_PINS},
+        "torch": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 def train_student(job: Job) -> tuple[str, int, float, float]:
@@ -497,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = args.teacher_cache or (out / "teachers" if args.quick else TEACHER_CACHE_ROOT)
     print(
         f"machine: {platform.processor() or platform.machine()}, {platform.platform()}, {os.cpu_count()} CPUs; "
-        f"{args.jobs} students at a time on {args.threads} torch thread(s) each"
+        f"{args.jobs} students at a time on {args.threads} torch thread(s) each; kernels {kernels()}"
     )
     print(f"student budget: {steps} steps x {args.batch_size} on {budget.data}; seeds {args.seeds}")
     timings: dict[str, Any] = {}
@@ -618,6 +637,7 @@ def main(argv: list[str] | None = None) -> None:
         "seeds": args.seeds,
         "threads": args.threads,
         "jobs": args.jobs,
+        "kernels": kernels(),
         "teacher": teacher_info,
         "tuned": {kd: {"weight": s.weight, **s.options} for kd, s in TUNED.items()},
         "methods": {n: {"losses": m.losses, "init": m.init, **m.options} for n, m in methods_used.items()},

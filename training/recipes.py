@@ -132,13 +132,24 @@ def cached_teacher(
     """The teacher's run folder and its build record, trained now if this machine has none for the
     recipe. The build goes to a scratch folder that is renamed into place when complete, so an
     interrupted build is started again rather than used."""
-    from training.cli import run_training
+    import fcntl
 
     recipe = recipe or TeacherRecipe()
     target = recipe.directory(root)
     record_path = target / "build.json"
-    if record_path.is_file() and (target / "final").is_dir():
-        return target, json.loads(record_path.read_text())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # one build per recipe at a time: a second caller waits for the first build, then uses it
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if record_path.is_file() and (target / "final").is_dir():
+            return target, json.loads(record_path.read_text())
+        return _build_teacher(recipe, target, progress, log)
+
+
+def _build_teacher(recipe: TeacherRecipe, target: Path, progress: bool, log) -> tuple[Path, dict[str, Any]]:
+    from training.cli import run_training, shapes_evaluator
+    from training.models import load_clip
+
     log(
         f"building the teacher once for this machine ({recipe.steps} steps x {recipe.batch_size} on "
         f"{recipe.threads} threads; cached in {target})"
@@ -159,9 +170,6 @@ def cached_teacher(
         for r in (json.loads(line) for line in (scratch / "metrics.jsonl").read_text().splitlines())
         if "eval" in r
     ]
-    from training.cli import shapes_evaluator
-    from training.models import load_clip
-
     final = shapes_evaluator(recipe.budget().data, size=recipe.eval_size)(load_clip(str(scratch)))
     record = {
         "key": recipe.key(),
