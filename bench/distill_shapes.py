@@ -385,6 +385,46 @@ def served_check(model_dir: Path, out: Path, data_spec: str, eval_size: int) -> 
     return figures
 
 
+def composition_breakdown(clip, data_spec: str, size: int) -> dict[str, float]:
+    """Where zero-shot errors go on the held-out compositions: colour and shape right separately,
+    how often the answer is a composition seen in training, top-1 when only the held-out
+    compositions compete, and top-1 on seen compositions (the same drawing rules, 30 classes)."""
+    import numpy as np
+
+    from training.data import shapes_config_from_spec
+    from training.evaluate import zero_shot_scores
+
+    config, _ = shapes_config_from_spec(data_spec)
+    classes = [f"{c} {s}" for c, s in synthetic.all_compositions()]
+    held = [classes.index(f"{c} {s}") for c, s in config.held_out]
+    out: dict[str, float] = {}
+    for split, bench in (
+        ("held_out", synthetic.ShapesBenchmark(config, held_out_only=True, size=size)),
+        ("all", synthetic.ShapesBenchmark(config, held_out_only=False, size=size)),
+    ):
+        images, labels = zip(*(bench[i] for i in range(len(bench))), strict=True)
+        labels = np.array(labels)
+        similarity, _ = zero_shot_scores(clip, images, classes, synthetic.CLASS_TEMPLATES)
+        predicted = similarity.argmax(1)
+        if split == "held_out":
+            colour = [classes[i].split()[0] for i in range(len(classes))]
+            shape = [classes[i].split()[1] for i in range(len(classes))]
+            out["held_out_top1"] = float((predicted == labels).mean())
+            out["held_out_colour_right"] = float(
+                np.mean([colour[p] == colour[t] for p, t in zip(predicted, labels, strict=True)])
+            )
+            out["held_out_shape_right"] = float(
+                np.mean([shape[p] == shape[t] for p, t in zip(predicted, labels, strict=True)])
+            )
+            out["held_out_answered_seen_composition"] = float(np.mean([p not in held for p in predicted]))
+            among_held = np.array(held)[similarity[:, held].argmax(1)]
+            out["held_out_top1_among_held_out_only"] = float((among_held == labels).mean())
+        else:
+            seen = np.array([t not in held for t in labels])
+            out["seen_top1"] = float((predicted[seen] == labels[seen]).mean())
+    return out
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {
         "mean": statistics.fmean(values),
@@ -459,6 +499,7 @@ def results_markdown(
     sweep: dict | None,
     args: argparse.Namespace,
     steps: int,
+    breakdown: dict[str, dict[str, float]],
 ) -> str:
     seeds = sorted(per_seed)
     header = ["model", "losses", "init", *[f"seed {s}" for s in seeds], "mean", "spread (sd)"]
@@ -482,6 +523,16 @@ def results_markdown(
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", markdown_report(list(reports.values()), title="Models (seed 0)").replace("# ", "## ", 1)]
     lines += ["## Goals", "", "```", json.dumps(goal, indent=2), "```", ""]
+    metrics = list(next(iter(breakdown.values())))
+    lines += [
+        "## Where the errors go (held-out compositions)",
+        "",
+        "| model | " + " | ".join(m.replace("_", " ") for m in metrics) + " |",
+        "|" + "---|" * (len(metrics) + 1),
+    ]
+    for name, row in breakdown.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * row[m]:.1f}%" for m in metrics) + " |")
+    lines.append("")
     if served:
         lines += [
             "## The best student through the service",
@@ -627,6 +678,15 @@ def main(argv: list[str] | None = None) -> None:
         timings["served check"] = round(time.perf_counter() - t, 1)
         print(f"served ({best_name}, seed {first}): {json.dumps(served)}")
     goal = goals(per_seed, teacher_top1, speedup, served)
+    breakdown = {
+        "teacher": composition_breakdown(teacher_model, budget.data, eval_size),
+        **{
+            f"{name} (seed {first})": composition_breakdown(
+                load_clip(str(out / f"seed-{first}" / name)), budget.data, eval_size
+            )
+            for name in dict.fromkeys(["scratch", best_name])
+        },
+    }
     sweep_path = out / "sweep.json"
     sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() and not args.quick else None
     teacher_info = {**teacher_record, "dir": str(teacher_dir), "top1": teacher_top1}
@@ -646,6 +706,7 @@ def main(argv: list[str] | None = None) -> None:
         "latency_ms": {"rounds": rounds, **latency},
         "served": served,
         "goals": goal,
+        "breakdown": breakdown,
         "sweep": sweep,
         "seconds": {
             **timings,
@@ -660,7 +721,7 @@ def main(argv: list[str] | None = None) -> None:
         + "\n"
     )
     markdown = results_markdown(
-        teacher_info, per_seed, methods_used, reports, goal, served, sweep, args, steps
+        teacher_info, per_seed, methods_used, reports, goal, served, sweep, args, steps, breakdown
     )
     (out / "results.md").write_text(markdown)
     rows = [
