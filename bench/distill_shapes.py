@@ -104,9 +104,9 @@ SWEEP: dict[str, list[KDSetting]] = {
 # the sweep's choice per loss (seed 0, STUDENT_STEPS steps; sweep.md has every figure)
 TUNED: dict[str, KDSetting] = {
     "logit_kd": KDSetting(4.0),
-    "feature": KDSetting(16.0),
-    "icl": KDSetting(4.0),
-    "class_kd": KDSetting(4.0, {"class_kd_temperature": 4.0}),
+    "feature": KDSetting(4.0),
+    "icl": KDSetting(1.0),
+    "class_kd": KDSetting(1.0, {"class_kd_temperature": 1.0}),
 }
 
 
@@ -592,10 +592,16 @@ def main(argv: list[str] | None = None) -> None:
     teacher_top1 = teacher_report.accuracy["top1"]
 
     def job(name: str, seed: int, method: Method) -> Job:
-        return Job(name, seed, method, out / f"seed-{seed}" / name, budget, teacher_dir, targets_dir)
+        return Job(name, seed, method, run_dir(name, seed), budget, teacher_dir, targets_dir)
+
+    # a loss alone at its tuned setting is the sweep's run of that setting: one folder for both
+    folders = {kd: f"{kd}@{TUNED[kd].label()}" for kd in KD_METHODS}
+
+    def run_dir(name: str, seed: int) -> Path:
+        return out / f"seed-{seed}" / folders.get(name, name)
 
     def score(name: str, seed: int) -> dict[str, float]:
-        return evaluate(load_clip(str(out / f"seed-{seed}" / name)))
+        return evaluate(load_clip(str(run_dir(name, seed))))
 
     if args.sweep:
         seed = args.seeds[0]
@@ -650,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
     # cores (training is over), and give each student that figure
     first = args.seeds[0]
     rounds: dict[str, list[dict[str, float]]] = {"teacher": [], "student": []}
-    student_model = load_clip(str(out / f"seed-{first}" / "scratch"))
+    student_model = load_clip(str(run_dir("scratch", first)))
     for _ in range(3):
         rounds["teacher"].append(onnx_latency(teacher_model, repeats=repeats))
         rounds["student"].append(onnx_latency(student_model, repeats=repeats))
@@ -661,7 +667,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_report.latency_ms = latency["teacher"]
     reports = {"teacher": teacher_report}
     for name in methods_used:
-        student = load_clip(str(out / f"seed-{first}" / name))
+        student = load_clip(str(run_dir(name, first)))
         report = describe_model("student", student, {"top1": per_seed[first][name]}, latency=False)
         report.name, report.latency_ms = name, latency["student"]
         reports[name] = report
@@ -674,7 +680,7 @@ def main(argv: list[str] | None = None) -> None:
     served = None
     if not args.no_served_check:
         t = time.perf_counter()
-        served = served_check(out / f"seed-{first}" / best_name / "final", out, budget.data, eval_size)
+        served = served_check(run_dir(best_name, first) / "final", out, budget.data, eval_size)
         timings["served check"] = round(time.perf_counter() - t, 1)
         print(f"served ({best_name}, seed {first}): {json.dumps(served)}")
     goal = goals(per_seed, teacher_top1, speedup, served)
@@ -682,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
         "teacher": composition_breakdown(teacher_model, budget.data, eval_size),
         **{
             f"{name} (seed {first})": composition_breakdown(
-                load_clip(str(out / f"seed-{first}" / name)), budget.data, eval_size
+                load_clip(str(run_dir(name, first))), budget.data, eval_size
             )
             for name in dict.fromkeys(["scratch", best_name])
         },
