@@ -19,6 +19,7 @@ BENCH = ROOT / "bench" / "distill_shapes.py"
 def bench():
     spec = importlib.util.spec_from_file_location("distill_shapes", BENCH)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["distill_shapes"] = module  # its dataclasses look themselves up there
     spec.loader.exec_module(module)
     return module
 
@@ -32,19 +33,88 @@ def test_combinations_put_the_two_best_kd_losses_on_an_inherited_student(bench) 
         "class_kd": 0.41,
         "inherit": 0.7,
     }
-    assert bench.combinations(scores, 0.5) == {
-        "inherit+icl": ("clip=1,icl=0.5", "inherit"),
-        "inherit+feature": ("clip=1,feature=0.5", "inherit"),
-        "inherit+icl+feature": ("clip=1,icl=0.5,feature=0.5", "inherit"),
+    tuned = {
+        "logit_kd": bench.KDSetting(1.0),
+        "feature": bench.KDSetting(10.0),
+        "icl": bench.KDSetting(0.5),
+        "class_kd": bench.KDSetting(3.0, {"class_kd_temperature": 4.0}),
     }
+    assert bench.combinations(scores, tuned) == {
+        "inherit+icl": bench.Method("clip=1,icl=0.5", "inherit"),
+        "inherit+feature": bench.Method("clip=1,feature=10", "inherit"),
+        "inherit+icl+feature": bench.Method("clip=1,icl=0.5,feature=10", "inherit"),
+    }
+    scores["class_kd"] = 0.6
+    both = bench.combinations(scores, tuned)["inherit+class_kd+icl"]
+    assert both == bench.Method("clip=1,class_kd=3,icl=0.5", "inherit", {"class_kd_temperature": 4.0})
 
 
-def test_every_method_alone_shares_the_clip_loss_and_only_inherit_inherits(bench) -> None:
-    table = bench.methods(1.0)
-    assert table["scratch"] == ("clip", "random")
-    assert table["inherit"] == ("clip", "inherit")
+def test_every_method_alone_shares_the_clip_loss_with_its_tuned_setting(bench) -> None:
+    table = bench.methods()
+    assert table["scratch"] == bench.Method("clip", "random")
+    assert table["inherit"] == bench.Method("clip", "inherit")
     for kd in bench.KD_METHODS:
-        assert table[kd] == (f"clip=1,{kd}=1", "random")
+        setting = bench.TUNED[kd]
+        assert table[kd] == bench.Method(f"clip=1,{kd}={setting.weight:g}", "random", setting.options)
+        assert setting in bench.SWEEP[kd], f"the tuned {kd} setting is one the sweep tried"
+
+
+def test_goals_are_judged_on_the_mean_over_seeds(bench) -> None:
+    per_seed = {
+        0: {
+            "scratch": 0.50,
+            "logit_kd": 0.56,
+            "feature": 0.60,
+            "icl": 0.52,
+            "class_kd": 0.55,
+            "inherit": 0.80,
+            "inherit+feature": 0.86,
+        },
+        1: {
+            "scratch": 0.48,
+            "logit_kd": 0.50,
+            "feature": 0.58,
+            "icl": 0.50,
+            "class_kd": 0.53,
+            "inherit": 0.82,
+            "inherit+feature": 0.84,
+        },
+    }
+    served = {"int8_minus_fp32_points": -0.5}
+    goal = bench.goals(per_seed, teacher_top1=0.88, speedup=6.0, served=served)
+    assert goal["best_student"] == "inherit+feature"
+    assert goal["best_vs_teacher"]["met"] and goal["best_vs_teacher"]["ratio"] == pytest.approx(0.85 / 0.88)
+    gains = goal["each_loss_vs_scratch_points"]
+    assert gains["feature"]["met"] and not gains["icl"]["met"]
+    assert gains["logit_kd"]["gain"] == pytest.approx(4.0)
+    assert gains["logit_kd"]["met"]
+    assert goal["inherit_kd_vs_inherit_points"]["met"]
+    assert goal["int8_vs_fp32_served"]["met"]
+    assert not bench.goals(per_seed, 0.88, speedup=3.0, served=None)["best_vs_teacher"]["met"]
+
+
+def test_a_finished_student_run_is_reused_only_for_the_same_job(bench, tmp_path: Path) -> None:
+    budget = bench.ShapesBudget(steps=3, batch_size=4)
+    job = bench.Job(
+        "scratch", 0, bench.Method("clip", "random"), tmp_path / "s", budget, tmp_path / "t-1", tmp_path
+    )
+    (job.out / "final").mkdir(parents=True)
+    (job.out / "job.json").write_text(json.dumps(job.record()))
+    assert bench.train_student(job) == ("scratch", 0, 0.0, 0.0)
+    # the teacher does not decide a student trained from scratch; the seed does
+    assert (
+        bench.Job("scratch", 0, job.method, job.out, budget, tmp_path / "t-2", tmp_path).record()
+        == job.record()
+    )
+    assert (
+        bench.Job("scratch", 1, job.method, job.out, budget, tmp_path / "t-1", tmp_path).record()
+        != job.record()
+    )
+    kd = bench.Method("clip=1,feature=3", "random")
+    assert (
+        bench.Job("f", 0, kd, job.out, budget, tmp_path / "t-1", tmp_path).record()
+        != bench.Job("f", 0, kd, job.out, budget, tmp_path / "t-2", tmp_path).record()
+    )
 
 
 def test_spread_labels_keeps_order_and_gap(bench) -> None:
@@ -73,10 +143,33 @@ def test_quick_run_writes_results_report_and_plot(tmp_path: Path) -> None:
     assert names[:7] == ["teacher", "scratch", "logit_kd", "feature", "icl", "class_kd", "inherit"]
     assert len(names) == 10 and all(n.startswith("inherit+") for n in names[7:])
     summary = results["summary"]
-    assert summary["best_student"] in names[2:]
+    assert summary["goals"]["best_student"] in names[2:]
+    # the teacher was built into the cache under --out, with its build time and held-out curve
+    teacher = summary["teacher"]
+    assert Path(teacher["dir"]).parent == out / "teachers" and (Path(teacher["dir"]) / "build.json").is_file()
+    assert teacher["build_seconds"]["wall"] > 0 and teacher["held_out_curve"]
     # one latency per architecture: the teacher's, and the students' shared one
     latencies = {m["name"]: m["latency_ms"]["image"] for m in results["models"]}
     assert len({v for k, v in latencies.items() if k != "teacher"}) == 1
-    assert summary["image_latency_speedup"] == pytest.approx(latencies["teacher"] / latencies["scratch"])
+    speedup = summary["goals"]["best_vs_teacher"]["image_latency_speedup"]
+    assert speedup == pytest.approx(latencies["teacher"] / latencies["scratch"])
+    served = summary["served"]
+    assert served["images"] == 60 and 0 <= served["int8"] <= 1 and 0 <= served["fp32"] <= 1
     assert (out / "accuracy_vs_latency.png").stat().st_size > 10_000
     assert "| teacher | teacher |" in (out / "results.md").read_text()
+
+
+def test_the_teacher_cache_key_follows_the_recipe_and_the_config_content(tmp_path: Path) -> None:
+    from training.recipes import SHAPES_LARGE_TEACHER_CONFIG, TeacherRecipe
+
+    recipe = TeacherRecipe()
+    assert recipe.key() == TeacherRecipe().key() and len(recipe.key()) == 12
+    assert TeacherRecipe(steps=recipe.steps + 1).key() != recipe.key()
+    assert TeacherRecipe(threads=recipe.threads + 1).key() != recipe.key()
+    copy = tmp_path / "copy.json"
+    copy.write_text(SHAPES_LARGE_TEACHER_CONFIG.read_text())
+    # the same content under another path is the same teacher; other content is another
+    assert TeacherRecipe(config=copy).key() == recipe.key()
+    copy.write_text(SHAPES_LARGE_TEACHER_CONFIG.read_text().replace('"width": 24', '"width": 20'))
+    assert TeacherRecipe(config=copy).key() != recipe.key()
+    assert recipe.directory(tmp_path) == tmp_path / f"shapes-teacher-{recipe.key()}"

@@ -139,17 +139,31 @@ class InteractiveContrastiveLoss(nn.Module):
 
 class ClassVectorDistillationLoss(nn.Module):
     """PromptKD-style KD on unlabeled images: KL of the student's image logits over the teacher's
-    class vectors to the teacher's image logits over the same vectors. With `num_classes`, a DHO-style
-    second head (a linear classifier on the student's image embedding) is trained with cross-entropy
-    wherever labels are given (label -1 means unlabeled)."""
+    class vectors to the teacher's image logits over the same vectors, both at temperature T and
+    scaled by T^2. Both sides use one logit scale, the teacher's (`student_scale="teacher"`): in
+    PromptKD both scales are CLIP's (100) and equal; here the student's is learned and starts at
+    1/0.07, and with it the student's distribution would stay flatter than the teacher's however well
+    its embeddings agree. `student_scale="own"` uses the student's scale. Reduction: mean over images
+    (PromptKD sums and divides by images x classes, then multiplies by a large KD weight). With
+    `num_classes`, a DHO-style second head (a linear classifier on the student's image embedding) is
+    trained with cross-entropy wherever labels are given (label -1 means unlabeled)."""
 
     def __init__(
-        self, temperature: float = 1.0, embed_dim: int | None = None, num_classes: int | None = None
+        self,
+        temperature: float = 1.0,
+        embed_dim: int | None = None,
+        num_classes: int | None = None,
+        student_scale: str = "teacher",
     ):
         super().__init__()
         if temperature <= 0:
             raise LossConfigError(f"class-vector KD temperature must be > 0, got {temperature}")
+        if student_scale not in ("teacher", "own"):
+            raise LossConfigError(
+                f"class-vector KD student_scale must be 'teacher' or 'own', got {student_scale!r}"
+            )
         self.temperature = temperature
+        self.student_scale = student_scale
         self.label_head = nn.Linear(embed_dim, num_classes) if embed_dim and num_classes else None
 
     def forward(
@@ -167,7 +181,8 @@ class ClassVectorDistillationLoss(nn.Module):
             image, teacher_images, teacher_scales, class_vectors, strict=True
         ):
             vectors = vectors.detach()
-            s_logits = scale * F.normalize(s_img, dim=-1) @ vectors.T / self.temperature
+            s_scale = t_scale.detach() if self.student_scale == "teacher" else scale
+            s_logits = s_scale * F.normalize(s_img, dim=-1) @ vectors.T / self.temperature
             with torch.no_grad():
                 t_probs = (t_scale * t_img @ vectors.T / self.temperature).softmax(dim=-1)
             kl = F.kl_div(F.log_softmax(s_logits, dim=-1), t_probs, reduction="batchmean")
