@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
-from service.api.common import encode_vectors, error_responses, unless_disconnected
+from service.api.common import VectorResponse, error_responses, unless_disconnected, vector_payload
 from service.api.deps import EmbedderDep, SettingsDep
 from service.errors import InvalidInput
 from service.schemas import EmbedForm, EmbedRequest, EmbedResponse
@@ -84,13 +84,13 @@ async def embed(request: Request, embedder: EmbedderDep, settings: SettingsDep) 
         encoding = body.encoding_format
     result = await unless_disconnected(request, work)
     engine = result.engine
-    return JSONResponse(
+    return VectorResponse(
         {
             "model": engine.name,
             "version": engine.version,
             "dim": result.dim,
-            "text_embeddings": encode_vectors(result.text_vectors, encoding),
-            "image_embeddings": encode_vectors(result.image_vectors, encoding),
+            "text_embeddings": vector_payload(result.text_vectors, encoding),
+            "image_embeddings": vector_payload(result.image_vectors, encoding),
             "truncated": result.truncated,
         }
     )
