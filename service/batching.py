@@ -159,6 +159,7 @@ class Batcher:
                 ) from exc
         finally:
             self._running -= 1
+            self._arrived.set()  # the queue's loop waits for the thread to be free
         self.metrics.batch_size.labels(**self._labels).observe(count)
         self.metrics.inference_seconds.labels(**self._labels).observe(seconds)
         return output
@@ -207,7 +208,8 @@ class Batcher:
         return batch
 
     async def _wait_for_batch(self) -> None:
-        while not self._queue:
+        # a direct run holds the inference thread: rows keep queueing (and stay droppable) meanwhile
+        while not self._queue or self._running:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = self._queue[0].enqueued + self.max_wait
