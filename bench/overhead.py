@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -54,6 +55,8 @@ MODELS = {
     "shapes": ("bench-shapes-student", ["--config", str(ROOT / "training/configs/shapes-student.json")]),
     "vitb32": ("vitb32", ["--model", "ViT-B-32"]),
 }
+SLOW_MODELS = {"vitb32"}
+PRECISION = ["fp32"]  # the bundle variant of this run (--precision), for the raw loops too
 WORDS = [
     "dog",
     "cat",
@@ -78,9 +81,10 @@ WORDS = [
 
 
 def _raw_worker(
-    bundle_dir: str, kind: str, threads: int, batch: int, seconds: float, draft: float, barrier, out
+    bundle_dir: str, kind: str, threads: int, batch: int, draft: float, precision: str, barrier, commands, out
 ) -> None:
-    """One process: the service's decode/tokenize + session.run, `batch` items per call, for `seconds`."""
+    """One process: the service's decode/tokenize + session.run, `batch` items per call, for each
+    number of seconds taken from `commands` (None ends it)."""
     import numpy as np
 
     from export.bundle import load_bundle
@@ -90,7 +94,9 @@ def _raw_worker(
 
     bundle = load_bundle(bundle_dir, verify=False)
     manifest = bundle.manifest
-    runtime = open_runtime(bundle.file_path(kind, "fp32"), RuntimeOptions(intra_op_threads=threads))
+    if bundle.manifest.file(kind, precision) is None:
+        precision = "fp32"  # as the server does when a variant is missing
+    runtime = open_runtime(bundle.file_path(kind, precision), RuntimeOptions(intra_op_threads=threads))
     if kind == "image":
         images = [photo(seed) for seed in range(8)]
         preprocess = ImagePreprocessor(manifest.image, max_pixels=10**9, draft_margin=draft)
@@ -110,33 +116,63 @@ def _raw_worker(
     for n in range(3):
         one_call(n)
     barrier.wait()
-    latencies: list[float] = []
-    started = time.perf_counter()
     n = 0
-    while time.perf_counter() - started < seconds:
-        t0 = time.perf_counter()
-        one_call(n)
-        latencies.append(time.perf_counter() - t0)
-        n += 1
-    out.put((n * batch, time.perf_counter() - started, statistics.median(latencies)))
+    while (seconds := commands.get()) is not None:
+        latencies: list[float] = []
+        started, done = time.perf_counter(), 0
+        while time.perf_counter() - started < seconds:
+            t0 = time.perf_counter()
+            one_call(n)
+            latencies.append(time.perf_counter() - t0)
+            n, done = n + 1, done + 1
+        out.put((done * batch, time.perf_counter() - started, statistics.median(latencies)))
+
+
+class RawLoops:
+    """`processes` raw loops in their own processes, models loaded once, measured on demand."""
+
+    def __init__(self, bundle: Bundle, kind: str, processes: int, threads: int, batch: int, draft: float):
+        ctx = mp.get_context("spawn")
+        self.commands, self.out = ctx.Queue(), ctx.Queue()
+        barrier = ctx.Barrier(processes)
+        precision = PRECISION[0]
+        worker_args = (
+            str(bundle.path),
+            kind,
+            threads,
+            batch,
+            draft,
+            precision,
+            barrier,
+            self.commands,
+            self.out,
+        )
+        self.procs = [ctx.Process(target=_raw_worker, args=worker_args) for _ in range(processes)]
+        for p in self.procs:
+            p.start()
+
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """(items/s summed over the processes, median call latency in ms), all running at once."""
+        for _ in self.procs:
+            self.commands.put(seconds)
+        results = [self.out.get(timeout=900) for _ in self.procs]
+        rate = sum(items / secs for items, secs, _ in results)
+        return rate, statistics.median(r[2] for r in results) * 1000
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.commands.put(None)
+        for p in self.procs:
+            p.join()
 
 
 def raw(bundle: Bundle, kind: str, processes: int, threads: int, batch: int, seconds: float, draft: float):
     """(items/s summed over `processes`, median call latency in ms) of `processes` raw loops at once."""
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(processes), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_raw_worker, args=(str(bundle.path), kind, threads, batch, seconds, draft, barrier, out)
-        )
-        for _ in range(processes)
-    ]
-    for p in procs:
-        p.start()
-    results = [out.get(timeout=600) for _ in procs]
-    for p in procs:
-        p.join()
-    return sum(items / secs for items, secs, _ in results), statistics.median(r[2] for r in results) * 1000
+    loops = RawLoops(bundle, kind, processes, threads, batch, draft)
+    try:
+        return loops.measure(seconds)
+    finally:
+        loops.close()
 
 
 @dataclass
@@ -173,6 +209,7 @@ class Server:
         env = {
             **os.environ,
             "CLIPSERVE_MODELS": name,
+            "CLIPSERVE_PRECISION": args.precision,
             "CLIPSERVE_REDIS_URL": args.redis_url,
             "CLIPSERVE_RELOAD_POLL_S": "0",
             "CLIPSERVE_JPEG_DRAFT_MARGIN": str(args.jpeg_draft_margin),
@@ -321,6 +358,30 @@ def run_wrk(base: str, kind: str, concurrency: int, seconds: float, tag: str) ->
     return Load(kind, concurrency, rate, _ms(percentiles["50"]), _ms(percentiles["99"]), errors, cpu)
 
 
+def interleaved_c1(
+    server: Server, bundle: Bundle, kind: str, args: argparse.Namespace
+) -> tuple[float, float]:
+    """Raw batch-1 latency and served p50 at concurrency 1 in alternating rounds (medians), so that
+    a change in the machine's other load hits both sides alike."""
+    loops = RawLoops(bundle, kind, 1, args.threads, 1, args.jpeg_draft_margin)
+    raw_ms, served_ms = [], []
+    try:
+        for _ in range(args.rounds):
+            raw_ms.append(loops.measure(args.seconds)[1])
+            served_ms.append(
+                run_wrk(server.base, kind, 1, args.seconds, f"i{time.time_ns() % 10**8:x}").p50_ms
+            )
+    finally:
+        loops.close()
+    result = statistics.median(raw_ms), statistics.median(served_ms)
+    print(
+        f"  c=1 {kind:5} alternating x{args.rounds}: raw batch-1 {result[0]:7.2f} ms, served p50 {result[1]:7.2f} ms"
+        f" -> overhead {result[1] - result[0]:+.2f} ms",
+        flush=True,
+    )
+    return result
+
+
 def profile(server: Server, model: str, kind: str, concurrency: int, seconds: float, out: Path) -> None:
     """py-spy over every server process during a load run, sampling the thread that holds the GIL
     (what bounds one process's Python work); writes collapsed stacks and a summary."""
@@ -382,10 +443,15 @@ class ModelRow:
     raw: dict[str, Raw] = field(default_factory=dict)
     loads: list[Load] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    # kind -> (raw batch-1 ms, served p50 ms) medians of alternating rounds at concurrency 1
+    c1: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
     name, export_args = MODELS[key]
+    if key in SLOW_MODELS:  # a few requests a second: longer figures for as many samples
+        args = copy.copy(args)
+        args.seconds *= args.slow_scale
     if args.precision != "fp32":
         name, export_args = f"{name}-{args.precision}", [*export_args, f"--{args.precision}"]
     bundle = ensure_bundle(args.repo, name, export_args)
@@ -406,6 +472,8 @@ def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
                     f"  p99 {load.p99_ms:6.2f} ms  errors {load.errors}  wrk {load.loadgen_cpu:.2f} cores",
                     flush=True,
                 )
+        for kind in args.kinds if not args.served_only else []:
+            row.c1[kind] = interleaved_c1(server, bundle, kind, args)
         for spec in args.profile:
             kind, _, level = spec.partition(":")
             profile(server, name, kind, int(level or 1), args.seconds, args.out)
@@ -427,13 +495,14 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
     )
     for row in rows:
         print(f"\n{row.model}: peak RSS {row.peak_rss_mb:.0f} MB (VmHWM, all server processes)")
-        print("  kind   conc   served/s   p50 ms   p99 ms  served/raw(all cores)  overhead@c1  wrk cores")
+        print("  kind   conc   served/s   p50 ms   p99 ms  served/raw(all cores)  overhead@c1* wrk cores")
         for load in row.loads:
             base = row.raw.get(load.kind)
             ratio = f"{load.rate / base.all_cores:6.2f}" if base else "     -"
             extra = ""
-            if base and load.concurrency == 1:
-                extra = f"{load.p50_ms - base.latency_ms:+8.2f} ms"
+            if load.kind in row.c1 and load.concurrency == 1:
+                raw_ms, served_ms = row.c1[load.kind]
+                extra = f"{served_ms - raw_ms:+8.2f} ms"
             print(
                 f"  {load.kind:5} {load.concurrency:>5} {load.rate:10.1f} {load.p50_ms:8.2f} {load.p99_ms:8.2f}"
                 f" {ratio:>22} {extra:>12} {load.loadgen_cpu:10.2f}"
@@ -445,10 +514,15 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
                 f"best served {best:.1f}/s = {best / base.all_cores:.2f}x all-cores raw; raw batch-1 latency "
                 f"{base.latency_ms:.2f} ms"
             )
+        for kind, (raw_ms, served_ms) in row.c1.items():
+            print(
+                f"  * {kind} at c=1, {args.rounds} alternating rounds (medians): raw batch-1 {raw_ms:.2f} ms, "
+                f"served p50 {served_ms:.2f} ms, overhead {served_ms - raw_ms:+.2f} ms"
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     data = [
         {"model": r.model, "peak_rss_mb": r.peak_rss_mb, "raw": {k: asdict(v) for k, v in r.raw.items()}}
-        | {"loads": [asdict(x) for x in r.loads]}
+        | {"loads": [asdict(x) for x in r.loads], "c1_raw_served_ms": r.c1}
         for r in rows
     ]
     (args.out / "overhead.json").write_text(json.dumps(data, indent=2))
@@ -488,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", choices=["image", "text"], default=["image", "text"])
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--seconds", type=float, default=4.0, help="per raw figure and per load level")
+    parser.add_argument("--slow-scale", type=float, default=3.0, help="--seconds times this for ViT-B-32")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating raw/served rounds at c=1")
     parser.add_argument("--repo", type=Path, default=ROOT / "runs" / "bench-models")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-overhead")
     parser.add_argument("--cores", type=int, default=usable_cores(), help="raw processes for 'all cores'")
@@ -511,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         print("overhead: wrk is needed as the load generator (Debian: apt install wrk)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
+    PRECISION[0] = args.precision
     with contextlib.ExitStack() as stack:
         if args.workers != 1 and not args.postgres_dsn:
             args.postgres_dsn = stack.enter_context(private_postgres())
