@@ -280,8 +280,27 @@ def _lua_string(text: str) -> str:
     return json.dumps(text)  # a JSON string literal is a valid Lua string literal for ASCII text
 
 
-def lua_script(kind: str, run_tag: str) -> str:
+def raw_kind(kind: str) -> str:
+    """The raw loop a served kind is compared with: both image kinds decode the same JPEGs."""
+    return "image" if kind.startswith("image") else kind
+
+
+def lua_script(kind: str, run_tag: str, folder: Path | None = None) -> str:
     headers = '{["Content-Type"] = "application/json"}'
+    if kind == "image-bin":  # the JPEG itself as the body: no base64, no JSON
+        assert folder is not None
+        paths = []
+        for seed in range(8):
+            path = folder / f"{seed}.jpg"
+            path.write_bytes(photo(seed))
+            paths.append(_lua_string(str(path)))
+        return (
+            f"local bodies = {{}}\nfor n, path in ipairs({{{', '.join(paths)}}}) do\n"
+            '  local f = io.open(path, "rb"); bodies[n] = f:read("*all"); f:close()\nend\nlocal i = 0\n'
+            "request = function()\n  i = i + 1\n"
+            '  return wrk.format("POST", "/v1/embed", {["Content-Type"] = "image/jpeg"}, '
+            "bodies[(i % #bodies) + 1])\nend\n"
+        )
     if kind == "image":
         bodies = [json.dumps({"images": [base64.b64encode(photo(seed)).decode()]}) for seed in range(8)]
         listed = ",\n".join(_lua_string(b) for b in bodies)
@@ -322,8 +341,9 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(base: str, kind: str, concurrency: int, seconds: float, tag: str) -> Load:
+    folder = Path(tempfile.mkdtemp(prefix="clipserve-wrk-"))
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
-        script.write(lua_script(kind, tag))
+        script.write(lua_script(kind, tag, folder))
     try:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
@@ -350,6 +370,7 @@ def run_wrk(base: str, kind: str, concurrency: int, seconds: float, tag: str) ->
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finally:
         os.unlink(script.name)
+        shutil.rmtree(folder, ignore_errors=True)
     rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     percentiles = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     errors = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
@@ -363,7 +384,7 @@ def interleaved_c1(
 ) -> tuple[float, float]:
     """Raw batch-1 latency and served p50 at concurrency 1 in alternating rounds (medians), so that
     a change in the machine's other load hits both sides alike."""
-    loops = RawLoops(bundle, kind, 1, args.threads, 1, args.jpeg_draft_margin)
+    loops = RawLoops(bundle, raw_kind(kind), 1, args.threads, 1, args.jpeg_draft_margin)
     raw_ms, served_ms = [], []
     try:
         for _ in range(args.rounds):
@@ -458,7 +479,7 @@ def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
     print(f"\n== {name}: image {bundle.manifest.image.size}, dim {bundle.manifest.embed_dim}", flush=True)
     row = ModelRow(name)
     if not args.served_only:
-        for kind in args.kinds:
+        for kind in dict.fromkeys(raw_kind(k) for k in args.kinds):
             row.raw[kind] = measure_raw(bundle, kind, args)
     server = Server(args.repo, name, args)
     try:
@@ -497,7 +518,7 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
         print(f"\n{row.model}: peak RSS {row.peak_rss_mb:.0f} MB (VmHWM, all server processes)")
         print("  kind   conc   served/s   p50 ms   p99 ms  served/raw(all cores)  overhead@c1* wrk cores")
         for load in row.loads:
-            base = row.raw.get(load.kind)
+            base = row.raw.get(raw_kind(load.kind))
             ratio = f"{load.rate / base.all_cores:6.2f}" if base else "     -"
             extra = ""
             if load.kind in row.c1 and load.concurrency == 1:
@@ -507,7 +528,10 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
                 f"  {load.kind:5} {load.concurrency:>5} {load.rate:10.1f} {load.p50_ms:8.2f} {load.p99_ms:8.2f}"
                 f" {ratio:>22} {extra:>12} {load.loadgen_cpu:10.2f}"
             )
-        for kind, base in row.raw.items():
+        for kind in dict.fromkeys(x.kind for x in row.loads):
+            base = row.raw.get(raw_kind(kind))
+            if base is None:
+                continue
             best = max((x.rate for x in row.loads if x.kind == kind), default=0.0)
             print(
                 f"  {kind}: raw 1 core {base.one_core:.1f}/s, {args.cores} cores {base.all_cores:.1f}/s; "
@@ -540,7 +564,10 @@ def plot(rows: list[ModelRow], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, len(rows), figsize=(6 * len(rows), 4), squeeze=False)
     for ax, row in zip(axes[0], rows, strict=True):
-        for kind, base in row.raw.items():
+        for kind in dict.fromkeys(x.kind for x in row.loads):
+            base = row.raw.get(raw_kind(kind))
+            if base is None:
+                continue
             loads = [x for x in row.loads if x.kind == kind]
             ax.plot(
                 [x.concurrency for x in loads], [x.rate / base.all_cores for x in loads], "o-", label=kind
@@ -559,7 +586,13 @@ def plot(rows: list[ModelRow], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["shapes", "vitb32"])
-    parser.add_argument("--kinds", nargs="+", choices=["image", "text"], default=["image", "text"])
+    parser.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=["image", "image-bin", "text"],
+        default=["image", "image-bin", "text"],
+        help="image: base64 JSON; image-bin: the JPEG as the body (Content-Type: image/jpeg)",
+    )
     parser.add_argument("--levels", nargs="+", type=int, default=[1, 8, 32], help="concurrency levels")
     parser.add_argument("--seconds", type=float, default=4.0, help="per raw figure and per load level")
     parser.add_argument("--slow-scale", type=float, default=3.0, help="--seconds times this for ViT-B-32")

@@ -28,9 +28,15 @@ _BODY_DOC = {
         "content": {
             "application/json": {"schema": _schema(EmbedRequest)},
             "multipart/form-data": {"schema": _schema(EmbedForm)},
+            "image/*": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "one encoded image as the whole body (no base64, no JSON to parse); "
+                "model, encoding_format and dimensions as query parameters",
+            },
         },
     }
 }
+_QUERY_FIELDS = ("model", "encoding_format", "dimensions")
 
 
 def _validated(model: type[BaseModel], data: object) -> BaseModel:
@@ -59,6 +65,17 @@ async def _form(request: Request, settings: Settings) -> EmbedForm:
     return _validated(EmbedForm, {**fields, "texts": texts, "images": images})  # type: ignore[return-value]
 
 
+async def _binary(request: Request) -> EmbedForm:
+    """One image as the request body (`Content-Type: image/...`), the other fields in the query."""
+    unknown = sorted(set(request.query_params) - set(_QUERY_FIELDS))
+    if unknown:
+        raise InvalidInput(
+            f"unknown query parameters: {', '.join(unknown)} (an image body takes {', '.join(_QUERY_FIELDS)})"
+        )
+    fields = {k: request.query_params[k] for k in _QUERY_FIELDS if k in request.query_params}
+    return _validated(EmbedForm, {**fields, "images": [await request.body()]})  # type: ignore[return-value]
+
+
 _ROUTE = dict(
     response_model=EmbedResponse,
     responses=error_responses(400, 401, 404, 413, 422, 429, 503),
@@ -69,11 +86,11 @@ _ROUTE = dict(
 @router.post("/v1/embed", summary="Embed texts and/or images", **_ROUTE)
 @router.post("/embed", summary="Embed texts and/or images (the card's path: same as /v1/embed)", **_ROUTE)
 async def embed(request: Request, embedder: EmbedderDep, settings: SettingsDep) -> JSONResponse:
-    """Vectors in input order, L2-normalized; `base64` gives float32 little-endian per vector."""
-    if request.headers.get("content-type", "").startswith(
-        ("multipart/form-data", "application/x-www-form-urlencoded")
-    ):
-        form = await _form(request, settings)
+    """Vectors in input order, L2-normalized; `base64` gives float32 little-endian per vector.
+    The body is JSON, a multipart form, or one image (`Content-Type: image/jpeg`, `image/png`, ...)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded", "image/")):
+        form = await (_binary(request) if content_type.startswith("image/") else _form(request, settings))
         work = embedder.embed(form.model, form.texts, image_bytes=form.images, dimensions=form.dimensions)
         encoding = form.encoding_format
     else:
