@@ -134,7 +134,7 @@ class RawLoops:
     def __init__(self, bundle: Bundle, kind: str, processes: int, threads: int, batch: int, draft: float):
         ctx = mp.get_context("spawn")
         self.commands, self.out = ctx.Queue(), ctx.Queue()
-        barrier = ctx.Barrier(processes)
+        self.barrier = ctx.Barrier(processes)  # kept alive: the children open it while they start
         precision = PRECISION[0]
         worker_args = (
             str(bundle.path),
@@ -143,7 +143,7 @@ class RawLoops:
             batch,
             draft,
             precision,
-            barrier,
+            self.barrier,
             self.commands,
             self.out,
         )
