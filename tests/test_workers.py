@@ -181,3 +181,23 @@ def test_two_workers_aggregate_metrics_reload_and_share_label_sets(two_workers) 
         time.sleep(0.5)
     metrics = httpx.get(f"{base}/metrics", timeout=10).text
     assert re.search(rf'clipserve_model_loaded\{{[^}}]*version="{version}"[^}}]*\}} 1\.0', metrics)
+
+
+def test_a_failed_start_in_the_workers_is_one_line_from_the_parent(tiny_repo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_repo, repo)
+    target = next(repo.glob("tiny/1/image.onnx"))
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSERVE_")}
+    env |= {"CLIPSERVE_REDIS_URL": "none", "CLIPSERVE_DATA_DIR": str(tmp_path / "data")}
+    command = [sys.executable, "-m", "service.cli", "--models-dir", str(repo), "--workers", "2"]
+    command += ["--port", str(free_port()), "--collections-backend", "pgvector"]
+    command += ["--postgres-dsn", "postgresql://127.0.0.1:1/unused"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("clip-serve: error: ") and "image.onnx is corrupted" in last, done.stderr[-2000:]
