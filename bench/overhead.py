@@ -204,8 +204,10 @@ def measure_raw(bundle: Bundle, kind: str, args: argparse.Namespace) -> Raw:
 
 
 class Server:
-    def __init__(self, repo: Path, name: str, args: argparse.Namespace):
-        self.base = f"http://127.0.0.1:{args.port}"
+    def __init__(
+        self, repo: Path, name: str, args: argparse.Namespace, root: Path = ROOT, port: int | None = None
+    ):
+        self.base = f"http://127.0.0.1:{port or args.port}"
         env = {
             **os.environ,
             "CLIPSERVE_MODELS": name,
@@ -222,10 +224,18 @@ class Server:
             env["CLIPSERVE_POSTGRES_DSN"] = args.postgres_dsn
         if args.server_threads:
             env["CLIPSERVE_INTRA_OP_THREADS"] = env["CLIPSERVE_PREPROCESS_WORKERS"] = str(args.server_threads)
-        command = [sys.executable, "-m", "service.cli", "--models-dir", str(repo), "--port", str(args.port)]
+        command = [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "--models-dir",
+            str(repo),
+            "--port",
+            str(port or args.port),
+        ]
         command += [*args.server_args]
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in stop())
-        self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, env=env, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
         started = time.perf_counter()
@@ -504,6 +514,55 @@ def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
     return row
 
 
+def compare(args: argparse.Namespace, key: str) -> list[tuple[str, int, float, float, float, float]]:
+    """This tree's server against another checkout's (`--compare-to`), both up at once, measured in
+    alternating rounds of the same wrk load: (kind, concurrency, base req/s, this req/s, base p50,
+    this p50), medians over the rounds. Kinds the other tree cannot serve are measured on this one
+    against the other's JSON image figures."""
+    name, export_args = MODELS[key]
+    if key in SLOW_MODELS:
+        args = copy.copy(args)
+        args.seconds *= args.slow_scale
+    ensure_bundle(args.repo, name, export_args)
+    base_args = copy.copy(args)
+    base_args.workers = args.compare_workers
+    base = Server(args.repo, name, base_args, root=args.compare_to, port=args.port + 1)
+    head = Server(args.repo, name, args)
+    rows = []
+    try:
+        base.wait_ready()
+        head.wait_ready()
+        print(f"\n== {name}: {args.compare_to} (port {args.port + 1}) vs this tree, alternating", flush=True)
+        for kind in args.kinds:
+            for concurrency in args.levels:
+                base_loads, head_loads = [], []
+                for _ in range(args.rounds):
+                    tag = f"a{time.time_ns() % 10**8:x}"
+                    base_loads.append(
+                        run_wrk(base.base, raw_kind(kind), concurrency, args.seconds, tag + "b")
+                    )
+                    head_loads.append(run_wrk(head.base, kind, concurrency, args.seconds, tag + "h"))
+
+                def med(loads: list[Load], attr: str) -> float:
+                    return statistics.median(getattr(x, attr) for x in loads)
+
+                row = (kind, concurrency, med(base_loads, "rate"), med(head_loads, "rate"))
+                row += (med(base_loads, "p50_ms"), med(head_loads, "p50_ms"))
+                rows.append(row)
+                print(
+                    f"  {kind:9} c={concurrency:>2}: before {row[2]:8.1f}/s p50 {row[4]:8.2f} ms | after "
+                    f"{row[3]:8.1f}/s p50 {row[5]:8.2f} ms | after/before {row[3] / row[2]:5.2f}x",
+                    flush=True,
+                )
+        print(
+            f"  peak RSS: before {base.peak_rss_mb():.0f} MB, after {head.peak_rss_mb():.0f} MB", flush=True
+        )
+    finally:
+        base.stop()
+        head.stop()
+    return rows
+
+
 def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
     import onnxruntime
 
@@ -606,6 +665,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="clip-serve --workers (0: automatic; not 1: a private PostgreSQL holds the stores)",
     )
+    parser.add_argument(
+        "--compare-to",
+        type=Path,
+        help="another checkout (e.g. of main): its server against this one's, alternating rounds",
+    )
+    parser.add_argument("--compare-workers", type=int, help="--workers for the other checkout's server")
     parser.add_argument("--postgres-dsn", help="PostgreSQL for the stores instead of a private one")
     parser.add_argument("--server-threads", type=int, help="CLIPSERVE_INTRA_OP_THREADS for the server")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
@@ -624,6 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         if args.workers != 1 and not args.postgres_dsn:
             args.postgres_dsn = stack.enter_context(private_postgres())
+        if args.compare_to:
+            for key in args.models:
+                compare(args, key)
+            return 0
         rows = [bench_model(args, key) for key in args.models]
     report(rows, args)
     return 0
