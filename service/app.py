@@ -24,6 +24,7 @@ from service.collections import Collections
 from service.embedding import Embedder
 from service.inputs import ImageFetcher
 from service.labelsets import LabelSets
+from service.loading import keep_large_buffers_out_of_the_heap
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -39,6 +40,7 @@ def _served(registry: ModelRegistry) -> str:
 def _lifespan(settings: Settings):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keep_large_buffers_out_of_the_heap()  # before any model is loaded
         state = app.state
         state.cache = VectorCache(
             settings.redis_url,

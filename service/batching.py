@@ -5,6 +5,11 @@ resolves to their outputs, in order. A loop takes up to `max_batch` rows and run
 tower's own inference thread, so the event loop and the preprocessing pool keep working while the
 model runs (decode of the next requests overlaps inference of the current batch).
 
+A request that finds the tower idle (nothing queued, announced or running) skips the queue:
+`run_if_idle(prepare)` prepares its rows (decodes its image) and runs them in one trip to the
+inference thread, instead of one to the preprocessing pool, one to the queue's loop and one to the
+inference thread. Requests that arrive meanwhile find the tower busy and queue as usual.
+
 It waits for a fuller batch (at most `max_wait_ms` after the oldest row) only while rows are
 announced (`announce` / `withdraw`: images being decoded right now); otherwise it runs what it has
 at once. Under load, rows pile up while the model is busy, so batches fill without waiting.
@@ -74,6 +79,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._last_batch_s = 0.05
+        self._running = 0  # batches (queued or direct) in the inference thread now
         self._labels = {"model": model, "tower": tower}
 
     def start(self) -> None:
@@ -122,6 +128,42 @@ class Batcher:
             raise Unavailable(f"the {self.tower} encoder of {self.model} is not running", retry_after_s=1)
         return await asyncio.get_running_loop().run_in_executor(self.executor, self.run_batch, rows)
 
+    @property
+    def idle(self) -> bool:
+        return not self._queue and not self._announced and not self._running and self.alive
+
+    def _prepare_and_run(self, prepare: Callable[[], Sequence[np.ndarray]]) -> tuple[np.ndarray, int, float]:
+        rows = prepare()  # its errors (a bad image) are the request's, not the model's
+        started = time.perf_counter()
+        try:
+            output = self.run_batch(rows)
+        except Exception as exc:
+            log.exception("%s %s direct batch of %d failed", self.model, self.tower, len(rows))
+            raise InferenceFailed(f"the {self.tower} encoder failed: {type(exc).__name__}") from exc
+        return output, len(rows), time.perf_counter() - started
+
+    async def run_if_idle(self, prepare: Callable[[], Sequence[np.ndarray]]) -> np.ndarray | None:
+        """With the tower idle, `prepare()` the rows and run them in one trip to the inference thread;
+        None when it is busy (then submit the rows instead)."""
+        if not self.idle:
+            return None
+        self._running += 1
+        try:
+            work = asyncio.get_running_loop().run_in_executor(self.executor, self._prepare_and_run, prepare)
+            try:
+                output, count, seconds = await asyncio.wait_for(work, self.timeout_s)
+            except TimeoutError as exc:
+                self.metrics.rejected.labels(reason="timeout", **self._labels).inc()
+                raise TimedOut(
+                    f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s"
+                ) from exc
+        finally:
+            self._running -= 1
+            self._arrived.set()  # the queue's loop waits for the thread to be free
+        self.metrics.batch_size.labels(**self._labels).observe(count)
+        self.metrics.inference_seconds.labels(**self._labels).observe(seconds)
+        return output
+
     async def submit(self, rows: Sequence[np.ndarray]) -> np.ndarray:
         if not self.alive:
             raise Unavailable(f"the {self.tower} encoder of {self.model} is not running", retry_after_s=1)
@@ -166,7 +208,8 @@ class Batcher:
         return batch
 
     async def _wait_for_batch(self) -> None:
-        while not self._queue:
+        # a direct run holds the inference thread: rows keep queueing (and stay droppable) meanwhile
+        while not self._queue or self._running:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = self._queue[0].enqueued + self.max_wait
@@ -188,6 +231,7 @@ class Batcher:
             if not batch:
                 continue
             started = time.perf_counter()
+            self._running += 1
             try:
                 output = await loop.run_in_executor(self.executor, self.run_batch, [i.row for i in batch])
             except Exception as exc:  # a failing model must fail its requests, never the loop
@@ -198,6 +242,8 @@ class Batcher:
                             InferenceFailed(f"the {self.tower} encoder failed: {type(exc).__name__}")
                         )
                 continue
+            finally:
+                self._running -= 1
             self._last_batch_s = time.perf_counter() - started
             self.metrics.batch_size.labels(**self._labels).observe(len(batch))
             self.metrics.inference_seconds.labels(**self._labels).observe(self._last_batch_s)

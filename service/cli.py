@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -114,9 +115,10 @@ class StartupProblems:
     refused, a provider missing, a store out of reach), uvicorn logs its message instead of the
     traceback, and the message is kept for `main` to print."""
 
-    def __init__(self, app: ASGIApp):
+    def __init__(self, app: ASGIApp, problem_file: str | None = None):
         self.app = app
         self.problem: str | None = None
+        self.problem_file = problem_file  # a worker process leaves the message there for its parent
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -129,9 +131,35 @@ class StartupProblems:
             if message["type"] == "lifespan.startup.failed" and isinstance(failure, STARTUP_PROBLEMS):
                 self.problem = str(failure)
                 message = {**message, "message": f"cannot start: {failure}"}
+                if self.problem_file:
+                    Path(self.problem_file).write_text(self.problem)
             await send(message)
 
         await self.app(scope, receive, send_problem_only)
+
+
+def worker_count(settings: Settings) -> int | None:
+    """`--workers`, or the automatic count (logged with its reason); None after printing a mistake."""
+    from service.workers import WorkersError, choose_workers
+
+    try:
+        workers, reason = choose_workers(settings)
+    except WorkersError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return None
+    log.info("%d worker process(es): %s", workers, reason)
+    return workers
+
+
+def serve_in_workers(settings: Settings, workers: int) -> int:
+    """`--workers N` above 1: N server processes on the port (service/workers.py)."""
+    from service.workers import per_worker_settings, serve_workers
+
+    problem = serve_workers(per_worker_settings(settings, workers), workers)
+    if problem is not None:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     announce(settings)
+    workers = worker_count(settings)
+    if workers is None:
+        return 1
+    if workers > 1:
+        return serve_in_workers(settings, workers)
     import uvicorn
 
     from service.app import create_app

@@ -48,19 +48,18 @@ class Embedder:
         self,
         model: str | None,
         texts: Sequence[str],
-        images: Sequence[str] = (),
-        image_bytes: Sequence[bytes] = (),
+        images: Sequence[str | bytes] = (),
         dimensions: int | None = None,
     ) -> Embedded:
         """Texts and images (as API strings, or bytes already uploaded) to vectors, both towers at once,
         optionally reduced to their first `dimensions` components."""
-        check_images(len(images) + len(image_bytes), self.settings)
+        check_images(len(images), self.settings)
         check_texts(texts, self.settings)
-        if not texts and not images and not image_bytes:
+        if not texts and not images:
             raise InvalidInput("nothing to embed: give at least one text or image")
         engine = self.registry.resolve(model)
         engine.output_dim(dimensions)
-        data = list(image_bytes) or await self.fetcher.load(list(images))
+        data = await self.fetcher.load(list(images))
         return await self._encode(engine, texts, data, dimensions)
 
     async def _encode(

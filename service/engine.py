@@ -225,8 +225,16 @@ class ModelEngine:
         """Unit vectors of `texts`, each from the cache or the text tower's batcher."""
         with self.using():
             batch = await self._tokenize(texts)
-            vectors = await self._vectors_for_rows(self._token_rows(batch), self.text_batcher.submit)
+            vectors = await self._vectors_for_rows(self._token_rows(batch), self._encode_text_rows)
             return TextVectors(vectors, [bool(t) for t in batch.truncated], int(batch.lengths.sum()))
+
+    async def _encode_text_rows(self, rows: list[np.ndarray]) -> np.ndarray:
+        """Token rows through the text tower: straight to its thread when it is idle, else queued."""
+        if len(rows) <= self.text_batcher.max_batch:
+            direct = await self.text_batcher.run_if_idle(lambda: rows)
+            if direct is not None:
+                return direct
+        return await self.text_batcher.submit(rows)
 
     async def _vectors_for_rows(
         self, rows: list[np.ndarray], encode: Callable[[list[np.ndarray]], object]
@@ -258,6 +266,10 @@ class ModelEngine:
     async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
         """Unit vectors of encoded images (decoded and preprocessed in the pool, then batched)."""
         with self.using():
+            if len(images) == 1:
+                direct = await self.image_batcher.run_if_idle(lambda: self._prepare_one(images[0]))
+                if direct is not None:
+                    return direct
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             self.image_batcher.announce(len(images))
@@ -274,6 +286,15 @@ class ModelEngine:
                 per_item = (time.perf_counter() - started) / len(images)
                 self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)
             return await self.image_batcher.submit(rows)
+
+    def _prepare_one(self, data: bytes) -> list[np.ndarray]:
+        """One image decoded and preprocessed on the inference thread (the idle tower's direct path)."""
+        started = time.perf_counter()
+        row = self._preprocessor(data, 0)
+        self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(
+            time.perf_counter() - started
+        )
+        return [row]
 
     async def encode_items(
         self, texts: Mapping[int, str], images: Mapping[int, bytes], count: int

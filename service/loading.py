@@ -9,6 +9,8 @@ tokenizer is the kind the manifest names: CLIP BPE, or a Hugging Face tokenizer.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,11 +72,32 @@ def load_version(
         )
         if settings.warmup:
             warm_up(loaded)
+        release_free_memory()
     except BaseException:
         for runtime in opened:  # a refused version must not keep device memory or streams
             runtime.close()
         raise
     return loaded
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def keep_large_buffers_out_of_the_heap() -> None:
+    """Large buffers (activations, decoded images) in their own mappings, returned to the system when
+    freed. glibc's default raises this threshold after each large free, after which such buffers
+    live in the heap and the heap's high-water mark stays in RSS (ViT-B-32: ~100 MB under load).
+    Call once, before loading models. A no-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+
+
+def release_free_memory() -> None:
+    """Hand the memory that loading used and freed (model protobufs, graph transforms) back to the
+    system: glibc keeps freed memory in the process otherwise. A no-op off glibc."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def warm_up(loaded: LoadedBundle) -> None:

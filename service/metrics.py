@@ -1,8 +1,16 @@
-"""Prometheus metrics, one registry per app (so two apps in one process do not collide)."""
+"""Prometheus metrics, one registry per app (so two apps in one process do not collide).
+
+Under `clip-serve --workers N` (service/workers.py) the workers write their values into
+prometheus_client's multiprocess folder (`PROMETHEUS_MULTIPROC_DIR`, set by the parent before
+they start) and `/metrics` from any worker reports them all, aggregated.
+"""
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -19,7 +27,14 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.queue_depth = Gauge("clipserve_queue_depth", "items waiting", ["model", "tower"], registry=r)
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        self.queue_depth = Gauge(
+            "clipserve_queue_depth",
+            "items waiting",
+            ["model", "tower"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.batch_size = Histogram(
             "clipserve_batch_size",
             "items per inference batch",
@@ -51,11 +66,18 @@ class Metrics:
             "clipserve_cache_requests_total", "cache lookups", ["kind", "result"], registry=r
         )
         self.cache_hit_ratio = Gauge(
-            "clipserve_cache_hit_ratio", "hits / lookups since start, per kind", ["kind"], registry=r
+            "clipserve_cache_hit_ratio",
+            "hits / lookups since start, per kind",
+            ["kind"],
+            registry=r,
+            multiprocess_mode="liveall",
         )
         self.cache_errors = Counter("clipserve_cache_errors_total", "Redis failures", registry=r)
         self.cache_fallback = Gauge(
-            "clipserve_cache_fallback", "1 while the in-process cache stands in for Redis", registry=r
+            "clipserve_cache_fallback",
+            "1 while the in-process cache stands in for Redis",
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.store_errors = Counter(
             "clipserve_store_errors_total",
@@ -69,7 +91,12 @@ class Metrics:
             "served model versions",
             ["model", "version", "content_hash"],
             registry=r,
+            multiprocess_mode="livemax",
         )
 
     def render(self) -> bytes:
+        if self.multiprocess_dir:
+            every_worker = CollectorRegistry()
+            MultiProcessCollector(every_worker, path=self.multiprocess_dir)
+            return generate_latest(every_worker)
         return generate_latest(self.registry)

@@ -37,6 +37,13 @@ class Settings(CliSettings):
     # Server
     host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 for every interface")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on")
+    workers: int = Field(
+        0,
+        ge=0,
+        description="server processes sharing the port, each with its own sessions and batchers, and "
+        "cores/workers threads each; 0: automatic (one per core for models up to 64 MB of graphs with "
+        "the pgvector backend, else 1); above 1 needs --collections-backend pgvector",
+    )
 
     # Models
     models_dir: Path = Field(Path("models"), description="model repository: <name>/<version>/manifest.json")
@@ -60,6 +67,11 @@ class Settings(CliSettings):
     )
     intra_op_threads: int = Field(
         default_factory=usable_cores, ge=1, description="ONNX Runtime threads per session"
+    )
+    cpu_arena: bool = Field(
+        False,
+        description="ONNX Runtime's CPU memory arena: keeps the memory of the largest batch seen; off frees "
+        "each run's activations (lower RSS, same speed here)",
     )
     preprocess_workers: int = Field(default_factory=usable_cores, ge=1, description="threads decoding images")
     jpeg_draft_margin: float = Field(

@@ -122,7 +122,7 @@ def test_models_health_metrics_and_docs(client) -> None:
     assert 'route="/v1/embed"' in metrics
     schema = client.get("/openapi.json").json()
     embed_body = schema["paths"]["/v1/embed"]["post"]["requestBody"]["content"]
-    assert set(embed_body) == {"application/json", "multipart/form-data"}
+    assert set(embed_body) == {"application/json", "multipart/form-data", "image/*"}
     json_body, form_body = (
         embed_body["application/json"]["schema"],
         embed_body["multipart/form-data"]["schema"],

@@ -8,7 +8,9 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import numpy as np
+import orjson
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from service.errors import ClientGone
 from service.schemas import ErrorResponse
@@ -21,6 +23,24 @@ def encode_vectors(vectors: np.ndarray, encoding_format: str) -> list[list[float
         little = np.ascontiguousarray(vectors, dtype="<f4")
         return [base64.b64encode(row.tobytes()).decode("ascii") for row in little]
     return vectors.astype(np.float32).tolist()
+
+
+def vector_payload(vectors: np.ndarray, encoding_format: str) -> np.ndarray | list[str]:
+    """Vectors for a `VectorResponse`: float32 rows written by orjson as they are (no Python
+    floats in between), or base64 strings."""
+    if encoding_format == "base64":
+        return encode_vectors(vectors, encoding_format)  # type: ignore[return-value]
+    if len(vectors) == 0:
+        return []  # type: ignore[return-value]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+class VectorResponse(JSONResponse):
+    """JSON written by orjson, numpy arrays included: each float32 is written in its shortest form
+    that reads back as the same float32, with no Python float per component."""
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 async def _disconnected(request: Request) -> None:

@@ -17,7 +17,8 @@ from service.settings import Settings
 
 
 def _state(name: str):
-    def get(request: Request) -> object:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, two thread hand-offs a request
+    async def get(request: Request) -> object:
         return getattr(request.app.state, name)
 
     get.__name__ = f"get_{name}"

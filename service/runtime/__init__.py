@@ -34,6 +34,8 @@ class ProviderUnavailableError(RuntimeConfigError):
 class RuntimeOptions:
     providers: tuple[str, ...] = ("cpu",)
     intra_op_threads: int = 1
+    # ONNX Runtime's CPU memory arena (off: activations are freed after each run, see runtime/onnx.py)
+    cpu_arena: bool = False
     device_id: int = 0
     # The input shapes the service will feed this tower (TensorRT optimization profiles).
     shapes: ShapeRange | None = None
@@ -56,6 +58,7 @@ def tower_options(settings: Settings, manifest: Manifest, tower: str) -> Runtime
     return RuntimeOptions(
         providers=tuple(settings.providers),
         intra_op_threads=settings.intra_op_threads,
+        cpu_arena=settings.cpu_arena,
         shapes=shapes,
         engine_cache_dir=cache_root / f"{manifest.content_hash[:16]}-{tower}",
     )
