@@ -42,12 +42,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.serve import TEXTS, cpu_name, ensure_bundle, photo  # noqa: E402
+from bench.serve import TEXTS, cpu_name, ensure_bundle, photo, wait_ready  # noqa: E402
 from export.bundle import Bundle  # noqa: E402
 from export.cli_settings import usable_cores  # noqa: E402
 
@@ -238,18 +236,7 @@ class Server:
         self.process = subprocess.Popen(command, env=env, cwd=root, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        started = time.perf_counter()
-        while time.perf_counter() - started < timeout_s:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"clip-serve exited:\n{self.log.read()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError("clip-serve did not become ready")
+        wait_ready(self.process, self.log, self.base, timeout_s, poll_s=0.2)
 
     def pids(self) -> list[int]:
         """The server's process and its children (workers)."""

@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import httpx
 import numpy as np
@@ -147,6 +148,24 @@ def measure_raw(
     return RawResult(batch, best[1], with_pre)
 
 
+def wait_ready(
+    process: subprocess.Popen, log: IO[str], base: str, timeout_s: float, poll_s: float = 0.1
+) -> float:
+    """Seconds until the server at `base` is ready; its log in the error when it exits first."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"clip-serve exited:\n{log.read()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return time.perf_counter() - started
+        except httpx.HTTPError:
+            pass
+        time.sleep(poll_s)
+    raise RuntimeError("clip-serve did not become ready")
+
+
 class Server:
     def __init__(self, repo: Path, name: str, args: argparse.Namespace, port: int):
         self.base = f"http://127.0.0.1:{port}"
@@ -183,18 +202,7 @@ class Server:
         )
 
     def wait_ready(self, timeout_s: float = 300) -> float:
-        started = time.perf_counter()
-        while time.perf_counter() - started < timeout_s:
-            if self.process.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"clip-serve exited:\n{self.log.read()}")
-            try:
-                if httpx.get(f"{self.base}/readyz", timeout=2).status_code == 200:
-                    return time.perf_counter() - started
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("clip-serve did not become ready")
+        return wait_ready(self.process, self.log, self.base, timeout_s)
 
     def stop(self) -> None:
         self.process.terminate()
