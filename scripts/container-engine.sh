@@ -10,6 +10,21 @@ PODMAN_PACKAGES=(podman runc netavark aardvark-dns iptables docker-compose deboo
 
 engine_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+# Timed stages of a long script: `stage NAME` logs it and ends the one before, `stage_done` ends the
+# last; STAGES collects "name  seconds" lines (names padded to STAGE_WIDTH) for the script's summary.
+STAGES=() STAGE_NAME="" STAGE_STARTED=0 STAGE_WIDTH=34
+
+stage() {
+  stage_done
+  STAGE_NAME=$1 STAGE_STARTED=$SECONDS
+  engine_log "== $STAGE_NAME"
+}
+
+stage_done() {
+  [ -z "$STAGE_NAME" ] || STAGES+=("$(printf "%-${STAGE_WIDTH}s %5d s" "$STAGE_NAME" $((SECONDS - STAGE_STARTED)))")
+  STAGE_NAME=""
+}
+
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else return 1; fi
 }

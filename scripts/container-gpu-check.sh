@@ -38,19 +38,7 @@ VENV="${VENV:-.venv}"
 BUILD_FREE_GB=10
 SERVE_WAIT_S=120
 RUN_DIR="" CONTAINER=""
-STAGES=()
-STAGE_NAME="" STAGE_STARTED=0
-
-stage() {
-  stage_done
-  STAGE_NAME=$1 STAGE_STARTED=$SECONDS
-  engine_log "== $STAGE_NAME"
-}
-
-stage_done() {
-  [ -z "$STAGE_NAME" ] || STAGES+=("$(printf '%-46s %5d s' "$STAGE_NAME" $((SECONDS - STAGE_STARTED)))")
-  STAGE_NAME=""
-}
+STAGE_WIDTH=46
 
 fail() { echo "gpu image check: FAILED: $*" >&2; exit 1; }
 

@@ -25,19 +25,7 @@ BASES=(python:3.11-slim-bookworm redis:7.4-alpine pgvector/pgvector:pg17 nginx:1
 TRAIN_BUILD_FREE_GB=20
 COMPOSE=()
 RUN_DIR="" PODMAN_SERVICE_PID="" HEALTH_DRIVER_PID="" STACK_CREATED=""
-STAGES=()
-STAGE_NAME="" STAGE_STARTED=0
-
-stage() {
-  stage_done
-  STAGE_NAME=$1 STAGE_STARTED=$SECONDS
-  engine_log "== $STAGE_NAME"
-}
-
-stage_done() {
-  [ -z "$STAGE_NAME" ] || STAGES+=("$(printf '%-34s %5d s' "$STAGE_NAME" $((SECONDS - STAGE_STARTED)))")
-  STAGE_NAME=""
-}
+STAGE_WIDTH=34
 
 fail() { echo "container smoke: FAILED: $*" >&2; exit 1; }
 

@@ -5,7 +5,6 @@ engine. The check itself builds and runs the image for real, in CI after the con
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_container_smoke import machine_without_engine
 from tests.test_docker import expanded_extras
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,15 +70,6 @@ def test_self_references_that_loop_end(tmp_path: Path) -> None:
     done = requirements_of("a", pyproject)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["numpy", "y==2", "x==1"]
-
-
-def machine_without_engine(tmp_path: Path) -> dict[str, str]:
-    """A PATH with no docker, no podman and no apt-get: only what the script runs before it gives up."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dirname", "date"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    return {"PATH": str(bin_dir), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
 
 
 def run_check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
