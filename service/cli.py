@@ -138,19 +138,6 @@ class StartupProblems:
         await self.app(scope, receive, send_problem_only)
 
 
-def worker_count(settings: Settings) -> int | None:
-    """`--workers`, or the automatic count (logged with its reason); None after printing a mistake."""
-    from service.workers import WorkersError, choose_workers
-
-    try:
-        workers, reason = choose_workers(settings)
-    except WorkersError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return None
-    log.info("%d worker process(es): %s", workers, reason)
-    return workers
-
-
 def serve_in_workers(settings: Settings, workers: int) -> int:
     """`--workers N` above 1: N server processes on the port (service/workers.py)."""
     from service.workers import per_worker_settings, serve_workers
@@ -168,15 +155,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    from service.workers import WorkersError, choose_workers
+
     try:
         preflight(settings)
-    except (RepositoryError, ProviderUnavailableError, PortUnavailable) as exc:
+        workers, reason = choose_workers(settings)
+    except (RepositoryError, ProviderUnavailableError, PortUnavailable, WorkersError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     announce(settings)
-    workers = worker_count(settings)
-    if workers is None:
-        return 1
+    log.info("%d worker process(es): %s", workers, reason)
     if workers > 1:
         return serve_in_workers(settings, workers)
     import uvicorn
