@@ -1,14 +1,24 @@
-# Sourced by scripts/container-bases.sh and scripts/container-smoke.sh: find a container engine
+# Sourced by scripts/container-bases.sh, container-smoke.sh and container-gpu-check.sh: find a container engine
 # (a running Docker, else podman, installed with apt where that is possible) and set podman up for
 # machines like CI's: no systemd, limits that root cannot raise, cgroup v1 with a crun too old for it.
 #
 # After `engine_find`: ENGINE is `docker` or `podman`; with podman, CONTAINERS_CONF points at the
 # settings written for this machine (see podman_configure). Nothing here changes /etc/containers.
+# Also what those scripts share: timed stages and the tests' tiny model config.
 
 CONTAINER_STATE_DIR="${CONTAINER_STATE_DIR:-${TMPDIR:-/tmp}/clipserve-containers}"
 PODMAN_PACKAGES=(podman runc netavark aardvark-dns iptables docker-compose debootstrap)
 
 engine_log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+write_tiny_model_config() {
+  # The tests' tiny CLIP (tests/fixtures/models.py): exports in seconds, random init, no download.
+  cat >"$1" <<'JSON'
+{"embed_dim": 32,
+ "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+ "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+JSON
+}
 
 # Timed stages of a long script: `stage NAME` logs it and ends the one before, `stage_done` ends the
 # last; STAGES collects "name  seconds" lines (names padded to STAGE_WIDTH) for the script's summary.

@@ -133,12 +133,7 @@ check_pytest_gate() {
 }
 
 write_tiny_model() {
-  # The tests' tiny CLIP (tests/fixtures/models.py): exports in seconds, random init, no download.
-  cat >"$RUN_DIR/tiny.json" <<'JSON'
-{"embed_dim": 32,
- "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
- "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-JSON
+  write_tiny_model_config "$RUN_DIR/tiny.json"
   [ -x "$VENV/bin/clip-export" ] || make --no-print-directory venv VENV="$VENV"
   "$VENV/bin/clip-export" --config "$RUN_DIR/tiny.json" --pretrained none --name tiny --models-dir "$RUN_DIR/models" \
     --seed 0 --quiet >/dev/null

@@ -104,15 +104,6 @@ compose_as_documented() {
 
 free_port() { "$VENV/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-write_tiny_model_config() {
-  # The tests' tiny CLIP (tests/fixtures/models.py): exports in seconds, random init, no download.
-  cat >"$1" <<'JSON'
-{"embed_dim": 32,
- "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
- "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-JSON
-}
-
 image_line() {
   local note=""
   note=$("$ENGINE" image inspect --format '{{index .Config.Labels "org.clipserve.stand-in"}}' "$1" 2>/dev/null || true)
