@@ -273,6 +273,15 @@ def test_the_gpu_gate_decides_with_a_session_and_says_why() -> None:
         assert reason.startswith("a CUDA session does not start here: CUDAExecutionProvider")
 
 
+def shared_library(compiler: str, source: Path, out: Path, *flags: str) -> None:
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", str(source), "-o", str(out), *flags],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+
+
 @pytest.fixture(scope="module")
 def provider_standin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
     """A library linked like ONNX Runtime's TensorRT provider: libnvinfer.so.10, libnvonnxparser.so.10
@@ -292,41 +301,12 @@ def provider_standin(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
         for soname in sonames:
             source = root / f"{soname}.c"
             source.write_text(f"int {soname.split('.')[0]}_standin(void) {{ return 0; }}\n")
-            subprocess.run(
-                [
-                    compiler,
-                    "-shared",
-                    "-fPIC",
-                    str(source),
-                    "-o",
-                    str(folder / soname),
-                    f"-Wl,-soname,{soname}",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=60,
-            )
+            shared_library(compiler, source, folder / soname, f"-Wl,-soname,{soname}")
     provider = root / "libonnxruntime_providers_tensorrt.so"
     source = root / "provider.c"
     source.write_text("int provider(void) { return 0; }\n")
     links = ["-l:libnvinfer.so.10", "-l:libnvonnxparser.so.10", "-l:libclipserve_standin_cuda.so.13"]
-    subprocess.run(
-        [
-            compiler,
-            "-shared",
-            "-fPIC",
-            str(source),
-            "-o",
-            str(provider),
-            f"-L{tensorrt}",
-            f"-L{cuda}",
-            "-Wl,--no-as-needed",
-            *links,
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    shared_library(compiler, source, provider, f"-L{tensorrt}", f"-L{cuda}", "-Wl,--no-as-needed", *links)
     return provider, tensorrt, cuda
 
 
