@@ -106,6 +106,18 @@ def upload(page, selector: str, name: str, mime: str, data: bytes) -> None:
     page.set_input_files(selector, files=[{"name": name, "mimeType": mime, "buffer": data}])
 
 
+def add_pictures(page, collection: str, pictures: dict[str, bytes]) -> None:
+    """Add `pictures` (file name -> PNG) to `collection` from the page; wait until the page says so."""
+    page.fill("#collection", collection)
+    page.set_input_files(
+        "#index-files",
+        files=[{"name": name, "mimeType": "image/png", "buffer": data} for name, data in pictures.items()],
+    )
+    page.wait_for_function(
+        f"document.getElementById('search-info').textContent.startsWith('Added {len(pictures)}')"
+    )
+
+
 def read_bars(page) -> list[tuple[str, float]]:
     rows = page.locator("#classify-results li")
     return [
@@ -201,15 +213,9 @@ def test_add_images_to_a_collection_and_search_it_by_a_sentence(
 ) -> None:
     page.goto(live_server(data_dir=tmp_path / "data") + "/")
     page.wait_for_function("document.getElementById('status').textContent.startsWith('serving tiny')")
-    page.fill("#collection", "browser-test")
-    page.set_input_files(
-        "#index-files",
-        files=[
-            {"name": f"{colour}.png", "mimeType": "image/png", "buffer": shape_png(colour)}
-            for colour in ("red", "blue", "green")
-        ],
+    add_pictures(
+        page, "browser-test", {f"{colour}.png": shape_png(colour) for colour in ("red", "blue", "green")}
     )
-    page.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 3')")
     page.fill("#query", "a red circle")
     page.fill("#min-score", "-1")
     page.click("#search-button")
@@ -254,15 +260,9 @@ def test_search_shows_the_top_k_above_the_score_threshold(
     page, live_server: Callable[..., str], tmp_path: Path
 ) -> None:
     page.goto(live_server(data_dir=tmp_path / "data") + "/")
-    page.fill("#collection", "threshold")
     long_name = "a-rather-long-file-name-of-a-red-circle.png"
-    files = [{"name": long_name, "mimeType": "image/png", "buffer": shape_png("red")}]
-    files += [
-        {"name": f"{c}.png", "mimeType": "image/png", "buffer": shape_png(c)}
-        for c in ("blue", "green", "yellow")
-    ]
-    page.set_input_files("#index-files", files=files)
-    page.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 4')")
+    pictures = {long_name: shape_png("red")} | {f"{c}.png": shape_png(c) for c in ("blue", "green", "yellow")}
+    add_pictures(page, "threshold", pictures)
     page.fill("#query", "a red circle")
     page.fill("#search-top-k", "2")
     page.fill("#min-score", "-1")
@@ -336,15 +336,11 @@ def test_the_page_reads_well_on_a_phone(phone, live_server: Callable[..., str], 
     page_width = phone.evaluate("document.documentElement.scrollWidth")
     assert page_width <= 390, f"the page is {page_width} px wide on a 390 px screen"
     screenshot(phone, "phone-classify")
-    phone.fill("#collection", "phone")
-    phone.set_input_files(
-        "#index-files",
-        files=[
-            {"name": f"{colour}-shape-picture.png", "mimeType": "image/png", "buffer": shape_png(colour)}
-            for colour in ("red", "blue", "green")
-        ],
+    add_pictures(
+        phone,
+        "phone",
+        {f"{colour}-shape-picture.png": shape_png(colour) for colour in ("red", "blue", "green")},
     )
-    phone.wait_for_function("document.getElementById('search-info').textContent.startsWith('Added 3')")
     phone.fill("#query", "a red circle")
     phone.fill("#min-score", "-1")
     phone.click("#search-button")
