@@ -3,8 +3,13 @@
 Keys are built by the callers from the bundle's content hash, never the model name
 (`clipserve:v1:<content-hash>:...`). Two kinds of values:
 
-- vectors (`get_vectors` / `set_vectors`): text embeddings, float32 bytes, with a TTL; the stand-in
-  is an LRU of `cache_lru_size` entries;
+- vectors (`get_vectors` / `set_vectors`): text embeddings, float32 bytes, with a TTL in Redis.
+  An in-process LRU of `cache_lru_size` entries sits in front: a key names its content (bundle hash
+  and token ids), so a value never changes and a local copy is never stale. Lookups try the LRU, then
+  Redis (`shared=True`); writes go to the LRU at once and to Redis behind the request, coalesced into
+  one pipeline per event-loop turn (`flush()` waits for them). A caller whose vectors cost less to
+  compute than a Redis round trip passes `shared=False` and stays in process
+  (`round_trip_ms` is what `ModelEngine` weighs that against);
 - blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices of stored label sets, no
   TTL; the stand-in is a plain dict. (Label-set definitions are data: `service.index.labelsets`.)
 
@@ -15,8 +20,10 @@ A request never fails because of the cache.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
+import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
@@ -29,6 +36,8 @@ from service.metrics import Metrics
 log = logging.getLogger("clipserve.cache")
 T = TypeVar("T")
 KEY_PREFIX = "clipserve:v1"
+# vector writes waiting for Redis beyond this many are dropped (a cache: the next miss recomputes)
+_MAX_PENDING = 4096
 
 
 class LRU:
@@ -75,6 +84,9 @@ class VectorCache:
             else None
         )
         self._vectors = LRU(lru_size)
+        self._pending: dict[str, bytes] = {}
+        self._writer: asyncio.Task | None = None
+        self.round_trip_ms: float | None = None
         self._blobs: dict[str, bytes] = {}
         self._lookups: dict[str, list[int]] = {}
         self._down_until = 0.0
@@ -91,8 +103,22 @@ class VectorCache:
         return self._redis is not None and not self._down
 
     async def aclose(self) -> None:
+        await self.flush()
         if self._redis is not None:
             await self._redis.aclose()
+
+    async def measure_round_trip(self, samples: int = 7) -> float | None:
+        """Median milliseconds of one vector look-up in Redis through this client (a missing key),
+        kept in `round_trip_ms`; None without a Redis that answers."""
+        times = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            ok, _ = await self._try(lambda r: r.mget([f"{KEY_PREFIX}:round-trip-probe"]))
+            if not ok:
+                return None
+            times.append((time.perf_counter() - started) * 1000)
+        self.round_trip_ms = statistics.median(times)
+        return self.round_trip_ms
 
     async def _try(self, operation: Callable[[aioredis.Redis], Awaitable[T]]) -> tuple[bool, T | None]:
         if self._redis is None or time.monotonic() < self._down_until:
@@ -130,30 +156,52 @@ class VectorCache:
         if totals[1]:
             self.metrics.cache_hit_ratio.labels(kind=kind).set(totals[0] / totals[1])
 
-    async def get_vectors(self, keys: list[str]) -> list[bytes | None]:
+    async def get_vectors(self, keys: list[str], shared: bool = True) -> list[bytes | None]:
+        """Values of `keys` (None where absent): from this process's LRU, then from Redis when
+        `shared`. Values found in Redis are kept in the LRU."""
         if not keys:
             return []
-        ok, values = await self._try(lambda r: r.mget(keys))
-        if not ok:
-            values = [self._vectors.get(k) for k in keys]
-        assert values is not None
+        values = [self._vectors.get(k) for k in keys]
+        absent = [i for i, value in enumerate(values) if value is None]
+        if absent and shared:
+            ok, found = await self._try(lambda r: r.mget([keys[i] for i in absent]))
+            if ok and found is not None:
+                for i, value in zip(absent, found, strict=True):
+                    if value is not None:
+                        values[i] = value
+                        self._vectors.set(keys[i], value)
         self._count("vector", values)
-        return list(values)
+        return values
 
-    async def set_vectors(self, items: dict[str, bytes]) -> None:
-        if not items:
+    async def set_vectors(self, items: dict[str, bytes], shared: bool = True) -> None:
+        """Keep `items` in this process's LRU now and, when `shared`, write them to Redis behind the
+        caller (coalesced with other writes; `flush()` waits for them)."""
+        for key, value in items.items():
+            self._vectors.set(key, value)
+        if not items or not shared or self._redis is None or time.monotonic() < self._down_until:
             return
+        self._pending.update(items)
+        while len(self._pending) > _MAX_PENDING:
+            del self._pending[next(iter(self._pending))]
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.get_running_loop().create_task(self._write_pending(), name="cache-writes")
 
-        async def write(r: aioredis.Redis) -> None:
-            async with r.pipeline(transaction=False) as pipe:
-                for key, value in items.items():
-                    pipe.set(key, value, ex=self.ttl_s)
-                await pipe.execute()
+    async def _write_pending(self) -> None:
+        while self._pending:
+            items, self._pending = self._pending, {}
 
-        ok, _ = await self._try(write)
-        if not ok:
-            for key, value in items.items():
-                self._vectors.set(key, value)
+            async def write(r: aioredis.Redis, items: dict[str, bytes] = items) -> None:
+                async with r.pipeline(transaction=False) as pipe:
+                    for key, value in items.items():
+                        pipe.set(key, value, ex=self.ttl_s)
+                    await pipe.execute()
+
+            await self._try(write)
+
+    async def flush(self) -> None:
+        """Wait until the vector writes queued so far have reached Redis (or failed over)."""
+        if self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
     async def get_blob(self, key: str, kind: str = "blob") -> bytes | None:
         ok, value = await self._try(lambda r: r.get(key))

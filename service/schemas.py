@@ -297,6 +297,10 @@ class ModelInfo(BaseModel):
     logit_bias: float | None
     image_size: list[int]
     context_length: int
+    text_cache: Literal["shared", "local"] = Field(
+        description="where this model's text vectors are cached: shared (Redis, every replica) or local "
+        "(this process: its text tower is faster than a Redis look-up)"
+    )
     source: dict
     default: bool
 

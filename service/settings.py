@@ -111,6 +111,12 @@ class Settings(CliSettings):
     cache_lru_size: int = Field(50_000, ge=0, description="entries in the in-process cache")
     cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="TTL of cached text vectors; 0 keeps them")
     redis_retry_s: float = Field(5.0, ge=0, description="wait before trying Redis again after a failure")
+    text_cache: Literal["auto", "shared", "local"] = Field(
+        "auto",
+        description="where text vectors are cached: shared (Redis, for every replica, behind the in-process "
+        "cache), local (this process only); auto: shared when the model's text tower takes at least ten "
+        "times as long as a Redis look-up (both measured at start), else local",
+    )
 
     # Security and limits
     api_keys: CommaList[str] = Field(default_factory=list, description="Bearer keys; empty turns auth off")

@@ -14,6 +14,7 @@ import pytest
 import redis
 
 from service.cache import VectorCache
+from service.engine import shares_text_vectors
 from service.metrics import Metrics
 from tests.fixtures.service import free_port
 
@@ -112,11 +113,14 @@ def test_redis_is_used_again_when_it_comes_back(own_redis) -> None:
     async def scenario():
         cache, metrics = make_cache(f"redis://127.0.0.1:{port}/0", retry_s=0.0)
         await cache.set_vectors({"before": b"1"})
+        await cache.flush()
         stop()
-        await cache.set_vectors({"during": b"2"})  # fails over, no exception
+        await cache.set_vectors({"during": b"2"})
+        await cache.flush()  # the write behind the caller fails over, no exception
         during = (await cache.get_vectors(["during"]), cache.using_redis)
         start()
         await cache.set_vectors({"after": b"3"})
+        await cache.flush()
         after = cache.using_redis
         await cache.aclose()
         return during, after, metrics
@@ -125,3 +129,103 @@ def test_redis_is_used_again_when_it_comes_back(own_redis) -> None:
     assert during_values == [b"2"] and not during_redis and after_redis
     assert redis.Redis(port=port).get("after") == b"3"
     assert sample(metrics, "clipserve_cache_fallback") == 0
+
+
+def test_vectors_are_kept_in_process_and_written_to_redis_behind_the_caller(service_redis_url: str) -> None:
+    key = f"clipserve:v1:test:{uuid.uuid4().hex}"
+    other = redis.Redis.from_url(service_redis_url)
+
+    async def scenario():
+        cache, _ = make_cache(service_redis_url)
+        await cache.set_vectors({key: b"1234"})
+        written_at_return = other.exists(key)  # the write waits for the caller to give the loop back
+        await cache.flush()
+        written_after_flush = other.exists(key)
+        other.delete(key)  # evicted from Redis: this process still has it
+        kept = await cache.get_vectors([key])
+        await cache.aclose()
+        return written_at_return, written_after_flush, kept
+
+    written_at_return, written_after_flush, kept = asyncio.run(scenario())
+    assert (written_at_return, written_after_flush, kept) == (0, 1, [b"1234"])
+
+
+def test_vectors_another_replica_wrote_are_read_once_from_redis(service_redis_url: str) -> None:
+    key = f"clipserve:v1:test:{uuid.uuid4().hex}"
+    other = redis.Redis.from_url(service_redis_url)
+    other.set(key, b"from another replica")
+
+    async def scenario():
+        cache, metrics = make_cache(service_redis_url)
+        first = await cache.get_vectors([key])
+        other.delete(key)
+        second = await cache.get_vectors([key])  # now from this process's copy
+        await cache.aclose()
+        return first, second, metrics
+
+    first, second, metrics = asyncio.run(scenario())
+    assert first == second == [b"from another replica"]
+    assert sample(metrics, "clipserve_cache_requests_total", kind="vector", result="hit") == 2
+
+
+def test_unshared_vectors_never_touch_redis(service_redis_url: str) -> None:
+    key = f"clipserve:v1:test:{uuid.uuid4().hex}"
+    other = redis.Redis.from_url(service_redis_url)
+    other.set(key + ":elsewhere", b"x")
+
+    async def scenario():
+        cache, _ = make_cache(service_redis_url)
+        await cache.set_vectors({key: b"local"}, shared=False)
+        await cache.flush()
+        got = await cache.get_vectors([key, key + ":elsewhere"], shared=False)
+        await cache.aclose()
+        return got
+
+    assert asyncio.run(scenario()) == [b"local", None]
+    assert not other.exists(key)
+
+
+def test_round_trip_is_measured_against_a_redis_that_answers(service_redis_url: str) -> None:
+    async def scenario():
+        reachable, _ = make_cache(service_redis_url)
+        unreachable, _ = make_cache(f"redis://127.0.0.1:{free_port()}/0", retry_s=60)
+        measured = await reachable.measure_round_trip(), await unreachable.measure_round_trip()
+        await reachable.aclose()
+        await unreachable.aclose()
+        return measured, reachable.round_trip_ms, unreachable.round_trip_ms
+
+    (reachable, unreachable), kept, none = asyncio.run(scenario())
+    assert 0 < reachable < 1000 and kept == reachable
+    assert unreachable is None and none is None
+
+
+def test_text_vectors_are_shared_when_encoding_costs_ten_look_ups() -> None:
+    shared_cache, _ = make_cache("redis://127.0.0.1:6379/0")
+    shared_cache.round_trip_ms = 0.1
+    no_redis, _ = make_cache(None)
+    assert shares_text_vectors("auto", shared_cache, encode_ms=1.0)
+    assert not shares_text_vectors("auto", shared_cache, encode_ms=0.9)
+    assert shares_text_vectors("shared", shared_cache, encode_ms=0.1)
+    assert not shares_text_vectors("local", shared_cache, encode_ms=50.0)
+    assert not shares_text_vectors("shared", no_redis, encode_ms=50.0)
+    assert shares_text_vectors("auto", shared_cache, encode_ms=None)  # not timed: as configured
+    shared_cache.round_trip_ms = None  # Redis was down at start: a look-up is taken as 1 ms
+    assert not shares_text_vectors("auto", shared_cache, encode_ms=9.0)
+    assert shares_text_vectors("auto", shared_cache, encode_ms=10.0)
+
+
+@pytest.mark.parametrize("mode", ["shared", "local"])
+def test_a_served_model_caches_text_vectors_where_configured(make_client, service_redis_url, mode) -> None:
+    client = make_client(text_cache=mode)
+    model = client.get("/v1/models").json()["data"][0]
+    assert model["text_cache"] == mode
+    redis_client = redis.Redis.from_url(service_redis_url)
+    pattern = f"clipserve:v1:{model['content_hash']}:text:*"
+    before = set(redis_client.keys(pattern))
+    text = f"cached {mode} {uuid.uuid4().hex}"
+    first = client.post("/v1/embed", json={"texts": [text]}).json()["text_embeddings"]
+    second = client.post("/v1/embed", json={"texts": [text]}).json()["text_embeddings"]
+    assert first == second
+    client.__exit__(None, None, None)  # shut down: the writes behind the requests are flushed
+    written = set(redis_client.keys(pattern)) - before
+    assert len(written) == (1 if mode == "shared" else 0)
