@@ -33,8 +33,11 @@ log = logging.getLogger("clipserve.app")
 
 
 def _served(registry: ModelRegistry) -> str:
-    """`tiny@3 (providers cpu), ...`: what each model serves with, once loaded."""
-    return ", ".join(f"{m.ref} (providers {', '.join(m.loaded.providers)})" for m in registry.models())
+    """`tiny@3 (providers cpu; text cache local), ...`: what each model serves with, once loaded."""
+    return ", ".join(
+        f"{m.ref} (providers {', '.join(m.loaded.providers)}; text cache {m.text_cache})"
+        for m in registry.models()
+    )
 
 
 def _lifespan(settings: Settings):
@@ -49,6 +52,8 @@ def _lifespan(settings: Settings):
             retry_s=settings.redis_retry_s,
             metrics=state.metrics,
         )
+        if settings.text_cache == "auto":
+            await state.cache.measure_round_trip()  # what each model's text tower is weighed against
         state.registry = registry = ModelRegistry(settings, state.metrics, state.cache)
         state.fetcher = ImageFetcher(settings)
         state.labelsets = LabelSets(registry, state.cache, settings, state.metrics)
@@ -86,6 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=_lifespan(settings),
         docs_url=None,
         redoc_url=None,
+        # FastAPI's own OpenTelemetry hooks ask the global providers on every request; the service's
+        # telemetry is /metrics and the request id, so they stay off
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.metrics = Metrics()

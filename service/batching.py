@@ -81,6 +81,9 @@ class Batcher:
         self._last_batch_s = 0.05
         self._running = 0  # batches (queued or direct) in the inference thread now
         self._labels = {"model": model, "tower": tower}
+        self._queue_depth = metrics.queue_depth.labels(**self._labels)
+        self._batch_size = metrics.batch_size.labels(**self._labels)
+        self._inference_seconds = metrics.inference_seconds.labels(**self._labels)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
@@ -151,7 +154,8 @@ class Batcher:
         try:
             work = asyncio.get_running_loop().run_in_executor(self.executor, self._prepare_and_run, prepare)
             try:
-                output, count, seconds = await asyncio.wait_for(work, self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):
+                    output, count, seconds = await work
             except TimeoutError as exc:
                 self.metrics.rejected.labels(reason="timeout", **self._labels).inc()
                 raise TimedOut(
@@ -160,8 +164,8 @@ class Batcher:
         finally:
             self._running -= 1
             self._arrived.set()  # the queue's loop waits for the thread to be free
-        self.metrics.batch_size.labels(**self._labels).observe(count)
-        self.metrics.inference_seconds.labels(**self._labels).observe(seconds)
+        self._batch_size.observe(count)
+        self._inference_seconds.observe(seconds)
         return output
 
     async def submit(self, rows: Sequence[np.ndarray]) -> np.ndarray:
@@ -180,18 +184,20 @@ class Batcher:
             future = loop.create_future()
             self._queue.append(_Item(row, future, now))
             futures.append(future)
-        self.metrics.queue_depth.labels(**self._labels).set(len(self._queue))
+        self._queue_depth.set(len(self._queue))
         self._arrived.set()
-        gathered = asyncio.gather(*futures)
-        gathered.add_done_callback(_retrieve)
+        waiting = futures[0] if len(futures) == 1 else asyncio.gather(*futures)
+        if len(futures) > 1:
+            waiting.add_done_callback(_retrieve)
         try:
-            results = await asyncio.wait_for(gathered, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):
+                result = await waiting
         except TimeoutError as exc:
             self.metrics.rejected.labels(reason="timeout", **self._labels).inc(len(rows))
             raise TimedOut(
                 f"the {self.tower} encoder of {self.model} did not answer within {self.timeout_s} s"
             ) from exc
-        return np.stack(results)
+        return result[None] if len(futures) == 1 else np.stack(result)
 
     def _take(self) -> list[_Item]:
         batch: list[_Item] = []
@@ -204,7 +210,7 @@ class Batcher:
             batch.append(item)
         if dropped:
             self.metrics.rejected.labels(reason="cancelled", **self._labels).inc(dropped)
-        self.metrics.queue_depth.labels(**self._labels).set(len(self._queue))
+        self._queue_depth.set(len(self._queue))
         return batch
 
     async def _wait_for_batch(self) -> None:
@@ -245,8 +251,8 @@ class Batcher:
             finally:
                 self._running -= 1
             self._last_batch_s = time.perf_counter() - started
-            self.metrics.batch_size.labels(**self._labels).observe(len(batch))
-            self.metrics.inference_seconds.labels(**self._labels).observe(self._last_batch_s)
+            self._batch_size.observe(len(batch))
+            self._inference_seconds.observe(self._last_batch_s)
             for item, vector in zip(batch, output, strict=True):
                 if not item.future.done():
                     item.future.set_result(vector)

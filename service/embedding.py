@@ -76,7 +76,10 @@ class Embedder:
         async def image_part() -> np.ndarray:
             return await engine.encode_images(data) if data else empty
 
-        (text_vectors, truncated, tokens), image_vectors = await asyncio.gather(text_part(), image_part())
+        if texts and data:  # both towers at once
+            (text_vectors, truncated, tokens), image_vectors = await asyncio.gather(text_part(), image_part())
+        else:  # one tower: no tasks to spawn
+            (text_vectors, truncated, tokens), image_vectors = await text_part(), await image_part()
         return Embedded(
             engine,
             engine.reduce(text_vectors, dimensions),

@@ -43,28 +43,30 @@ class VectorResponse(JSONResponse):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client goes away first, cancel it so its queued items are dropped."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
+    """Run `work` in this task; if the client goes away first, cancel it (so its queued items are
+    dropped) and raise ClientGone. One watcher task per request, nothing else in between."""
+    current = asyncio.current_task()
+    assert current is not None
+    gone = False
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone = True
+        current.cancel()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
     except asyncio.CancelledError:
-        task.cancel()
-        raise
+        if not gone:
+            raise
+        current.uncancel()  # the cancellation was ours, and is answered by ClientGone
+        raise ClientGone("the client closed the connection") from None
     finally:
         watcher.cancel()
-    if task in done:
-        return task.result()
-    task.cancel()
-    raise ClientGone("the client closed the connection")
 
 
 def error_responses(*codes: int) -> dict[int | str, dict]:
