@@ -70,8 +70,8 @@ class Settings(CliSettings):
     )
     cpu_arena: bool = Field(
         False,
-        description="ONNX Runtime's CPU memory arena: keeps the memory of the largest batch seen; off frees "
-        "each run's activations (lower RSS, same speed here)",
+        description="ONNX Runtime's CPU memory arena: keeps the memory of the largest batch seen (ViT-B-32: "
+        "3-12% faster, ~170 MB more resident); off frees each run's activations",
     )
     preprocess_workers: int = Field(default_factory=usable_cores, ge=1, description="threads decoding images")
     jpeg_draft_margin: float = Field(
@@ -95,7 +95,10 @@ class Settings(CliSettings):
     max_queue: int = Field(512, ge=1, description="items waiting per model and tower before 429")
     request_timeout_s: float = Field(30.0, gt=0, description="a request still waiting after this gets 503")
     labelset_chunk_texts: int = Field(
-        256, ge=1, description="texts per encoder call when building label sets"
+        64,
+        ge=1,
+        description="texts per encoder call when building label sets; a run's activations grow with it "
+        "(ViT-B-32: 256 texts of 16 tokens take 260 MB more at their peak than 64, and no less time)",
     )
     labelset_lease_s: float = Field(
         30.0,
