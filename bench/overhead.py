@@ -11,8 +11,13 @@ run, on the same JPEGs and the same kind of texts:
 2. the server (`clip-serve`, Redis for its cache) under closed-loop load from `wrk` (C, one thread,
    each request built from pre-encoded bodies by a few lines of Lua) at concurrency 1, 8 and 32, one
    image (640x480 JPEG, base64 JSON) or one new text per request;
-3. served/raw per concurrency, per-request overhead at concurrency 1 (served p50 minus raw batch-1
-   latency), the server's peak RSS (VmHWM, summed over its processes) and the load generator's CPU.
+3. the framework floor: the same text load against the least a FastAPI service can do per request
+   (`floor_app`: one route that validates the same JSON body and answers a small JSON document),
+   run by uvicorn with as many processes as the server has: no route written with FastAPI can
+   serve more requests per second on this machine;
+4. served/raw per concurrency, served/floor for texts, per-request overhead at concurrency 1 (served
+   p50 minus raw batch-1 latency), the server's peak RSS (VmHWM, summed over its processes) and the
+   load generator's CPU.
 
 Figures are printed (and written to --out as JSON and a plot), never asserted. The load generator
 shares the machine with the server: its CPU time is printed so that it can be accounted for.
@@ -33,6 +38,7 @@ import multiprocessing as mp
 import os
 import re
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -453,6 +459,48 @@ def summarize_profile(paths: list[Path], out: Path, top: int = 25) -> None:
     print("\n".join("    " + line for line in lines[: 12 + top + 4]), flush=True)
 
 
+# The framework floor ----------------------------------------------------------------------------------
+
+
+def floor_app():
+    """The least a FastAPI service does per request: parse and validate `{"texts": [...]}` with
+    pydantic, answer a small JSON document. No tokenizer, no model, no middleware."""
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+
+    class Texts(BaseModel):
+        texts: list[str]
+
+    app = FastAPI(telemetry={"tracing": False, "metrics": False, "logs": False})
+
+    @app.post("/v1/embed")
+    async def embed(body: Texts) -> dict:
+        return {"texts": len(body.texts)}
+
+    return app
+
+
+def measure_floor(processes: int, levels: list[int], args: argparse.Namespace) -> dict[int, float]:
+    """req/s of `floor_app` under uvicorn (`processes` workers) at each concurrency, text bodies."""
+    port = args.port + 2
+    command = [sys.executable, "-m", "uvicorn", "bench.overhead:floor_app", "--factory", "--port", str(port)]
+    command += ["--workers", str(processes), "--log-level", "warning", "--no-access-log"]
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed below)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(process, log, base, 60, poll_s=0.2, path="/docs")
+        rates = {}
+        for level in levels:
+            rates[level] = run_wrk(base, "text", level, args.seconds, f"f{time.time_ns() % 10**8:x}").rate
+            print(f"  floor text  c={level:>2}: {rates[level]:8.1f} req/s (FastAPI, {processes} processes)")
+        return rates
+    finally:
+        process.terminate()
+        process.wait(30)
+        log.close()
+
+
 # Driver -----------------------------------------------------------------------------------------------
 
 
@@ -464,6 +512,8 @@ class ModelRow:
     peak_rss_mb: float = 0.0
     # kind -> (raw batch-1 ms, served p50 ms) medians of alternating rounds at concurrency 1
     c1: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # concurrency -> req/s of the framework floor (text bodies), with the server's process count
+    floor: dict[int, float] = field(default_factory=dict)
 
 
 def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
@@ -497,8 +547,11 @@ def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
             kind, _, level = spec.partition(":")
             profile(server, name, kind, int(level or 1), args.seconds, args.out)
         row.peak_rss_mb = server.peak_rss_mb()
+        processes = max(1, len(server.pids()) - 1)  # the workers, or the one server process
     finally:
         server.stop()
+    if "text" in args.kinds and not args.no_floor:
+        row.floor = measure_floor(processes, args.levels, args)
     return row
 
 
@@ -514,13 +567,18 @@ def compare(args: argparse.Namespace, key: str) -> list[tuple[str, int, float, f
     ensure_bundle(args.repo, name, export_args)
     base_args = copy.copy(args)
     base_args.workers = args.compare_workers
+    base_args.server_args = shlex.split(args.compare_server_args)
     base = Server(args.repo, name, base_args, root=args.compare_to, port=args.port + 1)
     head = Server(args.repo, name, args)
     rows = []
     try:
         base.wait_ready()
         head.wait_ready()
-        print(f"\n== {name}: {args.compare_to} (port {args.port + 1}) vs this tree, alternating", flush=True)
+        before = " ".join([str(args.compare_to), *base_args.server_args])
+        after = " ".join(["this tree", *args.server_args])
+        print(
+            f"\n== {name}: before = {before} (port {args.port + 1}), after = {after}, alternating", flush=True
+        )
         for kind in args.kinds:
             for concurrency in args.levels:
                 base_loads, head_loads = [], []
@@ -659,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         help="another checkout (e.g. of main): its server against this one's, alternating rounds",
     )
     parser.add_argument("--compare-workers", type=int, help="--workers for the other checkout's server")
+    parser.add_argument(
+        "--compare-server-args",
+        default="",
+        help="clip-serve flags of the other server (one string), e.g. --compare-to . --compare-server-args "
+        "'--cpu-arena' weighs a setting against the defaults on one tree",
+    )
     parser.add_argument("--postgres-dsn", help="PostgreSQL for the stores instead of a private one")
     parser.add_argument("--server-threads", type=int, help="CLIPSERVE_INTRA_OP_THREADS for the server")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
@@ -666,6 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["fp32", "int8"], default="fp32")
     parser.add_argument("--jpeg-draft-margin", type=float, default=2.0)
     parser.add_argument("--served-only", action="store_true", help="skip the raw loops")
+    parser.add_argument("--no-floor", action="store_true", help="skip the framework floor (FastAPI alone)")
     parser.add_argument("--profile", nargs="*", default=[], help="KIND:CONCURRENCY runs sampled by py-spy")
     parser.add_argument("server_args", nargs="*", help="extra clip-serve flags, after --")
     args = parser.parse_args(argv)

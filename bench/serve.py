@@ -149,16 +149,21 @@ def measure_raw(
 
 
 def wait_ready(
-    process: subprocess.Popen, log: IO[str], base: str, timeout_s: float, poll_s: float = 0.1
+    process: subprocess.Popen,
+    log: IO[str],
+    base: str,
+    timeout_s: float,
+    poll_s: float = 0.1,
+    path: str = "/readyz",
 ) -> float:
-    """Seconds until the server at `base` is ready; its log in the error when it exits first."""
+    """Seconds until the server at `base` answers 200 on `path`; its log in the error when it exits first."""
     started = time.perf_counter()
     while time.perf_counter() - started < timeout_s:
         if process.poll() is not None:
             log.seek(0)
             raise RuntimeError(f"clip-serve exited:\n{log.read()}")
         try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{base}{path}", timeout=2).status_code == 200:
                 return time.perf_counter() - started
         except httpx.HTTPError:
             pass
