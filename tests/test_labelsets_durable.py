@@ -231,8 +231,13 @@ def test_chaos_redis_killed_under_mixed_load_fails_no_request(
     clip_serve, private_redis, tiny_repo, tmp_path
 ) -> None:
     private_redis.start()
+    # text vectors through Redis (the tiny model's would stay in process): every new text meets the outage
     service = clip_serve(
-        models_dir=tiny_repo, redis_url=private_redis.url(), data_dir=tmp_path / "data", redis_retry_s=1
+        models_dir=tiny_repo,
+        redis_url=private_redis.url(),
+        data_dir=tmp_path / "data",
+        redis_retry_s=1,
+        text_cache="shared",
     )
     name = unique("chaos")
     assert (
