@@ -302,3 +302,18 @@ def test_weight_inheritance_between_resnet_towers_keeps_leading_channels(tmp_pat
     )
     with pytest.raises(ModelSpecError, match="same blocks per stage"):
         inherit_weights(load_clip(str(resnet(8, [1, 1, 2, 1], 1))), teacher)
+
+
+def test_a_locked_text_tower_stays_as_it_started_while_the_image_tower_learns(
+    tiny_student_config: Path, tmp_path: Path
+) -> None:
+    student = load_clip(str(tiny_student_config))
+    before = {k: v.clone() for k, v in student.model.state_dict().items()}
+    train(student, _dataset(), tmp_path / "run", _config(lock_text=True), LossSettings(), **QUIET)
+    after = student.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    text_keys = {k for k in before if not k.startswith("visual.") and k != "logit_scale"}
+    assert text_keys and not changed & text_keys
+    assert any(k.startswith("visual.") for k in changed) and "logit_scale" in changed
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["config"]["lock_text"] is True

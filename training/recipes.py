@@ -68,7 +68,7 @@ def teacher_options(
 # ---- the experiment's teacher, built once per machine -------------------------------------------
 
 # bump when training/ changes in a way that changes what a recipe trains (the cache key includes it)
-TEACHER_CACHE_VERSION = 1
+TEACHER_CACHE_VERSION = 2
 TEACHER_CACHE_ROOT = Path("runs/teachers")
 
 

@@ -53,6 +53,11 @@ class TrainSettings(CliSettings):
         None, description="class folders for zero-shot evaluation (synthetic data has its own)"
     )
     augment: bool = Field(False, description="seeded random crops and flips")
+    lock_text: bool = Field(
+        False,
+        description="keep the student's text tower as it starts (LiT's locked tower; with --init inherit "
+        "the teacher's): only the image tower and the temperature learn",
+    )
     num_workers: int = Field(0, ge=0, description="data loader processes")
     on_bad_image: Literal["skip", "fail"] = Field("skip", description=ON_BAD_IMAGE_HELP)
     teacher_targets: Path | None = Field(

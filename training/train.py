@@ -56,6 +56,8 @@ class TrainConfig:
     augment: bool = False
     progress: bool = True
     stop_at: int | None = None
+    # the student's text tower stays as it starts (LiT's locked tower): only the image tower learns
+    lock_text: bool = False
 
 
 @dataclass
@@ -326,6 +328,8 @@ def train(
             f"x {env.world} processes"
         )
     torch.manual_seed(config.seed)
+    if config.lock_text:
+        student.model.lock_text_tower()
     distiller = Distiller(student, settings, teacher_dims, class_vectors).to(device)
     if teacher is not None:
         teacher.to(device)
