@@ -138,6 +138,26 @@ def test_stored_targets_command_feeds_training_without_the_teacher(
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert set(record["parts"]) == {"clip", "logit_kd", "class_kd"}
 
+    # unlabeled images of every composition, with their own stored targets, for class_kd
+    unlabeled = "synthetic:shapes?size=32&image_size=32&seed=5&held_out=none"
+    assert (
+        main(
+            ["targets", "--teacher", str(tiny_teacher_run), "--data", unlabeled, "--out", str(tmp_path / "u")]
+        )
+        == 0
+    )
+    more = [
+        "--unlabeled-data",
+        unlabeled,
+        "--unlabeled-targets",
+        str(tmp_path / "u"),
+        "--unlabeled-batch-size",
+        "4",
+    ]
+    assert main([*argv, *more, "--out", str(tmp_path / "run-unlabeled")]) == 0
+    run = json.loads((tmp_path / "run-unlabeled" / "run.json").read_text())
+    assert run["config"]["unlabeled_batch_size"] == 4
+
 
 def test_eval_reports_teacher_beside_student(
     tiny_teacher_run: Path, tiny_student_config: Path, tmp_path: Path
@@ -206,6 +226,16 @@ def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: 
         (["--teacher", "ViT-B-322"], "did you mean ViT-B-32"),
         (["--models-dir", "models"], "--models-dir needs --name"),
         (["--resume", "missing.pt"], "cannot read checkpoint missing.pt"),
+        (
+            ["--unlabeled-data", TINY_DATA],
+            "feeds only the image-side distillation losses (feature, class_kd)",
+        ),
+        (
+            ["--unlabeled-data", TINY_DATA, "--teacher-targets", ".", "--losses", "clip,class_kd"],
+            "--unlabeled-data needs the teacher's view of those images",
+        ),
+        (["--unlabeled-targets", "t"], "--unlabeled-targets belongs to --unlabeled-data"),
+        (["--data", "synthetic:shapes?held_out=some"], "held_out='some': use default or none"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(

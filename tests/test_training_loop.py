@@ -317,3 +317,75 @@ def test_a_locked_text_tower_stays_as_it_started_while_the_image_tower_learns(
     assert any(k.startswith("visual.") for k in changed) and "logit_scale" in changed
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["lock_text"] is True
+
+
+UNLABELED_DATA = "synthetic:shapes?size=48&image_size=32&seed=7&held_out=none"
+
+
+def test_unlabeled_images_feed_the_image_side_losses_live_or_stored_alike(
+    tiny_student_config: Path, tiny_teacher_run: Path, tmp_path: Path
+) -> None:
+    teacher = load_teacher([str(tiny_teacher_run)])
+    dataset, unlabeled = _dataset(), _dataset(UNLABELED_DATA)
+    vectors = teacher.class_vectors(dataset.classes, ["a {}."], torch.device("cpu"))
+    settings = LossSettings(weights=LossWeights.parse("clip,class_kd,feature"))
+    config = _config(steps=4, unlabeled_batch_size=6)
+
+    def run(name: str, **sources) -> list[float]:
+        result = train(
+            load_clip(str(tiny_student_config)),
+            dataset,
+            tmp_path / name,
+            config,
+            settings,
+            class_vectors=vectors,
+            **sources,
+            **QUIET,
+        )
+        return result.losses
+
+    live = run("live", teacher=teacher, unlabeled=unlabeled)
+    without = run("without", teacher=teacher)
+    store_targets(teacher, dataset, tmp_path / "t", TINY_DATA, views=1, progress=False)
+    store_targets(teacher, unlabeled, tmp_path / "u", UNLABELED_DATA, views=1, progress=False)
+    targets, unlabeled_targets = OfflineTargets.open(tmp_path / "t"), OfflineTargets.open(tmp_path / "u")
+    stored = run(
+        "stored",
+        targets=targets,
+        teacher_dims=targets.embed_dims,
+        unlabeled=unlabeled,
+        unlabeled_targets=unlabeled_targets,
+    )
+    assert stored == pytest.approx(live, rel=1e-4)
+    assert live[0] != pytest.approx(without[0], rel=1e-3)  # the losses saw other images
+    fingerprint = torch.load(next((tmp_path / "live" / "checkpoints").glob("*.pt")), weights_only=False)
+    assert fingerprint["fingerprint"]["unlabeled"] == [48, 6]
+
+
+def test_image_side_losses_learn_from_the_unlabeled_images_when_given(tiny_student_config: Path) -> None:
+    """With unlabeled images, class_kd and feature compare the student's and the teacher's embeddings
+    of those images: equal embeddings there give zero, whatever the captioned pairs show."""
+    from training.data import Batch
+    from training.models import TowerOutputs
+
+    student = load_clip(str(tiny_student_config))
+    vectors = [torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)]
+    distiller = Distiller(student, LossSettings(LossWeights.parse("class_kd,feature")), [32], vectors)
+    distiller.eval()
+    images = {student.image_key: torch.randn(4, 3, 32, 32)}
+    tokens = {student.text_key: student.tokenizer(["a red circle", "a cat", "a dog", "two squares"])}
+    labels = torch.full((4,), -1)
+    pairs = Batch(images, tokens, labels, torch.arange(4))
+    unlabeled = Batch({student.image_key: torch.randn(3, 3, 32, 32)}, {}, labels[:3], torch.arange(3))
+    with torch.no_grad():
+        own_text = student.model.encode_text(tokens[student.text_key], normalize=True)
+        own_unlabeled = student.model.encode_image(unlabeled.images[student.image_key], normalize=True)
+    unrelated_images = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    teacher = [TowerOutputs(unrelated_images, own_text, torch.tensor(20.0))]
+    on_unlabeled = [TowerOutputs(own_unlabeled, own_unlabeled, torch.tensor(20.0))]
+    with torch.no_grad():
+        _, parts = distiller(pairs, teacher, unlabeled, on_unlabeled)
+        _, pairs_only = distiller(pairs, teacher)
+    assert parts["class_kd"].item() == pytest.approx(0.0, abs=1e-5)
+    assert parts["feature"].item() == pytest.approx(0.0, abs=1e-5)
+    assert pairs_only["class_kd"].item() > 1e-3 and pairs_only["feature"].item() > 1e-3

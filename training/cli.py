@@ -17,7 +17,7 @@ import torch
 from export.bundle import BundleError
 from export.cli_settings import SettingsError, load_settings, validated
 from training import synthetic
-from training.data import DataError, build_dataset
+from training.data import DataError, PairDataset, build_dataset
 from training.losses import LossConfigError, LossWeights
 from training.models import (
     ClipModel,
@@ -28,7 +28,7 @@ from training.models import (
     load_clip,
     load_teacher,
 )
-from training.objective import LossSettings
+from training.objective import IMAGE_SIDE_LOSSES, LossSettings
 from training.settings import EvalSettings, TargetsSettings, TrainSettings
 from training.train import CheckpointError, TrainConfig, TrainResult, train
 
@@ -114,6 +114,25 @@ def _build_student(options: TrainSettings, teacher: Teacher | None) -> ClipModel
     return student
 
 
+def _unlabeled_images(options: TrainSettings, losses: LossWeights) -> PairDataset | None:
+    """The unlabeled transfer images, checked against what can learn from them; None without."""
+    if options.unlabeled_targets and not options.unlabeled_data:
+        raise UsageError("--unlabeled-targets belongs to --unlabeled-data; give both or neither")
+    if not options.unlabeled_data:
+        return None
+    if not set(IMAGE_SIDE_LOSSES) & set(losses.weights):
+        raise UsageError(
+            f"--unlabeled-data feeds only the image-side distillation losses ({', '.join(IMAGE_SIDE_LOSSES)}); "
+            f"add one to --losses (now {','.join(losses.weights)})"
+        )
+    if not options.teacher and not options.unlabeled_targets:
+        raise UsageError(
+            "--unlabeled-data needs the teacher's view of those images: --teacher, or --unlabeled-targets "
+            "from `clip-distill targets --data <the unlabeled data>`"
+        )
+    return build_dataset(options.unlabeled_data, on_bad_image=options.on_bad_image)
+
+
 def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     """Everything `clip-distill` (train) does, callable from Python with its settings or a mapping of
     them (what the mapping leaves out comes from the environment, then the defaults)."""
@@ -145,6 +164,7 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     for ref in (options.student, *([options.inherit_from] if options.inherit_from else [])):
         check_model_ref(ref)
     dataset = build_dataset(options.data, on_bad_image=options.on_bad_image)
+    unlabeled = _unlabeled_images(options, losses)
     teacher = (
         load_teacher(options.teacher, options.teacher_pretrained or None, seed=options.seed + 1000)
         if options.teacher
@@ -153,13 +173,18 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     student = _build_student(options, teacher)
     class_names = _read_lines(options.class_names) or dataset.classes
     templates = _templates(options.templates)
-    class_vectors, targets, teacher_dims = None, None, None
+    class_vectors, targets, teacher_dims, unlabeled_targets = None, None, None, None
     if options.teacher_targets:
         from training.targets import OfflineTargets
 
         targets = OfflineTargets.open(options.teacher_targets)
         targets.check_covers(dataset)
         class_vectors, teacher_dims = targets.class_vectors, targets.embed_dims
+    if unlabeled is not None and options.unlabeled_targets:
+        from training.targets import OfflineTargets
+
+        unlabeled_targets = OfflineTargets.open(options.unlabeled_targets)
+        unlabeled_targets.check_covers(unlabeled)
     elif teacher is not None and "class_kd" in losses.weights and class_names:
         class_vectors = teacher.class_vectors(class_names, templates, torch.device("cpu"))
     given = options.model_dump()
@@ -178,6 +203,8 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
         teacher_dims=teacher_dims,
         evaluator=_evaluator(options, templates),
         resume=options.resume,
+        unlabeled=unlabeled,
+        unlabeled_targets=unlabeled_targets,
     )
     print(
         f"run {result.run_id}: {len(result.losses)} steps in {result.seconds:.1f}s, model in {result.final_dir}"

@@ -234,20 +234,26 @@ class ShapesSource:
 
 
 def shapes_config_from_spec(spec: str) -> tuple[synthetic.ShapesConfig, int | None]:
-    """'synthetic:shapes' or 'synthetic:shapes?size=2000&image_size=64&seed=1'."""
+    """'synthetic:shapes' or 'synthetic:shapes?size=2000&image_size=64&seed=1'; `held_out=none` draws
+    every composition, the held-out ones too (unlabeled transfer images for distillation)."""
     name, _, query = spec.removeprefix("synthetic:").partition("?")
     if name != "shapes":
         raise DataError(f"unknown synthetic dataset {name!r}; available: synthetic:shapes")
     options = dict(parse_qsl(query))
-    unknown = set(options) - {"size", "image_size", "seed", "max_objects"}
+    unknown = set(options) - {"size", "image_size", "seed", "max_objects", "held_out"}
     if unknown:
         raise DataError(
-            f"unknown synthetic:shapes option(s) {sorted(unknown)}; use size, image_size, seed, max_objects"
+            f"unknown synthetic:shapes option(s) {sorted(unknown)}; use size, image_size, seed, max_objects, "
+            "held_out"
         )
+    held_out = options.get("held_out", "default")
+    if held_out not in ("default", "none"):
+        raise DataError(f"synthetic:shapes held_out={held_out!r}: use default or none")
     config = synthetic.ShapesConfig(
         image_size=int(options.get("image_size", 64)),
         seed=int(options.get("seed", 0)),
         max_objects=int(options.get("max_objects", 3)),
+        **({"held_out": ()} if held_out == "none" else {}),
     )
     return config, int(options["size"]) if "size" in options else None
 

@@ -37,6 +37,19 @@ class LossSettings:
     label_head: bool = False
 
 
+@dataclass
+class UnlabeledImages:
+    """Embeddings of a batch of images without captions: the student's (L2-normalized) and each
+    teacher's, for the image-side distillation losses."""
+
+    student: torch.Tensor
+    teacher: list[torch.Tensor]
+
+
+# losses that learn from images alone, and so from unlabeled images
+IMAGE_SIDE_LOSSES = ("feature", "class_kd")
+
+
 def _gather(tensor: torch.Tensor, with_grad: bool) -> torch.Tensor:
     """All ranks' rows, in rank order, so every loss sees the global batch as one process would."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -96,8 +109,14 @@ class Distiller(nn.Module):
         return [getattr(self, f"class_vectors_{i}") for i in range(self._num_class_vectors)]
 
     def forward(
-        self, batch: Batch, teacher: list[TowerOutputs] | None
+        self,
+        batch: Batch,
+        teacher: list[TowerOutputs] | None,
+        unlabeled: Batch | None = None,
+        unlabeled_teacher: list[TowerOutputs] | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted losses of one batch of captioned pairs; with `unlabeled` images (and the
+        teacher's outputs for them), the image-side distillation losses learn from those instead."""
         image = _gather(self.student.encode_image(batch.images[self.image_key], normalize=True), True)
         text = _gather(self.student.encode_text(batch.tokens[self.text_key], normalize=True), True)
         scale = self.student.logit_scale.exp()
@@ -105,7 +124,13 @@ class Distiller(nn.Module):
             teacher = [
                 TowerOutputs(_gather(t.image, False), _gather(t.text, False), t.logit_scale) for t in teacher
             ]
-        parts = self._losses(image, text, scale, teacher, _gather(batch.labels, False))
+        images_only = None
+        if unlabeled is not None and unlabeled_teacher is not None:
+            student_images = self.student.encode_image(unlabeled.images[self.image_key], normalize=True)
+            images_only = UnlabeledImages(
+                _gather(student_images, True), [_gather(t.image, False) for t in unlabeled_teacher]
+            )
+        parts = self._losses(image, text, scale, teacher, _gather(batch.labels, False), images_only)
         weights = self.settings.weights.weights
         total = sum(weights[name] * value for name, value in parts.items())
         return total, {name: value.detach() for name, value in parts.items()}
@@ -117,6 +142,7 @@ class Distiller(nn.Module):
         scale: torch.Tensor,
         teacher: list[TowerOutputs] | None,
         labels: torch.Tensor,
+        unlabeled: UnlabeledImages | None = None,
     ) -> dict[str, torch.Tensor]:
         weights = self.settings.weights.weights
         parts: dict[str, torch.Tensor] = {}
@@ -131,15 +157,19 @@ class Distiller(nn.Module):
             parts["logit_kd"] = self.logit_kd(image, text, scale, t_images, t_texts, t_scales)
         if self.projection is not None:
             p_images, p_texts = self.projection(image), self.projection(text)
+            # the image-side losses: on the unlabeled images when there are any, else the captioned ones
+            kd_p_images, kd_t_images = p_images, t_images
+            if unlabeled is not None:
+                kd_p_images, kd_t_images = self.projection(unlabeled.student), unlabeled.teacher
             if "feature" in weights:
-                parts["feature"] = self.feature(p_images, p_texts, t_images, t_texts)
+                parts["feature"] = self.feature(kd_p_images, p_texts, kd_t_images, t_texts)
             if "icl" in weights:
                 parts["icl"] = self.icl(p_images, p_texts, scale, t_images, t_texts)
             if "class_kd" in weights:
                 parts["class_kd"] = self.class_kd(
-                    p_images,
+                    kd_p_images,
                     scale,
-                    t_images,
+                    kd_t_images,
                     t_scales,
                     self.class_vectors(),
                     student_image=image,

@@ -23,6 +23,9 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 SHAPES_TEACHER_CONFIG = CONFIG_DIR / "shapes-teacher.json"
 SHAPES_LARGE_TEACHER_CONFIG = CONFIG_DIR / "shapes-teacher-large.json"
 SHAPES_STUDENT_CONFIG = CONFIG_DIR / "shapes-student.json"
+# the distillation experiment's student: the demo student's towers at the teacher's 64 px, so weight
+# inheritance carries the image tower's spatial layout (its attention pool) over whole
+SHAPES_STUDENT_64PX_CONFIG = CONFIG_DIR / "shapes-student-64px.json"
 SHAPES_DATA = "synthetic:shapes"
 # the demo student's recipe, from bench/distill_shapes.py: weight inheritance carries the gain over a
 # student from scratch (+17 points on the mean of seeds 0 and 1); logit KD on top of it added 2.7
@@ -196,10 +199,11 @@ def student_options(
     losses: str = BEST_STUDENT_LOSSES,
     init: str = BEST_STUDENT_INIT,
     progress: bool = True,
+    config: Path = SHAPES_STUDENT_CONFIG,
 ) -> dict[str, Any]:
     options = {
         **budget.options(),
-        "student": str(SHAPES_STUDENT_CONFIG),
+        "student": str(config),
         "out": str(out),
         "losses": losses,
         "init": init,

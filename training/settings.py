@@ -53,6 +53,19 @@ class TrainSettings(CliSettings):
         None, description="class folders for zero-shot evaluation (synthetic data has its own)"
     )
     augment: bool = Field(False, description="seeded random crops and flips")
+    unlabeled_data: str | None = Field(
+        None,
+        description="images whose captions are not used, for the image-side distillation losses (class_kd, "
+        "feature): they learn from these images instead of the captioned ones (PromptKD's unlabeled "
+        "transfer set); any dataset spec",
+    )
+    unlabeled_targets: Path | None = Field(
+        None,
+        description="stored teacher targets of --unlabeled-data (clip-distill targets); none: the --teacher",
+    )
+    unlabeled_batch_size: int | None = Field(
+        None, ge=1, description="unlabeled images per optimizer step; none: half of --batch-size"
+    )
     lock_text: bool = Field(
         False,
         description="keep the student's text tower as it starts (LiT's locked tower; with --init inherit "

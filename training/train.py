@@ -58,6 +58,8 @@ class TrainConfig:
     stop_at: int | None = None
     # the student's text tower stays as it starts (LiT's locked tower): only the image tower learns
     lock_text: bool = False
+    # images without captions per step, for the image-side distillation losses (None: batch_size // 2)
+    unlabeled_batch_size: int | None = None
 
 
 @dataclass
@@ -135,9 +137,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def fingerprint(
-    student: ClipModel, settings: LossSettings, teacher_dims: list[int], config: TrainConfig, n: int
+    student: ClipModel,
+    settings: LossSettings,
+    teacher_dims: list[int],
+    config: TrainConfig,
+    n: int,
+    unlabeled: list[int] | None = None,
 ) -> dict:
-    """What must not change between a checkpoint and the run that resumes it."""
+    """What must not change between a checkpoint and the run that resumes it (`unlabeled`: the
+    unlabeled images' count and batch size, when there are any)."""
     return {
         "model_cfg": student.model_cfg,
         "losses": sorted(settings.weights.weights),
@@ -147,6 +155,7 @@ def fingerprint(
         "steps": config.steps,
         "dataset_size": n,
         "seed": config.seed,
+        "unlabeled": unlabeled,
     }
 
 
@@ -313,8 +322,12 @@ def train(
     evaluator: Evaluator | None = None,
     resume: str | Path | None = None,
     log: Callable[[str], None] = print,
+    unlabeled: PairDataset | None = None,
+    unlabeled_targets: TargetLookup | None = None,
 ) -> TrainResult:
-    """Train `student` on `dataset`; `resume` is a checkpoint path or 'auto' (latest in out_dir, if any)."""
+    """Train `student` on `dataset`; `resume` is a checkpoint path or 'auto' (latest in out_dir, if any).
+    `unlabeled` images (their captions unused; teacher outputs from `unlabeled_targets` or the live
+    `teacher`) feed the image-side distillation losses, `config.unlabeled_batch_size` per step."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
     device = torch.device(config.device)
@@ -322,11 +335,12 @@ def train(
     if device.type == "cuda" and env.world > 1:
         device = torch.device("cuda", env.local_rank)
     teacher_dims = teacher_dims or (teacher.embed_dims if teacher is not None else [])
-    if config.batch_size % (config.accumulation * env.world):
-        raise ValueError(
-            f"batch size {config.batch_size} must divide into {config.accumulation} accumulation steps "
-            f"x {env.world} processes"
-        )
+    unlabeled_batch = config.unlabeled_batch_size or max(1, config.batch_size // 2)
+    for what, size in (("batch size", config.batch_size), ("unlabeled batch size", unlabeled_batch)):
+        if (what == "batch size" or unlabeled is not None) and size % (config.accumulation * env.world):
+            raise ValueError(
+                f"{what} {size} must divide into {config.accumulation} accumulation steps x {env.world} processes"
+            )
     torch.manual_seed(config.seed)
     if config.lock_text:
         student.model.lock_text_tower()
@@ -341,7 +355,8 @@ def train(
         _param_groups(distiller, config.weight_decay), lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=True
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
-    print_fp = fingerprint(student, settings, teacher_dims, config, len(dataset))
+    unlabeled_shape = None if unlabeled is None else [len(unlabeled), unlabeled_batch]
+    print_fp = fingerprint(student, settings, teacher_dims, config, len(dataset), unlabeled_shape)
     checkpoints = Checkpoints(out_dir)
 
     start_step = 0
@@ -389,6 +404,20 @@ def train(
         unit="step",
     )
     batches = iter(loader)
+    unlabeled_batches = None
+    if unlabeled is not None:
+        unlabeled_plan = BatchPlan(len(unlabeled), unlabeled_batch, config.seed + 1)
+        unlabeled_batches = iter(
+            torch.utils.data.DataLoader(
+                unlabeled,
+                batch_sampler=StepSampler(
+                    unlabeled_plan, start_step, end_step, config.accumulation, env.rank, env.world
+                ),
+                collate_fn=build_collator(student, teacher, config, unlabeled_targets),
+                num_workers=config.num_workers,
+                persistent_workers=False,
+            )
+        )
     distiller.train()
     for step in range(start_step, end_step):
         step_started = time.perf_counter()
@@ -397,13 +426,15 @@ def train(
         step_parts: dict[str, float] = {}
         for micro in range(config.accumulation):
             batch = next(batches).to(device)
+            extra = None if unlabeled_batches is None else next(unlabeled_batches).to(device)
             sync = contextlib.nullcontext()
             if env.world > 1 and micro < config.accumulation - 1:
                 sync = trainable.no_sync()
             with sync:
                 with amp:
                     outputs = _teacher_outputs(batch.targets, teacher, batch)
-                    loss, parts = trainable(batch, outputs)
+                    extra_outputs = None if extra is None else _teacher_outputs(extra.targets, teacher, extra)
+                    loss, parts = trainable(batch, outputs, extra, extra_outputs)
                 (loss / config.accumulation).backward()
             step_loss += loss.item() / config.accumulation
             for name, value in parts.items():
