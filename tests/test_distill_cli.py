@@ -273,3 +273,25 @@ def test_help_lists_the_commands_first(capsys) -> None:
     assert out.index("commands:") < out.index("--teacher")
     for command in ("train", "eval", "targets"):
         assert f"  {command} " in out
+
+
+def test_a_folder_of_images_is_unlabeled_data_not_training_pairs(
+    tiny_student_config: Path, tiny_teacher_run: Path, tmp_path: Path, capsys
+) -> None:
+    from PIL import Image
+
+    from training.synthetic import draw_single
+
+    images = tmp_path / "unlabeled"
+    images.mkdir()
+    for i, (colour, shape) in enumerate([("red", "square"), ("blue", "circle"), ("green", "cross")] * 2):
+        draw_single(colour, shape, size=32, seed=i).save(images / f"{i}.png")
+    Image.new("RGB", (4, 4)).save(images / "tiny.jpg")
+    argv = ["--student", str(tiny_student_config), "--steps", "2", "--batch-size", "8", "--no-progress"]
+    argv += ["--no-evaluate", "--teacher", str(tiny_teacher_run), "--losses", "clip,class_kd"]
+    assert main([*argv, "--data", str(images), "--out", str(tmp_path / "bad")]) == 2
+    assert "folder of images without captions" in capsys.readouterr().err
+    more = ["--unlabeled-data", str(images), "--unlabeled-batch-size", "2"]
+    assert main([*argv, "--data", TINY_DATA, *more, "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(record["parts"]) == {"clip", "class_kd"}

@@ -164,6 +164,11 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     for ref in (options.student, *([options.inherit_from] if options.inherit_from else [])):
         check_model_ref(ref)
     dataset = build_dataset(options.data, on_bad_image=options.on_bad_image)
+    if not dataset.captioned:
+        raise UsageError(
+            f"--data {options.data} is a folder of images without captions: training needs image-text "
+            "pairs; give such images as --unlabeled-data"
+        )
     unlabeled = _unlabeled_images(options, losses)
     teacher = (
         load_teacher(options.teacher, options.teacher_pretrained or None, seed=options.seed + 1000)

@@ -191,6 +191,25 @@ class TarShardSource:
         return state
 
 
+class ImageFilesSource:
+    """A folder of image files, no captions and no classes: unlabeled images (`--unlabeled-data`)."""
+
+    captioned = False
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.paths = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[Image.Image, str, int]:
+        return _open_image(self.paths[index]), "", -1
+
+    def describe(self, index: int) -> str:
+        return str(self.paths[index])
+
+
 class ImageFolderSource:
     """One subfolder per class; the caption is `template` filled with the class name."""
 
@@ -283,9 +302,12 @@ def open_source(spec: str, image_column: str | None = None, caption_column: str 
         return TarShardSource(shards)
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         return ImageFolderSource(path)
+    if path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
+        return ImageFilesSource(path)
     raise DataError(
         f"cannot read dataset {spec!r}: expected synthetic:shapes, a .csv/.tsv/.jsonl caption file, "
-        "tar shards (a folder or glob of .tar) or a folder with one subfolder per class"
+        "tar shards (a folder or glob of .tar), a folder with one subfolder per class, or a folder of "
+        "images (unlabeled)"
     )
 
 
@@ -323,6 +345,11 @@ class PairDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    @property
+    def captioned(self) -> bool:
+        """Whether its samples come with captions (a folder of images has none)."""
+        return getattr(self.source, "captioned", True)
 
     def __getitem__(self, item: int | tuple[int, int]) -> Sample:
         """`item` is a position, or (position, epoch) as the StepSampler yields them."""
