@@ -39,20 +39,27 @@ def test_combinations_put_the_two_best_kd_losses_on_an_inherited_student(bench) 
         "icl": bench.KDSetting(0.5),
         "class_kd": bench.KDSetting(3.0, {"class_kd_temperature": 4.0}),
     }
+    locked = {"lock_text": True}
     assert bench.combinations(scores, tuned) == {
-        "inherit+icl": bench.Method("clip=1,icl=0.5", "inherit"),
-        "inherit+feature": bench.Method("clip=1,feature=10", "inherit"),
-        "inherit+icl+feature": bench.Method("clip=1,icl=0.5,feature=10", "inherit"),
+        "inherit+icl": bench.Method("clip=1,icl=0.5", "inherit", locked),
+        "inherit+feature": bench.Method("clip=1,feature=10", "inherit", locked),
+        "inherit+icl+feature": bench.Method("clip=1,icl=0.5,feature=10", "inherit", locked),
     }
     scores["class_kd"] = 0.6
     both = bench.combinations(scores, tuned)["inherit+class_kd+icl"]
-    assert both == bench.Method("clip=1,class_kd=3,icl=0.5", "inherit", {"class_kd_temperature": 4.0})
+    assert both == bench.Method(
+        "clip=1,class_kd=3,icl=0.5", "inherit", {"class_kd_temperature": 4.0, "lock_text": True}
+    )
+    # the unlabeled transfer images go to the methods with an image-side loss
+    assert both.unlabeled and not bench.Method("clip=1,icl=0.5", "inherit").unlabeled
 
 
 def test_every_method_alone_shares_the_clip_loss_with_its_tuned_setting(bench) -> None:
     table = bench.methods()
     assert table["scratch"] == bench.Method("clip", "random")
     assert table["inherit"] == bench.Method("clip", "inherit")
+    assert table["inherit-locked"] == bench.Method("clip", "inherit", {"lock_text": True})
+    assert [kd for kd in bench.KD_METHODS if table[kd].unlabeled] == ["feature", "class_kd"]
     for kd in bench.KD_METHODS:
         setting = bench.TUNED[kd]
         assert table[kd] == bench.Method(f"clip=1,{kd}={setting.weight:g}", "random", setting.options)
@@ -68,6 +75,7 @@ def test_goals_are_judged_on_the_mean_over_seeds(bench) -> None:
             "icl": 0.52,
             "class_kd": 0.55,
             "inherit": 0.80,
+            "inherit-locked": 0.78,
             "inherit+feature": 0.86,
         },
         1: {
@@ -77,6 +85,7 @@ def test_goals_are_judged_on_the_mean_over_seeds(bench) -> None:
             "icl": 0.50,
             "class_kd": 0.53,
             "inherit": 0.82,
+            "inherit-locked": 0.83,
             "inherit+feature": 0.84,
         },
     }
@@ -89,32 +98,35 @@ def test_goals_are_judged_on_the_mean_over_seeds(bench) -> None:
     assert gains["logit_kd"]["gain"] == pytest.approx(4.0)
     assert gains["logit_kd"]["met"]
     assert goal["inherit_kd_vs_inherit_points"]["met"]
+    # against the better of the two inherited students without KD
+    assert goal["inherit_kd_vs_inherit_points"]["against"] == "inherit"
+    assert goal["inherit_kd_vs_inherit_points"]["gain"] == pytest.approx(4.0)
     assert goal["int8_vs_fp32_served"]["met"]
     assert not bench.goals(per_seed, 0.88, speedup=3.0, served=None)["best_vs_teacher"]["met"]
 
 
 def test_a_finished_student_run_is_reused_only_for_the_same_job(bench, tmp_path: Path) -> None:
     budget = bench.ShapesBudget(steps=3, batch_size=4)
-    job = bench.Job(
-        "scratch", 0, bench.Method("clip", "random"), tmp_path / "s", budget, tmp_path / "t-1", tmp_path
-    )
+    unlabeled = ("synthetic:shapes?size=6&held_out=none", tmp_path)
+
+    def job_of(name, seed, method, teacher, transfer=unlabeled):
+        return bench.Job(name, seed, method, tmp_path / "s", budget, teacher, tmp_path, transfer)
+
+    job = job_of("scratch", 0, bench.Method("clip", "random"), tmp_path / "t-1")
     (job.out / "final").mkdir(parents=True)
     (job.out / "job.json").write_text(json.dumps(job.record()))
     assert bench.train_student(job) == ("scratch", 0, 0.0, 0.0)
     # the teacher does not decide a student trained from scratch; the seed does
-    assert (
-        bench.Job("scratch", 0, job.method, job.out, budget, tmp_path / "t-2", tmp_path).record()
-        == job.record()
-    )
-    assert (
-        bench.Job("scratch", 1, job.method, job.out, budget, tmp_path / "t-1", tmp_path).record()
-        != job.record()
-    )
+    assert job_of("scratch", 0, job.method, tmp_path / "t-2").record() == job.record()
+    assert job_of("scratch", 1, job.method, tmp_path / "t-1").record() != job.record()
     kd = bench.Method("clip=1,feature=3", "random")
+    assert job_of("f", 0, kd, tmp_path / "t-1").record() != job_of("f", 0, kd, tmp_path / "t-2").record()
+    # the transfer set decides only the methods it feeds
+    other = ("synthetic:shapes?size=8&held_out=none", tmp_path)
     assert (
-        bench.Job("f", 0, kd, job.out, budget, tmp_path / "t-1", tmp_path).record()
-        != bench.Job("f", 0, kd, job.out, budget, tmp_path / "t-2", tmp_path).record()
+        job_of("f", 0, kd, tmp_path / "t-1").record() != job_of("f", 0, kd, tmp_path / "t-1", other).record()
     )
+    assert job.record() == job_of("scratch", 0, job.method, tmp_path / "t-1", other).record()
 
 
 def test_spread_labels_keeps_order_and_gap(bench) -> None:
@@ -140,8 +152,17 @@ def test_quick_run_writes_results_report_and_plot(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
-    assert names[:7] == ["teacher", "scratch", "logit_kd", "feature", "icl", "class_kd", "inherit"]
-    assert len(names) == 10 and all(n.startswith("inherit+") for n in names[7:])
+    assert names[:8] == [
+        "teacher",
+        "scratch",
+        "logit_kd",
+        "feature",
+        "icl",
+        "class_kd",
+        "inherit",
+        "inherit-locked",
+    ]
+    assert len(names) == 11 and all(n.startswith("inherit+") for n in names[8:])
     summary = results["summary"]
     assert summary["goals"]["best_student"] in names[2:]
     # the teacher was built into the cache under --out, with its build time and held-out curve
