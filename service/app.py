@@ -24,7 +24,7 @@ from service.collections import Collections
 from service.embedding import Embedder
 from service.inputs import ImageFetcher
 from service.labelsets import LabelSets
-from service.loading import keep_large_buffers_out_of_the_heap
+from service.loading import return_memory_when_idle, serve_from_the_heap
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.settings import Settings
@@ -43,7 +43,7 @@ def _served(registry: ModelRegistry) -> str:
 def _lifespan(settings: Settings):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        keep_large_buffers_out_of_the_heap()  # before any model is loaded
+        serve_from_the_heap()
         state = app.state
         state.cache = VectorCache(
             settings.redis_url,
@@ -61,6 +61,7 @@ def _lifespan(settings: Settings):
         state.embedder = Embedder(registry, state.fetcher, settings)
         state.collections = Collections(registry, state.embedder, settings, state.metrics)
         poller: asyncio.Task | None = None
+        trimmer: asyncio.Task | None = None
         try:
             await registry.start()
             await state.labelsets.start()
@@ -68,11 +69,15 @@ def _lifespan(settings: Settings):
                 poller = asyncio.get_running_loop().create_task(
                     registry.poll_forever(), name="repository-poll"
                 )
+            trimmer = asyncio.get_running_loop().create_task(
+                return_memory_when_idle(lambda: registry.idle), name="memory-return"
+            )
             log.info("serving %s", _served(registry))
             yield
         finally:
-            if poller is not None:
-                poller.cancel()
+            for task in (poller, trimmer):
+                if task is not None:
+                    task.cancel()
             await state.labelsets.close()
             await state.collections.close()
             await registry.close()

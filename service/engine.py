@@ -457,6 +457,11 @@ class ModelEngine:
     def alive(self) -> bool:
         return self.image_batcher.alive and self.text_batcher.alive
 
+    @property
+    def idle(self) -> bool:
+        """Nothing holds this version and neither tower has work queued or running."""
+        return not self.in_flight and self.image_batcher.idle and self.text_batcher.idle
+
     async def close(self) -> None:
         """Stop the batchers, then release the runtimes (TensorRT buffers and streams, sessions)."""
         await self.image_batcher.close()

@@ -9,11 +9,13 @@ tokenizer is the kind the manifest names: CLIP BPE, or a Hugging Face tokenizer.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import logging
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +64,9 @@ def load_version(
     text_path, text_precision = tower_file(bundle, "text", settings)
     opened: list[Runtime] = []
     try:
-        opened.append(open_runtime(image_path, tower_options(settings, bundle.manifest, "image")))
-        opened.append(open_runtime(text_path, tower_options(settings, bundle.manifest, "text")))
+        with loading_regime():
+            opened.append(open_runtime(image_path, tower_options(settings, bundle.manifest, "image")))
+            opened.append(open_runtime(text_path, tower_options(settings, bundle.manifest, "text")))
         tokenizer = load_tokenizer(bundle.manifest.tokenizer, bundle.path)
         loaded = LoadedBundle(
             bundle,
@@ -76,7 +79,6 @@ def load_version(
         )
         if settings.warmup:
             warm_up(loaded)
-        release_free_memory()
     except BaseException:
         for runtime in opened:  # a refused version must not keep device memory or streams
             runtime.close()
@@ -84,17 +86,57 @@ def load_version(
     return loaded
 
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-_MMAP_THRESHOLD_BYTES = 128 * 1024
+# glibc's mallopt parameters, and the two allocation regimes of a serving process
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_LOADING_MMAP_THRESHOLD = 128 * 1024
+_SERVING_MMAP_THRESHOLD = 8 * 1024 * 1024
+_SERVING_TRIM_THRESHOLD = 32 * 1024 * 1024
 
 
-def keep_large_buffers_out_of_the_heap() -> None:
-    """Large buffers (activations, decoded images) in their own mappings, returned to the system when
-    freed. glibc's default raises this threshold after each large free, after which such buffers
-    live in the heap and the heap's high-water mark stays in RSS (ViT-B-32: ~100 MB under load).
-    Call once, before loading models. A no-op off glibc."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+def _mallopt(parameter: int, value: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):  # a no-op off glibc
+        ctypes.CDLL("libc.so.6").mallopt(parameter, value)
+
+
+def serve_from_the_heap() -> None:
+    """The serving regime: buffers up to 8 MiB (activations, decoded images) are reused from the
+    heap, which keeps up to 32 MiB free at its top; one malloc arena for every thread. Mapping each
+    such buffer afresh, as the loading regime does, faults its pages in on every request: a
+    ViT-B-32 image took 42.2 ms instead of 36.6 ms (decode and inference, batch 1). Larger buffers
+    (a long label-set chunk) are still mapped and handed back. Setting a threshold turns off glibc's
+    own adjustment of both, so both are set. One arena instead of one per thread keeps the freed
+    buffers of the inference, decoding and event-loop threads in one place for reuse: ViT-B-32's
+    peak RSS under a mixed load 892 MB instead of 925-960, at the same speed. Call at start."""
+    _mallopt(_M_MMAP_THRESHOLD, _SERVING_MMAP_THRESHOLD)
+    _mallopt(_M_TRIM_THRESHOLD, _SERVING_TRIM_THRESHOLD)
+    _mallopt(_M_ARENA_MAX, 1)
+
+
+@contextlib.contextmanager
+def loading_regime() -> Iterator[None]:
+    """While a model loads: buffers above 128 KiB (protobufs, initializers, graph transforms) in
+    their own mappings, handed back to the system when freed instead of raising the heap for good
+    (ViT-B-32's load peak: 463 MB instead of 653 MB). The serving regime is restored after."""
+    _mallopt(_M_MMAP_THRESHOLD, _LOADING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        release_free_memory()
+        serve_from_the_heap()
+
+
+async def return_memory_when_idle(is_idle: Callable[[], bool], every_s: float = 1.0) -> None:
+    """Once per pause in the work (checked every `every_s`), hand the heap's free pages back to the
+    system: the serving regime keeps freed buffers for reuse, and what a burst of large batches left
+    behind would otherwise stay resident until the next burst reuses it."""
+    returned = True
+    while True:
+        await asyncio.sleep(every_s)
+        if not is_idle():
+            returned = False
+        elif not returned:
+            await asyncio.to_thread(release_free_memory)
+            returned = True
 
 
 def release_free_memory() -> None:

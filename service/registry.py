@@ -241,6 +241,11 @@ class ModelRegistry:
     def alive(self) -> bool:
         return bool(self._served) and all(m.alive for m in self._served.values())
 
+    @property
+    def idle(self) -> bool:
+        """No served or retiring version has work in hand."""
+        return all(m.idle for m in [*self._served.values(), *self._retiring.values()])
+
     async def close(self) -> None:
         retiring = list(self._retiring.items())
         for task, _ in retiring:

@@ -233,3 +233,45 @@ def test_clip_serve_redis_url_none_means_the_in_process_cache(tiny_repo: Path) -
     assert settings_from(["--models-dir", str(tiny_repo), "--redis-url", ""]).redis_url is None
     given = settings_from(["--redis-url", "redis://127.0.0.1:6379/3"])
     assert given.redis_url == "redis://127.0.0.1:6379/3"
+
+
+def test_free_memory_goes_back_once_per_pause_in_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The idle check runs every tick; memory goes back after work was seen and the service is idle
+    again, once per pause, never while work is in hand."""
+    import asyncio
+
+    from service import loading
+
+    states = iter([True, False, False, True, True, True, False, True, True])
+    seen: list[str] = []
+    monkeypatch.setattr(loading, "release_free_memory", lambda: seen.append("returned"))
+
+    def idle() -> bool:
+        state = next(states, None)
+        if state is None:
+            raise asyncio.CancelledError
+        seen.append("idle" if state else "busy")
+        return state
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(loading.return_memory_when_idle(idle, every_s=0))
+    assert seen == [
+        "idle",  # nothing since start: the loading regime already handed memory back
+        "busy",
+        "busy",
+        "idle",
+        "returned",
+        "idle",
+        "idle",
+        "busy",
+        "idle",
+        "returned",
+        "idle",
+    ]
+
+
+def test_a_served_model_is_idle_between_requests(client) -> None:
+    registry = client.app.state.registry
+    assert registry.idle
+    assert client.post("/v1/embed", json={"texts": ["idle again after"]}).status_code == 200
+    assert registry.idle

@@ -94,7 +94,7 @@ def test_clip_serve_logs_its_setup_first_as_json_when_asked(tiny_repo: Path, tmp
         "auth",
         "image",
     ]
-    assert messages[-1] == "serving tiny@1 (providers CPUExecutionProvider)"
+    assert messages[-1] == "serving tiny@1 (providers CPUExecutionProvider; text cache local)"
 
 
 def test_log_format_is_text_on_a_terminal_and_json_otherwise() -> None:
