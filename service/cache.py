@@ -3,13 +3,11 @@
 Keys are built by the callers from the bundle's content hash, never the model name
 (`clipserve:v1:<content-hash>:...`). Two kinds of values:
 
-- vectors (`get_vectors` / `set_vectors`): text embeddings, float32 bytes, with a TTL in Redis.
-  An in-process LRU of `cache_lru_size` entries sits in front: a key names its content (bundle hash
-  and token ids), so a value never changes and a local copy is never stale. Lookups try the LRU, then
-  Redis (`shared=True`); writes go to the LRU at once and to Redis behind the request, coalesced into
-  one pipeline per event-loop turn (`flush()` waits for them). A caller whose vectors cost less to
-  compute than a Redis round trip passes `shared=False` and stays in process
-  (`round_trip_ms` is what `ModelEngine` weighs that against);
+- vectors (`get_vectors` / `set_vectors`): text embeddings, float32 bytes, with a TTL. Writes reach
+  Redis behind the request, coalesced into one pipeline per event-loop turn (`flush()` waits for
+  them). A caller whose vectors cost less to compute than a Redis round trip passes `shared=False`
+  and keeps them in the in-process LRU of `cache_lru_size` entries, which also stands in for Redis
+  while it is down (`round_trip_ms` is what `ModelEngine` weighs against);
 - blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices of stored label sets, no
   TTL; the stand-in is a plain dict. (Label-set definitions are data: `service.index.labelsets`.)
 
@@ -84,7 +82,8 @@ class VectorCache:
             else None
         )
         self._vectors = LRU(lru_size)
-        self._pending: dict[str, bytes] = {}
+        self._pending: dict[str, bytes] = {}  # waiting for the writer
+        self._writing: dict[str, bytes] = {}  # in the writer's pipeline now
         self._writer: asyncio.Task | None = None
         self.round_trip_ms: float | None = None
         self._blobs: dict[str, bytes] = {}
@@ -157,28 +156,25 @@ class VectorCache:
             self.metrics.cache_hit_ratio.labels(kind=kind).set(totals[0] / totals[1])
 
     async def get_vectors(self, keys: list[str], shared: bool = True) -> list[bytes | None]:
-        """Values of `keys` (None where absent): from this process's LRU, then from Redis when
-        `shared`. Values found in Redis are kept in the LRU."""
+        """Values of `keys` (None where absent): from Redis when `shared` and it answers, else from
+        this process's LRU; a value still waiting to be written is found too."""
         if not keys:
             return []
-        values = [self._vectors.get(k) for k in keys]
-        absent = [i for i, value in enumerate(values) if value is None]
-        if absent and shared:
-            ok, found = await self._try(lambda r: r.mget([keys[i] for i in absent]))
-            if ok and found is not None:
-                for i, value in zip(absent, found, strict=True):
-                    if value is not None:
-                        values[i] = value
-                        self._vectors.set(keys[i], value)
+        ok, values = await self._try(lambda r: r.mget(keys)) if shared else (False, None)
+        if not ok or values is None:
+            values = [self._vectors.get(k) for k in keys]
+        if self._pending or self._writing:
+            values = [self._unwritten(k) if v is None else v for k, v in zip(keys, values, strict=True)]
         self._count("vector", values)
-        return values
+        return list(values)
 
     async def set_vectors(self, items: dict[str, bytes], shared: bool = True) -> None:
-        """Keep `items` in this process's LRU now and, when `shared`, write them to Redis behind the
-        caller (coalesced with other writes; `flush()` waits for them)."""
-        for key, value in items.items():
-            self._vectors.set(key, value)
-        if not items or not shared or self._redis is None or time.monotonic() < self._down_until:
+        """Write `items` to Redis behind the caller when `shared` (coalesced with other writes;
+        `flush()` waits for them), else, or while Redis is down, to this process's LRU."""
+        if not items:
+            return
+        if not shared or self._redis is None or time.monotonic() < self._down_until:
+            self._keep(items)
             return
         self._pending.update(items)
         while len(self._pending) > _MAX_PENDING:
@@ -186,9 +182,18 @@ class VectorCache:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.get_running_loop().create_task(self._write_pending(), name="cache-writes")
 
+    def _unwritten(self, key: str) -> bytes | None:
+        value = self._pending.get(key)
+        return self._writing.get(key) if value is None else value
+
+    def _keep(self, items: dict[str, bytes]) -> None:
+        for key, value in items.items():
+            self._vectors.set(key, value)
+
     async def _write_pending(self) -> None:
         while self._pending:
-            items, self._pending = self._pending, {}
+            items = self._writing = self._pending
+            self._pending = {}
 
             async def write(r: aioredis.Redis, items: dict[str, bytes] = items) -> None:
                 async with r.pipeline(transaction=False) as pipe:
@@ -196,7 +201,10 @@ class VectorCache:
                         pipe.set(key, value, ex=self.ttl_s)
                     await pipe.execute()
 
-            await self._try(write)
+            ok, _ = await self._try(write)
+            if not ok:
+                self._keep(items)
+            self._writing = {}
 
     async def flush(self) -> None:
         """Wait until the vector writes queued so far have reached Redis (or failed over)."""

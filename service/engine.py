@@ -60,9 +60,8 @@ def shares_text_vectors(mode: str, cache: VectorCache, encode_ms: float | None) 
     `auto` shares them when encoding a text costs at least SHARED_TEXT_CACHE_FACTOR Redis look-ups.
     A look-up costs the event loop, which every request of the process shares, about its round trip
     in CPU, and it is paid on every miss; an encoding runs beside the loop on the tower's thread, in
-    batches. Repeats within this process hit its own LRU either way, so Redis only adds the texts
-    other replicas (or an earlier start) encoded. A tiny student encodes a text in 2-4 round trips
-    and serves 1.2-1.3x more new texts per second without Redis; ViT-B-32's text tower takes ~100."""
+    batches. A tiny student encodes a text in 2-4 round trips and serves 1.2-1.3x more new texts per
+    second from its in-process LRU than through Redis; ViT-B-32's text tower takes ~100."""
     if mode == "local" or not cache.configured:
         return False
     if mode == "shared" or encode_ms is None:
