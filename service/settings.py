@@ -116,9 +116,9 @@ class Settings(CliSettings):
     redis_retry_s: float = Field(5.0, ge=0, description="wait before trying Redis again after a failure")
     text_cache: Literal["auto", "shared", "local"] = Field(
         "auto",
-        description="where text vectors are cached: shared (Redis, for every replica, behind the in-process "
-        "cache), local (this process only); auto: shared when the model's text tower takes at least ten "
-        "times as long as a Redis look-up (both measured at start), else local",
+        description="where text vectors are cached: shared (Redis, for every replica; the in-process cache "
+        "while Redis is down), local (the in-process cache only); auto: shared when the model's text tower "
+        "takes at least ten times as long as a Redis look-up (both measured at start), else local",
     )
 
     # Security and limits
