@@ -558,8 +558,7 @@ def bench_model(args: argparse.Namespace, key: str) -> ModelRow:
 def compare(args: argparse.Namespace, key: str) -> list[tuple[str, int, float, float, float, float]]:
     """This tree's server against another checkout's (`--compare-to`), both up at once, measured in
     alternating rounds of the same wrk load: (kind, concurrency, base req/s, this req/s, base p50,
-    this p50), medians over the rounds. Kinds the other tree cannot serve are measured on this one
-    against the other's JSON image figures."""
+    this p50), medians over the rounds."""
     name, export_args = MODELS[key]
     if key in SLOW_MODELS:
         args = copy.copy(args)
@@ -584,9 +583,7 @@ def compare(args: argparse.Namespace, key: str) -> list[tuple[str, int, float, f
                 base_loads, head_loads = [], []
                 for _ in range(args.rounds):
                     tag = f"a{time.time_ns() % 10**8:x}"
-                    base_loads.append(
-                        run_wrk(base.base, raw_kind(kind), concurrency, args.seconds, tag + "b")
-                    )
+                    base_loads.append(run_wrk(base.base, kind, concurrency, args.seconds, tag + "b"))
                     head_loads.append(run_wrk(head.base, kind, concurrency, args.seconds, tag + "h"))
 
                 def med(loads: list[Load], attr: str) -> float:
@@ -643,6 +640,14 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
                 f"best served {best:.1f}/s = {best / base.all_cores:.2f}x all-cores raw; raw batch-1 latency "
                 f"{base.latency_ms:.2f} ms"
             )
+        if row.floor:
+            served = {x.concurrency: x.rate for x in row.loads if x.kind == "text"}
+            listed = ", ".join(
+                f"c={c} {rate:.0f}/s (served {served[c] / rate:.2f}x)"
+                for c, rate in row.floor.items()
+                if c in served
+            )
+            print(f"  framework floor (FastAPI alone, text body): {listed}")
         for kind, (raw_ms, served_ms) in row.c1.items():
             print(
                 f"  * {kind} at c=1, {args.rounds} alternating rounds (medians): raw batch-1 {raw_ms:.2f} ms, "
@@ -651,7 +656,7 @@ def report(rows: list[ModelRow], args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     data = [
         {"model": r.model, "peak_rss_mb": r.peak_rss_mb, "raw": {k: asdict(v) for k, v in r.raw.items()}}
-        | {"loads": [asdict(x) for x in r.loads], "c1_raw_served_ms": r.c1}
+        | {"loads": [asdict(x) for x in r.loads], "c1_raw_served_ms": r.c1, "floor_text": r.floor}
         for r in rows
     ]
     (args.out / "overhead.json").write_text(json.dumps(data, indent=2))
