@@ -295,3 +295,20 @@ def test_a_folder_of_images_is_unlabeled_data_not_training_pairs(
     assert main([*argv, "--data", TINY_DATA, *more, "--out", str(tmp_path / "run")]) == 0
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert set(record["parts"]) == {"clip", "class_kd"}
+    # the live teacher for the pairs (and the class vectors), stored targets for the unlabeled images
+    targets = [
+        "targets",
+        "--teacher",
+        str(tiny_teacher_run),
+        "--data",
+        str(images),
+        "--views",
+        "1",
+        "--out",
+        str(tmp_path / "u"),
+    ]
+    assert main(targets) == 0
+    more += ["--unlabeled-targets", str(tmp_path / "u")]
+    assert main([*argv, "--data", TINY_DATA, *more, "--out", str(tmp_path / "run-stored")]) == 0
+    stored = json.loads((tmp_path / "run-stored" / "metrics.jsonl").read_text().splitlines()[0])
+    assert stored["parts"]["class_kd"] == pytest.approx(record["parts"]["class_kd"], rel=1e-4)

@@ -178,20 +178,18 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     student = _build_student(options, teacher)
     class_names = _read_lines(options.class_names) or dataset.classes
     templates = _templates(options.templates)
+    from training.targets import OfflineTargets
+
     class_vectors, targets, teacher_dims, unlabeled_targets = None, None, None, None
     if options.teacher_targets:
-        from training.targets import OfflineTargets
-
         targets = OfflineTargets.open(options.teacher_targets)
         targets.check_covers(dataset)
         class_vectors, teacher_dims = targets.class_vectors, targets.embed_dims
-    if unlabeled is not None and options.unlabeled_targets:
-        from training.targets import OfflineTargets
-
-        unlabeled_targets = OfflineTargets.open(options.unlabeled_targets)
-        unlabeled_targets.check_covers(unlabeled)
     elif teacher is not None and "class_kd" in losses.weights and class_names:
         class_vectors = teacher.class_vectors(class_names, templates, torch.device("cpu"))
+    if unlabeled is not None and options.unlabeled_targets:
+        unlabeled_targets = OfflineTargets.open(options.unlabeled_targets)
+        unlabeled_targets.check_covers(unlabeled)
     given = options.model_dump()
     config = TrainConfig(
         **{key: given[key] for key in TrainConfig.__dataclass_fields__ if given.get(key) is not None}

@@ -336,8 +336,11 @@ def train(
         device = torch.device("cuda", env.local_rank)
     teacher_dims = teacher_dims or (teacher.embed_dims if teacher is not None else [])
     unlabeled_batch = config.unlabeled_batch_size or max(1, config.batch_size // 2)
-    for what, size in (("batch size", config.batch_size), ("unlabeled batch size", unlabeled_batch)):
-        if (what == "batch size" or unlabeled is not None) and size % (config.accumulation * env.world):
+    sizes = {"batch size": config.batch_size}
+    if unlabeled is not None:
+        sizes["unlabeled batch size"] = unlabeled_batch
+    for what, size in sizes.items():
+        if size % (config.accumulation * env.world):
             raise ValueError(
                 f"{what} {size} must divide into {config.accumulation} accumulation steps x {env.world} processes"
             )
