@@ -177,13 +177,20 @@ def test_clipserve_models_naming_a_directory_serves_that_repository(serve, tiny_
 
 
 def test_redis_is_used_when_its_url_is_set(serve, tiny_repo: Path, tmp_path: Path) -> None:
+    """The tiny model's texts cost less than a round trip, so `auto` keeps them in-process; asked to
+    share them, every replica finds them in Redis (written just after the response)."""
     url = "redis://127.0.0.1:6379/12"
-    run = serve(copy_repo(tiny_repo, tmp_path / "models"), CLIPSERVE_REDIS_URL=url)
+    run = serve(
+        copy_repo(tiny_repo, tmp_path / "models"), CLIPSERVE_REDIS_URL=url, CLIPSERVE_TEXT_CACHE="shared"
+    )
     out = run.wait_for("clipserve is ready", 90)
-    assert "cache      Redis" in out
+    assert "cache      Redis" in out and "text cache shared" in out
     before = cache_keys(url)
     response = httpx.post(f"{run.base}/v1/embed", json={"texts": [f"first run {uuid.uuid4()}"]}, timeout=30)
     assert response.status_code == 200
+    deadline = time.monotonic() + 5
+    while not (cache_keys(url) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert len(cache_keys(url) - before) == 1
 
 

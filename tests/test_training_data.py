@@ -104,8 +104,11 @@ def test_empty_and_unusable_datasets_are_clear_errors(image_dir: Path) -> None:
         build_dataset(str(all_bad), log=lambda _: None)
     with pytest.raises(DataError, match="does not exist"):
         build_dataset(str(image_dir / "nope.csv"), log=lambda _: None)
+    notes = image_dir / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("no images here")
     with pytest.raises(DataError, match="cannot read dataset"):
-        build_dataset(str(image_dir / "img"), log=lambda _: None)
+        build_dataset(str(notes), log=lambda _: None)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
