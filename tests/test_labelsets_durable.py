@@ -15,7 +15,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from tests.fixtures.retrieval import started_pgserver
+from tests.fixtures.retrieval import pgvector_problem, started_pgserver
 from tests.fixtures.service import b64, image_bytes
 
 IMAGES = [b64(image_bytes(seed=s)) for s in range(2)]
@@ -286,6 +286,9 @@ def test_postgres_stopped_under_load_answers_503_for_data_only_and_loses_no_writ
     with started_pgserver() as server:
         import pgserver._commands as pg_commands
 
+        # where this pgvector crashes on distances (some CPUs), searches are left out: they would crash
+        # the server's backends before the outage; storing vectors and the label sets still work there
+        searchable = pgvector_problem(server.get_uri()) is None
         base = live_server(collections_backend="pgvector", postgres_dsn=server.get_uri(), redis_url="")
         name = unique("pg")
         assert (
@@ -308,7 +311,6 @@ def test_postgres_stopped_under_load_answers_503_for_data_only_and_loses_no_writ
             "classify_labelset": lambda c: c.post(
                 "/v1/classify", json={"images": IMAGES[:1], "labelset": name}
             ),
-            "search": lambda c: c.post(f"/v1/collections/{name}/search", json={"text": "a cat", "top_k": 3}),
             "upsert": upsert,
             "embed": lambda c: c.post(
                 "/v1/embed", json={"texts": [f"text {next(counter)}"], "images": IMAGES[:1]}
@@ -317,6 +319,10 @@ def test_postgres_stopped_under_load_answers_503_for_data_only_and_loses_no_writ
                 "/v1/classify", json={"images": IMAGES[:1], "labels": LABELS}
             ),
         }
+        if searchable:
+            requests["search"] = lambda c: c.post(
+                f"/v1/collections/{name}/search", json={"text": "a cat", "top_k": 3}
+            )
         with Load(base, requests, clients=5) as load:
             time.sleep(4)
             stopped = time.monotonic()
@@ -325,7 +331,7 @@ def test_postgres_stopped_under_load_answers_503_for_data_only_and_loses_no_writ
             restarted = time.monotonic()
             server.ensure_postgres_running()
             time.sleep(8)
-        data_kinds = {"classify_labelset", "search", "upsert"}
+        data_kinds = {"classify_labelset", "search", "upsert"} & set(requests)
         outage = [r for r in load.results if stopped + 1 < r[0] < restarted and r[1] in data_kinds]
         assert outage and all(r[2] == 503 for r in outage), outage[:3]
         assert all(json.loads(r[3])["error"]["type"].endswith("_unavailable") for r in outage)
@@ -341,5 +347,6 @@ def test_postgres_stopped_under_load_answers_503_for_data_only_and_loses_no_writ
             ids.add(item)
         print(
             f"postgres outage: {len(load.results)} requests, {len(outage)} answered 503, {len(ids)} writes kept"
+            + ("" if searchable else " (no searches: this pgvector crashes on distances here)")
         )
         assert len(ids) == len(acked) > 0
