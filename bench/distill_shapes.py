@@ -20,7 +20,7 @@
 
     python bench/distill_shapes.py              # the experiment, seeds 0, 1 and 2 (builds the teacher once)
     python bench/distill_shapes.py --sweep      # the KD weight/temperature sweep (seed 0)
-    python bench/distill_shapes.py --quick      # a smoke run proving the pipeline (about a minute)
+    python bench/distill_shapes.py --quick      # a smoke run proving the pipeline (3-4 minutes on 2 cores)
 
 Writes results.json, results.md and accuracy_vs_latency.png into --out (runs/bench-distill-shapes);
 --sweep writes sweep.json and sweep.md there, which the experiment's report then includes.
