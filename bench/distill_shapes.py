@@ -1,6 +1,6 @@
 """Distillation on the synthetic shapes set: does a distilled student keep the teacher's accuracy?
 
-1. The teacher (training.recipes.TeacherRecipe: a ResNet image tower three times wider than the
+1. The teacher (clipserve.training.recipes.TeacherRecipe: a ResNet image tower three times wider than the
    student's, at the same 64 px) is trained with the CLIP loss for five times the students'
    budget, once per machine, and cached under runs/teachers/ by a hash of its recipe. Its
    embeddings of the students' data are stored once beside it (MobileCLIP-style targets), so the
@@ -62,14 +62,14 @@ import torch  # noqa: E402
 # would hide the `export` package: look in the repository root instead
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training import synthetic  # noqa: E402
-from training.cli import run_training, shapes_evaluator  # noqa: E402
-from training.data import build_dataset  # noqa: E402
-from training.evaluate import ModelReport, describe_model, markdown_report, onnx_latency  # noqa: E402
-from training.losses import LossWeights  # noqa: E402
-from training.models import load_clip, load_teacher  # noqa: E402
-from training.objective import IMAGE_SIDE_LOSSES  # noqa: E402
-from training.recipes import (  # noqa: E402
+from clipserve.training import synthetic  # noqa: E402
+from clipserve.training.cli import run_training, shapes_evaluator  # noqa: E402
+from clipserve.training.data import build_dataset  # noqa: E402
+from clipserve.training.evaluate import ModelReport, describe_model, markdown_report, onnx_latency  # noqa: E402
+from clipserve.training.losses import LossWeights  # noqa: E402
+from clipserve.training.models import load_clip, load_teacher  # noqa: E402
+from clipserve.training.objective import IMAGE_SIDE_LOSSES  # noqa: E402
+from clipserve.training.recipes import (  # noqa: E402
     SHAPES_STUDENT_64PX_CONFIG,
     TEACHER_CACHE_ROOT,
     ShapesBudget,
@@ -77,7 +77,7 @@ from training.recipes import (  # noqa: E402
     cached_teacher,
     student_options,
 )
-from training.targets import store_targets  # noqa: E402
+from clipserve.training.targets import store_targets  # noqa: E402
 
 KD_METHODS = ("logit_kd", "feature", "icl", "class_kd")
 KD_LABELS = {
@@ -378,13 +378,12 @@ def train_all(jobs: list[Job], workers: int, timings: dict[str, dict[str, float]
 def served_check(model_dir: Path, out: Path, data_spec: str, eval_size: int) -> dict[str, Any]:
     """Export a student with --int8 and classify the held-out images through the service's HTTP API
     with each precision; top-1 per precision."""
+    from clipserve.service.app import create_app
+    from clipserve.service.settings import Settings
+    from clipserve.training.cli import publish
+    from clipserve.training.data import shapes_config_from_spec
+    from clipserve.training.train import TrainResult
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
-    from training.cli import publish
-    from training.data import shapes_config_from_spec
-    from training.train import TrainResult
 
     repo = out / "models"
     shutil.rmtree(repo, ignore_errors=True)
@@ -434,9 +433,8 @@ def composition_breakdown(clip, data_spec: str, size: int) -> dict[str, float]:
     how often the answer is a composition seen in training, top-1 when only the held-out
     compositions compete, and top-1 on seen compositions (the same drawing rules, 30 classes)."""
     import numpy as np
-
-    from training.data import shapes_config_from_spec
-    from training.evaluate import zero_shot_scores
+    from clipserve.training.data import shapes_config_from_spec
+    from clipserve.training.evaluate import zero_shot_scores
 
     config, _ = shapes_config_from_spec(data_spec)
     classes = [f"{c} {s}" for c, s in synthetic.all_compositions()]

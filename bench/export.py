@@ -5,7 +5,7 @@
     python bench/export.py --models ViT-B-16-SigLIP --batches 1 8 --repeats 10 --threads 2
 
 Random-init weights (no downloads). A model with a Hugging Face tokenizer (SigLIP, CLIPA, ...) gets a
-tokenizer of its vocabulary size trained here (`export.local_tokenizers`), and its bundle adds the
+tokenizer of its vocabulary size trained here (`tests.fixtures.local_tokenizers`), and its bundle adds the
 tokenizer throughput of the served path (`tokenizers`, Rust) against open_clip's HFTokenizer
 (transformers). Figures are printed, never asserted. Latency is the median of `--repeats` timed runs
 after one warm-up run. "ORT gain" is torch ms / ORT fp32 ms; "int8 gain" is ORT fp32 ms / ORT int8 ms.
@@ -31,12 +31,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from export.bundle import Bundle, ModelSource
-from export.exporter import export_bundle
-from export.local_tokenizers import build_tokenizer, corpus
-from export.sources import hf_tokenizer_name, load_model, model_from_config
-from export.tokenizer import load_tokenizer
-from export.verify import fixed_token_ids, make_session, token_counts
+from clipserve.export.exporter import export_bundle
+from clipserve.export.sources import hf_tokenizer_name, load_model, model_from_config
+from clipserve.export.verify import fixed_token_ids, make_session, token_counts
+
+from clipserve.contract.bundle import Bundle, ModelSource
+from clipserve.contract.tokenizer import load_tokenizer
+from tests.fixtures.local_tokenizers import build_tokenizer, corpus
 
 QUICK_CONFIG = {
     "embed_dim": 32,

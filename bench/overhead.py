@@ -53,8 +53,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.retrieval import postgres as throwaway_postgres  # noqa: E402
 from bench.serve import TEXTS, cpu_name, ensure_bundle, photo, wait_ready  # noqa: E402
-from export.bundle import Bundle  # noqa: E402
-from export.cli_settings import usable_cores  # noqa: E402
+from clipserve.contract.bundle import Bundle  # noqa: E402
+from clipserve.contract.cli_settings import usable_cores  # noqa: E402
 
 MODELS = {
     "shapes": ("bench-shapes-student", ["--config", str(ROOT / "training/configs/shapes-student.json")]),
@@ -91,11 +91,11 @@ def _raw_worker(
     """One process: the service's decode/tokenize + session.run, `batch` items per call, for each
     number of seconds taken from `commands` (None ends it)."""
     import numpy as np
+    from clipserve.service.inference.preprocess import ImagePreprocessor
+    from clipserve.service.runtime import RuntimeOptions, open_runtime
 
-    from export.bundle import load_bundle
-    from export.tokenizer import ClipTokenizer
-    from service.preprocess import ImagePreprocessor
-    from service.runtime import RuntimeOptions, open_runtime
+    from clipserve.contract.bundle import load_bundle
+    from clipserve.contract.tokenizer import ClipTokenizer
 
     bundle = load_bundle(bundle_dir, verify=False)
     manifest = bundle.manifest
@@ -232,7 +232,7 @@ class Server:
         command = [
             sys.executable,
             "-m",
-            "service.cli",
+            "clipserve.service.server.cli",
             "--models-dir",
             str(repo),
             "--port",

@@ -40,10 +40,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.bundle import Bundle, ModelRepository  # noqa: E402
-from export.cli_settings import usable_cores  # noqa: E402
-from service.preprocess import ImagePreprocessor  # noqa: E402
-from service.runtime import RuntimeOptions, open_runtime  # noqa: E402
+from clipserve.service.inference.preprocess import ImagePreprocessor  # noqa: E402
+from clipserve.service.runtime import RuntimeOptions, open_runtime  # noqa: E402
+
+from clipserve.contract.bundle import Bundle, ModelRepository  # noqa: E402
+from clipserve.contract.cli_settings import usable_cores  # noqa: E402
 
 FULL_MODELS = {"vitb32": ["--model", "ViT-B-32"], "mobileclip2-s0": ["--model", "MobileCLIP2-S0"]}
 TINY_CONFIG = {
@@ -98,7 +99,7 @@ def ensure_bundle(repo: Path, name: str, export_args: list[str]) -> Bundle:
         command = [
             sys.executable,
             "-m",
-            "export.cli",
+            "clipserve.export.cli",
             *export_args,
             "--pretrained",
             "none",
@@ -192,7 +193,7 @@ class Server:
             [
                 sys.executable,
                 "-m",
-                "service.cli",
+                "clipserve.service.server.cli",
                 "--models-dir",
                 str(repo),
                 "--host",

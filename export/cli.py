@@ -17,8 +17,8 @@ from typing import ClassVar
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from export.bundle import Bundle, BundleError, ModelSource
-from export.cli_settings import CliSettings, Renamed, SettingsError, load_settings
+from clipserve.contract.bundle import Bundle, BundleError, ModelSource
+from clipserve.contract.cli_settings import CliSettings, Renamed, SettingsError, load_settings
 
 PROG = "clip-export"
 
@@ -141,10 +141,10 @@ def summary(bundle: Bundle) -> str:
 
 def run(args: ExportSettings) -> Bundle:
     import torch
+    from clipserve.export.exporter import check_can_publish, export_bundle
+    from clipserve.export.sources import load_model
 
-    from export.bundle import ModelRepository
-    from export.exporter import check_can_publish, export_bundle
-    from export.sources import load_model
+    from clipserve.contract.bundle import ModelRepository
 
     if args.model is None and args.config is None:
         raise BundleError("say which model: --model NAME (see --list-models) or --config JSON")
@@ -183,7 +183,12 @@ def early_tokenizer(args: ExportSettings):
     """The model's Hugging Face tokenizer, loaded and checked against the config's vocabulary size
     before the model is built (a wrong folder or an offline hub fails in a second, not after minutes);
     None for CLIP BPE."""
-    from export.sources import builtin_config, check_tokenizer_vocab, load_hf_tokenizer, read_config_file
+    from clipserve.export.sources import (
+        builtin_config,
+        check_tokenizer_vocab,
+        load_hf_tokenizer,
+        read_config_file,
+    )
 
     if args.config is not None:
         model_cfg, _ = read_config_file(args.config)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from export.bundle import BundleError
+from clipserve.contract.bundle import BundleError
 
 
 class ExportError(BundleError):

@@ -2,7 +2,7 @@
 
 An engine only runs on the GPU model and TensorRT version that built it, so its file name and its
 manifest entry carry both. Engines are built as strongly typed networks from the fp16 graph
-(`export.quantize.convert_fp16`: fp16 weights and compute, fp32 inputs, outputs and the layers
+(`clipserve.export.quantize.convert_fp16`: fp16 weights and compute, fp32 inputs, outputs and the layers
 whose accuracy needs it): every tensor keeps the type the graph gives it. That is the only mode
 TensorRT 11 has; the weak-typing builder flags and per-layer precisions are deprecated since
 TensorRT 10.12 and removed in 11, so none is used. The layer timing cache is kept between builds.
@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from export.errors import ExportError
+from clipserve.export.errors import ExportError
 
 TIMING_CACHE_ENV = "CLIPSERVE_TENSORRT_CACHE"
 WORKSPACE_BYTES = 4 << 30
@@ -180,7 +179,7 @@ def fp16_graph(bundle_dir: Path, tower: str, scratch: Path) -> Path:
     published = bundle_dir / f"{tower}.fp16.onnx"
     if published.is_file():
         return published
-    from export.quantize import convert_fp16
+    from clipserve.export.quantize import convert_fp16
 
     converted = scratch / f"{tower}.fp16.onnx"
     convert_fp16(bundle_dir / f"{tower}.onnx", converted)

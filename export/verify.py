@@ -13,7 +13,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from export.bundle import ParityReport, Precision, Tower
+from clipserve.contract.bundle import ParityReport, Precision, Tower
 
 DEFAULT_MIN_COSINE: dict[str, float] = {"fp32": 0.9999, "fp16": 0.999, "int8": 0.99}
 

@@ -6,7 +6,7 @@
 #      NVIDIA's package index, which CI does not reach; GPU_SET=serve-gpu builds the full image
 #      where that index answers), on the same python base as the CPU image;
 #   2. inside it, with no network: `pip check`, the ONNX Runtime distributions installed, and
-#      `python -m service.runtime.gpu_stack` (one onnxruntime; CUDA and TensorRT providers in the
+#      `python -m clipserve.service.runtime.gpu_stack` (one onnxruntime; CUDA and TensorRT providers in the
 #      build; ldd of both provider libraries, the TensorRT libraries a cuda image lacks named as
 #      expected; the TensorRT API walk, or why it cannot run; real sessions; the gpu test gate's
 #      decision and its reason), then the serving side's gpu tests under pytest, which skip saying why;
@@ -99,8 +99,8 @@ check_stack() {
   distributions=$(in_image sh -c 'pip list --format=freeze' | grep -icE '^(onnxruntime|ort-nightly)([-_][a-z0-9_-]+)?==' || true)
   engine_log "ONNX Runtime distributions in pip list: $distributions"
   [ "$distributions" = 1 ] || fail "$IMAGE has $distributions ONNX Runtime distributions, not exactly one"
-  engine_log "python -m service.runtime.gpu_stack ${CHECK_FLAGS[*]}"
-  in_image python -m service.runtime.gpu_stack "${CHECK_FLAGS[@]}" | tee "$out" \
+  engine_log "python -m clipserve.service.runtime.gpu_stack ${CHECK_FLAGS[*]}"
+  in_image python -m clipserve.service.runtime.gpu_stack "${CHECK_FLAGS[@]}" | tee "$out" \
     || fail "the GPU stack checks failed (above)"
   grep -q '^\[ok\] ldd libonnxruntime_providers_cuda.so: ' "$out" || fail "no ldd report of the CUDA provider"
   grep -qE '^\[(ok|expected)\] ldd libonnxruntime_providers_tensorrt.so: ' "$out" \

@@ -35,10 +35,11 @@ from typing import IO, TextIO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from export.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
-from service.listen import PortUnavailable, check_port  # noqa: E402
-from service.settings import names_a_directory  # noqa: E402
-from service.startup import hidden_password  # noqa: E402
+from clipserve.service.server.listen import PortUnavailable, check_port  # noqa: E402
+from clipserve.service.server.startup import hidden_password  # noqa: E402
+from clipserve.service.settings import names_a_directory  # noqa: E402
+
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
 
 DEMO_MODEL = "shapes-demo"
 DEFAULT_MODELS_DIR = ROOT / "models"
@@ -165,7 +166,7 @@ def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
 
 def build_demo_here(repo_dir: Path, name: str, env: dict[str, str]) -> None:
     """The demo recipe of training/; CLIPSERVE_DEMO_STEPS shortens it (tests, slow machines)."""
-    from training.recipes import ShapesBudget, build_demo_bundle
+    from clipserve.training.recipes import ShapesBudget, build_demo_bundle
 
     steps = env.get("CLIPSERVE_DEMO_STEPS")
     budget = ShapesBudget(steps=int(steps)) if steps else None

@@ -50,11 +50,11 @@ step "2. GPU packages in this environment"
   | grep -iE '^(onnxruntime|tensorrt|cuda-|nvidia-|torch )' || echo "(none found)"
 
 step "3. GPU stack checks (one onnxruntime, providers in the build, ldd, TensorRT API, sessions)"
-"$PY" -m service.runtime.gpu_stack || fail "GPU stack checks"
+"$PY" -m clipserve.service.runtime.gpu_stack || fail "GPU stack checks"
 echo "-- providers that load without preloading the wheels' libraries:"
-"$PY" -m service.runtime.gpu_stack --sessions no-preload
+"$PY" -m clipserve.service.runtime.gpu_stack --sessions no-preload
 echo "-- and with them preloaded (what the service does):"
-"$PY" -m service.runtime.gpu_stack --sessions preload
+"$PY" -m clipserve.service.runtime.gpu_stack --sessions preload
 
 if [ -z "$driver" ]; then
   step "4-7. skipped: no NVIDIA driver on this machine"
@@ -67,13 +67,13 @@ bash scripts/ensure-redis.sh || fail "no Redis for the tests"
 
 step "5. TensorRT export of a tiny model (random init, fp16 graphs and engines)"
 rm -rf "$WORK/models"
-"$PY" -m export.cli --config training/configs/shapes-student.json --pretrained none --name tiny-trt \
+"$PY" -m clipserve.export.cli --config training/configs/shapes-student.json --pretrained none --name tiny-trt \
   --repo "$WORK/models" --fp16 --tensorrt || fail "TensorRT export"
 ls -l "$WORK"/models/tiny-trt/1/*.plan 2>/dev/null || fail "no engine written"
 
 step "6. clip-serve on the TensorRT engines, one request"
 CLIPSERVE_ENGINE=tensorrt CLIPSERVE_PROVIDERS=cuda CLIPSERVE_RELOAD_POLL_S=0 CLIPSERVE_DATA_DIR="$WORK/data" \
-  "$PY" -m service.cli --models "$WORK/models" --port "$PORT" --redis-url none &
+  "$PY" -m clipserve.service.server.cli --models "$WORK/models" --port "$PORT" --redis-url none &
 server=$!
 ready=""
 for _ in $(seq 240); do

@@ -1,6 +1,6 @@
 """`create_app(settings)`: builds every piece of state in the lifespan, wires the HTTP layer, nothing else.
 
-State on `app.state`, given to the routes by `service.api.deps`: settings, metrics, cache, registry,
+State on `app.state`, given to the routes by `clipserve.service.api.deps`: settings, metrics, cache, registry,
 fetcher, labelsets, classifier, embedder, collections.
 """
 
@@ -11,23 +11,22 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from clipserve.service.api import ROUTERS
+from clipserve.service.api.docs import install_docs
+from clipserve.service.api.errors import install_error_handlers
+from clipserve.service.api.middleware import Auth, BodyLimit, RequestContext
+from clipserve.service.classification import Classifier
+from clipserve.service.collections import Collections
+from clipserve.service.embedding import Embedder
+from clipserve.service.inference.cache import VectorCache
+from clipserve.service.inference.inputs import ImageFetcher
+from clipserve.service.inference.loading import return_memory_when_idle, serve_from_the_heap
+from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.labelsets import LabelSets
+from clipserve.service.metrics import Metrics
+from clipserve.service.settings import Settings
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-
-from service.api import ROUTERS
-from service.api.docs import install_docs
-from service.api.errors import install_error_handlers
-from service.api.middleware import Auth, BodyLimit, RequestContext
-from service.cache import VectorCache
-from service.classification import Classifier
-from service.collections import Collections
-from service.embedding import Embedder
-from service.inputs import ImageFetcher
-from service.labelsets import LabelSets
-from service.loading import return_memory_when_idle, serve_from_the_heap
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.settings import Settings
 
 log = logging.getLogger("clipserve.app")
 

@@ -7,16 +7,15 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.engine import LabelScore, ModelEngine
-from service.errors import InvalidInput
-from service.inputs import ImageFetcher
-from service.labelsets import LabelSets
-from service.limits import check_images, check_labels, check_top_k
-from service.registry import ModelRegistry
-from service.schemas import ClassifyRequest
-from service.settings import Settings
-from service.templates import resolve_templates
+from clipserve.service.api.schemas import ClassifyRequest
+from clipserve.service.errors import InvalidInput
+from clipserve.service.inference.engine import LabelScore, ModelEngine
+from clipserve.service.inference.inputs import ImageFetcher
+from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.labelsets import LabelSets
+from clipserve.service.limits import check_images, check_labels, check_top_k
+from clipserve.service.settings import Settings
+from clipserve.service.templates import resolve_templates
 
 
 @dataclass

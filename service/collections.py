@@ -22,25 +22,7 @@ from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 import numpy as np
-from pydantic import ValidationError
-
-from service.embedding import Embedder
-from service.engine import ModelEngine
-from service.errors import Conflict, InvalidInput, NotFound
-from service.index import (
-    BackendUnavailableError,
-    CollectionInfo,
-    CollectionStore,
-    IndexParams,
-    ModelBinding,
-    Source,
-    open_store,
-)
-from service.inputs import is_url
-from service.limits import check_images, check_item_texts, check_top_k
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.schemas import (
+from clipserve.service.api.schemas import (
     CollectionDescription,
     CreateCollection,
     Hit,
@@ -50,7 +32,24 @@ from service.schemas import (
     StoredSource,
     UpsertItems,
 )
-from service.settings import Settings
+from clipserve.service.embedding import Embedder
+from clipserve.service.errors import Conflict, InvalidInput, NotFound
+from clipserve.service.inference.engine import ModelEngine
+from clipserve.service.inference.inputs import is_url
+from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.limits import check_images, check_item_texts, check_top_k
+from clipserve.service.metrics import Metrics
+from clipserve.service.settings import Settings
+from clipserve.service.stores import (
+    BackendUnavailableError,
+    CollectionInfo,
+    CollectionStore,
+    IndexParams,
+    ModelBinding,
+    Source,
+    open_store,
+)
+from pydantic import ValidationError
 
 log = logging.getLogger("clipserve.collections")
 T = TypeVar("T")

@@ -11,14 +11,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.engine import ModelEngine, Ranked
-from service.errors import InvalidImage, InvalidInput, TooLarge
-from service.inputs import ImageFetcher
-from service.limits import check_images, check_item_texts, check_texts, check_top_k, unit_vector
-from service.registry import ModelRegistry
-from service.schemas import EmbeddingsRequest, Query, RankRequest
-from service.settings import Settings
+from clipserve.service.api.schemas import EmbeddingsRequest, Query, RankRequest
+from clipserve.service.errors import InvalidImage, InvalidInput, TooLarge
+from clipserve.service.inference.engine import ModelEngine, Ranked
+from clipserve.service.inference.inputs import ImageFetcher
+from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.limits import check_images, check_item_texts, check_texts, check_top_k, unit_vector
+from clipserve.service.settings import Settings
 
 
 @dataclass

@@ -2,7 +2,7 @@
 builds that make them.
 
 A label set is a name, its labels and templates, and the model it is bound to. The definition lives
-in the label-set store beside the collections (`service.index.labelsets`: SQLite under the data dir,
+in the label-set store beside the collections (`clipserve.service.stores.labelset_store`: SQLite under the data dir,
 or PostgreSQL shared by replicas); it is acknowledged once committed, and losing Redis never loses it.
 Its class matrix (one vector per label, `ModelEngine.class_matrix(..., stored=True)`) is computed
 once per embedding space and shared through Redis, so any replica serving the same bundle classifies
@@ -36,17 +36,16 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 import numpy as np
-
-from service.cache import KEY_PREFIX, VectorCache
-from service.engine import ModelEngine, classes_digest
-from service.errors import Conflict, NotFound, ServiceError, Unavailable
-from service.index import BackendUnavailableError
-from service.index.labelsets import LabelSetRecord, LabelSetStore, open_labelsets
-from service.limits import check_labels, check_name
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.settings import Settings
-from service.templates import resolve_templates
+from clipserve.service.errors import Conflict, NotFound, ServiceError, Unavailable
+from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
+from clipserve.service.inference.engine import ModelEngine, classes_digest
+from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.limits import check_labels, check_name
+from clipserve.service.metrics import Metrics
+from clipserve.service.settings import Settings
+from clipserve.service.stores import BackendUnavailableError
+from clipserve.service.stores.labelset_store import LabelSetRecord, LabelSetStore, open_labelsets
+from clipserve.service.templates import resolve_templates
 
 log = logging.getLogger("clipserve.labelsets")
 LEGACY_DEF_PREFIX = f"{KEY_PREFIX}:labelset:"

@@ -1,6 +1,6 @@
 """Prometheus metrics, one registry per app (so two apps in one process do not collide).
 
-Under `clip-serve --workers N` (service/workers.py) the workers write their values into
+Under `clip-serve --workers N` (service/server/workers.py) the workers write their values into
 prometheus_client's multiprocess folder (`PROMETHEUS_MULTIPROC_DIR`, set by the parent before
 they start) and `/metrics` from any worker reports them all, aggregated.
 """

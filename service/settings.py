@@ -1,5 +1,5 @@
 """Service settings, the options of `clip-serve`: each field `name` is the flag `--name` and the
-environment variable `CLIPSERVE_NAME` (see export/cli_settings.py).
+environment variable `CLIPSERVE_NAME` (see clipserve/contract/cli_settings.py).
 
 List options accept JSON (`'["a","b"]'`) or a comma-separated string (`a,b`).
 Fields used by the retrieval routers: `data_dir`, `collections_backend`, `postgres_dsn`, `max_top_k`.
@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from export.cli_settings import CliSettings, CommaList, Renamed, usable_cores
+from clipserve.contract.cli_settings import CliSettings, CommaList, Renamed, usable_cores
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 

@@ -1,7 +1,7 @@
 """Prompt templates for zero-shot classification.
 
 `templates` in a request is a list of strings each holding `{}` (replaced by the label, as
-`export.scoring.fill_template` does for the service and training alike), or the
+`clipserve.contract.scoring.fill_template` does for the service and training alike), or the
 name of a built-in ensemble: `default` (a short general ensemble), `imagenet80` (the 80 ImageNet
 templates of the CLIP paper) or `none` (the label alone).
 """
@@ -12,7 +12,7 @@ import json
 from functools import cache
 from importlib import resources
 
-from service.errors import InvalidInput
+from clipserve.service.errors import InvalidInput
 
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",

@@ -14,9 +14,9 @@ pytest_plugins = [
 
 
 def _why_no_cuda() -> str | None:
-    """Decided by a real CUDA session on a one-node graph (service.runtime.gpu_stack.why_no_cuda),
+    """Decided by a real CUDA session on a one-node graph (clipserve.service.runtime.gpu_stack.why_no_cuda),
     the same question the GPU image's check asks."""
-    from service.runtime.gpu_stack import why_no_cuda
+    from clipserve.service.runtime.gpu_stack import why_no_cuda
 
     return why_no_cuda()
 

@@ -142,9 +142,9 @@ def test_the_service_never_imports_torch(tiny_repo: Path, service_redis_url: str
     script = textwrap.dedent(f"""
         import sys
         from fastapi.testclient import TestClient
-        from service.app import create_app
-        from service.settings import Settings
-        import service.cli
+        from clipserve.service.app import create_app
+        from clipserve.service.settings import Settings
+        import clipserve.service.server.cli
         settings = Settings(models_dir={str(tiny_repo)!r}, redis_url={service_redis_url!r}, intra_op_threads=1,
                             preprocess_workers=1, reload_poll_s=0)
         with TestClient(create_app(settings)) as client:

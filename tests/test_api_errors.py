@@ -16,10 +16,9 @@ GOOD = b64(image_bytes(seed=11))
 
 @pytest.fixture(scope="module")
 def shared_client(tiny_repo, service_redis_url) -> Iterator[object]:
+    from clipserve.service.app import create_app
+    from clipserve.service.settings import Settings
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
 
     settings = Settings(
         models_dir=tiny_repo,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from export.bundle import (
+from clipserve.contract.bundle import (
     FORMAT_VERSION,
     BundleError,
     BundleIntegrityError,
@@ -193,7 +193,7 @@ def test_concurrent_publishers_never_clash(tmp_path: Path) -> None:
 
 def test_bundle_module_imports_neither_torch_nor_onnx() -> None:
     code = (
-        "import sys, export.bundle; "
+        "import sys, clipserve.contract.bundle; "
         "bad = [m for m in ('torch', 'onnx', 'open_clip', 'onnxruntime') if m in sys.modules]; "
         "print(','.join(bad))"
     )

@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from clipserve.export.cli import ExportSettings
+from clipserve.export.cli import main as export_main
+from clipserve.service.server.cli import main as serve_main
+from clipserve.service.server.cli import settings_from
+from clipserve.service.settings import Settings
+from clipserve.training.cli import main as distill_main
+from clipserve.training.settings import EvalSettings, TargetsSettings, TrainSettings
 
-from export.cli import ExportSettings
-from export.cli import main as export_main
-from export.cli_settings import CliSettings, SettingsError, load_settings
-from service.cli import main as serve_main
-from service.cli import settings_from
-from service.settings import Settings
-from training.cli import main as distill_main
-from training.settings import EvalSettings, TargetsSettings, TrainSettings
+from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS: list[tuple[type[CliSettings], object, list[str]]] = [
@@ -182,7 +182,7 @@ def clip_serve(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[s
         "CLIPSERVE_RELOAD_POLL_S": "0",
     }
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", "--port", "0", *argv],
+        [sys.executable, "-m", "clipserve.service.server.cli", "--port", "0", *argv],
         env=clean | env,
         capture_output=True,
         text=True,

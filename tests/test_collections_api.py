@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from clipserve.service.app import create_app
 from fastapi.testclient import TestClient
 
-from service.app import create_app
 from tests.fixtures.service import b64, image_bytes
 
 TEXTS = ["a red car", "a blue boat", "a green tree", "a yellow sun", "a black cat", "a white cloud"]
@@ -281,7 +281,7 @@ def test_item_ids_may_contain_slashes(api):
 
 def publish_other_space(repo_root: Path) -> None:
     """tiny@2: the same graphs with another image normalization, so another bundle hash (embedding space)."""
-    from export.bundle import ModelRepository
+    from clipserve.contract.bundle import ModelRepository
 
     repository = ModelRepository(repo_root)
     bundle = repository.load("tiny")

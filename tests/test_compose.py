@@ -25,8 +25,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-
-from service.settings import Settings
+from clipserve.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -172,7 +171,9 @@ def test_every_api_variable_is_a_valid_service_setting(
         for key, value in environment.items():
             assert key.startswith("CLIPSERVE_"), f"{service}: {key} is not a service setting"
             field = key.removeprefix("CLIPSERVE_").lower()
-            assert field in Settings.model_fields, f"{service}: {key} matches no field of service.settings"
+            assert field in Settings.model_fields, (
+                f"{service}: {key} matches no field of clipserve.service.settings"
+            )
             if value is not None:
                 monkeypatch.setenv(key, str(value))
         settings = Settings()

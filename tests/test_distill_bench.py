@@ -181,7 +181,7 @@ def test_quick_run_writes_results_report_and_plot(tmp_path: Path) -> None:
 
 
 def test_the_teacher_cache_key_follows_the_recipe_and_the_config_content(tmp_path: Path) -> None:
-    from training.recipes import SHAPES_LARGE_TEACHER_CONFIG, TeacherRecipe
+    from clipserve.training.recipes import SHAPES_LARGE_TEACHER_CONFIG, TeacherRecipe
 
     recipe = TeacherRecipe()
     assert recipe.key() == TeacherRecipe().key() and len(recipe.key()) == 12

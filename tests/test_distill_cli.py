@@ -10,11 +10,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from clipserve.training.cli import main
+from clipserve.training.models import load_clip
 
-from export.bundle import ModelRepository, load_bundle, sha256_file
+from clipserve.contract.bundle import ModelRepository, load_bundle, sha256_file
 from tests.fixtures.training import TINY_DATA
-from training.cli import main
-from training.models import load_clip
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -69,8 +69,8 @@ def test_documented_invocation_publishes_a_bundle_that_loads_and_runs(
     assert image.shape == (2, 32) and text.shape == (2, 32)
     assert np.allclose(image, expected_image, atol=1e-4) and np.allclose(text, expected_text, atol=1e-4)
 
-    from training import synthetic
-    from training.recipes import classify_with_bundle
+    from clipserve.training import synthetic
+    from clipserve.training.recipes import classify_with_bundle
 
     ranked = classify_with_bundle(
         bundle.path, synthetic.draw_single("red", "circle"), ["red circle", "blue square"]
@@ -179,9 +179,8 @@ def test_eval_times_the_graphs_a_bundle_holds(tiny_model, tiny_bundle, tmp_path:
     """`clip-distill eval` exports through export/: the same opset, the same dynamic axes, the same
     vectors as the bundle of the same model."""
     import onnx
-
-    from export.exporter import ONNX_OPSET, TEXT_INPUT, export_tower_graphs
-    from export.verify import fixed_token_ids
+    from clipserve.export.exporter import ONNX_OPSET, TEXT_INPUT, export_tower_graphs
+    from clipserve.export.verify import fixed_token_ids
 
     graphs = export_tower_graphs(tiny_model, tmp_path)
     assert graphs.text_length_free == tiny_bundle.manifest.text.dynamic_length is True
@@ -202,7 +201,7 @@ def test_eval_times_the_graphs_a_bundle_holds(tiny_model, tiny_bundle, tmp_path:
 
 
 def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: Path) -> None:
-    from training import synthetic
+    from clipserve.training import synthetic
 
     rows = ["filepath,caption"]
     for i, (colour, shape) in enumerate([("red", "circle"), ("blue", "square"), ("green", "cross")]):
@@ -278,9 +277,8 @@ def test_help_lists_the_commands_first(capsys) -> None:
 def test_a_folder_of_images_is_unlabeled_data_not_training_pairs(
     tiny_student_config: Path, tiny_teacher_run: Path, tmp_path: Path, capsys
 ) -> None:
+    from clipserve.training.synthetic import draw_single
     from PIL import Image
-
-    from training.synthetic import draw_single
 
     images = tmp_path / "unlabeled"
     images.mkdir()

@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from clipserve.training.cli import run_training
 from safetensors.torch import load_file
 
 from tests.fixtures.training import TINY_DATA
-from training.cli import run_training
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -39,7 +39,7 @@ def test_two_process_gloo_ddp_matches_single_process(tiny_student_config: Path, 
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "training.cli", *common, "--out", str(tmp_path / "ddp")]
+    command += ["-m", "clipserve.training.cli", *common, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[1]
     )

@@ -30,8 +30,8 @@ def _siglip_student_config(teacher_config: Path, folder: Path) -> Path:
 def test_clip_student_distilled_from_a_siglip_teacher_publishes_and_serves(
     family_config, tmp_path: Path, torch_one_thread, make_client
 ) -> None:
-    from training.cli import run_training
-    from training.models import load_teacher
+    from clipserve.training.cli import run_training
+    from clipserve.training.models import load_teacher
 
     teacher_config = family_config("siglip2")
     teacher = load_teacher([str(teacher_config)]).members[0]
@@ -68,10 +68,11 @@ def test_clip_student_distilled_from_a_siglip_teacher_publishes_and_serves(
 def test_same_family_student_keeps_the_tokenizer_and_sigmoid_scoring(
     family_config, tmp_path: Path, torch_one_thread, make_client
 ) -> None:
-    from export.bundle import ModelRepository
-    from training.cli import run_training
-    from training.evaluate import zero_shot_scores
-    from training.models import load_clip
+    from clipserve.training.cli import run_training
+    from clipserve.training.evaluate import zero_shot_scores
+    from clipserve.training.models import load_clip
+
+    from clipserve.contract.bundle import ModelRepository
 
     teacher_config = family_config("siglip2")
     student_config = _siglip_student_config(teacher_config, tmp_path)
@@ -119,7 +120,7 @@ def test_same_family_student_keeps_the_tokenizer_and_sigmoid_scoring(
 
 
 def test_eval_reports_a_siglip_family_model(family_config, tmp_path: Path, torch_one_thread) -> None:
-    from training.cli import main
+    from clipserve.training.cli import main
 
     out = tmp_path / "report"
     argv = [

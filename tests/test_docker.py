@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from clipserve.service.server.cli import settings_from
 
-from export.cli_settings import SettingsError
-from service.cli import settings_from
+from clipserve.contract.cli_settings import SettingsError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -294,13 +294,15 @@ def test_copied_sources_build_a_wheel_with_the_service_and_the_demo_page(tmp_pat
         "service/static/app.js",
         "service/static/style.css",
         "service/api/demo.py",
-        "export/bundle.py",
+        "clipserve/contract/bundle.py",
     ):
         assert required in names, f"the image would lack {required}"
     # The serving image carries neither the training code nor anything it imports.
     assert not any(name.startswith("training/") for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "clip-serve = service.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert (
+        "clip-serve = clipserve.service.server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 def test_docs_give_the_images_install_and_start_commands(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,8 +13,12 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from clipserve.export.errors import ExportError, ParityError
+from clipserve.export.exporter import cpu_float32, export_bundle
+from clipserve.export.sources import model_from_config
+from clipserve.export.verify import DEFAULT_MIN_COSINE, agreement, make_session
 
-from export.bundle import (
+from clipserve.contract.bundle import (
     BundleIntegrityError,
     Manifest,
     ModelRepository,
@@ -23,11 +27,7 @@ from export.bundle import (
     VersionExistsError,
     load_bundle,
 )
-from export.errors import ExportError, ParityError
-from export.exporter import cpu_float32, export_bundle
-from export.sources import model_from_config
-from export.tokenizer import ClipTokenizer
-from export.verify import DEFAULT_MIN_COSINE, agreement, make_session
+from clipserve.contract.tokenizer import ClipTokenizer
 
 TEXTS = ["a photo of a dog", "a red car parked on a street at night", "x", "🙂 emoji and CAPITALS"]
 

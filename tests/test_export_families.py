@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import ModelRepository
-from export.tokenizer import HFTextTokenizer, load_tokenizer
+from clipserve.contract.bundle import ModelRepository
+from clipserve.contract.tokenizer import HFTextTokenizer, load_tokenizer
 from tests.fixtures.families import FAMILIES, siglip2_config
 
 TEXTS = [
@@ -89,9 +89,10 @@ def _local_dir(config: Path) -> Path:
 
 
 def test_tokenizer_of_another_vocabulary_is_refused_naming_both_sizes(family_bundle, tmp_path: Path) -> None:
-    from export.errors import ExportError
-    from export.exporter import export_bundle
-    from export.local_tokenizers import build_tokenizer
+    from clipserve.export.errors import ExportError
+    from clipserve.export.exporter import export_bundle
+
+    from tests.fixtures.local_tokenizers import build_tokenizer
 
     made = family_bundle("siglip2")
     wrong = build_tokenizer(tmp_path / "wrong", "gemma", vocab_size=900)
@@ -113,8 +114,9 @@ def _hub_named_config(tmp_path: Path) -> Path:
 def test_cli_offline_refuses_an_unreachable_or_mismatched_tokenizer_before_building_the_model(
     tmp_path: Path, capsys
 ) -> None:
-    from export.cli import main
-    from export.local_tokenizers import build_tokenizer
+    from clipserve.export.cli import main
+
+    from tests.fixtures.local_tokenizers import build_tokenizer
 
     repo = tmp_path / "models"
     base = [
@@ -147,8 +149,9 @@ def test_cli_offline_refuses_an_unreachable_or_mismatched_tokenizer_before_build
 
 @pytest.mark.slow
 def test_cli_exports_with_the_tokenizer_from_a_folder(tmp_path: Path, capsys) -> None:
-    from export.cli import main
-    from export.local_tokenizers import build_tokenizer
+    from clipserve.export.cli import main
+
+    from tests.fixtures.local_tokenizers import build_tokenizer
 
     repo = tmp_path / "models"
     folder = build_tokenizer(tmp_path / "local-gemma", "gemma", vocab_size=1024)
@@ -164,7 +167,7 @@ def test_cli_exports_with_the_tokenizer_from_a_folder(tmp_path: Path, capsys) ->
 def _open_clip_text_family(kind: str, folder: Path) -> dict:
     """Shrunk CLIPA (BERT WordPiece, strip_sep_token, last-token pooling, no causal mask) and
     worldwide (an XLM-V-style tokenizer, causal mask, pooling at the eos id) configs."""
-    from export.local_tokenizers import build_tokenizer
+    from tests.fixtures.local_tokenizers import build_tokenizer
 
     vision = {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8}
     if kind == "clipa":
@@ -209,9 +212,8 @@ VOCAB_SMALL = 1000
 @pytest.mark.parametrize(("kind", "pooling"), [("clipa", "last"), ("worldwide", "eos")])
 def test_clipa_and_worldwide_families_export_verified(kind: str, pooling: str, tmp_path: Path) -> None:
     import torch
-
-    from export.exporter import export_bundle
-    from export.sources import load_model
+    from clipserve.export.exporter import export_bundle
+    from clipserve.export.sources import load_model
 
     torch.set_num_threads(2)
     config = tmp_path / f"{kind}.json"

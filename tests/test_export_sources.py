@@ -9,10 +9,9 @@ from typing import Any
 
 import pytest
 import torch
-
-from export.errors import SourceError
-from export.exporter import inference_copy
-from export.sources import load_model, read_state_dict
+from clipserve.export.errors import SourceError
+from clipserve.export.exporter import inference_copy
+from clipserve.export.sources import load_model, read_state_dict
 
 
 def _assert_same_weights(model: torch.nn.Module, expected: torch.nn.Module) -> None:
@@ -136,7 +135,7 @@ def test_hugging_face_text_model_offline_names_the_missing_config() -> None:
 
 
 def test_random_init_takes_the_preprocessing_its_tags_share() -> None:
-    from export.sources import architecture_preprocess
+    from clipserve.export.sources import architecture_preprocess
 
     siglip = architecture_preprocess("ViT-B-16-SigLIP2")
     assert siglip["resize_mode"] == "squash" and tuple(siglip["mean"]) == (0.5, 0.5, 0.5)
@@ -173,7 +172,7 @@ def test_mobileclip_is_reparameterized_for_export_with_the_same_outputs(mobilecl
 
 @pytest.mark.parametrize("junk", [b"\x00\x01 random bytes", b"PK\x03\x04 half a zip"])
 def test_a_junk_checkpoint_is_one_line_that_says_what_to_do(tmp_path, junk: bytes) -> None:
-    from export.sources import SourceError, read_state_dict
+    from clipserve.export.sources import SourceError, read_state_dict
 
     path = tmp_path / "junk.pt"
     path.write_bytes(junk * 100)

@@ -13,12 +13,12 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from clipserve.export.exporter import export_bundle
+from clipserve.export.quantize import convert_fp16
+from clipserve.export.verify import DEFAULT_MIN_COSINE, agreement, make_session, providers_for
 
-from export.bundle import ModelSource
-from export.exporter import export_bundle
-from export.quantize import convert_fp16
-from export.tokenizer import ClipTokenizer
-from export.verify import DEFAULT_MIN_COSINE, agreement, make_session, providers_for
+from clipserve.contract.bundle import ModelSource
+from clipserve.contract.tokenizer import ClipTokenizer
 
 TEXTS = ["a photo of a dog", "a diagram", "three red apples on a wooden table"]
 
@@ -71,7 +71,13 @@ def test_tensorrt_engines_are_keyed_by_gpu_and_match_torch(
     tiny_bundle, tiny_model, images, token_ids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     trt = pytest.importorskip("tensorrt")
-    from export.tensorrt import TIMING_CACHE_ENV, build_engines, gpu_name, run_engine, timing_cache_path
+    from clipserve.export.tensorrt import (
+        TIMING_CACHE_ENV,
+        build_engines,
+        gpu_name,
+        run_engine,
+        timing_cache_path,
+    )
 
     monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "cache"))
     for tower in ("image", "text"):
@@ -96,7 +102,7 @@ def test_export_with_tensorrt_and_fp16_publishes_checked_engines(
     tiny_model, tmp_path: Path, monkeypatch
 ) -> None:
     pytest.importorskip("tensorrt")
-    from export.tensorrt import TIMING_CACHE_ENV
+    from clipserve.export.tensorrt import TIMING_CACHE_ENV
 
     monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "cache"))
     bundle = export_bundle(

@@ -312,7 +312,7 @@ def red_circle_png() -> bytes:
 def test_first_run_builds_the_demo_model_once_and_it_calls_a_red_circle_a_red_circle(
     serve, tmp_path: Path
 ) -> None:
-    from training.synthetic import COLOURS, SHAPES
+    from clipserve.training.synthetic import COLOURS, SHAPES
 
     models = tmp_path / "models"
     # a repository other than the checkout's models/ is filled only when asked

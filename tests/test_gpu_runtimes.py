@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime, tower_options
-from service.settings import Settings
+from clipserve.service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime, tower_options
+from clipserve.service.settings import Settings
 
 pytestmark = pytest.mark.gpu
 
@@ -44,7 +43,7 @@ def test_tensorrt_provider_reuses_its_cached_engines(tiny_bundle, tmp_path: Path
 @pytest.fixture(scope="module")
 def image_engine(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("tensorrt")
-    from export.tensorrt import TIMING_CACHE_ENV, build_engines
+    from clipserve.export.tensorrt import TIMING_CACHE_ENV, build_engines
 
     folder = tmp_path_factory.mktemp("engine")
     with pytest.MonkeyPatch.context() as patch:

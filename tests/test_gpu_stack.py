@@ -15,10 +15,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from export.bundle import Bundle, BundleFile
-from service.runtime import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions, tower_options
-from service.runtime.gpu_stack import (
+from clipserve.service.runtime import (
+    ProviderUnavailableError,
+    RuntimeConfigError,
+    RuntimeOptions,
+    tower_options,
+)
+from clipserve.service.runtime.gpu_stack import (
     check_single_onnxruntime,
     link_report,
     onnxruntime_distributions,
@@ -26,9 +29,11 @@ from service.runtime.gpu_stack import (
     why_no_cuda,
     write_identity_graph,
 )
-from service.runtime.onnx import provider_list, tensorrt_provider_options
-from service.runtime.tensorrt import device_name, matching_engine
-from service.settings import Settings
+from clipserve.service.runtime.onnx import provider_list, tensorrt_provider_options
+from clipserve.service.runtime.tensorrt import device_name, matching_engine
+from clipserve.service.settings import Settings
+
+from clipserve.contract.bundle import Bundle, BundleFile
 from tests.test_docker import expanded_extras, requirement_names
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +122,7 @@ def test_a_mixed_onnxruntime_install_is_refused(tmp_path: Path, monkeypatch: pyt
 def test_clip_serve_refuses_a_mixed_install_in_one_line(tmp_path: Path, tiny_repo: Path) -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(_second_onnxruntime(tmp_path / "site"))}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--models-dir", str(tiny_repo), "--port", "1"],
+        [sys.executable, "-m", "clipserve.service.server.cli", "--models-dir", str(tiny_repo), "--port", "1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -230,13 +235,13 @@ def test_the_identity_graph_runs(tmp_path: Path) -> None:
 
 
 def test_the_image_check_reports_this_environment() -> None:
-    """`python -m service.runtime.gpu_stack` (what runs inside the GPU image), run here: on a CPU
+    """`python -m clipserve.service.runtime.gpu_stack` (what runs inside the GPU image), run here: on a CPU
     install it fails on the providers, saying so; on a GPU install it checks their libraries.
     Either way it ends with the gpu test gate's decision, from the same function as the gate."""
     import onnxruntime
 
     result = subprocess.run(
-        [sys.executable, "-m", "service.runtime.gpu_stack"],
+        [sys.executable, "-m", "clipserve.service.runtime.gpu_stack"],
         capture_output=True,
         text=True,
         timeout=120,

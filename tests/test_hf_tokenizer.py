@@ -1,4 +1,4 @@
-"""The torch-free Hugging Face tokenizer (export/tokenizer.py) against open_clip's HFTokenizer, id
+"""The torch-free Hugging Face tokenizer (clipserve/contract/tokenizer.py) against open_clip's HFTokenizer, id
 for id, for tokenizers of each family's style trained here; and the format-2 manifest entry."""
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import Manifest, TokenizerSpec
-from export.local_tokenizers import STYLES, build_tokenizer, corpus
-from export.tokenizer import HFTextTokenizer, TokenizerError, VocabularyNotFoundError, load_tokenizer
+from clipserve.contract.bundle import Manifest, TokenizerSpec
+from clipserve.contract.tokenizer import (
+    HFTextTokenizer,
+    TokenizerError,
+    VocabularyNotFoundError,
+    load_tokenizer,
+)
+from tests.fixtures.local_tokenizers import STYLES, build_tokenizer, corpus
 
 EDGE_TEXTS = [
     "",
@@ -159,7 +164,7 @@ def test_format_1_manifest_loads_with_its_content_hash() -> None:
 def test_service_side_tokenizing_needs_no_torch(tokenizer_dirs) -> None:
     code = (
         "import sys\n"
-        "from export.tokenizer import HFTextTokenizer\n"
+        "from clipserve.contract.tokenizer import HFTextTokenizer\n"
         f"t = HFTextTokenizer({str(tokenizer_dirs['gemma'] / 'tokenizer.json')!r}, 16, clean='canonicalize')\n"
         "assert t.encode(['a photo of a dog']).ids.shape == (1, 16)\n"
         "bad = sorted(m for m in ('torch', 'open_clip', 'transformers') if m in sys.modules)\n"

@@ -7,8 +7,7 @@ import time
 
 import numpy as np
 import pytest
-
-from service.index import (
+from clipserve.service.stores import (
     BackendUnavailableError,
     CollectionExistsError,
     CollectionNotFoundError,
@@ -19,6 +18,7 @@ from service.index import (
     ModelMismatchError,
     Source,
 )
+
 from tests.fixtures.retrieval import unit_rows
 
 DIM = 32
@@ -378,14 +378,14 @@ def test_readers_keep_working_while_a_bulk_write_runs(store_factory):
 
 
 def test_unreachable_postgres_is_a_clear_error():
-    from service.index.pgvector import PgVectorStore
+    from clipserve.service.stores.pgvector import PgVectorStore
 
     with pytest.raises(BackendUnavailableError, match="cannot connect to PostgreSQL"):
         PgVectorStore("postgresql://clipserve@127.0.0.1:1/none?connect_timeout=2")
 
 
 def test_embedded_data_dir_serves_one_process_at_a_time(tmp_path):
-    from service.index.embedded import EmbeddedStore
+    from clipserve.service.stores.embedded import EmbeddedStore
 
     first = EmbeddedStore(tmp_path)
     try:
@@ -399,8 +399,7 @@ def test_embedded_data_dir_serves_one_process_at_a_time(tmp_path):
 def test_pgvector_bulk_upsert_into_hnsw_rebuilds_the_index(postgres_schema_dsn):
     """pgvector inserts into an HNSW graph row by row, far slower than a build: big upserts rebuild."""
     import psycopg
-
-    from service.index.pgvector import PgVectorStore
+    from clipserve.service.stores.pgvector import PgVectorStore
 
     store = PgVectorStore(postgres_schema_dsn, reindex_min_rows=500)
     try:

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from service.index import IndexParams, ModelBinding
+from clipserve.service.stores import IndexParams, ModelBinding
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HASH = "c" * 64
@@ -27,14 +26,14 @@ KINDS = {"embedded": "hnsw", "pgvector": "flat"}
 WRITER = """
 import sys
 import numpy as np
-from service.index import CollectionExistsError, IndexParams, ModelBinding
+from clipserve.service.stores import CollectionExistsError, IndexParams, ModelBinding
 
 backend, location, per_call, kind = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 if backend == "embedded":
-    from service.index.embedded import EmbeddedStore
+    from clipserve.service.stores.embedded import EmbeddedStore
     store = EmbeddedStore(location, batch_size=250)
 else:
-    from service.index.pgvector import PgVectorStore
+    from clipserve.service.stores.pgvector import PgVectorStore
     store = PgVectorStore(location, batch_size=250)
 try:
     store.create_collection("crash", ModelBinding("tiny", 1, "c" * 64, 64), IndexParams(kind=kind))

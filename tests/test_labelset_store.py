@@ -7,10 +7,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from clipserve.service.inference.engine import classes_digest
+from clipserve.service.stores import BackendUnavailableError
+from clipserve.service.stores.labelset_store import (
+    LabelSetRecord,
+    PostgresLabelSets,
+    SqliteLabelSets,
+    open_labelsets,
+)
 
-from service.engine import classes_digest
-from service.index import BackendUnavailableError
-from service.index.labelsets import LabelSetRecord, PostgresLabelSets, SqliteLabelSets, open_labelsets
 from tests.fixtures.service import free_port
 
 

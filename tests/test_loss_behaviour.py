@@ -1,4 +1,4 @@
-"""Each distillation loss, trained alone through the real objective (training.objective.Distiller),
+"""Each distillation loss, trained alone through the real objective (clipserve.training.objective.Distiller),
 moves a student toward a fixed, better teacher faster than the CLIP loss alone.
 
 The task is tiny and runs in well under a second per loss: 8 classes, image and text inputs are
@@ -26,12 +26,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from clipserve.training.data import Batch
+from clipserve.training.losses import LossWeights
+from clipserve.training.models import ClipModel, TowerOutputs
+from clipserve.training.objective import Distiller, LossSettings
 from torch import nn
-
-from training.data import Batch
-from training.losses import LossWeights
-from training.models import ClipModel, TowerOutputs
-from training.objective import Distiller, LossSettings
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

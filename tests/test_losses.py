@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from training.losses import (
+from clipserve.training.losses import (
     ClassVectorDistillationLoss,
     ClipContrastiveLoss,
     FeatureDistillationLoss,

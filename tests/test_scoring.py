@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.scoring import Scoring, class_vectors, fill_template, prompts, top_k
+from clipserve.contract.scoring import Scoring, class_vectors, fill_template, prompts, top_k
 
 
 def test_fill_template_replaces_only_the_placeholder() -> None:

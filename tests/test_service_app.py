@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from clipserve.service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime
+from clipserve.service.settings import Settings
 
-from export.bundle import BundleError
-from service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime
-from service.settings import Settings
+from clipserve.contract.bundle import BundleError
 from tests.fixtures.service import b64, free_port, image_bytes
 
 
@@ -95,7 +95,7 @@ def test_request_timeout_gives_503(make_client) -> None:
 
 
 def test_json_logs_carry_the_request_id(capsys: pytest.CaptureFixture) -> None:
-    from service.logs import configure_logging, request_id_var
+    from clipserve.service.server.logs import configure_logging, request_id_var
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -123,7 +123,7 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
     command = [
         sys.executable,
         "-m",
-        "service.cli",
+        "clipserve.service.server.cli",
         "--models-dir",
         str(tiny_repo),
         "--host",
@@ -167,7 +167,7 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
 
 def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--models-dir", str(tmp_path)],
+        [sys.executable, "-m", "clipserve.service.server.cli", "--models-dir", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -199,10 +199,10 @@ def test_tensorrt_engines_serve_close_to_onnx(
 ) -> None:
     pytest.importorskip("tensorrt")
     import numpy as np
+    from clipserve.export.exporter import export_bundle
+    from clipserve.export.tensorrt import TIMING_CACHE_ENV
 
-    from export.bundle import ModelSource
-    from export.exporter import export_bundle
-    from export.tensorrt import TIMING_CACHE_ENV
+    from clipserve.contract.bundle import ModelSource
 
     monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "timing-cache"))
 
@@ -227,7 +227,7 @@ def test_tensorrt_engines_serve_close_to_onnx(
 
 
 def test_clip_serve_redis_url_none_means_the_in_process_cache(tiny_repo: Path) -> None:
-    from service.cli import settings_from
+    from clipserve.service.server.cli import settings_from
 
     assert settings_from(["--models-dir", str(tiny_repo), "--redis-url", "none"]).redis_url is None
     assert settings_from(["--models-dir", str(tiny_repo), "--redis-url", ""]).redis_url is None
@@ -240,7 +240,7 @@ def test_free_memory_goes_back_once_per_pause_in_the_work(monkeypatch: pytest.Mo
     again, once per pause, never while work is in hand."""
     import asyncio
 
-    from service import loading
+    from clipserve.service.inference import loading
 
     states = iter([True, False, False, True, True, True, False, True, True])
     seen: list[str] = []

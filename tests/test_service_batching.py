@@ -9,10 +9,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
-
-from service.batching import Batcher
-from service.errors import InferenceFailed, Overloaded, TimedOut
-from service.metrics import Metrics
+from clipserve.service.errors import InferenceFailed, Overloaded, TimedOut
+from clipserve.service.inference.batching import Batcher
+from clipserve.service.metrics import Metrics
 
 
 class Recorder:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.scoring import class_vectors, prompts
+from clipserve.contract.scoring import class_vectors, prompts
 from tests.fixtures.service import b64, image_bytes
 
 LABELS = ["a red circle", "a blue square", "ein grüner Hund", "一只猫"]

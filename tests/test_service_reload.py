@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from export.bundle import ModelRepository
+from clipserve.contract.bundle import ModelRepository
 from tests.fixtures.service import b64, image_bytes
 
 ADMIN = {"Authorization": "Bearer admin-k"}
@@ -153,7 +153,7 @@ def test_a_version_that_cannot_load_is_refused(live_server, own_repo: Path) -> N
 def test_disconnected_clients_work_is_dropped(live_server, make_settings) -> None:
     import socket
 
-    from service.app import create_app
+    from clipserve.service.app import create_app
 
     app = create_app(make_settings(max_batch_size_image=1, max_wait_ms=0))
     base = live_server(app=app)
@@ -225,9 +225,8 @@ def test_start_skips_broken_bundles_and_serves_the_rest(make_client, own_repo: P
 
 
 def test_start_fails_clearly_when_no_model_loads(make_settings, own_repo: Path) -> None:
+    from clipserve.service.app import create_app
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
 
     corrupt = own_repo / "tiny" / "1" / "text.onnx"
     corrupt.write_bytes(b"garbage")

@@ -26,7 +26,7 @@ def clean_env(**settings: str) -> dict[str, str]:
 
 
 def test_hidden_password() -> None:
-    from service.startup import hidden_password
+    from clipserve.service.server.startup import hidden_password
 
     assert hidden_password("redis://:s3cret@cache:6380/2") == "redis://:***@cache:6380/2"
     assert hidden_password("postgresql://app:pw@db/clip") == "postgresql://app:***@db/clip"
@@ -36,8 +36,8 @@ def test_hidden_password() -> None:
 def test_the_first_lines_say_models_providers_cache_collections_auth_and_url_fetching(
     tiny_repo: Path, tmp_path: Path
 ) -> None:
-    from service.settings import Settings
-    from service.startup import startup_summary
+    from clipserve.service.server.startup import startup_summary
+    from clipserve.service.settings import Settings
 
     lines = startup_summary(
         Settings(
@@ -98,7 +98,7 @@ def test_clip_serve_logs_its_setup_first_as_json_when_asked(tiny_repo: Path, tmp
 
 
 def test_log_format_is_text_on_a_terminal_and_json_otherwise() -> None:
-    from service.settings import Settings
+    from clipserve.service.settings import Settings
 
     assert Settings().resolved_log_format(on_terminal=True) == "text"
     assert Settings().resolved_log_format(on_terminal=False) == "json"
@@ -177,7 +177,7 @@ def test_progress_redraws_become_a_few_lines_in_a_file() -> None:
 
 
 def test_clip_serve_help_lists_every_setting_with_its_default_and_variable() -> None:
-    from service.settings import Settings
+    from clipserve.service.settings import Settings
 
     result = subprocess.run([str(CLIP_SERVE), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from training import synthetic
-from training.data import DataError, shapes_config_from_spec
+from clipserve.training import synthetic
+from clipserve.training.data import DataError, shapes_config_from_spec
 
 
 def _pixels(image) -> np.ndarray:

@@ -21,8 +21,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
-from service.runtime.gpu_stack import TENSORRT_API
+from clipserve.service.runtime.gpu_stack import TENSORRT_API
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = (ROOT / "export" / "tensorrt.py", ROOT / "service" / "runtime" / "tensorrt.py")
@@ -98,7 +97,7 @@ def test_every_tensorrt_name_in_the_code_is_listed() -> None:
 def _walk(module: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     code = (
         f"import json, {module} as trt\n"
-        "from service.runtime.gpu_stack import missing_tensorrt_api\n"
+        "from clipserve.service.runtime.gpu_stack import missing_tensorrt_api\n"
         "print(json.dumps([trt.__version__, missing_tensorrt_api(trt),"
         " missing_tensorrt_api(trt, ('Builder.no_such_method', 'BuilderFlag'))]))\n"
     )

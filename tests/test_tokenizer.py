@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export.bundle import BundleError, TokenizerSpec
-from export.tokenizer import (
+from clipserve.contract.bundle import BundleError, TokenizerSpec
+from clipserve.contract.tokenizer import (
     VOCAB_FILENAME,
     ClipTokenizer,
     TokenizedBatch,
@@ -296,7 +296,7 @@ def test_shared_between_threads_with_a_small_cache(vocab_path: Path) -> None:
 
 def test_import_pulls_in_neither_torch_nor_open_clip() -> None:
     code = (
-        "import sys, export.tokenizer\n"
+        "import sys, clipserve.contract.tokenizer\n"
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'onnx'))\n"
         "print(heavy)\n"
     )

@@ -8,10 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
-from training import synthetic
-from training.data import (
+from clipserve.training import synthetic
+from clipserve.training.data import (
     AugmentParams,
     BatchPlan,
     DataError,
@@ -21,6 +19,7 @@ from training.data import (
     local_slice,
     sample_augment,
 )
+from PIL import Image
 
 
 def _write_image(path: Path, colour: str = "red", shape: str = "circle") -> Path:

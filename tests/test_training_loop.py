@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from clipserve.training.data import build_dataset
+from clipserve.training.losses import LossConfigError, LossWeights
+from clipserve.training.models import ModelSpecError, inherit_weights, load_clip, load_teacher
+from clipserve.training.objective import Distiller, LossSettings
+from clipserve.training.targets import OfflineTargets, store_targets
+from clipserve.training.train import CheckpointError, TrainConfig, train
 
 from tests.fixtures.training import TINY_DATA
-from training.data import build_dataset
-from training.losses import LossConfigError, LossWeights
-from training.models import ModelSpecError, inherit_weights, load_clip, load_teacher
-from training.objective import Distiller, LossSettings
-from training.targets import OfflineTargets, store_targets
-from training.train import CheckpointError, TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 QUIET = {"log": lambda _: None}
@@ -266,7 +266,7 @@ def test_ensemble_teacher_with_its_own_preprocessing(
     teacher = load_teacher([str(tiny_teacher_run), str(tmp_path / "wide.json")])
     student = load_clip(str(tiny_student_config))
     assert len({m.image_key for m in teacher.members} | {student.image_key}) == 2
-    from training.train import build_collator
+    from clipserve.training.train import build_collator
 
     batch = build_collator(student, teacher, _config(), None)([_dataset()[i] for i in range(4)])
     assert sorted(tuple(v.shape[-2:]) for v in batch.images.values()) == [(32, 32), (48, 48)]
@@ -365,8 +365,8 @@ def test_unlabeled_images_feed_the_image_side_losses_live_or_stored_alike(
 def test_image_side_losses_learn_from_the_unlabeled_images_when_given(tiny_student_config: Path) -> None:
     """With unlabeled images, class_kd and feature compare the student's and the teacher's embeddings
     of those images: equal embeddings there give zero, whatever the captioned pairs show."""
-    from training.data import Batch
-    from training.models import TowerOutputs
+    from clipserve.training.data import Batch
+    from clipserve.training.models import TowerOutputs
 
     student = load_clip(str(tiny_student_config))
     vectors = [torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)]

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from clipserve.service.server.workers import WorkersError, choose_workers, per_worker_settings, worker_cores
+from clipserve.service.settings import Settings
 
-from service.settings import Settings
-from service.workers import WorkersError, choose_workers, per_worker_settings, worker_cores
 from tests.fixtures.service import b64, free_port, image_bytes
 from tests.test_service_reload import publish_copy
 
@@ -30,7 +30,9 @@ def test_automatic_count_follows_backend_and_model_size(tiny_repo: Path, monkeyp
     shared = Settings(models_dir=tiny_repo, collections_backend="pgvector", postgres_dsn="postgresql://x")
     count, reason = choose_workers(shared)
     assert count == worker_cores() and ("per core" in reason or worker_cores() == 1)
-    monkeypatch.setattr("service.workers.SMALL_MODELS_BYTES", 1)  # the tiny model now counts as large
+    monkeypatch.setattr(
+        "clipserve.service.server.workers.SMALL_MODELS_BYTES", 1
+    )  # the tiny model now counts as large
     assert choose_workers(shared) == (1, choose_workers(shared)[1])
     assert "every core" in choose_workers(shared)[1] or worker_cores() == 1
 
@@ -48,7 +50,15 @@ def test_explicit_workers_split_the_cores_unless_threads_are_given(tiny_repo: Pa
 def test_several_workers_with_the_embedded_store_is_refused_in_one_line(tiny_repo: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSERVE_")}
     done = subprocess.run(
-        [sys.executable, "-m", "service.cli", "--models-dir", str(tiny_repo), "--workers", "2"],
+        [
+            sys.executable,
+            "-m",
+            "clipserve.service.server.cli",
+            "--models-dir",
+            str(tiny_repo),
+            "--workers",
+            "2",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -80,7 +90,15 @@ def two_workers(
         "CLIPSERVE_LOG_JSON": "false",
     }
     log = (tmp_path / "serve.log").open("w")
-    command = [sys.executable, "-m", "service.cli", "--models-dir", str(repo), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "clipserve.service.server.cli",
+        "--models-dir",
+        str(repo),
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(
         [*command, "--workers", "2"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
     )
@@ -194,7 +212,15 @@ def test_a_failed_start_in_the_workers_is_one_line_from_the_parent(tiny_repo: Pa
     target.write_bytes(bytes(data))
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSERVE_")}
     env |= {"CLIPSERVE_REDIS_URL": "none", "CLIPSERVE_DATA_DIR": str(tmp_path / "data")}
-    command = [sys.executable, "-m", "service.cli", "--models-dir", str(repo), "--workers", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "clipserve.service.server.cli",
+        "--models-dir",
+        str(repo),
+        "--workers",
+        "2",
+    ]
     command += ["--port", str(free_port()), "--collections-backend", "pgvector"]
     command += ["--postgres-dsn", "postgresql://127.0.0.1:1/unused"]
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=180)

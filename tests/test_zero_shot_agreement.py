@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from export.scoring import class_vectors, prompts, top_k
+from clipserve.contract.scoring import class_vectors, prompts, top_k
 from tests.fixtures.service import b64, image_bytes
 from tests.fixtures.training import TINY_STUDENT
 
@@ -26,10 +26,10 @@ TEMPLATES = ["a photo of a {}.", "a drawing of {} in {curly} braces"]
 def student_and_repo(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random student as training builds it, and the bundle training publishes of it."""
     import torch
+    from clipserve.export.exporter import export_bundle
+    from clipserve.training.models import load_clip
 
-    from export.bundle import ModelSource
-    from export.exporter import export_bundle
-    from training.models import load_clip
+    from clipserve.contract.bundle import ModelSource
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("agreement")
@@ -43,9 +43,8 @@ def student_and_repo(tmp_path_factory: pytest.TempPathFactory):
 
 def test_served_and_trained_classifiers_agree(student_and_repo, live_server) -> None:
     import torch
-
-    from training.evaluate import encode_texts, zero_shot_scores
-    from training.models import class_vectors as trained_class_vectors
+    from clipserve.training.evaluate import encode_texts, zero_shot_scores
+    from clipserve.training.models import class_vectors as trained_class_vectors
 
     student, repo = student_and_repo
     pictures = [image_bytes(seed=seed, size=(48, 40)) for seed in range(4)]

@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from export.bundle import BundleError
-from export.cli_settings import SettingsError, load_settings, validated
-from training import synthetic
-from training.data import DataError, PairDataset, build_dataset
-from training.losses import LossConfigError, LossWeights
-from training.models import (
+from clipserve.training import synthetic
+from clipserve.training.data import DataError, PairDataset, build_dataset
+from clipserve.training.losses import LossConfigError, LossWeights
+from clipserve.training.models import (
     ClipModel,
     ModelSpecError,
     Teacher,
@@ -28,9 +25,12 @@ from training.models import (
     load_clip,
     load_teacher,
 )
-from training.objective import IMAGE_SIDE_LOSSES, LossSettings
-from training.settings import EvalSettings, TargetsSettings, TrainSettings
-from training.train import CheckpointError, TrainConfig, TrainResult, train
+from clipserve.training.objective import IMAGE_SIDE_LOSSES, LossSettings
+from clipserve.training.settings import EvalSettings, TargetsSettings, TrainSettings
+from clipserve.training.train import CheckpointError, TrainConfig, TrainResult, train
+
+from clipserve.contract.bundle import BundleError
+from clipserve.contract.cli_settings import SettingsError, load_settings, validated
 
 PROG = "clip-distill"
 COMMANDS = {
@@ -61,8 +61,8 @@ def _templates(path: Path | None) -> list[str]:
 
 def shapes_evaluator(data_spec: str, size: int = 300):
     """Zero-shot top-1/top-5 on the held-out compositions of the synthetic shapes set."""
-    from training.data import shapes_config_from_spec
-    from training.evaluate import zero_shot
+    from clipserve.training.data import shapes_config_from_spec
+    from clipserve.training.evaluate import zero_shot
 
     config, _ = shapes_config_from_spec(data_spec)
     bench = synthetic.ShapesBenchmark(config, held_out_only=True, size=size)
@@ -75,8 +75,8 @@ def shapes_evaluator(data_spec: str, size: int = 300):
 
 
 def folder_evaluator(path: str, templates: list[str]):
-    from training.data import ImageFolderSource
-    from training.evaluate import zero_shot
+    from clipserve.training.data import ImageFolderSource
+    from clipserve.training.evaluate import zero_shot
 
     source = ImageFolderSource(Path(path))
     items = [source.load(i) for i in range(len(source))]
@@ -141,7 +141,7 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     if options.models_dir and not options.name:
         raise UsageError("--models-dir needs --name (the model's name in the repository)")
     if options.models_dir:
-        from export.bundle import ModelRepository
+        from clipserve.contract.bundle import ModelRepository
 
         ModelRepository(options.models_dir).check_writable()
     if options.torch_threads:
@@ -178,7 +178,7 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     student = _build_student(options, teacher)
     class_names = _read_lines(options.class_names) or dataset.classes
     templates = _templates(options.templates)
-    from training.targets import OfflineTargets
+    from clipserve.training.targets import OfflineTargets
 
     class_vectors, targets, teacher_dims, unlabeled_targets = None, None, None, None
     if options.teacher_targets:
@@ -224,8 +224,9 @@ def _is_main() -> bool:
 
 def publish(student: ClipModel, result: TrainResult, repository: str | Path, name: str, int8: bool = False):
     """Export the final student through `export/` as a new, verified version in `repository`."""
-    from export.bundle import ModelSource
-    from export.exporter import export_bundle
+    from clipserve.export.exporter import export_bundle
+
+    from clipserve.contract.bundle import ModelSource
 
     source = ModelSource(
         architecture=student.architecture,
@@ -247,7 +248,7 @@ def publish(student: ClipModel, result: TrainResult, repository: str | Path, nam
 
 def targets_main(argv: Sequence[str]) -> None:
     options = load_settings(TargetsSettings, argv, f"{PROG} targets", description=TargetsSettings.__doc__)
-    from training.targets import store_targets
+    from clipserve.training.targets import store_targets
 
     teacher = load_teacher(options.teacher, options.teacher_pretrained or None, seed=options.seed + 1000)
     dataset = build_dataset(options.data, on_bad_image=options.on_bad_image)
@@ -275,7 +276,7 @@ def targets_main(argv: Sequence[str]) -> None:
 
 def eval_main(argv: Sequence[str]) -> None:
     options = load_settings(EvalSettings, argv, f"{PROG} eval", description=EvalSettings.__doc__)
-    from training.evaluate import describe_model, write_report
+    from clipserve.training.evaluate import describe_model, write_report
 
     measure = _eval_measure(options.data, _templates(options.templates))
     entries = []
@@ -295,7 +296,7 @@ def _eval_measure(data: str, templates: list[str]):
     path = Path(data)
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         return folder_evaluator(data, templates)
-    from training.evaluate import retrieval
+    from clipserve.training.evaluate import retrieval
 
     dataset = build_dataset(data)
     pairs = [dataset[i] for i in range(len(dataset))]

@@ -17,10 +17,10 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
+from clipserve.training import synthetic
 from PIL import Image, UnidentifiedImageError
 
-from export.scoring import fill_template
-from training import synthetic
+from clipserve.contract.scoring import fill_template
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_COLUMNS = ("filepath", "path", "image", "file", "filename", "image_path")
@@ -466,7 +466,7 @@ class Batch:
 
 
 class TargetLookup(Protocol):
-    """Stored teacher outputs (see training.targets): which stored view a sample uses in an epoch."""
+    """Stored teacher outputs (see clipserve.training.targets): which stored view a sample uses in an epoch."""
 
     def choose(self, index: int, epoch: int) -> int: ...
 

@@ -1,4 +1,4 @@
-"""Evaluation: zero-shot top-k with templates (the service's classifier, export/scoring.py), retrieval
+"""Evaluation: zero-shot top-k with templates (the service's classifier, clipserve/contract/scoring.py), retrieval
 Recall@K both ways, cost figures (parameters, GFLOPs, ONNX Runtime latency of each tower's graph as
 export/ writes it) and a JSON + Markdown report with teacher beside student."""
 
@@ -16,11 +16,10 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from clipserve.export.towers import ImageTower, WholeTextTower
+from clipserve.training.models import ClipModel, class_vectors
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
-
-from export.towers import ImageTower, WholeTextTower
-from training.models import ClipModel, class_vectors
 
 
 def image_transform(clip: ClipModel):
@@ -60,7 +59,7 @@ def zero_shot_scores(
     clip: ClipModel, images: Sequence[Image.Image], classes: Sequence[str], templates: Sequence[str]
 ) -> tuple[np.ndarray, np.ndarray]:
     """[images, classes] cosine similarities and scores of the zero-shot classifier, built as the
-    service builds it (export/scoring.py: prompts, class vectors, the model's scoring rule: a softmax
+    service builds it (clipserve/contract/scoring.py: prompts, class vectors, the model's scoring rule: a softmax
     over the classes for CLIP, an independent sigmoid per class for SigLIP)."""
     clip.model.eval()
     device = next(clip.model.parameters()).device
@@ -138,9 +137,8 @@ def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: i
     the graphs a bundle of this model holds (export/), fed as the service feeds them: a text graph
     of dynamic length gets the text's own tokens, not the padding."""
     import onnxruntime as ort
-
-    from export.exporter import IMAGE_INPUT, TEXT_INPUT, export_tower_graphs
-    from export.verify import token_counts
+    from clipserve.export.exporter import IMAGE_INPUT, TEXT_INPUT, export_tower_graphs
+    from clipserve.export.verify import token_counts
 
     pixels, tokens = _example_inputs(clip)
     options = ort.SessionOptions()

@@ -13,12 +13,12 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from clipserve.export.sources import suggest
 from torch import nn
 
-from export import scoring
-from export.bundle import sha256_file
-from export.scoring import prompts
-from export.sources import suggest
+from clipserve.contract import scoring
+from clipserve.contract.bundle import sha256_file
+from clipserve.contract.scoring import prompts
 
 RUN_CONFIG_FILE = "open_clip_config.json"
 RUN_WEIGHTS_FILE = "open_clip_model.safetensors"
@@ -64,7 +64,7 @@ class ClipModel:
     @property
     def scoring(self) -> scoring.Scoring:
         """The model's zero-shot scoring rule: softmax (CLIP) or per-label sigmoid (SigLIP)."""
-        from export.exporter import model_scoring
+        from clipserve.export.exporter import model_scoring
 
         return model_scoring(self.model)
 
@@ -128,8 +128,8 @@ def _needs_factory(model_cfg: dict[str, Any]) -> bool:
 def model_tokenizer(model_cfg: dict[str, Any], architecture: str) -> Any:
     """open_clip's tokenizer for a config: its Hugging Face tokenizer (a folder or hub name in
     `text_cfg.hf_tokenizer_name`, with the config's cleaning) or CLIP's BPE."""
-    from export.errors import SourceError
-    from export.sources import load_hf_tokenizer
+    from clipserve.export.errors import SourceError
+    from clipserve.export.sources import load_hf_tokenizer
 
     try:
         tokenizer = load_hf_tokenizer(architecture, model_cfg)
@@ -152,8 +152,8 @@ def _from_config(
     cfg = copy.deepcopy(model_cfg)
     tokenizer = model_tokenizer(cfg, architecture)
     if _needs_factory(cfg):
-        from export.errors import SourceError
-        from export.sources import model_from_config
+        from clipserve.export.errors import SourceError
+        from clipserve.export.sources import model_from_config
 
         try:
             model = model_from_config(cfg, preprocess_cfg)
@@ -295,7 +295,7 @@ class Teacher:
 def class_vectors(
     clip: ClipModel, class_names: list[str], templates: list[str], device: torch.device
 ) -> torch.Tensor:
-    """[classes, D]: the service's class vectors (export/scoring.py), from this model's text tower."""
+    """[classes, D]: the service's class vectors (clipserve/contract/scoring.py), from this model's text tower."""
     embeddings = [
         clip.model.encode_text(clip.tokenizer(prompts([name], templates)).to(device)).float().cpu()
         for name in class_names

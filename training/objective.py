@@ -9,10 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from torch import nn
-
-from training.data import Batch
-from training.losses import (
+from clipserve.training.data import Batch
+from clipserve.training.losses import (
     ClassVectorDistillationLoss,
     ClipContrastiveLoss,
     FeatureDistillationLoss,
@@ -22,7 +20,8 @@ from training.losses import (
     LossWeights,
     TeacherProjection,
 )
-from training.models import ClipModel, TowerOutputs
+from clipserve.training.models import ClipModel, TowerOutputs
+from torch import nn
 
 
 @dataclass(frozen=True)

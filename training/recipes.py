@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from training import synthetic
-from training.losses import LossWeights
+from clipserve.training import synthetic
+from clipserve.training.losses import LossWeights
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 # the demo's teacher (quick to train at first run) and the experiment's larger one; both share the
@@ -150,8 +150,8 @@ def cached_teacher(
 
 
 def _build_teacher(recipe: TeacherRecipe, target: Path, progress: bool, log) -> tuple[Path, dict[str, Any]]:
-    from training.cli import run_training, shapes_evaluator
-    from training.models import load_clip
+    from clipserve.training.cli import run_training, shapes_evaluator
+    from clipserve.training.models import load_clip
 
     log(
         f"building the teacher once for this machine ({recipe.steps} steps x {recipe.batch_size} on "
@@ -224,9 +224,9 @@ def classify_with_bundle(bundle_dir: Path, image, labels: list[str]) -> list[tup
     import onnxruntime as ort
     import open_clip
 
-    from export.bundle import load_bundle
-    from export.scoring import class_vectors, prompts, top_k
-    from export.tokenizer import load_tokenizer
+    from clipserve.contract.bundle import load_bundle
+    from clipserve.contract.scoring import class_vectors, prompts, top_k
+    from clipserve.contract.tokenizer import load_tokenizer
 
     bundle = load_bundle(bundle_dir)
     manifest = bundle.manifest
@@ -269,9 +269,9 @@ def build_demo_bundle(
 
     `verify`: raise unless the red circle is classified as one. By default this is checked for the
     full recipe (`budget=None`) and only printed for a shortened budget, which is too short to learn.
-    Returns the published `export.bundle.Bundle`."""
-    from training.cli import publish, run_training
-    from training.models import load_clip
+    Returns the published `clipserve.contract.bundle.Bundle`."""
+    from clipserve.training.cli import publish, run_training
+    from clipserve.training.models import load_clip
 
     verify = budget is None if verify is None else verify
     budget = budget or ShapesBudget()

@@ -1,4 +1,4 @@
-"""The options of `clip-distill` and its commands, one typed class each (see export/cli_settings.py):
+"""The options of `clip-distill` and its commands, one typed class each (see clipserve/contract/cli_settings.py):
 a field `batch_size` of `train` is the flag `--batch-size`, the key `batch_size` (or `batch-size`) of
 a `--config` file and the environment variable CLIP_DISTILL_TRAIN_BATCH_SIZE. `eval` and `targets`
 read CLIP_DISTILL_EVAL_* and CLIP_DISTILL_TARGETS_*, so that one command's `--out` never lands in
@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from export.cli_settings import CliSettings, CommaList, Renamed
+from clipserve.contract.cli_settings import CliSettings, CommaList, Renamed
 
 TEACHER_HELP = "open_clip name, run folder of ours, or several comma-separated (an ensemble)"
 TEACHER_PRETRAINED_HELP = "tag, checkpoint file or 'none': one for every teacher, or one per teacher"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from export.scoring import fill_template
+from clipserve.contract.scoring import fill_template
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),

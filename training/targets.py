@@ -12,10 +12,9 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from clipserve.training.data import AugmentParams, DataError, PairDataset, sample_augment
+from clipserve.training.models import Teacher
 from tqdm import tqdm
-
-from training.data import AugmentParams, DataError, PairDataset, sample_augment
-from training.models import Teacher
 
 MANIFEST = "targets.json"
 CLASS_VECTORS = "class_vectors.pt"

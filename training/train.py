@@ -21,14 +21,21 @@ import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
+from clipserve.training.data import (
+    BatchPlan,
+    Collator,
+    PairDataset,
+    StepSampler,
+    TargetLookup,
+    sample_augment,
+)
+from clipserve.training.models import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, ClipModel, Teacher, TowerOutputs
+from clipserve.training.objective import Distiller, LossSettings
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from export.bundle import sha256_file
-from training.data import BatchPlan, Collator, PairDataset, StepSampler, TargetLookup, sample_augment
-from training.models import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, ClipModel, Teacher, TowerOutputs
-from training.objective import Distiller, LossSettings
+from clipserve.contract.bundle import sha256_file
 
 Evaluator = Callable[[ClipModel], dict[str, float]]
 

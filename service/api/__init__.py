@@ -6,9 +6,19 @@
 
 from __future__ import annotations
 
+from clipserve.service.api import (
+    admin,
+    classify,
+    collections,
+    demo,
+    embed,
+    health,
+    labelsets,
+    models,
+    openai,
+    rank,
+)
 from fastapi import APIRouter
-
-from service.api import admin, classify, collections, demo, embed, health, labelsets, models, openai, rank
 
 ROUTERS: list[APIRouter] = [
     embed.router,

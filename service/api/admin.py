@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from clipserve.service.api.common import error_responses
+from clipserve.service.api.deps import RegistryDep
+from clipserve.service.api.schemas import ReloadResponse
 from fastapi import APIRouter
-
-from service.api.common import error_responses
-from service.api.deps import RegistryDep
-from service.schemas import ReloadResponse
 
 router = APIRouter(tags=["admin"])
 

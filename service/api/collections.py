@@ -1,15 +1,13 @@
-"""/v1/collections: persistent collections searchable by text, image or vector (`service.collections`)."""
+"""/v1/collections: persistent collections searchable by text, image or vector (`clipserve.service.collections`)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Request
-
-from service.api.bodies import body_of, documented
-from service.api.common import error_responses, unless_disconnected
-from service.api.deps import CollectionsDep
-from service.schemas import (
+from clipserve.service.api.bodies import body_of, documented
+from clipserve.service.api.common import error_responses, unless_disconnected
+from clipserve.service.api.deps import CollectionsDep
+from clipserve.service.api.schemas import (
     CollectionDeleted,
     CollectionDescription,
     CollectionList,
@@ -23,6 +21,7 @@ from service.schemas import (
     Upserted,
     UpsertItems,
 )
+from fastapi import APIRouter, Request
 
 router = APIRouter(tags=["retrieval"])
 _ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 503)

@@ -9,11 +9,10 @@ from typing import TypeVar
 
 import numpy as np
 import orjson
+from clipserve.service.api.schemas import ErrorResponse
+from clipserve.service.errors import ClientGone
 from fastapi import Request
 from fastapi.responses import JSONResponse
-
-from service.errors import ClientGone
-from service.schemas import ErrorResponse
 
 T = TypeVar("T")
 

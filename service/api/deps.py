@@ -1,19 +1,18 @@
 """What the routes are given, as `Annotated` aliases. Every object is built in the app's lifespan
-(`service.app`) and kept on `app.state`; the routes never build state of their own."""
+(`clipserve.service.app`) and kept on `app.state`; the routes never build state of their own."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
+from clipserve.service.classification import Classifier
+from clipserve.service.collections import Collections
+from clipserve.service.embedding import Embedder
+from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.labelsets import LabelSets
+from clipserve.service.metrics import Metrics
+from clipserve.service.settings import Settings
 from fastapi import Depends, Request
-
-from service.classification import Classifier
-from service.collections import Collections
-from service.embedding import Embedder
-from service.labelsets import LabelSets
-from service.metrics import Metrics
-from service.registry import ModelRegistry
-from service.settings import Settings
 
 
 def _state(name: str):

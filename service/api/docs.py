@@ -12,12 +12,11 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from clipserve.service.errors import NotFound
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
-
-from service.errors import NotFound
 
 ASSETS_PREFIX = "/static/docs"
 FAVICON = Path(__file__).resolve().parent.parent / "static" / "favicon.svg"
@@ -132,7 +131,7 @@ PATH_EXAMPLES = {
 
 def _with_examples(path: str, operation: dict, components: dict) -> None:
     """Each body's example (its model's first) where Swagger UI and ReDoc look for it, the models
-    that bodies read by `service.api.bodies` refer to among the components, and path examples."""
+    that bodies read by `clipserve.service.api.bodies` refer to among the components, and path examples."""
     for content in operation.get("requestBody", {}).get("content", {}).values():
         body = content.get("schema", {})
         components.update(body.pop("$defs", {}))

@@ -1,7 +1,7 @@
 """The one mapping from domain errors to HTTP: status, `Retry-After`, and the JSON error body.
 
 Every error the API gives is `{"error": {"type", "message", "index"?}}`: a domain error
-(`service.errors`) by its class, a request that fails validation as 422 naming the field, HTTP
+(`clipserve.service.errors`) by its class, a request that fails validation as 422 naming the field, HTTP
 errors of the framework (404 route, 405, 413 body) by their status, and anything unexpected as a
 500 with a request id and no stack trace (the trace goes to the log only).
 """
@@ -12,12 +12,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from service.errors import (
+from clipserve.service.errors import (
     ClientGone,
     Conflict,
     InferenceFailed,
@@ -29,6 +24,10 @@ from service.errors import (
     TooLarge,
     Unavailable,
 )
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("clipserve.errors")
 

@@ -17,12 +17,11 @@ import logging
 import time
 import uuid
 
+from clipserve.service.api.errors import error_body
+from clipserve.service.metrics import Metrics
+from clipserve.service.server.logs import request_id_var
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.api.errors import error_body
-from service.logs import request_id_var
-from service.metrics import Metrics
 
 access_log = logging.getLogger("clipserve.access")
 # The docs and the schema hold no data and must load before anyone has typed a key.

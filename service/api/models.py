@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from clipserve.service.api.deps import RegistryDep
+from clipserve.service.api.schemas import ModelInfo, ModelList
 from fastapi import APIRouter
-
-from service.api.deps import RegistryDep
-from service.schemas import ModelInfo, ModelList
 
 router = APIRouter(tags=["models"])
 

@@ -5,11 +5,10 @@ Extra field `modality`: "text" (default) or "image", where each input is a data 
 
 from __future__ import annotations
 
+from clipserve.service.api.common import encode_vectors, error_responses, unless_disconnected
+from clipserve.service.api.deps import EmbedderDep
+from clipserve.service.api.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, Usage
 from fastapi import APIRouter, Request
-
-from service.api.common import encode_vectors, error_responses, unless_disconnected
-from service.api.deps import EmbedderDep
-from service.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, Usage
 
 router = APIRouter(tags=["openai"])
 

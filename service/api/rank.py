@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from clipserve.service.api.bodies import body_of, documented
+from clipserve.service.api.common import error_responses, unless_disconnected
+from clipserve.service.api.deps import EmbedderDep
+from clipserve.service.api.schemas import RankRequest, RankResponse, RankResult
 from fastapi import APIRouter, Request
-
-from service.api.bodies import body_of, documented
-from service.api.common import error_responses, unless_disconnected
-from service.api.deps import EmbedderDep
-from service.schemas import RankRequest, RankResponse, RankResult
 
 router = APIRouter(tags=["retrieval"])
 

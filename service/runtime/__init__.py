@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-
-from export.tensorrt import ShapeRange, image_shapes, text_shapes
+from clipserve.export.tensorrt import ShapeRange, image_shapes, text_shapes
 
 if TYPE_CHECKING:
-    from export.bundle import Manifest
-    from service.settings import Settings
+    from clipserve.service.settings import Settings
+
+    from clipserve.contract.bundle import Manifest
 
 
 class RuntimeConfigError(RuntimeError):
@@ -75,9 +75,9 @@ class Runtime(Protocol):
 
 def open_runtime(path: Path, options: RuntimeOptions) -> Runtime:
     if path.suffix == ".plan":
-        from service.runtime.tensorrt import TensorRTRuntime
+        from clipserve.service.runtime.tensorrt import TensorRTRuntime
 
         return TensorRTRuntime(path, options)
-    from service.runtime.onnx import OnnxRuntime
+    from clipserve.service.runtime.onnx import OnnxRuntime
 
     return OnnxRuntime(path, options)

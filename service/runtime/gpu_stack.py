@@ -1,5 +1,5 @@
 """The GPU stack of one environment: which ONNX Runtime is installed, the libraries the pip wheels
-carry, and the checks a GPU install must pass (`python -m service.runtime.gpu_stack`).
+carry, and the checks a GPU install must pass (`python -m clipserve.service.runtime.gpu_stack`).
 
 pip puts the CUDA, cuDNN and TensorRT libraries in site-packages (`nvidia/cu13/lib`,
 `nvidia/cudnn/lib`, `tensorrt_libs`), where the dynamic loader never looks. ONNX Runtime opens its
@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.runtime import ProviderUnavailableError
+from clipserve.service.runtime import ProviderUnavailableError
 
 # Distributions that write the `onnxruntime` import folder; two of them in one environment overwrite
 # each other's files, and which build then runs is an accident of install order.
@@ -417,7 +417,9 @@ def run_checks(require_gpu: bool, cuda_only: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.runtime.gpu_stack", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m clipserve.service.runtime.gpu_stack", description=__doc__
+    )
     parser.add_argument("--require-gpu", action="store_true", help="fail when a GPU session does not start")
     parser.add_argument("--cuda-only", action="store_true", help="a gpu-cuda install: no TensorRT to check")
     parser.add_argument(

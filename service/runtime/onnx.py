@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-from export.tensorrt import ShapeRange, slug
-from service.runtime import ProviderUnavailableError, RuntimeOptions
-from service.runtime.gpu_stack import check_single_onnxruntime, load_tensorrt, prepare_providers
+from clipserve.export.tensorrt import ShapeRange, slug
+from clipserve.service.runtime import ProviderUnavailableError, RuntimeOptions
+from clipserve.service.runtime.gpu_stack import check_single_onnxruntime, load_tensorrt, prepare_providers
 
 PROVIDER_NAMES = {
     "cpu": "CPUExecutionProvider",
@@ -71,7 +70,7 @@ def tensorrt_provider_options(options: RuntimeOptions) -> dict[str, str]:
     engine only loads where it was built), and the served shape range as the one profile."""
     provider: dict[str, str] = {}
     if options.engine_cache_dir is not None:
-        from service.runtime.tensorrt import device_name
+        from clipserve.service.runtime.tensorrt import device_name
 
         trt = load_tensorrt()
         machine = f"{slug(device_name(options.device_id))}-trt{trt.__version__}"

@@ -29,9 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from export.bundle import BundleError, ModelRepository, parse_model_ref
-from export.cli_settings import usable_cores
-from service.settings import Settings
+from clipserve.service.settings import Settings
+
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
+from clipserve.contract.cli_settings import usable_cores
 
 SMALL_MODELS_BYTES = 64 * 2**20
 SETTINGS_ENV = "_CLIPSERVE_WORKER_SETTINGS"
@@ -105,9 +106,9 @@ def per_worker_settings(settings: Settings, workers: int) -> Settings:
 
 def worker_app():
     """The app of one worker process (uvicorn's factory, called in the worker)."""
-    from service.app import create_app
-    from service.cli import StartupProblems
-    from service.logs import configure_logging
+    from clipserve.service.app import create_app
+    from clipserve.service.server.cli import StartupProblems
+    from clipserve.service.server.logs import configure_logging
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     # a worker writes to the stderr it inherited, so it resolves the format as its parent did
@@ -130,7 +131,7 @@ def serve_workers(settings: Settings, workers: int) -> str | None:
     os.environ[PROBLEM_ENV] = str(problem)
     try:
         config = uvicorn.Config(
-            "service.workers:worker_app",
+            "clipserve.service.server.workers:worker_app",
             factory=True,
             host=settings.host,
             port=settings.port,

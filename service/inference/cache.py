@@ -9,7 +9,7 @@ Keys are built by the callers from the bundle's content hash, never the model na
   and keeps them in the in-process LRU of `cache_lru_size` entries, which also stands in for Redis
   while it is down (`round_trip_ms` is what `ModelEngine` weighs against);
 - blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices of stored label sets, no
-  TTL; the stand-in is a plain dict. (Label-set definitions are data: `service.index.labelsets`.)
+  TTL; the stand-in is a plain dict. (Label-set definitions are data: `clipserve.service.stores.labelset_store`.)
 
 When Redis fails, the cache logs one warning, counts the error, sets the fallback gauge and
 serves from the stand-in; it tries Redis again after `redis_retry_s` and logs when it is back.
@@ -27,9 +27,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from clipserve.service.metrics import Metrics
 from redis.exceptions import RedisError
-
-from service.metrics import Metrics
 
 log = logging.getLogger("clipserve.cache")
 T = TypeVar("T")

@@ -17,14 +17,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from export.bundle import BundleError, ModelRepository, parse_model_ref
-from service.cache import VectorCache
-from service.engine import ModelEngine
-from service.errors import InvalidInput, NotFound, Unavailable
-from service.loading import load_version
-from service.metrics import Metrics
-from service.runtime import ProviderUnavailableError, RuntimeConfigError
-from service.settings import Settings
+from clipserve.service.errors import InvalidInput, NotFound, Unavailable
+from clipserve.service.inference.cache import VectorCache
+from clipserve.service.inference.engine import ModelEngine
+from clipserve.service.inference.loading import load_version
+from clipserve.service.metrics import Metrics
+from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError
+from clipserve.service.settings import Settings
+
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 
 log = logging.getLogger("clipserve.registry")
 

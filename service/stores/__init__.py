@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from .base import (
+from .collection_store import (
     BackendUnavailableError,
     CollectionExistsError,
     CollectionInfo,

@@ -32,9 +32,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from export.cli_settings import usable_cores
+from clipserve.contract.cli_settings import usable_cores
 
-from .base import (
+from .collection_store import (
     BackendUnavailableError,
     CollectionExistsError,
     CollectionInfo,

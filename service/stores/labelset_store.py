@@ -29,7 +29,7 @@ from typing import Protocol
 
 import psycopg
 
-from .base import BackendUnavailableError
+from .collection_store import BackendUnavailableError
 from .postgres import ConnectionPool
 
 UNAVAILABLE = "labelsets_unavailable"

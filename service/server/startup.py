@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from export.bundle import BundleError, ModelRepository, parse_model_ref
-from service.settings import Settings
+from clipserve.service.settings import Settings
+
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 
 
 def hidden_password(url: str) -> str:

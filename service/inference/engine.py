@@ -12,7 +12,7 @@ Everything that asks a model for vectors or scores goes through these public met
 Vectors are L2-normalized. Requests go through the model's dynamic batchers (`Overloaded` when a
 queue is full, `TimedOut` past the request timeout). Text vectors are cached by the bundle's content
 hash (Redis shared by replicas, else in process), class matrices likewise; scoring follows the
-bundle (`export.scoring`: softmax for CLIP, sigmoid for SigLIP).
+bundle (`clipserve.contract.scoring`: softmax for CLIP, sigmoid for SigLIP).
 
 An engine stays usable for `retire_grace_s` after a newer version replaced it, and until its last
 in-flight call ends (`using()`).
@@ -33,17 +33,17 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+from clipserve.service.errors import InvalidInput
+from clipserve.service.inference.batching import Batcher
+from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
+from clipserve.service.inference.loading import LoadedBundle
+from clipserve.service.inference.preprocess import ImagePreprocessor
+from clipserve.service.metrics import Metrics
+from clipserve.service.settings import Settings
 
-from export.bundle import Manifest
-from export.scoring import Scoring, class_vectors, normalize, prompts, top_k
-from export.tokenizer import TokenizedBatch
-from service.batching import Batcher
-from service.cache import KEY_PREFIX, VectorCache
-from service.errors import InvalidInput
-from service.loading import LoadedBundle
-from service.metrics import Metrics
-from service.preprocess import ImagePreprocessor
-from service.settings import Settings
+from clipserve.contract.bundle import Manifest
+from clipserve.contract.scoring import Scoring, class_vectors, normalize, prompts, top_k
+from clipserve.contract.tokenizer import TokenizedBatch
 
 log = logging.getLogger("clipserve.engine")
 _INLINE_TOKENIZE = 16
@@ -380,7 +380,7 @@ class ModelEngine:
         stored: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> np.ndarray:
-        """[labels, D] class vectors (`export.scoring.class_vectors` of the filled templates).
+        """[labels, D] class vectors (`clipserve.contract.scoring.class_vectors` of the filled templates).
 
         Found in the caches when this space has computed it before; else encoded in chunks of
         `labelset_chunk_texts` texts on the text tower's thread, calling `progress(labels_done)` after

@@ -33,9 +33,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
-
-from service.errors import InferenceFailed, Overloaded, TimedOut, Unavailable
-from service.metrics import Metrics
+from clipserve.service.errors import InferenceFailed, Overloaded, TimedOut, Unavailable
+from clipserve.service.metrics import Metrics
 
 log = logging.getLogger("clipserve.batching")
 

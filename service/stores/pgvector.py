@@ -23,7 +23,7 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg import sql
 
-from .base import (
+from .collection_store import (
     BackendUnavailableError,
     CollectionExistsError,
     CollectionInfo,

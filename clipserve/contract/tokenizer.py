@@ -38,7 +38,7 @@ import ftfy
 import numpy as np
 import regex
 
-from export.bundle import BundleError, TokenizerSpec
+from clipserve.contract.bundle import BundleError, TokenizerSpec
 
 VOCAB_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 CLEAN_MODES = ("lower", "whitespace", "canonicalize")

@@ -20,9 +20,8 @@ import socket
 from urllib.parse import urljoin, urlsplit
 
 import httpx
-
-from service.errors import InvalidImage
-from service.settings import Settings
+from clipserve.service.errors import InvalidImage
+from clipserve.service.settings import Settings
 
 _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S

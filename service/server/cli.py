@@ -10,17 +10,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clipserve.service.errors import ServiceError
+from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError
+from clipserve.service.runtime.gpu_stack import check_single_onnxruntime
+from clipserve.service.server.listen import PortUnavailable, check_port
+from clipserve.service.server.logs import configure_logging
+from clipserve.service.server.startup import startup_summary
+from clipserve.service.settings import Settings, names_a_directory
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from export.bundle import BundleError, ModelRepository, parse_model_ref
-from export.cli_settings import SettingsError, load_settings
-from service.errors import ServiceError
-from service.listen import PortUnavailable, check_port
-from service.logs import configure_logging
-from service.runtime import ProviderUnavailableError, RuntimeConfigError
-from service.runtime.gpu_stack import check_single_onnxruntime
-from service.settings import Settings, names_a_directory
-from service.startup import startup_summary
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
+from clipserve.contract.cli_settings import SettingsError, load_settings
 
 PROG = "clip-serve"
 log = logging.getLogger("clipserve.start")
@@ -139,8 +139,8 @@ class StartupProblems:
 
 
 def serve_in_workers(settings: Settings, workers: int) -> int:
-    """`--workers N` above 1: N server processes on the port (service/workers.py)."""
-    from service.workers import per_worker_settings, serve_workers
+    """`--workers N` above 1: N server processes on the port (service/server/workers.py)."""
+    from clipserve.service.server.workers import per_worker_settings, serve_workers
 
     problem = serve_workers(per_worker_settings(settings, workers), workers)
     if problem is not None:
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
-    from service.workers import WorkersError, choose_workers
+    from clipserve.service.server.workers import WorkersError, choose_workers
 
     try:
         preflight(settings)
@@ -168,8 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if workers > 1:
         return serve_in_workers(settings, workers)
     import uvicorn
-
-    from service.app import create_app
+    from clipserve.service.app import create_app
 
     app = StartupProblems(create_app(settings))
     server = uvicorn.Server(

@@ -3,7 +3,7 @@
 Requests refuse unknown fields, naming the closest known one. Every request field has a
 description and an example, and every request model a whole example that works on a fresh
 service with the demo model (the docs' "Try it out" sends it). Images are base64, data URIs, URLs
-(when enabled) or uploaded files (multipart, `service.api.bodies`); a text item may be a plain
+(when enabled) or uploaded files (multipart, `clipserve.service.api.bodies`); a text item may be a plain
 string wherever one is accepted."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal
 
+from clipserve.service.stores import IndexParams
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -23,8 +24,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-
-from service.index import IndexParams
 
 EncodingFormat = Literal["float", "base64"]
 

@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from export.scoring import Scoring, ScoringKind
+from clipserve.contract.scoring import Scoring, ScoringKind
 
 # 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. A format-1 manifest
 # still loads, with the same content hash.
