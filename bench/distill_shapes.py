@@ -378,12 +378,13 @@ def train_all(jobs: list[Job], workers: int, timings: dict[str, dict[str, float]
 def served_check(model_dir: Path, out: Path, data_spec: str, eval_size: int) -> dict[str, Any]:
     """Export a student with --int8 and classify the held-out images through the service's HTTP API
     with each precision; top-1 per precision."""
+    from fastapi.testclient import TestClient
+
     from clipserve.service.app import create_app
     from clipserve.service.settings import Settings
     from clipserve.training.cli import publish
     from clipserve.training.data import shapes_config_from_spec
     from clipserve.training.train import TrainResult
-    from fastapi.testclient import TestClient
 
     repo = out / "models"
     shutil.rmtree(repo, ignore_errors=True)
@@ -433,6 +434,7 @@ def composition_breakdown(clip, data_spec: str, size: int) -> dict[str, float]:
     how often the answer is a composition seen in training, top-1 when only the held-out
     compositions compete, and top-1 on seen compositions (the same drawing rules, 30 classes)."""
     import numpy as np
+
     from clipserve.training.data import shapes_config_from_spec
     from clipserve.training.evaluate import zero_shot_scores
 

@@ -31,12 +31,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from clipserve.contract.bundle import Bundle, ModelSource
+from clipserve.contract.tokenizer import load_tokenizer
 from clipserve.export.exporter import export_bundle
 from clipserve.export.sources import hf_tokenizer_name, load_model, model_from_config
 from clipserve.export.verify import fixed_token_ids, make_session, token_counts
-
-from clipserve.contract.bundle import Bundle, ModelSource
-from clipserve.contract.tokenizer import load_tokenizer
 from tests.fixtures.local_tokenizers import build_tokenizer, corpus
 
 QUICK_CONFIG = {

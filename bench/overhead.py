@@ -91,11 +91,11 @@ def _raw_worker(
     """One process: the service's decode/tokenize + session.run, `batch` items per call, for each
     number of seconds taken from `commands` (None ends it)."""
     import numpy as np
-    from clipserve.service.inference.preprocess import ImagePreprocessor
-    from clipserve.service.runtime import RuntimeOptions, open_runtime
 
     from clipserve.contract.bundle import load_bundle
     from clipserve.contract.tokenizer import ClipTokenizer
+    from clipserve.service.inference.preprocess import ImagePreprocessor
+    from clipserve.service.runtime import RuntimeOptions, open_runtime
 
     bundle = load_bundle(bundle_dir, verify=False)
     manifest = bundle.manifest

@@ -37,9 +37,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipserve.service.stores import CollectionStore, IndexParams, ModelBinding
-
 from clipserve.contract.cli_settings import usable_cores
+from clipserve.service.stores import CollectionStore, IndexParams, ModelBinding
 
 HASH = "b" * 64
 
@@ -127,8 +126,9 @@ def open_backend(backend: str, dsn: str | None) -> Iterator[CollectionStore]:
             shutil.rmtree(folder, ignore_errors=True)
         return
     import psycopg
-    from clipserve.service.stores.pgvector import PgVectorStore
     from psycopg.conninfo import make_conninfo
+
+    from clipserve.service.stores.pgvector import PgVectorStore
 
     schema = f"bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -190,9 +190,10 @@ def items_per_second(
     models_dir: Path | None, model: str | None, texts: int, images: int, text_batch: int, image_batch: int
 ) -> dict:
     """Items/s through POST /v1/collections/{name}/items: embedding included, flat embedded store."""
+    from fastapi.testclient import TestClient
+
     from clipserve.service.app import create_app
     from clipserve.service.settings import Settings
-    from fastapi.testclient import TestClient
 
     work = Path(tempfile.mkdtemp(prefix="clipserve-bench-items-"))
     try:
@@ -248,10 +249,10 @@ def make_input(kind: str, index: int) -> str:
 def export_tiny(models_dir: Path) -> None:
     """A random-init tiny CLIP (the test suite's config), exported as a real ONNX bundle."""
     import torch
-    from clipserve.export.exporter import export_bundle
-    from clipserve.export.sources import model_from_config
 
     from clipserve.contract.bundle import ModelSource
+    from clipserve.export.exporter import export_bundle
+    from clipserve.export.sources import model_from_config
 
     config = {
         "embed_dim": 32,

@@ -40,11 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clipserve.service.inference.preprocess import ImagePreprocessor  # noqa: E402
-from clipserve.service.runtime import RuntimeOptions, open_runtime  # noqa: E402
-
 from clipserve.contract.bundle import Bundle, ModelRepository  # noqa: E402
 from clipserve.contract.cli_settings import usable_cores  # noqa: E402
+from clipserve.service.inference.preprocess import ImagePreprocessor  # noqa: E402
+from clipserve.service.runtime import RuntimeOptions, open_runtime  # noqa: E402
 
 FULL_MODELS = {"vitb32": ["--model", "ViT-B-32"], "mobileclip2-s0": ["--model", "MobileCLIP2-S0"]}
 TINY_CONFIG = {

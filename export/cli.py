@@ -141,10 +141,10 @@ def summary(bundle: Bundle) -> str:
 
 def run(args: ExportSettings) -> Bundle:
     import torch
-    from clipserve.export.exporter import check_can_publish, export_bundle
-    from clipserve.export.sources import load_model
 
     from clipserve.contract.bundle import ModelRepository
+    from clipserve.export.exporter import check_can_publish, export_bundle
+    from clipserve.export.sources import load_model
 
     if args.model is None and args.config is None:
         raise BundleError("say which model: --model NAME (see --list-models) or --config JSON")

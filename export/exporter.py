@@ -21,32 +21,6 @@ import numpy as np
 import onnx
 import open_clip
 import torch
-from clipserve.export.errors import ExportError, ParityError, SourceError
-from clipserve.export.logs import quiet_logs
-from clipserve.export.quantize import convert_fp16, quantize_int8
-from clipserve.export.sources import check_tokenizer_vocab, hf_tokenizer_name, load_hf_tokenizer
-from clipserve.export.tensorrt import build_engines, require_tensorrt, run_engine
-from clipserve.export.towers import (
-    CLIP_BPE_VOCAB_SIZE,
-    ImageTower,
-    TextTowerPlan,
-    plan_text_tower,
-    text_vocab_size,
-)
-from clipserve.export.verify import (
-    TOKENIZER_CHECK_TEXTS,
-    cosine_threshold,
-    fixed_images,
-    fixed_token_ids,
-    image_outputs,
-    make_session,
-    providers_for,
-    report,
-    runtime_name,
-    text_outputs,
-    token_counts,
-    torch_embeddings,
-)
 from open_clip import tokenizer as open_clip_tokenizer
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg
@@ -73,6 +47,32 @@ from clipserve.contract.bundle import (
 )
 from clipserve.contract.scoring import Scoring
 from clipserve.contract.tokenizer import VOCAB_FILENAME, load_tokenizer
+from clipserve.export.errors import ExportError, ParityError, SourceError
+from clipserve.export.logs import quiet_logs
+from clipserve.export.quantize import convert_fp16, quantize_int8
+from clipserve.export.sources import check_tokenizer_vocab, hf_tokenizer_name, load_hf_tokenizer
+from clipserve.export.tensorrt import build_engines, require_tensorrt, run_engine
+from clipserve.export.towers import (
+    CLIP_BPE_VOCAB_SIZE,
+    ImageTower,
+    TextTowerPlan,
+    plan_text_tower,
+    text_vocab_size,
+)
+from clipserve.export.verify import (
+    TOKENIZER_CHECK_TEXTS,
+    cosine_threshold,
+    fixed_images,
+    fixed_token_ids,
+    image_outputs,
+    make_session,
+    providers_for,
+    report,
+    runtime_name,
+    text_outputs,
+    token_counts,
+    torch_embeddings,
+)
 
 ONNX_OPSET = 18
 # An example batch of 1 lets the exporter specialize the batch axis to 1.

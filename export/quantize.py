@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import onnx
-from clipserve.export.logs import quiet_logs
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+
+from clipserve.export.logs import quiet_logs
 
 # Conv in int8 (ConvInteger) is many times slower than fp32 Conv in ONNX Runtime on CPU; only the
 # matrix products gain. quant_pre_process is skipped: its symbolic shape inference fails on ViT graphs.

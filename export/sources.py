@@ -15,13 +15,13 @@ from typing import Any
 
 import open_clip
 import torch
-from clipserve.export.errors import SourceError
-from clipserve.export.logs import quiet_logs
 from open_clip.tokenizer import HFTokenizer
 from open_clip.transform import PreprocessCfg
 from torch import nn
 
 from clipserve.contract.bundle import ModelSource, sha256_file
+from clipserve.export.errors import SourceError
+from clipserve.export.logs import quiet_logs
 
 RANDOM_INIT = "none"
 PREPROCESS_KEYS = tuple(field.name for field in fields(PreprocessCfg))

@@ -11,18 +11,18 @@ TensorRT 10.12 and removed in 11, so none is used. The layer timing cache is kep
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from clipserve.contract.shapes import ShapeRange, image_shapes, slug, text_shapes
 from clipserve.export.errors import ExportError
 
 TIMING_CACHE_ENV = "CLIPSERVE_TENSORRT_CACHE"
 WORKSPACE_BYTES = 4 << 30
-DEFAULT_BATCH_RANGE = (1, 8, 64)
 
 
 def require_tensorrt() -> tuple[Any, Any]:
@@ -48,10 +48,6 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(torch.cuda.current_device())
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def engine_filename(tower: str, gpu: str, tensorrt_version: str) -> str:
     """e.g. image.nvidia-h200.trt10.16.1.11.plan: the tower first, as the manifest has no tower field."""
     return f"{tower}.{slug(gpu)}.trt{tensorrt_version}.plan"
@@ -63,29 +59,6 @@ def timing_cache_path(gpu: str, tensorrt_version: str) -> Path:
     default_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipserve" / "tensorrt"
     root = Path(os.environ.get(TIMING_CACHE_ENV) or default_root)
     return root / f"timing-{slug(gpu)}-trt{tensorrt_version}.cache"
-
-
-@dataclass(frozen=True)
-class ShapeRange:
-    """min / opt / max shapes of the one input of a graph (one optimization profile)."""
-
-    input_name: str
-    minimum: tuple[int, ...]
-    optimum: tuple[int, ...]
-    maximum: tuple[int, ...]
-
-
-def image_shapes(height: int, width: int, batches: tuple[int, int, int] = DEFAULT_BATCH_RANGE) -> ShapeRange:
-    return ShapeRange("pixel_values", *((b, 3, height, width) for b in batches))
-
-
-def text_shapes(
-    context_length: int, dynamic_length: bool, batches: tuple[int, int, int] = DEFAULT_BATCH_RANGE
-) -> ShapeRange:
-    """With a dynamic length, lengths 2..context (tuned for short captions); else the context only."""
-    shortest, typical = (2, min(16, context_length)) if dynamic_length else (context_length, context_length)
-    low, mid, high = batches
-    return ShapeRange("input_ids", (low, shortest), (mid, typical), (high, context_length))
 
 
 def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from clipserve.export.errors import ExportError
 from open_clip import CLIP, CustomTextCLIP
 from open_clip.hf_model import ClsLastHiddenStatePooler, ClsPooler, HFTextEncoder, MaxPooler, MeanPooler
 from open_clip.transformer import TextTransformer
 from torch import nn
+
+from clipserve.export.errors import ExportError
 
 CLIP_BPE_VOCAB_SIZE = 49408
 SUPPORTED_POOLING = ("argmax", "last", "first", "eos")

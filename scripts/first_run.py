@@ -35,11 +35,10 @@ from typing import IO, TextIO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
 from clipserve.service.server.listen import PortUnavailable, check_port  # noqa: E402
 from clipserve.service.server.startup import hidden_password  # noqa: E402
 from clipserve.service.settings import names_a_directory  # noqa: E402
-
-from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
 
 DEMO_MODEL = "shapes-demo"
 DEFAULT_MODELS_DIR = ROOT / "models"

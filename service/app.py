@@ -11,6 +11,9 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
 from clipserve.service.api import ROUTERS
 from clipserve.service.api.docs import install_docs
 from clipserve.service.api.errors import install_error_handlers
@@ -25,8 +28,6 @@ from clipserve.service.inference.registry import ModelRegistry
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
-from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 log = logging.getLogger("clipserve.app")
 

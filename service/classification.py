@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 
 import numpy as np
+
 from clipserve.service.api.schemas import ClassifyRequest
 from clipserve.service.errors import InvalidInput
 from clipserve.service.inference.engine import LabelScore, ModelEngine

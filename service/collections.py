@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 import numpy as np
+from pydantic import ValidationError
+
 from clipserve.service.api.schemas import (
     CollectionDescription,
     CreateCollection,
@@ -49,7 +51,6 @@ from clipserve.service.stores import (
     Source,
     open_store,
 )
-from pydantic import ValidationError
 
 log = logging.getLogger("clipserve.collections")
 T = TypeVar("T")

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from clipserve.service.api.schemas import EmbeddingsRequest, Query, RankRequest
 from clipserve.service.errors import InvalidImage, InvalidInput, TooLarge
 from clipserve.service.inference.engine import ModelEngine, Ranked

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 
 import anyio.to_thread
 import numpy as np
+
 from clipserve.service.errors import Conflict, NotFound, ServiceError, Unavailable
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
 from clipserve.service.inference.engine import ModelEngine, classes_digest

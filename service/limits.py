@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from clipserve.service.errors import InvalidInput, TooLarge
-from clipserve.service.settings import Settings
 
 from clipserve.contract.bundle import NAME_RULE, is_valid_name
+from clipserve.service.errors import InvalidInput, TooLarge
+from clipserve.service.settings import Settings
 
 
 def check_texts(texts: Sequence[str], settings: Settings, field: str = "texts") -> None:

@@ -28,7 +28,7 @@ DEFAULT_TEMPLATES = (
 
 @cache
 def builtin_templates() -> dict[str, tuple[str, ...]]:
-    data = json.loads(resources.files("service").joinpath("templates.json").read_text())
+    data = json.loads(resources.files("clipserve.service").joinpath("templates.json").read_text())
     return {"default": DEFAULT_TEMPLATES, "none": ("{}",), **{k: tuple(v) for k, v in data.items()}}
 
 

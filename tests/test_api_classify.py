@@ -7,8 +7,8 @@ import uuid
 
 import numpy as np
 import pytest
-from clipserve.service.templates import DEFAULT_TEMPLATES, builtin_templates
 
+from clipserve.service.templates import DEFAULT_TEMPLATES, builtin_templates
 from tests.fixtures.service import b64, image_bytes
 from tests.test_service_cache import free_port
 

@@ -16,9 +16,10 @@ GOOD = b64(image_bytes(seed=11))
 
 @pytest.fixture(scope="module")
 def shared_client(tiny_repo, service_redis_url) -> Iterator[object]:
+    from fastapi.testclient import TestClient
+
     from clipserve.service.app import create_app
     from clipserve.service.settings import Settings
-    from fastapi.testclient import TestClient
 
     settings = Settings(
         models_dir=tiny_repo,

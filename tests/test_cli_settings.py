@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings
 from clipserve.export.cli import ExportSettings
 from clipserve.export.cli import main as export_main
 from clipserve.service.server.cli import main as serve_main
@@ -19,8 +21,6 @@ from clipserve.service.server.cli import settings_from
 from clipserve.service.settings import Settings
 from clipserve.training.cli import main as distill_main
 from clipserve.training.settings import EvalSettings, TargetsSettings, TrainSettings
-
-from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS: list[tuple[type[CliSettings], object, list[str]]] = [

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from clipserve.service.app import create_app
 from fastapi.testclient import TestClient
 
+from clipserve.service.app import create_app
 from tests.fixtures.service import b64, image_bytes
 
 TEXTS = ["a red car", "a blue boat", "a green tree", "a yellow sun", "a black cat", "a white cloud"]

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
+
 from clipserve.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]

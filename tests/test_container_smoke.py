@@ -16,8 +16,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from clipserve.service.metrics import Metrics
 
+from clipserve.service.metrics import Metrics
 from tests.test_docker import documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]

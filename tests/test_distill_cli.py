@@ -10,10 +10,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from clipserve.training.cli import main
-from clipserve.training.models import load_clip
 
 from clipserve.contract.bundle import ModelRepository, load_bundle, sha256_file
+from clipserve.training.cli import main
+from clipserve.training.models import load_clip
 from tests.fixtures.training import TINY_DATA
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -179,6 +179,7 @@ def test_eval_times_the_graphs_a_bundle_holds(tiny_model, tiny_bundle, tmp_path:
     """`clip-distill eval` exports through export/: the same opset, the same dynamic axes, the same
     vectors as the bundle of the same model."""
     import onnx
+
     from clipserve.export.exporter import ONNX_OPSET, TEXT_INPUT, export_tower_graphs
     from clipserve.export.verify import fixed_token_ids
 
@@ -277,8 +278,9 @@ def test_help_lists_the_commands_first(capsys) -> None:
 def test_a_folder_of_images_is_unlabeled_data_not_training_pairs(
     tiny_student_config: Path, tiny_teacher_run: Path, tmp_path: Path, capsys
 ) -> None:
-    from clipserve.training.synthetic import draw_single
     from PIL import Image
+
+    from clipserve.training.synthetic import draw_single
 
     images = tmp_path / "unlabeled"
     images.mkdir()

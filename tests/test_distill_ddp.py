@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from clipserve.training.cli import run_training
 from safetensors.torch import load_file
 
+from clipserve.training.cli import run_training
 from tests.fixtures.training import TINY_DATA
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -68,11 +68,10 @@ def test_clip_student_distilled_from_a_siglip_teacher_publishes_and_serves(
 def test_same_family_student_keeps_the_tokenizer_and_sigmoid_scoring(
     family_config, tmp_path: Path, torch_one_thread, make_client
 ) -> None:
+    from clipserve.contract.bundle import ModelRepository
     from clipserve.training.cli import run_training
     from clipserve.training.evaluate import zero_shot_scores
     from clipserve.training.models import load_clip
-
-    from clipserve.contract.bundle import ModelRepository
 
     teacher_config = family_config("siglip2")
     student_config = _siglip_student_config(teacher_config, tmp_path)

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from clipserve.service.server.cli import settings_from
 
 from clipserve.contract.cli_settings import SettingsError
+from clipserve.service.server.cli import settings_from
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -290,15 +290,15 @@ def test_copied_sources_build_a_wheel_with_the_service_and_the_demo_page(tmp_pat
     (wheel,) = tmp_path.glob("clipserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
-        "service/static/index.html",
-        "service/static/app.js",
-        "service/static/style.css",
-        "service/api/demo.py",
+        "clipserve/service/static/index.html",
+        "clipserve/service/static/app.js",
+        "clipserve/service/static/style.css",
+        "clipserve/service/api/demo.py",
         "clipserve/contract/bundle.py",
     ):
         assert required in names, f"the image would lack {required}"
-    # The serving image carries neither the training code nor anything it imports.
-    assert not any(name.startswith("training/") for name in names)
+    # The serving image carries neither the training code nor the exporter (both need torch).
+    assert not any(name.startswith(("clipserve/training/", "clipserve/export/")) for name in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert (
         "clip-serve = clipserve.service.server.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

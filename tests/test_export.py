@@ -13,10 +13,6 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from clipserve.export.errors import ExportError, ParityError
-from clipserve.export.exporter import cpu_float32, export_bundle
-from clipserve.export.sources import model_from_config
-from clipserve.export.verify import DEFAULT_MIN_COSINE, agreement, make_session
 
 from clipserve.contract.bundle import (
     BundleIntegrityError,
@@ -28,6 +24,10 @@ from clipserve.contract.bundle import (
     load_bundle,
 )
 from clipserve.contract.tokenizer import ClipTokenizer
+from clipserve.export.errors import ExportError, ParityError
+from clipserve.export.exporter import cpu_float32, export_bundle
+from clipserve.export.sources import model_from_config
+from clipserve.export.verify import DEFAULT_MIN_COSINE, agreement, make_session
 
 TEXTS = ["a photo of a dog", "a red car parked on a street at night", "x", "🙂 emoji and CAPITALS"]
 

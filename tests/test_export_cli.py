@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from clipserve.export.cli import main
-from clipserve.export.verify import agreement, make_session
 
 from clipserve.contract.bundle import ModelRepository, sha256_file
 from clipserve.contract.tokenizer import ClipTokenizer
+from clipserve.export.cli import main
+from clipserve.export.verify import agreement, make_session
 
 
 @pytest.fixture

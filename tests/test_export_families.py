@@ -91,7 +91,6 @@ def _local_dir(config: Path) -> Path:
 def test_tokenizer_of_another_vocabulary_is_refused_naming_both_sizes(family_bundle, tmp_path: Path) -> None:
     from clipserve.export.errors import ExportError
     from clipserve.export.exporter import export_bundle
-
     from tests.fixtures.local_tokenizers import build_tokenizer
 
     made = family_bundle("siglip2")
@@ -115,7 +114,6 @@ def test_cli_offline_refuses_an_unreachable_or_mismatched_tokenizer_before_build
     tmp_path: Path, capsys
 ) -> None:
     from clipserve.export.cli import main
-
     from tests.fixtures.local_tokenizers import build_tokenizer
 
     repo = tmp_path / "models"
@@ -150,7 +148,6 @@ def test_cli_offline_refuses_an_unreachable_or_mismatched_tokenizer_before_build
 @pytest.mark.slow
 def test_cli_exports_with_the_tokenizer_from_a_folder(tmp_path: Path, capsys) -> None:
     from clipserve.export.cli import main
-
     from tests.fixtures.local_tokenizers import build_tokenizer
 
     repo = tmp_path / "models"
@@ -212,6 +209,7 @@ VOCAB_SMALL = 1000
 @pytest.mark.parametrize(("kind", "pooling"), [("clipa", "last"), ("worldwide", "eos")])
 def test_clipa_and_worldwide_families_export_verified(kind: str, pooling: str, tmp_path: Path) -> None:
     import torch
+
     from clipserve.export.exporter import export_bundle
     from clipserve.export.sources import load_model
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from clipserve.export.errors import SourceError
 from clipserve.export.exporter import inference_copy
 from clipserve.export.sources import load_model, read_state_dict

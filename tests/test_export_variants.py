@@ -13,12 +13,12 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
-from clipserve.export.exporter import export_bundle
-from clipserve.export.quantize import convert_fp16
-from clipserve.export.verify import DEFAULT_MIN_COSINE, agreement, make_session, providers_for
 
 from clipserve.contract.bundle import ModelSource
 from clipserve.contract.tokenizer import ClipTokenizer
+from clipserve.export.exporter import export_bundle
+from clipserve.export.quantize import convert_fp16
+from clipserve.export.verify import DEFAULT_MIN_COSINE, agreement, make_session, providers_for
 
 TEXTS = ["a photo of a dog", "a diagram", "three red apples on a wooden table"]
 

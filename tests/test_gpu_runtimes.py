@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from clipserve.service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime, tower_options
 from clipserve.service.settings import Settings
 

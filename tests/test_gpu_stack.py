@@ -15,6 +15,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
+from clipserve.contract.bundle import Bundle, BundleFile
 from clipserve.service.runtime import (
     ProviderUnavailableError,
     RuntimeConfigError,
@@ -32,8 +34,6 @@ from clipserve.service.runtime.gpu_stack import (
 from clipserve.service.runtime.onnx import provider_list, tensorrt_provider_options
 from clipserve.service.runtime.tensorrt import device_name, matching_engine
 from clipserve.service.settings import Settings
-
-from clipserve.contract.bundle import Bundle, BundleFile
 from tests.test_docker import expanded_extras, requirement_names
 
 ROOT = Path(__file__).resolve().parents[1]

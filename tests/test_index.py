@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from clipserve.service.stores import (
     BackendUnavailableError,
     CollectionExistsError,
@@ -18,7 +19,6 @@ from clipserve.service.stores import (
     ModelMismatchError,
     Source,
 )
-
 from tests.fixtures.retrieval import unit_rows
 
 DIM = 32
@@ -399,6 +399,7 @@ def test_embedded_data_dir_serves_one_process_at_a_time(tmp_path):
 def test_pgvector_bulk_upsert_into_hnsw_rebuilds_the_index(postgres_schema_dsn):
     """pgvector inserts into an HNSW graph row by row, far slower than a build: big upserts rebuild."""
     import psycopg
+
     from clipserve.service.stores.pgvector import PgVectorStore
 
     store = PgVectorStore(postgres_schema_dsn, reindex_min_rows=500)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from clipserve.service.stores import IndexParams, ModelBinding
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from clipserve.service.stores import IndexParams, ModelBinding
 
+from clipserve.service.stores import IndexParams, ModelBinding
 from tests.fixtures.retrieval import RecallData, recall_at_10
 
 HASH = "d" * 64

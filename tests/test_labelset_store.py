@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from clipserve.service.inference.engine import classes_digest
 from clipserve.service.stores import BackendUnavailableError
 from clipserve.service.stores.labelset_store import (
@@ -15,7 +16,6 @@ from clipserve.service.stores.labelset_store import (
     SqliteLabelSets,
     open_labelsets,
 )
-
 from tests.fixtures.service import free_port
 
 

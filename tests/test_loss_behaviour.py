@@ -26,11 +26,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from clipserve.training.data import Batch
 from clipserve.training.losses import LossWeights
 from clipserve.training.models import ClipModel, TowerOutputs
 from clipserve.training.objective import Distiller, LossSettings
-from torch import nn
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

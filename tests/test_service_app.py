@@ -13,10 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from clipserve.service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime
-from clipserve.service.settings import Settings
 
 from clipserve.contract.bundle import BundleError
+from clipserve.service.runtime import RuntimeConfigError, RuntimeOptions, open_runtime
+from clipserve.service.settings import Settings
 from tests.fixtures.service import b64, free_port, image_bytes
 
 
@@ -199,10 +199,10 @@ def test_tensorrt_engines_serve_close_to_onnx(
 ) -> None:
     pytest.importorskip("tensorrt")
     import numpy as np
-    from clipserve.export.exporter import export_bundle
-    from clipserve.export.tensorrt import TIMING_CACHE_ENV
 
     from clipserve.contract.bundle import ModelSource
+    from clipserve.export.exporter import export_bundle
+    from clipserve.export.tensorrt import TIMING_CACHE_ENV
 
     monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "timing-cache"))
 

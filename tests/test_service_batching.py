@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import pytest
+
 from clipserve.service.errors import InferenceFailed, Overloaded, TimedOut
 from clipserve.service.inference.batching import Batcher
 from clipserve.service.metrics import Metrics

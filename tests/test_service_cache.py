@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.engine import shares_text_vectors
 from clipserve.service.metrics import Metrics
-
 from tests.fixtures.service import free_port
 
 

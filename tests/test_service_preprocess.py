@@ -8,11 +8,11 @@ import zlib
 
 import numpy as np
 import pytest
-from clipserve.service.errors import InvalidImage, TooLarge
-from clipserve.service.inference.preprocess import ImagePreprocessor
 from PIL import Image
 
 from clipserve.contract.bundle import ImagePreprocess
+from clipserve.service.errors import InvalidImage, TooLarge
+from clipserve.service.inference.preprocess import ImagePreprocessor
 from tests.fixtures.service import image_bytes
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -225,8 +225,9 @@ def test_start_skips_broken_bundles_and_serves_the_rest(make_client, own_repo: P
 
 
 def test_start_fails_clearly_when_no_model_loads(make_settings, own_repo: Path) -> None:
-    from clipserve.service.app import create_app
     from fastapi.testclient import TestClient
+
+    from clipserve.service.app import create_app
 
     corrupt = own_repo / "tiny" / "1" / "text.onnx"
     corrupt.write_bytes(b"garbage")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from clipserve.training import synthetic
 from clipserve.training.data import DataError, shapes_config_from_spec
 

@@ -21,6 +21,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 from clipserve.service.runtime.gpu_stack import TENSORRT_API
 
 ROOT = Path(__file__).resolve().parents[1]

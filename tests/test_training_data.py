@@ -8,6 +8,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
+
 from clipserve.training import synthetic
 from clipserve.training.data import (
     AugmentParams,
@@ -19,7 +21,6 @@ from clipserve.training.data import (
     local_slice,
     sample_augment,
 )
-from PIL import Image
 
 
 def _write_image(path: Path, colour: str = "red", shape: str = "circle") -> Path:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from clipserve.training.data import build_dataset
 from clipserve.training.losses import LossConfigError, LossWeights
 from clipserve.training.models import ModelSpecError, inherit_weights, load_clip, load_teacher
 from clipserve.training.objective import Distiller, LossSettings
 from clipserve.training.targets import OfflineTargets, store_targets
 from clipserve.training.train import CheckpointError, TrainConfig, train
-
 from tests.fixtures.training import TINY_DATA
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")

@@ -26,10 +26,10 @@ TEMPLATES = ["a photo of a {}.", "a drawing of {} in {curly} braces"]
 def student_and_repo(tmp_path_factory: pytest.TempPathFactory):
     """A tiny random student as training builds it, and the bundle training publishes of it."""
     import torch
-    from clipserve.export.exporter import export_bundle
-    from clipserve.training.models import load_clip
 
     from clipserve.contract.bundle import ModelSource
+    from clipserve.export.exporter import export_bundle
+    from clipserve.training.models import load_clip
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("agreement")
@@ -43,6 +43,7 @@ def student_and_repo(tmp_path_factory: pytest.TempPathFactory):
 
 def test_served_and_trained_classifiers_agree(student_and_repo, live_server) -> None:
     import torch
+
     from clipserve.training.evaluate import encode_texts, zero_shot_scores
     from clipserve.training.models import class_vectors as trained_class_vectors
 

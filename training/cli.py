@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from clipserve.contract.bundle import BundleError
+from clipserve.contract.cli_settings import SettingsError, load_settings, validated
 from clipserve.training import synthetic
 from clipserve.training.data import DataError, PairDataset, build_dataset
 from clipserve.training.losses import LossConfigError, LossWeights
@@ -28,9 +31,6 @@ from clipserve.training.models import (
 from clipserve.training.objective import IMAGE_SIDE_LOSSES, LossSettings
 from clipserve.training.settings import EvalSettings, TargetsSettings, TrainSettings
 from clipserve.training.train import CheckpointError, TrainConfig, TrainResult, train
-
-from clipserve.contract.bundle import BundleError
-from clipserve.contract.cli_settings import SettingsError, load_settings, validated
 
 PROG = "clip-distill"
 COMMANDS = {
@@ -224,9 +224,8 @@ def _is_main() -> bool:
 
 def publish(student: ClipModel, result: TrainResult, repository: str | Path, name: str, int8: bool = False):
     """Export the final student through `export/` as a new, verified version in `repository`."""
-    from clipserve.export.exporter import export_bundle
-
     from clipserve.contract.bundle import ModelSource
+    from clipserve.export.exporter import export_bundle
 
     source = ModelSource(
         architecture=student.architecture,

@@ -17,10 +17,10 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 import torch
-from clipserve.training import synthetic
 from PIL import Image, UnidentifiedImageError
 
 from clipserve.contract.scoring import fill_template
+from clipserve.training import synthetic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 IMAGE_COLUMNS = ("filepath", "path", "image", "file", "filename", "image_path")

@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-from clipserve.export.towers import ImageTower, WholeTextTower
-from clipserve.training.models import ClipModel, class_vectors
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
+
+from clipserve.export.towers import ImageTower, WholeTextTower
+from clipserve.training.models import ClipModel, class_vectors
 
 
 def image_transform(clip: ClipModel):
@@ -137,6 +138,7 @@ def onnx_latency(clip: ClipModel, repeats: int = 30, threads: int = 1, warmup: i
     the graphs a bundle of this model holds (export/), fed as the service feeds them: a text graph
     of dynamic length gets the text's own tokens, not the padding."""
     import onnxruntime as ort
+
     from clipserve.export.exporter import IMAGE_INPUT, TEXT_INPUT, export_tower_graphs
     from clipserve.export.verify import token_counts
 

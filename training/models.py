@@ -13,12 +13,12 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from clipserve.export.sources import suggest
 from torch import nn
 
 from clipserve.contract import scoring
 from clipserve.contract.bundle import sha256_file
 from clipserve.contract.scoring import prompts
+from clipserve.export.sources import suggest
 
 RUN_CONFIG_FILE = "open_clip_config.json"
 RUN_WEIGHTS_FILE = "open_clip_model.safetensors"

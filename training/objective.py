@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from torch import nn
+
 from clipserve.training.data import Batch
 from clipserve.training.losses import (
     ClassVectorDistillationLoss,
@@ -21,7 +23,6 @@ from clipserve.training.losses import (
     TeacherProjection,
 )
 from clipserve.training.models import ClipModel, TowerOutputs
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
+from tqdm import tqdm
+
 from clipserve.training.data import AugmentParams, DataError, PairDataset, sample_augment
 from clipserve.training.models import Teacher
-from tqdm import tqdm
 
 MANIFEST = "targets.json"
 CLASS_VECTORS = "class_vectors.pt"

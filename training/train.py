@@ -21,6 +21,11 @@ import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from clipserve.contract.bundle import sha256_file
 from clipserve.training.data import (
     BatchPlan,
     Collator,
@@ -31,11 +36,6 @@ from clipserve.training.data import (
 )
 from clipserve.training.models import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, ClipModel, Teacher, TowerOutputs
 from clipserve.training.objective import Distiller, LossSettings
-from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
-
-from clipserve.contract.bundle import sha256_file
 
 Evaluator = Callable[[ClipModel], dict[str, float]]
 

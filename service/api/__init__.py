@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from fastapi import APIRouter
+
 from clipserve.service.api import (
     admin,
     classify,
@@ -18,7 +20,6 @@ from clipserve.service.api import (
     openai,
     rank,
 )
-from fastapi import APIRouter
 
 ROUTERS: list[APIRouter] = [
     embed.router,

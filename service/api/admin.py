@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+from fastapi import APIRouter
+
 from clipserve.service.api.common import error_responses
 from clipserve.service.api.deps import RegistryDep
 from clipserve.service.api.schemas import ReloadResponse
-from fastapi import APIRouter
 
 router = APIRouter(tags=["admin"])
 

@@ -21,12 +21,13 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from clipserve.service.errors import InvalidInput
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from starlette.datastructures import UploadFile
+
+from clipserve.service.errors import InvalidInput
 
 M = TypeVar("M", bound=BaseModel)
 FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import APIRouter, Request
+
 from clipserve.service.api.bodies import body_of, documented
 from clipserve.service.api.common import error_responses, unless_disconnected
 from clipserve.service.api.deps import ClassifierDep
 from clipserve.service.api.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore
-from fastapi import APIRouter, Request
 
 router = APIRouter(tags=["classification"])
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import APIRouter, Request
+
 from clipserve.service.api.bodies import body_of, documented
 from clipserve.service.api.common import error_responses, unless_disconnected
 from clipserve.service.api.deps import CollectionsDep
@@ -21,7 +23,6 @@ from clipserve.service.api.schemas import (
     Upserted,
     UpsertItems,
 )
-from fastapi import APIRouter, Request
 
 router = APIRouter(tags=["retrieval"])
 _ERRORS = error_responses(400, 401, 404, 409, 413, 422, 429, 503)

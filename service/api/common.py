@@ -9,10 +9,11 @@ from typing import TypeVar
 
 import numpy as np
 import orjson
-from clipserve.service.api.schemas import ErrorResponse
-from clipserve.service.errors import ClientGone
 from fastapi import Request
 from fastapi.responses import JSONResponse
+
+from clipserve.service.api.schemas import ErrorResponse
+from clipserve.service.errors import ClientGone
 
 T = TypeVar("T")
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipserve.service.errors import NotFound
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
+
+from clipserve.service.errors import NotFound
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import Depends, Request
+
 from clipserve.service.classification import Classifier
 from clipserve.service.collections import Collections
 from clipserve.service.embedding import Embedder
@@ -12,7 +14,6 @@ from clipserve.service.inference.registry import ModelRegistry
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
-from fastapi import Depends, Request
 
 
 def _state(name: str):

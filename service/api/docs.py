@@ -12,11 +12,12 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from clipserve.service.errors import NotFound
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
+
+from clipserve.service.errors import NotFound
 
 ASSETS_PREFIX = "/static/docs"
 FAVICON = Path(__file__).resolve().parent.parent / "static" / "favicon.svg"

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+
 from clipserve.service.api.bodies import body_of, documented, validated
 from clipserve.service.api.common import VectorResponse, error_responses, unless_disconnected, vector_payload
 from clipserve.service.api.deps import EmbedderDep
 from clipserve.service.api.schemas import EmbedRequest, EmbedResponse
 from clipserve.service.errors import InvalidInput
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
 
 router = APIRouter(tags=["embeddings"])
 

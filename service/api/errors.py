@@ -12,6 +12,11 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from clipserve.service.errors import (
     ClientGone,
     Conflict,
@@ -24,10 +29,6 @@ from clipserve.service.errors import (
     TooLarge,
     Unavailable,
 )
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("clipserve.errors")
 

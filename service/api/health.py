@@ -3,10 +3,11 @@ bundles left out as broken), /metrics."""
 
 from __future__ import annotations
 
-from clipserve.service.api.deps import MetricsDep, RegistryDep
-from clipserve.service.api.errors import error_response
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
+
+from clipserve.service.api.deps import MetricsDep, RegistryDep
+from clipserve.service.api.errors import error_response
 
 router = APIRouter(tags=["health"])
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from fastapi import APIRouter, Response
+
 from clipserve.service.api.common import error_responses
 from clipserve.service.api.deps import LabelSetsDep
 from clipserve.service.api.schemas import LabelSetInfo, LabelSetList, LabelSetRequest
 from clipserve.service.labelsets import LabelSetStatus
-from fastapi import APIRouter, Response
 
 router = APIRouter(tags=["label sets"])
 _ERRORS = error_responses(401, 404, 413, 422, 503)

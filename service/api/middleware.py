@@ -17,11 +17,12 @@ import logging
 import time
 import uuid
 
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from clipserve.service.api.errors import error_body
 from clipserve.service.metrics import Metrics
 from clipserve.service.server.logs import request_id_var
-from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("clipserve.access")
 # The docs and the schema hold no data and must load before anyone has typed a key.

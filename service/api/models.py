@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from fastapi import APIRouter
+
 from clipserve.service.api.deps import RegistryDep
 from clipserve.service.api.schemas import ModelInfo, ModelList
-from fastapi import APIRouter
 
 router = APIRouter(tags=["models"])
 

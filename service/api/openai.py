@@ -5,10 +5,11 @@ Extra field `modality`: "text" (default) or "image", where each input is a data 
 
 from __future__ import annotations
 
+from fastapi import APIRouter, Request
+
 from clipserve.service.api.common import encode_vectors, error_responses, unless_disconnected
 from clipserve.service.api.deps import EmbedderDep
 from clipserve.service.api.schemas import EmbeddingItem, EmbeddingsRequest, EmbeddingsResponse, Usage
-from fastapi import APIRouter, Request
 
 router = APIRouter(tags=["openai"])
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import APIRouter, Request
+
 from clipserve.service.api.bodies import body_of, documented
 from clipserve.service.api.common import error_responses, unless_disconnected
 from clipserve.service.api.deps import EmbedderDep
 from clipserve.service.api.schemas import RankRequest, RankResponse, RankResult
-from fastapi import APIRouter, Request
 
 router = APIRouter(tags=["retrieval"])
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 from typing import Annotated, Any, Literal
 
-from clipserve.service.stores import IndexParams
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -24,6 +23,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from clipserve.service.stores import IndexParams
 
 EncodingFormat = Literal["float", "base64"]
 

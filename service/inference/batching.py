@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+
 from clipserve.service.errors import InferenceFailed, Overloaded, TimedOut, Unavailable
 from clipserve.service.metrics import Metrics
 

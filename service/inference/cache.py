@@ -27,8 +27,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 import redis.asyncio as aioredis
-from clipserve.service.metrics import Metrics
 from redis.exceptions import RedisError
+
+from clipserve.service.metrics import Metrics
 
 log = logging.getLogger("clipserve.cache")
 T = TypeVar("T")

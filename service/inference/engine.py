@@ -33,6 +33,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+
+from clipserve.contract.bundle import Manifest
+from clipserve.contract.scoring import Scoring, class_vectors, normalize, prompts, top_k
+from clipserve.contract.tokenizer import TokenizedBatch
 from clipserve.service.errors import InvalidInput
 from clipserve.service.inference.batching import Batcher
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
@@ -40,10 +44,6 @@ from clipserve.service.inference.loading import LoadedBundle
 from clipserve.service.inference.preprocess import ImagePreprocessor
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
-
-from clipserve.contract.bundle import Manifest
-from clipserve.contract.scoring import Scoring, class_vectors, normalize, prompts, top_k
-from clipserve.contract.tokenizer import TokenizedBatch
 
 log = logging.getLogger("clipserve.engine")
 _INLINE_TOKENIZE = 16

@@ -20,6 +20,7 @@ import socket
 from urllib.parse import urljoin, urlsplit
 
 import httpx
+
 from clipserve.service.errors import InvalidImage
 from clipserve.service.settings import Settings
 

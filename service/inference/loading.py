@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from clipserve.service.runtime import Runtime, open_runtime, tower_options
-from clipserve.service.runtime.tensorrt import select_engine
-from clipserve.service.settings import Settings
 
 from clipserve.contract.bundle import Bundle, BundleError, ModelRepository
 from clipserve.contract.tokenizer import TextTokenizer, load_tokenizer
+from clipserve.service.runtime import Runtime, open_runtime, tower_options
+from clipserve.service.runtime.tensorrt import select_engine
+from clipserve.service.settings import Settings
 
 log = logging.getLogger("clipserve.loading")
 

@@ -19,10 +19,10 @@ import math
 import warnings
 
 import numpy as np
-from clipserve.service.errors import InvalidImage, TooLarge
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipserve.contract.bundle import ImagePreprocess
+from clipserve.service.errors import InvalidImage, TooLarge
 
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,

@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 from clipserve.service.errors import InvalidInput, NotFound, Unavailable
 from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.engine import ModelEngine
@@ -24,8 +25,6 @@ from clipserve.service.inference.loading import load_version
 from clipserve.service.metrics import Metrics
 from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError
 from clipserve.service.settings import Settings
-
-from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 
 log = logging.getLogger("clipserve.registry")
 

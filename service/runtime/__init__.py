@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
-from clipserve.export.tensorrt import ShapeRange, image_shapes, text_shapes
+
+from clipserve.contract.shapes import ShapeRange, image_shapes, text_shapes
 
 if TYPE_CHECKING:
-    from clipserve.service.settings import Settings
-
     from clipserve.contract.bundle import Manifest
+    from clipserve.service.settings import Settings
 
 
 class RuntimeConfigError(RuntimeError):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from clipserve.export.tensorrt import ShapeRange, slug
+
+from clipserve.contract.shapes import ShapeRange, slug
 from clipserve.service.runtime import ProviderUnavailableError, RuntimeOptions
 from clipserve.service.runtime.gpu_stack import check_single_onnxruntime, load_tensorrt, prepare_providers
 

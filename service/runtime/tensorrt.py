@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions
-from clipserve.service.runtime.gpu_stack import load_tensorrt
 
 from clipserve.contract.bundle import Bundle, BundleFile
+from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions
+from clipserve.service.runtime.gpu_stack import load_tensorrt
 
 
 def _cudart() -> Any:

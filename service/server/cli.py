@@ -8,24 +8,19 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-from clipserve.service.errors import ServiceError
-from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError
-from clipserve.service.runtime.gpu_stack import check_single_onnxruntime
-from clipserve.service.server.listen import PortUnavailable, check_port
-from clipserve.service.server.logs import configure_logging
-from clipserve.service.server.startup import startup_summary
-from clipserve.service.settings import Settings, names_a_directory
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 from clipserve.contract.cli_settings import SettingsError, load_settings
+from clipserve.service.runtime import ProviderUnavailableError
+from clipserve.service.runtime.gpu_stack import check_single_onnxruntime
+from clipserve.service.server.listen import PortUnavailable, check_port
+from clipserve.service.server.logs import configure_logging
+from clipserve.service.server.startup import StartupProblems, startup_summary
+from clipserve.service.settings import Settings, names_a_directory
 
 PROG = "clip-serve"
 log = logging.getLogger("clipserve.start")
 # Start-up failures the user can fix, whose message says it all: no traceback for these.
-STARTUP_PROBLEMS = (BundleError, RuntimeConfigError, ServiceError)
 
 
 class RepositoryError(Exception):
@@ -110,34 +105,6 @@ def announce(settings: Settings) -> None:
         log.info("%s", line)
 
 
-class StartupProblems:
-    """ASGI wrapper: when the app's start-up fails with one of STARTUP_PROBLEMS (every bundle
-    refused, a provider missing, a store out of reach), uvicorn logs its message instead of the
-    traceback, and the message is kept for `main` to print."""
-
-    def __init__(self, app: ASGIApp, problem_file: str | None = None):
-        self.app = app
-        self.problem: str | None = None
-        self.problem_file = problem_file  # a worker process leaves the message there for its parent
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "lifespan":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_problem_only(message: Message) -> None:
-            # Starlette sends the failure from inside its `except`, so the exception is at hand here.
-            failure = sys.exc_info()[1]
-            if message["type"] == "lifespan.startup.failed" and isinstance(failure, STARTUP_PROBLEMS):
-                self.problem = str(failure)
-                message = {**message, "message": f"cannot start: {failure}"}
-                if self.problem_file:
-                    Path(self.problem_file).write_text(self.problem)
-            await send(message)
-
-        await self.app(scope, receive, send_problem_only)
-
-
 def serve_in_workers(settings: Settings, workers: int) -> int:
     """`--workers N` above 1: N server processes on the port (service/server/workers.py)."""
     from clipserve.service.server.workers import per_worker_settings, serve_workers
@@ -168,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if workers > 1:
         return serve_in_workers(settings, workers)
     import uvicorn
+
     from clipserve.service.app import create_app
 
     app = StartupProblems(create_app(settings))

@@ -1,13 +1,22 @@
-"""What `clip-serve` says in its first log lines, before anything loads: what it will serve and
-how it is set up (cache, collections, auth, URL fetching), so a mistake shows at a glance."""
+"""`clip-serve`'s start, told plainly: what it says in its first log lines, before anything loads
+(what it will serve and how it is set up: cache, collections, auth, URL fetching, so a mistake shows
+at a glance), and `StartupProblems`, which turns a start-up that fails for a reason the user can act
+on into one line instead of a traceback (in the server process or in each worker)."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from clipserve.service.settings import Settings
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
+from clipserve.service.errors import ServiceError
+from clipserve.service.runtime import RuntimeConfigError
+from clipserve.service.settings import Settings
+
+STARTUP_PROBLEMS = (BundleError, RuntimeConfigError, ServiceError)
 
 
 def hidden_password(url: str) -> str:
@@ -90,3 +99,31 @@ def startup_summary(settings: Settings) -> list[str]:
         f"image URLs  {_url_fetching(settings)}",
         f"listening   http://{settings.host}:{settings.port} once the models are ready",
     ]
+
+
+class StartupProblems:
+    """ASGI wrapper: when the app's start-up fails with one of STARTUP_PROBLEMS (every bundle
+    refused, a provider missing, a store out of reach), uvicorn logs its message instead of the
+    traceback, and the message is kept for `main` to print."""
+
+    def __init__(self, app: ASGIApp, problem_file: str | None = None):
+        self.app = app
+        self.problem: str | None = None
+        self.problem_file = problem_file  # a worker process leaves the message there for its parent
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_problem_only(message: Message) -> None:
+            # Starlette sends the failure from inside its `except`, so the exception is at hand here.
+            failure = sys.exc_info()[1]
+            if message["type"] == "lifespan.startup.failed" and isinstance(failure, STARTUP_PROBLEMS):
+                self.problem = str(failure)
+                message = {**message, "message": f"cannot start: {failure}"}
+                if self.problem_file:
+                    Path(self.problem_file).write_text(self.problem)
+            await send(message)
+
+        await self.app(scope, receive, send_problem_only)

@@ -29,10 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clipserve.service.settings import Settings
-
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 from clipserve.contract.cli_settings import usable_cores
+from clipserve.service.settings import Settings
 
 SMALL_MODELS_BYTES = 64 * 2**20
 SETTINGS_ENV = "_CLIPSERVE_WORKER_SETTINGS"
@@ -107,8 +106,8 @@ def per_worker_settings(settings: Settings, workers: int) -> Settings:
 def worker_app():
     """The app of one worker process (uvicorn's factory, called in the worker)."""
     from clipserve.service.app import create_app
-    from clipserve.service.server.cli import StartupProblems
     from clipserve.service.server.logs import configure_logging
+    from clipserve.service.server.startup import StartupProblems
 
     settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
     # a worker writes to the stderr it inherited, so it resolves the format as its parent did

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import numpy as np
-from clipserve.service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipserve.contract.bundle import NAME_RULE, is_valid_name
+from clipserve.service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 SourceKind = Literal["text", "image"]
