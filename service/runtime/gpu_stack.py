@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from clipserve.service.runtime import ProviderUnavailableError
+from clipserve.service.runtime.base import ProviderUnavailableError
 
 # Distributions that write the `onnxruntime` import folder; two of them in one environment overwrite
 # each other's files, and which build then runs is an accident of install order.

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipserve.contract.shapes import ShapeRange, slug
-from clipserve.service.runtime import ProviderUnavailableError, RuntimeOptions
+from clipserve.service.runtime.base import ProviderUnavailableError, RuntimeOptions
 from clipserve.service.runtime.gpu_stack import check_single_onnxruntime, load_tensorrt, prepare_providers
 
 PROVIDER_NAMES = {

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from clipserve.contract.bundle import Bundle, BundleFile
-from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions
+from clipserve.service.runtime.base import ProviderUnavailableError, RuntimeConfigError, RuntimeOptions
 from clipserve.service.runtime.gpu_stack import load_tensorrt
 
 
