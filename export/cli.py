@@ -12,13 +12,12 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import ClassVar
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from clipserve.contract.bundle import Bundle, BundleError, ModelSource
-from clipserve.contract.cli_settings import CliSettings, Renamed, SettingsError, load_settings
+from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings
 
 PROG = "clip-export"
 
@@ -27,11 +26,6 @@ class ExportSettings(CliSettings):
     """The options of `clip-export`."""
 
     model_config = SettingsConfigDict(env_prefix="CLIP_EXPORT_")
-
-    renamed: ClassVar[tuple[Renamed, ...]] = (
-        Renamed("--repo", "models_dir", env=True),
-        Renamed("--threads", "torch_threads", env=True),
-    )
 
     # The model
     model: str | None = Field(None, description="open_clip model name, e.g. ViT-B-32, MobileCLIP2-S0")

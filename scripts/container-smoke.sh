@@ -163,7 +163,7 @@ main() {
   local models_dir export_command
   models_dir=$("$ENGINE" volume inspect --format '{{ .Mountpoint }}' "${PROJECT}_models")
   write_tiny_model_config "$RUN_DIR/tiny.json"
-  export_command="$VENV/bin/clip-export --config $RUN_DIR/tiny.json --pretrained none --name smoke --repo $models_dir --quiet"
+  export_command="$VENV/bin/clip-export --config $RUN_DIR/tiny.json --pretrained none --name smoke --models-dir $models_dir --quiet"
   $export_command --seed 0
 
   stage "up --scale api=3"

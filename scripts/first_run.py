@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
 from clipserve.service.server.listen import PortUnavailable, check_port  # noqa: E402
 from clipserve.service.server.startup import hidden_password  # noqa: E402
-from clipserve.service.settings import names_a_directory  # noqa: E402
 
 DEMO_MODEL = "shapes-demo"
 DEFAULT_MODELS_DIR = ROOT / "models"
@@ -52,17 +51,7 @@ class FirstRunError(Exception):
 
 
 def models_dir_from_env(env: dict[str, str]) -> Path:
-    """The repository: CLIPSERVE_MODELS_DIR, else models/; CLIPSERVE_MODELS naming a directory is
-    the old spelling of CLIPSERVE_MODELS_DIR and still wins, with a warning."""
-    named = env.get("CLIPSERVE_MODELS", "")
-    if named and names_a_directory(named):
-        print(
-            f"clipserve: warning: CLIPSERVE_MODELS naming a directory is deprecated: "
-            f"use CLIPSERVE_MODELS_DIR={named}",
-            file=sys.stderr,
-            flush=True,
-        )
-        return Path(named)
+    """The repository: CLIPSERVE_MODELS_DIR, else models/."""
     return Path(env.get("CLIPSERVE_MODELS_DIR") or "models")
 
 
@@ -74,7 +63,7 @@ def check_models_dir(repo_dir: Path, env: dict[str, str]) -> bool:
     """Whether the demo model is to be built into `repo_dir`: only into the default models/ or
     when CLIPSERVE_BUILD_DEMO=1 asks, so a mistyped CLIPSERVE_MODELS_DIR is named, not filled."""
     default = repo_dir.resolve() == DEFAULT_MODELS_DIR.resolve()
-    where = "CLIPSERVE_MODELS_DIR" if env.get("CLIPSERVE_MODELS_DIR") else "CLIPSERVE_MODELS"
+    where = "CLIPSERVE_MODELS_DIR"
     if repo_dir.exists() and not repo_dir.is_dir():
         raise FirstRunError(f"model repository {repo_dir} is a file, not a directory (check {where})")
     if repo_dir.is_dir() and ModelRepository(repo_dir).models():
@@ -222,7 +211,7 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     repo_dir = models_dir_from_env(env)
     child_env = dict(env)
     repo = ModelRepository(repo_dir)
-    if env.get("CLIPSERVE_MODELS") and not names_a_directory(env["CLIPSERVE_MODELS"]):
+    if env.get("CLIPSERVE_MODELS"):
         try:
             wanted = [
                 parse_model_ref(ref.strip())[0] for ref in env["CLIPSERVE_MODELS"].split(",") if ref.strip()
@@ -233,10 +222,8 @@ def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
             raise FirstRunError(
                 f"none of the models in CLIPSERVE_MODELS ({', '.join(wanted)}) is published in {repo_dir}"
             )
-    else:
-        child_env.pop("CLIPSERVE_MODELS", None)
-        if check_models_dir(repo_dir, env):
-            build_demo(repo_dir, DEMO_MODEL, env)
+    elif check_models_dir(repo_dir, env):
+        build_demo(repo_dir, DEMO_MODEL, env)
     argv = ["clip-serve", "--models-dir", str(repo_dir), "--host", host, "--port", str(port)]
     if not env.get("CLIPSERVE_REDIS_URL"):
         # The service's default is a local Redis; an empty URL means the in-process cache only.

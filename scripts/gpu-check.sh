@@ -68,7 +68,7 @@ bash scripts/ensure-redis.sh || fail "no Redis for the tests"
 step "5. TensorRT export of a tiny model (random init, fp16 graphs and engines)"
 rm -rf "$WORK/models"
 "$PY" -m clipserve.export.cli --config training/configs/shapes-student.json --pretrained none --name tiny-trt \
-  --repo "$WORK/models" --fp16 --tensorrt || fail "TensorRT export"
+  --models-dir "$WORK/models" --fp16 --tensorrt || fail "TensorRT export"
 ls -l "$WORK"/models/tiny-trt/1/*.plan 2>/dev/null || fail "no engine written"
 
 step "6. clip-serve on the TensorRT engines, one request"

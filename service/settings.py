@@ -7,32 +7,19 @@ Fields used by the retrieval routers: `data_dir`, `collections_backend`, `postgr
 
 from __future__ import annotations
 
-import os
-import warnings
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-from clipserve.contract.cli_settings import CliSettings, CommaList, Renamed, usable_cores
+from clipserve.contract.cli_settings import CliSettings, CommaList, usable_cores
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
 
-def names_a_directory(value: str) -> bool:
-    """Whether a `models` value is a path rather than model names: model names hold no '/'."""
-    text = value.strip()
-    return bool(text) and "," not in text and ("/" in text or os.sep in text or Path(text).is_dir())
-
-
 class Settings(CliSettings):
     model_config = SettingsConfigDict(env_prefix="CLIPSERVE_")
-
-    renamed: ClassVar[tuple[Renamed, ...]] = (
-        Renamed("--serve", "models"),
-        Renamed("--threads", "intra_op_threads"),
-    )
 
     # Server
     host: str = Field("127.0.0.1", description="address to listen on; 0.0.0.0 for every interface")
@@ -50,7 +37,7 @@ class Settings(CliSettings):
     models: CommaList[str] = Field(
         default_factory=list,
         description="models to serve, as name (latest version, hot-reloaded) or name@version (pinned); "
-        "empty: every model in the repository (a directory here is read as --models-dir, deprecated)",
+        "empty: every model in the repository",
     )
     default_model: str | None = Field(None, description="model used when a request names none")
     precision: Literal["fp32", "fp16", "int8"] = Field("fp32", description="bundle variant to serve")
@@ -162,14 +149,11 @@ class Settings(CliSettings):
         description="json: one JSON object a line (for log collectors); text: one readable line each; "
         "none: text on a terminal, json otherwise",
     )
-    log_json: bool | None = Field(None, description="older switch for --log-format json (on) or text (off)")
 
     def resolved_log_format(self, on_terminal: bool) -> Literal["json", "text"]:
-        """The log format to use: --log-format, else the older --log-json, else by where logs go."""
+        """The log format to use: --log-format, else by where logs go."""
         if self.log_format is not None:
             return self.log_format
-        if self.log_json is not None:
-            return "json" if self.log_json else "text"
         return "text" if on_terminal else "json"
 
     @field_validator("log_level", mode="before")
@@ -183,18 +167,3 @@ class Settings(CliSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "none"):
             return None
         return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _models_naming_a_directory(cls, data: Any) -> Any:
-        # `clip-serve --models DIR` and `CLIPSERVE_MODELS=DIR` meant the repository before --models-dir
-        value = data.get("models") if isinstance(data, dict) else None
-        if isinstance(value, str) and names_a_directory(value):
-            warnings.warn(
-                f"--models / CLIPSERVE_MODELS naming a directory ({value}) is deprecated: "
-                f"use --models-dir / CLIPSERVE_MODELS_DIR for the repository",
-                FutureWarning,
-                stacklevel=2,
-            )
-            return {**data, "models_dir": value.strip(), "models": []}
-        return data

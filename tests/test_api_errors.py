@@ -28,7 +28,7 @@ def shared_client(tiny_repo, service_redis_url) -> Iterator[object]:
         preprocess_workers=2,
         reload_poll_s=0,
         max_body_bytes=2_000_000,
-        log_json=False,
+        log_format="text",
     )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         yield client

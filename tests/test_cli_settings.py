@@ -50,8 +50,6 @@ def test_help_lists_every_option_with_its_default_and_variable(
         assert re.search(rf"{re.escape(flag)}[ ,]", text) and f"env {variable}]" in text, name
         assert variable == variable.upper() and variable.endswith(name.upper())
     assert text.count("[default: ") + text.count("[required; ") == len(settings.model_fields)
-    for renamed in settings.renamed:
-        assert f"{renamed.old} " in text
 
 
 def test_distill_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -97,56 +95,23 @@ def test_defaults_then_file_then_environment_then_flags(
         load_settings(TrainSettings, ["--config", str(json_options)], "clip-distill")
 
 
-def test_clip_serve_old_spellings_work_with_one_line_warnings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    settings = settings_from(["--models", str(tmp_path), "--serve", "tiny,other@2", "--threads", "3"])
-    assert settings.models_dir == tmp_path and settings.models == ["tiny", "other@2"]
-    assert settings.intra_op_threads == 3
-    warned = capsys.readouterr().err.splitlines()
-    assert len(warned) == 3 and all("deprecated" in line for line in warned)
-    assert any(f"--models-dir {tmp_path}" in line for line in warned)
-
-    monkeypatch.setenv("CLIPSERVE_MODELS", str(tmp_path))
-    settings = settings_from([])
-    assert settings.models_dir == tmp_path and settings.models == []
-    warned = capsys.readouterr().err.splitlines()
-    assert len(warned) == 1 and "CLIPSERVE_MODELS_DIR" in warned[0]
-    monkeypatch.setenv("CLIPSERVE_MODELS", "tiny,other@2")
-    assert settings_from([]).models == ["tiny", "other@2"]
-    assert capsys.readouterr().err == ""
-
-
-def test_clip_export_and_distill_old_spellings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    exported = load_settings(ExportSettings, ["--repo", str(tmp_path), "--threads", "2"], "clip-export")
-    assert exported.models_dir == tmp_path and exported.torch_threads == 2
-    monkeypatch.setenv("CLIP_EXPORT_REPO", str(tmp_path / "env"))
-    assert load_settings(ExportSettings, [], "clip-export").models_dir == tmp_path / "env"
-    # the new spelling wins over the old one
-    monkeypatch.setenv("CLIP_EXPORT_MODELS_DIR", str(tmp_path / "new"))
-    assert load_settings(ExportSettings, [], "clip-export").models_dir == tmp_path / "new"
-
-    argv = [
-        "--student",
-        "s.json",
-        "--data",
-        "d.csv",
-        "--publish",
-        str(tmp_path),
-        "--threads",
-        "2",
-        "--no-eval",
-    ]
-    trained = load_settings(TrainSettings, argv, "clip-distill")
-    assert trained.models_dir == tmp_path and trained.torch_threads == 2 and trained.evaluate is False
-    options = tmp_path / "old.yaml"
-    options.write_text(f"student: s.json\ndata: d.csv\npublish: {tmp_path}\nthreads: 3\n")
-    from_file = load_settings(TrainSettings, ["--config", str(options)], "clip-distill")
-    assert from_file.models_dir == tmp_path and from_file.torch_threads == 3
-    warned = capsys.readouterr().err.splitlines()
-    assert len(warned) == 9 and all(line.startswith("clip-") and "deprecated" in line for line in warned)
+@pytest.mark.parametrize(
+    ("cls", "prog", "argv"),
+    [
+        (None, "clip-serve", ["--serve", "tiny"]),
+        (None, "clip-serve", ["--threads", "3"]),
+        (ExportSettings, "clip-export", ["--repo", "models"]),
+        (TrainSettings, "clip-distill", ["--publish", "models"]),
+        (TrainSettings, "clip-distill", ["--no-eval"]),
+    ],
+)
+def test_pre_release_spellings_are_unknown_flags_in_one_line(cls, prog: str, argv: list[str]) -> None:
+    """0.1.0 had no users to migrate: the old spellings are gone, and saying one is a plain mistake."""
+    with pytest.raises(SettingsError, match=rf"unrecognized arguments: {argv[0]}.*see {prog} --help"):
+        if cls is None:
+            settings_from(argv)
+        else:
+            load_settings(cls, argv, prog)
 
 
 @pytest.mark.parametrize(
@@ -193,9 +158,9 @@ def clip_serve(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[s
 
 def test_clip_serve_names_a_missing_repository_in_one_line(tmp_path: Path) -> None:
     missing = tmp_path / "no" / "models"
-    for env, argv in (({"CLIPSERVE_MODELS": str(missing)}, ()), ({}, ("--models-dir", str(missing)))):
+    for env, argv in (({"CLIPSERVE_MODELS_DIR": str(missing)}, ()), ({}, ("--models-dir", str(missing)))):
         result = clip_serve(env, *argv)
-        errors = [line for line in result.stderr.splitlines() if "deprecated" not in line]
+        errors = result.stderr.splitlines()
         assert result.returncode == 1 and len(errors) == 1, result.stderr
         assert f"model repository {missing} does not exist" in errors[0]
 

@@ -168,14 +168,6 @@ def test_serves_a_repository_prints_the_urls_and_stops_on_ctrl_c(
         httpx.get(f"{run.base}/readyz", timeout=5)
 
 
-def test_clipserve_models_naming_a_directory_serves_that_repository(serve, tiny_repo: Path) -> None:
-    run = serve(None, CLIPSERVE_MODELS=str(tiny_repo))
-    out = run.wait_for("clipserve is ready", 90)
-    assert served(run.base) == ["tiny@1"]
-    # the old spelling of CLIPSERVE_MODELS_DIR, said once, in one line
-    assert out.count("deprecated") == 1 and f"use CLIPSERVE_MODELS_DIR={tiny_repo}" in out
-
-
 def test_redis_is_used_when_its_url_is_set(serve, tiny_repo: Path, tmp_path: Path) -> None:
     """The tiny model's texts cost less than a round trip, so `auto` keeps them in-process; asked to
     share them, every replica finds them in Redis (written just after the response)."""

@@ -103,7 +103,7 @@ def test_log_format_is_text_on_a_terminal_and_json_otherwise() -> None:
     assert Settings().resolved_log_format(on_terminal=True) == "text"
     assert Settings().resolved_log_format(on_terminal=False) == "json"
     assert Settings(log_format="json").resolved_log_format(on_terminal=True) == "json"
-    assert Settings(log_json=False).resolved_log_format(on_terminal=False) == "text"
+    assert Settings(log_format="text").resolved_log_format(on_terminal=False) == "text"
 
 
 def test_clip_serve_names_a_taken_port_in_one_line_without_loading(tiny_repo: Path) -> None:

@@ -12,7 +12,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from clipserve.contract.cli_settings import CliSettings, CommaList, Renamed
+from clipserve.contract.cli_settings import CliSettings, CommaList
 
 TEACHER_HELP = "open_clip name, run folder of ours, or several comma-separated (an ensemble)"
 TEACHER_PRETRAINED_HELP = "tag, checkpoint file or 'none': one for every teacher, or one per teacher"
@@ -26,11 +26,6 @@ class TrainSettings(CliSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLIP_DISTILL_TRAIN_")
 
-    renamed: ClassVar[tuple[Renamed, ...]] = (
-        Renamed("--publish", "models_dir"),
-        Renamed("--threads", "torch_threads"),
-        Renamed("--no-eval", "evaluate", value=False),
-    )
     options_file: ClassVar[str | None] = "config"
 
     config: Path | None = Field(

@@ -4,9 +4,8 @@ is its flags, its environment variables and its `--help`, listed once.
 A field `max_wait_ms` of a class whose `env_prefix` is `CLIPSERVE_` is the flag `--max-wait-ms` and
 the environment variable `CLIPSERVE_MAX_WAIT_MS`; a bool field is `--x` / `--no-x`. Where one value
 is given several ways, the later wins: the field's default, an options file (for a class that names
-one, `options_file`), the environment, the flags. Old spellings (`Renamed`) keep working for one
-release, each with a one-line warning. A bad value is a `SettingsError` whose message is one line
-naming the flag, variable or file it came from.
+one, `options_file`), the environment, the flags. A bad value is a `SettingsError` whose message is
+one line naming the flag, variable or file it came from.
 
 Only pydantic and pydantic-settings: the service, the exporter and training all use it.
 """
@@ -19,9 +18,7 @@ import os
 import sys
 import types
 import typing
-import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
@@ -56,37 +53,12 @@ T = TypeVar("T")
 # A list field given as `a,b` or as JSON; NoDecode leaves the splitting to split_list.
 CommaList = Annotated[list[T], NoDecode, BeforeValidator(split_list)]
 
-_GIVEN: Any = object()  # Renamed.value when the old flag takes the value the new one takes
-
-
-@dataclass(frozen=True)
-class Renamed:
-    """An old spelling that still sets `field` for one release, with a warning.
-
-    `old` is the old flag (`--repo`); `value` a constant for old switches (`--no-eval` sets
-    `evaluate` to False); `env`: the variable spelled after the old flag was read too and still is.
-    An options file may use the old flag's name as a key."""
-
-    old: str
-    field: str
-    value: Any = _GIVEN
-    env: bool = False
-
-    @property
-    def takes_value(self) -> bool:
-        return self.value is _GIVEN
-
-    @property
-    def old_key(self) -> str:
-        return self.old.removeprefix("--").replace("-", "_")
-
 
 class CliSettings(BaseSettings):
     """Base of every command's settings. Subclasses set `env_prefix` in their `model_config`."""
 
     model_config = SettingsConfigDict(extra="forbid", validate_default=True)
 
-    renamed: ClassVar[tuple[Renamed, ...]] = ()
     # The field naming a YAML or JSON file of options (keys: the field or flag names), if any.
     options_file: ClassVar[str | None] = None
 
@@ -157,7 +129,7 @@ def _help(cls: type[CliSettings], name: str, info: FieldInfo) -> str:
 def build_parser(
     cls: type[CliSettings], prog: str, description: str | None = None, epilog: str | None = None
 ) -> argparse.ArgumentParser:
-    """The flags of `cls`: one per field, then its old spellings in a group of their own."""
+    """The flags of `cls`: one per field."""
     note = f"Every option is also an environment variable {cls.env_name('')}<OPTION>; flags win over it."
     parser = _Parser(
         prog=prog,
@@ -180,29 +152,10 @@ def build_parser(
             parser.add_argument(
                 cls.flag(name), dest=name, default=None, metavar=_metavar(info), help=_help(cls, name, info)
             )
-    if cls.renamed:
-        old = parser.add_argument_group("old spellings (still accepted for one release, with a warning)")
-        for index, renamed in enumerate(cls.renamed):
-            new = cls.flag(renamed.field)
-            if renamed.takes_value:
-                metavar = _metavar(cls.model_fields[renamed.field])
-                old.add_argument(
-                    renamed.old, dest=f"_renamed_{index}", default=None, metavar=metavar, help=f"now {new}"
-                )
-            else:
-                shown = new if renamed.value is not False else f"--no-{new.removeprefix('--')}"
-                old.add_argument(
-                    renamed.old,
-                    dest=f"_renamed_{index}",
-                    action="store_const",
-                    const=renamed.value,
-                    default=None,
-                    help=f"now {shown}",
-                )
     return parser
 
 
-def read_options_file(cls: type[CliSettings], path: Path, notes: list[str]) -> dict[str, Any]:
+def read_options_file(cls: type[CliSettings], path: Path) -> dict[str, Any]:
     """Options from a YAML (.yaml, .yml) or JSON file: a mapping of field or flag names to values."""
     try:
         text = path.read_text()
@@ -222,11 +175,6 @@ def read_options_file(cls: type[CliSettings], path: Path, notes: list[str]) -> d
     if not isinstance(data, dict):
         raise SettingsError(f"options file {path} must hold a mapping of option names to values")
     options = {str(key).replace("-", "_"): value for key, value in data.items()}
-    for renamed in cls.renamed:
-        if renamed.takes_value and renamed.old_key in options:
-            notes.append(f"{renamed.old_key} in {path} is deprecated: use {renamed.field}")
-            value = options.pop(renamed.old_key)
-            options.setdefault(renamed.field, value)
     unknown = sorted(set(options) - set(cls.model_fields) - {cls.options_file})
     if unknown:
         raise SettingsError(f"unknown option(s) in {path}: {unknown}")
@@ -259,26 +207,15 @@ def _describe(exc: ValidationError, cls: type[CliSettings], origin: Mapping[str,
     return line + (f" (and {more} more problem{'s' if more > 1 else ''})" if more else "")
 
 
-def validated(
-    cls: type[S], values: Mapping[str, Any], origin: Mapping[str, str] | None = None, prog: str | None = None
-) -> S:
+def validated(cls: type[S], values: Mapping[str, Any], origin: Mapping[str, str] | None = None) -> S:
     """`cls(**values)` (the environment fills in what `values` leaves out), a bad value raised as a
-    one-line SettingsError. For a command (`prog`), its validators' deprecation warnings are printed
-    one line each."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FutureWarning)
-        try:
-            settings = cls(**values)
-        except ValidationError as exc:
-            raise SettingsError(_describe(exc, cls, origin or {})) from None
-        except EnvParseError as exc:
-            raise SettingsError(str(exc)) from None
-    for warning in caught:
-        if prog is not None and issubclass(warning.category, FutureWarning):
-            print(f"{prog}: warning: {warning.message}", file=sys.stderr)
-        else:
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return settings
+    one-line SettingsError."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, cls, origin or {})) from None
+    except EnvParseError as exc:
+        raise SettingsError(str(exc)) from None
 
 
 def load_settings(
@@ -292,41 +229,17 @@ def load_settings(
     a class with an options file, that file. `--help` prints every option and exits."""
     parser = build_parser(cls, prog, description, epilog)
     given = vars(parser.parse_args(sys.argv[1:] if argv is None else list(argv)))
-    notes: list[str] = []
-    flags: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for key, value in given.items():
-        if value is not None and not key.startswith("_renamed_"):
-            flags[key], origin[key] = value, cls.flag(key)
-    for key, value in given.items():
-        if value is not None and key.startswith("_renamed_"):
-            renamed = cls.renamed[int(key.removeprefix("_renamed_"))]
-            notes.append(f"{renamed.old} is deprecated: use {cls.flag(renamed.field)}")
-            if renamed.field not in flags:
-                flags[renamed.field], origin[renamed.field] = value, renamed.old
-    environment = _environment_names()
-    in_env = {name for name in cls.model_fields if cls.env_name(name) in environment}
-    old_env: dict[str, Any] = {}
-    for renamed in cls.renamed:
-        variable = cls.env_name(renamed.old_key)
-        if renamed.env and variable in os.environ:
-            notes.append(f"{variable} is deprecated: use {cls.env_name(renamed.field)}")
-            if renamed.field not in in_env:
-                old_env[renamed.field] = os.environ[variable]
-                origin.setdefault(renamed.field, variable)
+    flags = {key: value for key, value in given.items() if value is not None}
+    origin = {key: cls.flag(key) for key in flags}
+    in_env = {name for name in cls.model_fields if cls.env_name(name) in _environment_names()}
     from_file: dict[str, Any] = {}
     if cls.options_file is not None:
         path = flags.get(cls.options_file) or os.environ.get(cls.env_name(cls.options_file))
         if path:
             # the environment outranks the file: its keys are left to it
-            outranked = in_env | set(old_env)
             from_file = {
-                key: value
-                for key, value in read_options_file(cls, Path(path), notes).items()
-                if key not in outranked
+                key: value for key, value in read_options_file(cls, Path(path)).items() if key not in in_env
             }
             for key in from_file:
                 origin.setdefault(key, f"{key} in {path}")
-    for note in notes:
-        print(f"{prog}: warning: {note}", file=sys.stderr)
-    return validated(cls, {**from_file, **old_env, **flags}, origin, prog)
+    return validated(cls, {**from_file, **flags}, origin)

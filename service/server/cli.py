@@ -16,7 +16,7 @@ from clipserve.service.runtime.gpu_stack import check_single_onnxruntime
 from clipserve.service.server.listen import PortUnavailable, check_port
 from clipserve.service.server.logs import configure_logging
 from clipserve.service.server.startup import StartupProblems, startup_summary
-from clipserve.service.settings import Settings, names_a_directory
+from clipserve.service.settings import Settings
 
 PROG = "clip-serve"
 log = logging.getLogger("clipserve.start")
@@ -27,24 +27,7 @@ class RepositoryError(Exception):
     """The model repository cannot serve what the settings ask for; the message says what to do."""
 
 
-def _old_models_flag(argv: Sequence[str]) -> list[str]:
-    """`--models DIR` (before --models-dir) as `--models-dir DIR`, so that `--models DIR --serve a,b`
-    keeps its old meaning too; `--models a,b` is the list of models to serve."""
-    rewritten = list(argv)
-    for index, arg in enumerate(rewritten):
-        name, equals, value = arg.partition("=")
-        if name != "--models":
-            continue
-        if not equals and index + 1 < len(rewritten):
-            value = rewritten[index + 1]
-        if value and names_a_directory(value):
-            print(f"{PROG}: warning: --models DIR is deprecated: use --models-dir {value}", file=sys.stderr)
-            rewritten[index] = "--models-dir" + (f"={value}" if equals else "")
-    return rewritten
-
-
 def settings_from(argv: Sequence[str] | None) -> Settings:
-    argv = _old_models_flag(sys.argv[1:] if argv is None else argv)
     return load_settings(Settings, argv, PROG, description=__doc__)
 
 
