@@ -1,6 +1,7 @@
 """scripts/container-smoke.sh and its checks, without a container engine: what the smoke does where
-there is none, the metric arithmetic its checks rest on, and the README's compose commands being the
-ones it runs. The smoke itself runs the stack for real (`make container-smoke`, in CI).
+there is none, the metric arithmetic its checks rest on, and the compose commands of the docs
+(docs/deployment.md) being the ones it runs. The smoke itself runs the stack for real
+(`make container-smoke`, in CI).
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def smoke_compose_commands() -> set[tuple[str, ...]]:
     return commands
 
 
-def test_readme_compose_commands_are_the_ones_the_smoke_runs() -> None:
-    readme = {
+def test_documented_compose_commands_are_the_ones_the_smoke_runs() -> None:
+    documented = {
         tuple(argv[2:])
         for argv in documented_commands()
         if argv[:2] == ["docker", "compose"] and "--profile" not in argv
@@ -98,4 +99,4 @@ def test_readme_compose_commands_are_the_ones_the_smoke_runs() -> None:
     smoke = smoke_compose_commands()
     assert ("up", "-d", "--scale", "api=3") in smoke and ("restart", "redis") in smoke
     # The profiles (trainer: a multi-GB image; gpu: no GPU in CI) are documented, not smoke-tested.
-    assert readme == smoke
+    assert documented == smoke

@@ -5,8 +5,8 @@ What a build would do is checked piece by piece against the real project: the fi
 COPYs exist and, copied alone, build a wheel that carries the service and the demo page; the
 extras each image installs exist in pyproject.toml (and the serving image's hold no torch); the
 images run as a non-root user; the serving image's CMD, run here exactly as written, starts the
-real service and its HEALTHCHECK command passes against it; and the README gives the
-same install and start commands as the images, so the two cannot drift apart.
+real service and its HEALTHCHECK command passes against it; and the docs (README.md, docs/) give
+the same install and start commands as the images, so the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def markdown_commands(text: str) -> list[list[str]]:
 
 
 def documented_commands() -> list[list[str]]:
-    return markdown_commands((ROOT / "README.md").read_text())
+    """The commands of README.md and of the pages under docs/, where deployment is told in full."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return [argv for page in pages for argv in markdown_commands(page.read_text())]
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -309,10 +311,10 @@ def test_docs_give_the_images_install_and_start_commands(capsys: pytest.CaptureF
     commands = documented_commands()
     serve = dockerfile("serve")
     installs = [project_extras(argv) for argv in commands if project_extras(argv)]
-    assert pip_installed_extras(serve) in installs, "no `pip install '.[serve]'` in README.md"
+    assert pip_installed_extras(serve) in installs, "no `pip install '.[serve]'` in the docs"
     cmd = only(serve, "CMD").exec_form
     starts = [argv for argv in commands if argv and argv[0] == cmd[0]]
-    assert starts, "README.md never shows how to start clip-serve"
+    assert starts, "the docs never show how to start clip-serve"
     image_flags = {arg for arg in cmd if arg.startswith("--")}
     for argv in [cmd, *starts]:
         if "--help" not in argv:
