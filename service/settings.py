@@ -134,6 +134,9 @@ class Settings(CliSettings):
     max_text_chars: int = Field(2000, ge=1, description="characters in one text")
     max_image_pixels: int = Field(50_000_000, ge=1, description="pixels in one decoded image")
     max_top_k: int = Field(1000, ge=1, description="largest top_k a request may ask for")
+    max_metadata_bytes: int = Field(
+        16 * 1024, ge=64, description="bytes of one collection item's metadata, as compact JSON"
+    )
 
     # Image URLs
     url_fetch_enabled: bool = Field(False, description="accept image URLs and fetch them")
