@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from clipserve.contract.bundle import ModelRepository
-from tests.fixtures.service import b64, image_bytes
+from tests.fixtures.service import LOCAL_URL, b64, image_bytes
 
 ADMIN = {"Authorization": "Bearer admin-k"}
 
@@ -215,8 +215,18 @@ def test_start_skips_broken_bundles_and_serves_the_rest(make_client, own_repo: P
         other = staging.publish(source.manifest.model_copy(update={"name": "other"}))
     damaged = other.path / "text.onnx"
     damaged.write_bytes(damaged.read_bytes()[:-10])
+    (own_repo / "other" / "7").mkdir()  # a version folder without a manifest
     client = make_client(models_dir=own_repo)
-    assert client.get("/readyz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    # which versions were left out and why, in words: no path, no exception text (those are logged)
+    corrupt = "a file does not match the manifest (missing, of another size, or corrupted)"
+    assert sorted(ready.json()["left_out"], key=lambda e: (e["model"], e["version"])) == [
+        {"model": "other", "version": 1, "reason": corrupt},
+        {"model": "other", "version": 7, "reason": "no manifest.json: never published, or copied in part"},
+        {"model": "tiny", "version": 2, "reason": corrupt},
+    ]
+    assert str(own_repo) not in ready.text and ".onnx" not in ready.text
     served = {m["name"]: m["version"] for m in client.get("/v1/models").json()["data"]}
     assert served == {"tiny": 1}, "tiny starts on its last good version; other has none and is left out"
     assert newest == 2
@@ -232,6 +242,6 @@ def test_start_fails_clearly_when_no_model_loads(make_settings, own_repo: Path) 
     corrupt.write_bytes(b"garbage")
     with (
         pytest.raises(Exception, match=r"no model .* could be loaded; left out: .*tiny@1: .*text\.onnx"),
-        TestClient(create_app(make_settings(models_dir=own_repo))),
+        TestClient(create_app(make_settings(models_dir=own_repo)), base_url=LOCAL_URL),
     ):
         pass
