@@ -51,7 +51,7 @@ class LeftOut:
 def refusal_reason(exc: BaseException) -> str:
     """Why a version was refused, in words that name no path and quote no exception."""
     if isinstance(exc, BundleIntegrityError):
-        return "a file does not match the manifest (missing, of another size, or corrupted)"
+        return "a file it lists is missing, corrupted, or outside the bundle"
     if isinstance(exc, TokenizerError):
         return "its tokenizer files cannot be used"
     if isinstance(exc, BundleNotFoundError):
