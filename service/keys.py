@@ -168,7 +168,7 @@ class KeyRing:
         self._next_check = 0.0
         self._file_state: _FileState | None = None
         self._failing: str | None = None
-        self._keys = dict(self._fixed)
+        self._use(dict(self._fixed))
         if keys_file is not None:
             self._load(self._stat_or_raise(), raise_errors=True)
             self._next_check = clock() + check_every_s
@@ -179,14 +179,12 @@ class KeyRing:
         """The scopes of a Bearer token, or None when it is no key of ours."""
         return None if not token else self._keys.get(_digest(token))
 
-    @property
-    def auth_on(self) -> bool:
-        """Whether the data routes need a key: as soon as any key has read or write."""
-        return any(scopes & DATA_SCOPES for scopes in self._keys.values())
-
-    @property
-    def admin_on(self) -> bool:
-        return any("admin" in scopes for scopes in self._keys.values())
+    def _use(self, keys: dict[bytes, frozenset[Scope]]) -> None:
+        """Put `keys` in force; what every request asks of them is worked out here, once."""
+        self._keys = keys
+        # the data routes need a key as soon as one key has read or write
+        self.auth_on = any(scopes & DATA_SCOPES for scopes in keys.values())
+        self.admin_on = any("admin" in scopes for scopes in keys.values())
 
     def counts(self) -> dict[Scope, int]:
         """Keys per scope, for the start-up summary and the log."""
@@ -228,7 +226,7 @@ class KeyRing:
             self._report(str(exc))
             return
         first = self._file_state is None
-        self._keys = _merged(self._fixed.items(), from_file.items())
+        self._use(_merged(self._fixed.items(), from_file.items()))
         self._file_state, self._failing = state, None
         counts = ", ".join(f"{scope} {count}" for scope, count in self.counts().items())
         log.info(

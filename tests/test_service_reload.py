@@ -174,7 +174,7 @@ def test_disconnected_clients_work_is_dropped(live_server, make_settings) -> Non
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
-            b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST /v1/embed HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n".encode()
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

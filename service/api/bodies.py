@@ -29,7 +29,8 @@ from pydantic.fields import FieldInfo
 from starlette.datastructures import UploadFile
 
 M = TypeVar("M", bound=BaseModel)
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# URL-encoded forms are refused before a route is reached (clipserve.service.api.guards.ContentTypes)
+FORM_TYPES = ("multipart/form-data",)
 IMAGE_FIELDS = ("images", "image")
 
 

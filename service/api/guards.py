@@ -25,7 +25,7 @@ import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
-from clipserve.service.api.middleware import send_error
+from clipserve.service.api.middleware import _header, send_error
 from fastapi.routing import APIRoute, APIRouter
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -34,13 +34,6 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 PROBE_PATHS = frozenset({"/livez", "/readyz"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", []):
-        if key == name:
-            return value.decode("latin-1")
-    return None
 
 
 def is_loopback(host: str) -> bool:
