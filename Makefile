@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 GPU_VENV ?= .venv-gpu
 GPU_EXTRAS ?= serve-gpu,train-gpu,dev
 
-.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check container-smoke gpu-image-check
+.PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check container-smoke gpu-image-check \
+	compose-env constraints
 
 venv: $(STAMP)
 
@@ -37,8 +38,17 @@ lint: venv
 serve:
 	@bash scripts/serve.sh
 
+# The passwords of docker-compose.yml in .env (generated where missing, kept where present).
+compose-env:
+	@bash scripts/compose-env.sh
+
+# docker/constraints-serve.txt from an environment resolved now; run after changing a requirement.
+PYTHON_IMAGE_VERSION ?= python3.11
+constraints:
+	$(PYTHON_IMAGE_VERSION) docker/constraints.py serve docker/constraints-serve.txt
+
 # docker-compose.yml for real: build, run three replicas, check through the proxy, take it down.
-container-smoke: venv
+container-smoke: venv compose-env
 	@bash scripts/container-smoke.sh
 
 # docker/Dockerfile.serve-gpu built (the CUDA-provider set, GPU_SET=serve-gpu-cuda, unless told) and

@@ -412,7 +412,7 @@ def served_check(model_dir: Path, out: Path, data_spec: str, eval_size: int) -> 
             reload_poll_s=0,
         )
         hits = 0
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
             for start in range(0, len(encoded), 64):
                 body = {
                     "images": encoded[start : start + 64],

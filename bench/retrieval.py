@@ -208,7 +208,7 @@ def items_per_second(
             reload_poll_s=0,
             log_json=False,
         )
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
             client.post("/v1/collections", json={"name": "items", "model": model})
             result = {"model": client.get("/v1/collections/items").json()["model"]}
             # Image batches stay within the service's per-request image and body limits.

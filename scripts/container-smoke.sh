@@ -134,6 +134,9 @@ main() {
   stage "base images"
   scripts/container-bases.sh "${BASES[@]}"
 
+  stage "passwords (.env)"
+  scripts/compose-env.sh
+
   stage "venv (clip-export)"
   [ -x "$VENV/bin/clip-export" ] || make --no-print-directory venv VENV="$VENV"
 

@@ -35,6 +35,8 @@ MODEL = "smoke"
 LABELSET = "smoke-shapes"
 COLLECTION = "smoke-items"
 API_UID = 10001
+# CAP_CHOWN (0), CAP_SETGID (6), CAP_SETUID (7): what docker-compose.yml leaves nginx
+PROXY_CAPABILITIES = (1 << 0) | (1 << 6) | (1 << 7)
 # A request run inside a replica with its own Python: method, path and JSON body on stdin, status and
 # body on stdout. The images carry no curl.
 _IN_REPLICA = """
@@ -413,6 +415,45 @@ class Smoke:
             users.append(f"{service} uid {uid}")
         return f"all {len(users)} containers healthy; PID 1 runs as: {', '.join(sorted(set(users)))}"
 
+    def hardening(self) -> str:
+        """docker-compose.yml's hardening, as each container's PID 1 sees it: a read-only root file
+        system, no capability left in its bounding set (the proxy: CHOWN, SETGID and SETUID only),
+        no_new_privs; Redis refusing a client without the password; the api's PostgreSQL role no
+        superuser."""
+        seen = []
+        for container in self.engine.containers():
+            service = self.engine.inspect(container, '{{index .Config.Labels "com.docker.compose.service"}}')
+            status = self.engine.run([self.engine.engine, "exec", container, "cat", "/proc/1/status"])
+            bounding = int(re.search(r"^CapBnd:\s+([0-9a-f]+)", status, re.M).group(1), 16)
+            allowed = PROXY_CAPABILITIES if service == "proxy" else 0
+            check(
+                bounding & ~allowed == 0,
+                f"{container}: capabilities {bounding:#x} left, {allowed:#x} at most",
+            )
+            check(
+                re.search(r"^NoNewPrivs:\s+1$", status, re.M) is not None, f"{container}: no_new_privs is off"
+            )
+            mounts = self.engine.run([self.engine.engine, "exec", container, "cat", "/proc/1/mounts"])
+            root = [line.split() for line in mounts.splitlines() if line.split()[1:2] == ["/"]]
+            check(bool(root) and root[-1][3].split(",")[0] == "ro", f"{container}: / is not read-only")
+            seen.append(service)
+        redis = self.engine.containers("redis")[0]
+        # redis-cli's exit status on an error reply differs between versions: read what it says
+        anonymous = self.engine.run(
+            [self.engine.engine, "exec", redis, "sh", "-c", "env -u REDISCLI_AUTH redis-cli ping 2>&1; true"]
+        )
+        check("NOAUTH" in anonymous, f"redis answered a client without the password: {anonymous.strip()}")
+        postgres = self.engine.containers("postgres")[0]
+        superuser = self.engine.run(
+            [self.engine.engine, "exec", postgres, "psql", "-U", "postgres", "-d", "clipserve", "-tAc",
+             "SELECT rolsuper FROM pg_roles WHERE rolname = 'clipserve'"]
+        ).strip()  # fmt: skip
+        check(superuser == "f", f"the api's PostgreSQL role clipserve: rolsuper {superuser!r}, expected 'f'")
+        return (
+            f"{len(seen)} containers read-only, without capabilities (the proxy: {PROXY_CAPABILITIES:#x}), "
+            "no_new_privs; Redis refuses a client without the password; the api's role is no superuser"
+        )
+
     # Driver ------------------------------------------------------------------------------------
 
     def step(self, name: str, run: Callable[[], str]) -> bool:
@@ -436,6 +477,7 @@ class Smoke:
             ("every replica answers", self.every_replica_answers),
             ("hot swap under load", self.hot_swap),
             ("users and healthchecks", self.users_and_health),
+            ("hardening", self.hardening),
             ("redis restart under load", self.redis_restart),
         ]
         for name, run in steps:

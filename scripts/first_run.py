@@ -179,9 +179,13 @@ def wait_ready(base: str, server: subprocess.Popen, timeout_s: float) -> str:
 
 def auth_line(env: dict[str, str]) -> str:
     keys = [key for key in re.split(r"[,\s]+", env.get("CLIPSERVE_API_KEYS", "").strip("[]")) if key]
-    if not keys:
-        return "off: no key needed (set CLIPSERVE_API_KEYS to require one)"
-    return f"on: {len(keys)} API key(s); the demo page and /docs ask for one (Authorize)"
+    key_file = env.get("CLIPSERVE_API_KEYS_FILE", "").strip()
+    if not keys and not key_file:
+        return "off: no key needed (set CLIPSERVE_API_KEYS or CLIPSERVE_API_KEYS_FILE to require one)"
+    where = ", ".join(
+        [*([f"{len(keys)} API key(s)"] if keys else []), *([f"keys of {key_file}"] if key_file else [])]
+    )
+    return f"on: {where}; the demo page and /docs ask for one (Authorize)"
 
 
 def banner(base: str, ready: dict, cache: str, auth: str) -> str:

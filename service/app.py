@@ -17,6 +17,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from clipserve.service.api import ROUTERS
 from clipserve.service.api.docs import install_docs
 from clipserve.service.api.errors import install_error_handlers
+from clipserve.service.api.guards import AllowedHosts, ContentTypes, CrossSiteWrites, resolved_allowed_hosts
 from clipserve.service.api.middleware import Auth, BodyLimit, RequestContext
 from clipserve.service.classification import Classifier
 from clipserve.service.collections import Collections
@@ -25,6 +26,7 @@ from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.loading import return_memory_when_idle, serve_from_the_heap
 from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.keys import KeyRing
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
@@ -106,8 +108,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     install_docs(app)
+    # Added innermost first: a request meets RequestContext, AllowedHosts, CORS, CrossSiteWrites,
+    # Auth, ContentTypes and BodyLimit in that order, so a refusal costs no more than its check.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(Auth, api_keys=settings.api_keys, admin_key=settings.admin_key)
+    app.add_middleware(ContentTypes, routers=ROUTERS)
+    app.add_middleware(Auth, keys=key_ring(settings), metrics_open=settings.metrics_open)
+    app.add_middleware(CrossSiteWrites, cors_origins=settings.cors_origins)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -116,5 +122,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_headers=["*"],
             expose_headers=["X-Request-ID", "Retry-After"],
         )
+    app.add_middleware(AllowedHosts, allowed=resolved_allowed_hosts(settings.allowed_hosts, settings.host))
     app.add_middleware(RequestContext, metrics=app.state.metrics)
     return app
+
+
+def key_ring(settings: Settings) -> KeyRing:
+    """The API keys of the settings; KeyFileError when the key file cannot be used."""
+    return KeyRing(settings.api_keys, settings.admin_key, settings.api_keys_file)

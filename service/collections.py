@@ -16,6 +16,7 @@ again on the next call. Store calls block, so they run in worker threads.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from typing import Any, Literal, TypeVar
@@ -35,7 +36,7 @@ from clipserve.service.api.schemas import (
     UpsertItems,
 )
 from clipserve.service.embedding import Embedder
-from clipserve.service.errors import Conflict, InvalidInput, NotFound
+from clipserve.service.errors import Conflict, InvalidInput, NotFound, TooLarge
 from clipserve.service.inference.engine import ModelEngine
 from clipserve.service.inference.inputs import is_url
 from clipserve.service.inference.registry import ModelRegistry
@@ -117,6 +118,7 @@ class Collections:
         images = {i: item.image for i, item in enumerate(items) if item.image is not None}
         check_item_texts(texts, self.settings, field="items")
         check_images(len(images), self.settings, field="items (images)")
+        check_metadata(items, self.settings.max_metadata_bytes)
         for position, item in enumerate(items):
             if item.vector is not None and len(item.vector) != binding.dim:
                 raise InvalidInput(
@@ -244,6 +246,24 @@ class Collections:
                 code="model_mismatch",
             )
         return engine
+
+
+def check_metadata(items: list[Item], limit: int) -> None:
+    """Each item's metadata at most `limit` bytes as compact JSON: a search answers up to top_k
+    items with their metadata, so this bounds what one answer can weigh."""
+    for position, item in enumerate(items):
+        size = len(
+            json.dumps(item.metadata, separators=(",", ":"), ensure_ascii=False).encode(
+                errors="surrogatepass"
+            )
+        )
+        if size > limit:
+            raise TooLarge(
+                f"items[{position}].metadata has {size} bytes as JSON, at most {limit} allowed "
+                "(CLIPSERVE_MAX_METADATA_BYTES)",
+                code="metadata_too_large",
+                index=position,
+            )
 
 
 def _source(item: Item) -> Source | None:

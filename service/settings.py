@@ -108,10 +108,36 @@ class Settings(CliSettings):
         "takes at least ten times as long as a Redis look-up (both measured at start), else local",
     )
 
-    # Security and limits
-    api_keys: CommaList[str] = Field(default_factory=list, description="Bearer keys; empty turns auth off")
-    admin_key: str | None = Field(None, description="Bearer key of /v1/admin/*; none: admin routes off")
-    cors_origins: CommaList[str] = Field(default_factory=list, description="origins allowed by CORS")
+    # Security and limits (docs/security.md)
+    api_keys: CommaList[str] = Field(
+        default_factory=list,
+        description="Bearer keys with the read and write scopes; auth is off while no key has read or "
+        "write (here or in --api-keys-file)",
+    )
+    admin_key: str | None = Field(
+        None, description="Bearer key with the admin scope only (/v1/admin/*); no admin key: admin routes off"
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="file of Bearer keys, one a line: '<key> <scope>[,<scope>...]' with the scopes read, "
+        "write, admin, metrics; '#' starts a comment; re-read within a second of a change",
+    )
+    metrics_open: bool = Field(
+        False,
+        description="serve /metrics without a key while auth is on (for a Prometheus scraping over a "
+        "private network); off: /metrics needs a key with the metrics scope",
+    )
+    allowed_hosts: CommaList[str] = Field(
+        default_factory=list,
+        description="host names the service answers to (the Host header, any port): names, "
+        "'*.example.com', or '*' for any; empty: localhost, 127.0.0.1 and [::1] when --host is a "
+        "loopback address, any host otherwise",
+    )
+    cors_origins: CommaList[str] = Field(
+        default_factory=list,
+        description="origins whose pages may call the service from a browser (CORS); empty: none, "
+        "only the service's own pages",
+    )
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="largest request body")
     max_images_per_request: int = Field(64, ge=1, description="images in one request")
     max_texts_per_request: int = Field(512, ge=1, description="texts in one request")
@@ -121,6 +147,9 @@ class Settings(CliSettings):
     max_text_chars: int = Field(2000, ge=1, description="characters in one text")
     max_image_pixels: int = Field(50_000_000, ge=1, description="pixels in one decoded image")
     max_top_k: int = Field(1000, ge=1, description="largest top_k a request may ask for")
+    max_metadata_bytes: int = Field(
+        16 * 1024, ge=64, description="bytes of one collection item's metadata, as compact JSON"
+    )
 
     # Image URLs
     url_fetch_enabled: bool = Field(False, description="accept image URLs and fetch them")
@@ -160,6 +189,17 @@ class Settings(CliSettings):
     @classmethod
     def _level_name(cls, value: object) -> object:
         return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if "/" in entry or "@" in entry or not entry.strip():
+                raise ValueError(
+                    f"{entry!r} is not a host name: give names as the Host header has them "
+                    "(api.example.com, *.example.com, [::1]) or '*', without a scheme or path"
+                )
+        return value
 
     @field_validator("redis_url", mode="before")
     @classmethod

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures.service import b64, image_bytes
+from tests.fixtures.service import LOCAL_URL, b64, image_bytes
 
 TEXTS = ["a photo of a dog", "a diagram", "🙂 emoji and UPPER case", "a photo of a dog"]
 
@@ -147,7 +147,7 @@ def test_the_service_never_imports_torch(tiny_repo: Path, service_redis_url: str
         import clipserve.service.server.cli
         settings = Settings(models_dir={str(tiny_repo)!r}, redis_url={service_redis_url!r}, intra_op_threads=1,
                             preprocess_workers=1, reload_poll_s=0)
-        with TestClient(create_app(settings)) as client:
+        with TestClient(create_app(settings), base_url={LOCAL_URL!r}) as client:
             assert client.post("/v1/embed", json={{"texts": ["a"]}}).status_code == 200
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "open_clip", "torchvision", "onnx"))
         print("LOADED", loaded)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.service import b64, image_bytes
+from tests.fixtures.service import LOCAL_URL, b64, image_bytes
 from tests.test_service_preprocess import png_claiming
 
 GOOD = b64(image_bytes(seed=11))
@@ -30,7 +30,7 @@ def shared_client(tiny_repo, service_redis_url) -> Iterator[object]:
         max_body_bytes=2_000_000,
         log_format="text",
     )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with TestClient(create_app(settings), base_url=LOCAL_URL, raise_server_exceptions=False) as client:
         yield client
 
 

@@ -48,7 +48,7 @@ def test_embed_dimensions_as_json_and_multipart(make_client) -> None:
     for kind in ("text_embeddings", "image_embeddings"):
         head = np.array(full[kind][0][:4])
         np.testing.assert_allclose(short[kind][0], head / np.linalg.norm(head), atol=1e-6)
-    form = client.post("/v1/embed", data={"texts": "a cat", "dimensions": "4"})
+    form = client.post("/v1/embed", files={"texts": (None, "a cat"), "dimensions": (None, "4")})
     np.testing.assert_allclose(form.json()["text_embeddings"][0], short["text_embeddings"][0], atol=1e-6)
 
 

@@ -130,6 +130,49 @@ def test_load_names_the_corrupted_file(tmp_path: Path, damage: str) -> None:
     assert ModelRepository(tmp_path).load("m", verify=False).manifest.name == "m"
 
 
+@pytest.mark.parametrize("escape", ["../../outside.txt", "/etc/hostname", "sub/../../outside.txt"])
+@pytest.mark.parametrize("field", ["vocab_file", "path"])
+def test_every_file_a_manifest_names_stays_inside_the_bundle(tmp_path: Path, field: str, escape: str) -> None:
+    """Written as a manifest an attacker would write: the tokenizer's file or a listed file outside."""
+    bundle = publish_fake(ModelRepository(tmp_path))
+    raw = json.loads((bundle.path / "manifest.json").read_text())
+    if field == "vocab_file":
+        raw["tokenizer"]["vocab_file"] = escape
+    else:
+        raw["files"][2]["path"] = escape
+    (bundle.path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="must be relative and inside the bundle"):
+        ModelRepository(tmp_path).load("m")
+
+
+def test_a_listed_file_that_links_out_of_the_bundle_is_refused(tmp_path: Path) -> None:
+    """A symbolic link inside the bundle to a file outside it, hash and size matching: refused all
+    the same, by where it leads."""
+    bundle = publish_fake(ModelRepository(tmp_path))
+    outside = tmp_path / "outside.txt.gz"
+    (bundle.path / "vocab.txt.gz").rename(outside)
+    (bundle.path / "vocab.txt.gz").symlink_to(outside)
+    with pytest.raises(BundleIntegrityError, match=r"m@1: file vocab\.txt\.gz leads outside the bundle"):
+        ModelRepository(tmp_path).load("m")
+    # a link that stays inside the bundle is fine
+    (bundle.path / "vocab.txt.gz").unlink()
+    (bundle.path / "files").mkdir()
+    outside.rename(bundle.path / "files" / "vocab.txt.gz")
+    (bundle.path / "vocab.txt.gz").symlink_to("files/vocab.txt.gz")
+    assert ModelRepository(tmp_path).load("m").manifest.name == "m"
+
+
+def test_the_tokenizer_file_must_be_among_the_hashed_files(tmp_path: Path) -> None:
+    bundle = publish_fake(ModelRepository(tmp_path))
+    raw = json.loads((bundle.path / "manifest.json").read_text())
+    raw["files"] = [entry for entry in raw["files"] if entry["path"] != "vocab.txt.gz"]
+    (bundle.path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(
+        BundleIntegrityError, match=r"tokenizer's file vocab\.txt\.gz is not among the manifest's files"
+    ):
+        ModelRepository(tmp_path).load("m")
+
+
 def test_unknown_model_and_version(tmp_path: Path) -> None:
     repo = ModelRepository(tmp_path)
     publish_fake(repo)

@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from clipserve.service.app import create_app
-from tests.fixtures.service import b64, image_bytes
+from tests.fixtures.service import LOCAL_URL, b64, image_bytes
 
 TEXTS = ["a red car", "a blue boat", "a green tree", "a yellow sun", "a black cat", "a white cloud"]
 
@@ -335,11 +335,11 @@ def test_model_change_refuses_search_until_reembedded(make_client, backend_setti
 
 def test_collections_survive_an_app_restart(make_settings, backend_settings):
     settings = make_settings(**backend_settings)
-    with TestClient(create_app(settings)) as first:
+    with TestClient(create_app(settings), base_url=LOCAL_URL) as first:
         first.post("/v1/collections", json={"name": "kept", "index": "hnsw"})
         add_texts(first, "kept")
         before = search_ids(first, "kept", {"text": "a boat", "top_k": 3})
-    with TestClient(create_app(settings)) as second:
+    with TestClient(create_app(settings), base_url=LOCAL_URL) as second:
         assert second.get("/v1/collections/kept").json()["count"] == len(TEXTS)
         assert search_ids(second, "kept", {"text": "a boat", "top_k": 3}) == before
 

@@ -61,8 +61,19 @@ def interpolate(value: Any, env: dict[str, str]) -> Any:
     return _VAR.sub(substitute, value)
 
 
-def load_compose(env: dict[str, str] | None = None) -> dict[str, Any]:
-    return interpolate(yaml.safe_load(COMPOSE_FILE.read_text()), env or {})
+# What `make compose-env` writes into .env (generated there; fixed here so the tests can name them)
+PASSWORDS = {
+    "REDIS_PASSWORD": "redis-secret-0123",
+    "POSTGRES_PASSWORD": "superuser-secret-4567",
+    "POSTGRES_APP_PASSWORD": "app-secret-89ab",
+}
+
+
+def load_compose(env: dict[str, str] | None = None, passwords: bool = True) -> dict[str, Any]:
+    """The file as Compose reads it with `env` (and, unless told, the passwords of .env)."""
+    return interpolate(
+        yaml.safe_load(COMPOSE_FILE.read_text()), {**(PASSWORDS if passwords else {}), **(env or {})}
+    )
 
 
 def schema_errors(document: dict[str, Any]) -> list[str]:
@@ -142,7 +153,7 @@ def test_reference_check_rejects_unknown_service_and_undeclared_volume(compose: 
 
 def test_interpolation_uses_defaults_and_environment() -> None:
     assert load_compose()["services"]["proxy"]["ports"] == ["127.0.0.1:8000:8080"]
-    env = {"CLIPSERVE_BIND": "0.0.0.0", "CLIPSERVE_PUBLIC_PORT": "9000", "POSTGRES_PASSWORD": "s3cret"}
+    env = {"CLIPSERVE_BIND": "0.0.0.0", "CLIPSERVE_PUBLIC_PORT": "9000", "POSTGRES_APP_PASSWORD": "s3cret"}
     document = load_compose(env)
     assert document["services"]["proxy"]["ports"] == ["0.0.0.0:9000:8080"]
     assert "clipserve:s3cret@postgres" in document["services"]["api"]["environment"]["CLIPSERVE_POSTGRES_DSN"]
@@ -179,9 +190,10 @@ def test_every_api_variable_is_a_valid_service_setting(
                 monkeypatch.setenv(key, str(value))
         settings = Settings()
         assert settings.models_dir == Path("/models")
-        assert settings.redis_url == "redis://redis:6379/0"
+        assert settings.redis_url == f"redis://:{PASSWORDS['REDIS_PASSWORD']}@redis:6379/0"
         assert settings.collections_backend == "pgvector"
         assert settings.api_keys == []
+        assert settings.allowed_hosts == ["localhost", "127.0.0.1", "[::1]"]  # the proxy's loopback port
     assert settings.providers == ["tensorrt", "cuda", "cpu"]
 
 
@@ -194,21 +206,184 @@ def test_redis_has_a_memory_policy_and_persistence(compose: dict[str, Any]) -> N
     assert options["--maxmemory-policy"] == "volatile-lru"
     assert options["--appendonly"] == "yes"
     assert any(mount.endswith(":/data") for mount in redis["volumes"])
+
+
+def test_redis_needs_the_password_of_env(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    args = redis["command"]
+    assert args[args.index("--requirepass") + 1] == PASSWORDS["REDIS_PASSWORD"]
     api_env = compose["services"]["api"]["environment"]
-    assert api_env["CLIPSERVE_REDIS_URL"].startswith("redis://redis:")
+    assert urlsplit(api_env["CLIPSERVE_REDIS_URL"]).password == PASSWORDS["REDIS_PASSWORD"]
+    assert urlsplit(api_env["CLIPSERVE_REDIS_URL"]).hostname == "redis"
+    # the healthcheck authenticates through redis-cli's own variable, and checks the answer
+    assert redis["environment"]["REDISCLI_AUTH"] == PASSWORDS["REDIS_PASSWORD"]
+    assert redis["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+    # the stale claim that label sets live in Redis is gone: they are PostgreSQL's
+    assert "live only here" not in COMPOSE_FILE.read_text()
 
 
-def test_postgres_is_pgvector_and_matches_the_dsn(compose: dict[str, Any]) -> None:
+def test_compose_without_the_passwords_says_to_run_make_compose_env() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"REDIS_PASSWORD is not set: run make compose-env \(it writes the passwords into \.env\)",
+    ):
+        load_compose(passwords=False)
+
+
+def test_postgres_is_pgvector_and_the_api_connects_as_its_own_role(compose: dict[str, Any]) -> None:
     postgres = compose["services"]["postgres"]
     assert postgres["image"].startswith("pgvector/pgvector:")
-    dsn = compose["services"]["api"]["environment"]["CLIPSERVE_POSTGRES_DSN"]
+    dsn = urlsplit(compose["services"]["api"]["environment"]["CLIPSERVE_POSTGRES_DSN"])
     env = postgres["environment"]
-    expected = (
-        f"postgresql://{env['POSTGRES_USER']}:{env['POSTGRES_PASSWORD']}@postgres:5432/{env['POSTGRES_DB']}"
-    )
-    assert dsn == expected
+    assert (dsn.hostname, dsn.port, dsn.path) == ("postgres", 5432, f"/{env['POSTGRES_DB']}")
+    # not the superuser of the image: the role deploy/postgres-init.sql makes, with its own password
+    assert dsn.username == "clipserve" != env["POSTGRES_USER"]
+    assert dsn.password == PASSWORDS["POSTGRES_APP_PASSWORD"] == env["POSTGRES_APP_PASSWORD"]
+    assert env["POSTGRES_PASSWORD"] == PASSWORDS["POSTGRES_PASSWORD"]
     init = next(m for m in postgres["volumes"] if "docker-entrypoint-initdb.d" in m)
-    assert "CREATE EXTENSION IF NOT EXISTS vector" in (ROOT / init.split(":")[0]).read_text()
+    script = (ROOT / init.split(":")[0]).read_text()
+    assert "CREATE EXTENSION IF NOT EXISTS vector" in script
+    assert re.search(r"CREATE ROLE clipserve LOGIN .*\n\s+NOSUPERUSER", script)
+
+
+HARDENED = ("redis", "postgres", "api", "proxy", "api-gpu")
+
+
+def test_every_long_running_container_is_hardened(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in HARDENED:
+        service = services[name]
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["security_opt"] == ["no-new-privileges:true"], name
+        assert service.get("cap_add", []) == (["CHOWN", "SETGID", "SETUID"] if name == "proxy" else []), name
+    # where each program writes, a tmpfs
+    tmpfs = {name: [entry.split(":")[0] for entry in services[name]["tmpfs"]] for name in HARDENED}
+    assert "/var/run/postgresql" in tmpfs["postgres"]
+    assert {"/etc/nginx/conf.d", "/var/cache/nginx", "/run"} <= set(tmpfs["proxy"])
+    assert "/tmp" in tmpfs["api"] and tmpfs["api"] == tmpfs["api-gpu"]
+    # Redis and PostgreSQL start as their images' own users: no capability needed to switch
+    assert services["redis"]["user"] == "redis" and services["postgres"]["user"] == "postgres"
+    trainer = services["trainer"]
+    assert trainer["cap_drop"] == ["ALL"] and trainer["security_opt"] == ["no-new-privileges:true"]
+
+
+def test_make_compose_env_generates_missing_passwords_and_keeps_the_rest(tmp_path: Path) -> None:
+    env_file = tmp_path / "compose.env"
+    env_file.write_text("CLIPSERVE_API_KEYS=k1\nPOSTGRES_PASSWORD=mine")  # no newline at the end
+    run = {**os.environ, "COMPOSE_ENV_FILE": str(env_file)}
+    script = ROOT / "scripts" / "compose-env.sh"
+    first = subprocess.run(["bash", str(script)], env=run, capture_output=True, text=True, timeout=30)
+    assert first.returncode == 0, first.stderr
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines())
+    assert values["CLIPSERVE_API_KEYS"] == "k1" and values["POSTGRES_PASSWORD"] == "mine"
+    for name in ("REDIS_PASSWORD", "POSTGRES_APP_PASSWORD"):
+        assert re.fullmatch(r"[0-9a-f]{48}", values[name]), name
+    assert values["REDIS_PASSWORD"] != values["POSTGRES_APP_PASSWORD"]
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    again = subprocess.run(["bash", str(script)], env=run, capture_output=True, text=True, timeout=30)
+    assert again.returncode == 0 and again.stdout == ""
+    assert dict(line.split("=", 1) for line in env_file.read_text().splitlines()) == values
+    # what it wrote is what compose needs
+    document = load_compose(values, passwords=False)
+    assert schema_errors(document) == []
+    for ignore in (ROOT / ".gitignore", ROOT / ".dockerignore"):
+        assert ".env" in ignore.read_text().split(), f"{ignore.name} lets the passwords through"
+    assert "scripts/compose-env.sh" in (ROOT / "scripts" / "container-smoke.sh").read_text()
+
+
+def test_postgres_init_makes_a_role_that_serves_without_being_superuser(postgres_server_uri: str) -> None:
+    """deploy/postgres-init.sql run as the image runs it (psql, as the superuser, in a new database),
+    then the stores used through the role it made: collections and label sets are created and
+    written; the role can do nothing a superuser could."""
+    import uuid
+
+    import numpy as np
+    import pgserver
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    from clipserve.service.stores.collection_store import IndexParams, ModelBinding
+    from clipserve.service.stores.labelset_store import LabelSetRecord, PostgresLabelSets
+    from clipserve.service.stores.pgvector import PgVectorStore
+    from tests.fixtures.retrieval import POSTGRES_DSN_ENV
+
+    if os.environ.get(POSTGRES_DSN_ENV):
+        pytest.skip("makes a role of the whole cluster: runs on the tests' own PostgreSQL only")
+    psql = Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql"
+    database = f"init_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_server_uri, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {database}")
+    superuser = make_conninfo(postgres_server_uri, dbname=database)
+    try:
+        done = subprocess.run(
+            [
+                str(psql),
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                superuser,
+                "-f",
+                str(ROOT / "deploy" / "postgres-init.sql"),
+            ],
+            env={**os.environ, "POSTGRES_APP_PASSWORD": "app-secret"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        app = make_conninfo(superuser, user="clipserve", password="app-secret")
+        with psycopg.connect(app, autocommit=True) as conn:
+            assert conn.execute(
+                "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user"
+            ).fetchone() == (False, False, False)
+            for forbidden in (
+                "CREATE ROLE intruder",
+                "CREATE DATABASE other",
+                "ALTER SYSTEM SET work_mem = '1GB'",
+            ):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(forbidden)
+        store = PgVectorStore(app)
+        try:
+            binding = ModelBinding("tiny", 1, "0" * 64, 4)
+            store.create_collection("c", binding, IndexParams())
+            vectors = np.eye(4, dtype=np.float32)[:2]
+            assert store.upsert("c", ["a", "b"], vectors, content_hash="0" * 64) == 2
+            assert store.count("c") == 2
+            store.drop_collection("c")
+        finally:
+            store.close()
+        labelsets = PostgresLabelSets(app)
+        try:
+            labelsets.put(LabelSetRecord("s", "tiny", ["a cat"], ("{}",), "d" * 64, "", ""))
+            assert labelsets.names() == ["s"]
+        finally:
+            labelsets.close()
+        # without the password the script refuses to make a role at all
+        refused = subprocess.run(
+            [
+                str(psql),
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                superuser,
+                "-f",
+                str(ROOT / "deploy" / "postgres-init.sql"),
+            ],
+            env={k: v for k, v in os.environ.items() if k != "POSTGRES_APP_PASSWORD"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (
+            refused.returncode != 0
+            and "POSTGRES_APP_PASSWORD is not set: run make compose-env" in refused.stderr
+        )
+    finally:
+        with psycopg.connect(postgres_server_uri, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+            admin.execute("DROP ROLE IF EXISTS clipserve")
 
 
 def test_trainer_and_gpu_profiles(compose: dict[str, Any]) -> None:
@@ -256,6 +431,8 @@ def test_gpu_replicas_run_as_the_cpu_replicas_do(compose: dict[str, Any]) -> Non
     shared = {k: v for k, v in api["environment"].items() if k != "CLIPSERVE_INTRA_OP_THREADS"}
     assert {k: gpu["environment"][k] for k in shared} == shared
     assert gpu["expose"] == api["expose"] and gpu["stop_grace_period"] == api["stop_grace_period"]
+    for key in ("read_only", "cap_drop", "security_opt", "tmpfs"):
+        assert gpu[key] == api[key], key
     # The build argument picks one of the GPU sets; either name is an extra of pyproject.toml.
     assert gpu["build"]["args"] == {"GPU_SET": "serve-gpu"}
     cuda_only = load_compose({"CLIPSERVE_GPU_SET": "serve-gpu-cuda", "CLIPSERVE_GPU_PROVIDERS": "cuda,cpu"})
@@ -271,7 +448,7 @@ def test_docker_compose_reads_the_gpu_profile(tmp_path: Path) -> None:
     compose_bin = shutil.which("docker-compose")
     if compose_bin is None:
         pytest.skip("docker-compose is not installed here (scripts/container-gpu-check.sh runs this in CI)")
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **PASSWORDS}
     done = subprocess.run(
         [compose_bin, "-f", str(COMPOSE_FILE), "--profile", "gpu", "config"],
         capture_output=True,

@@ -158,7 +158,7 @@ def test_dockerfile_copies_only_what_exists(image: str) -> None:
     # where there is one.
     own = DOCKER / f"Dockerfile.{image}.dockerignore"
     for ignore in [ROOT / ".dockerignore", *([own] if own.exists() else [])]:
-        assert {".venv", "models", ".git"} <= set(ignore.read_text().split()), f"{ignore} sends them"
+        assert {".venv", "models", ".git", ".env"} <= set(ignore.read_text().split()), f"{ignore} sends them"
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -179,6 +179,43 @@ def test_serve_image_installs_the_serve_extra_and_no_torch() -> None:
     assert not installed & set(TORCH_PACKAGES), f"the serve extra pulls in {installed & set(TORCH_PACKAGES)}"
     assert "onnxruntime" in installed
     assert only(instructions, "CMD").exec_form[0] == "clip-serve"
+
+
+def test_serve_image_installs_from_a_constraints_file_of_a_resolved_environment() -> None:
+    """Reproducible builds: Dockerfile.serve installs `.[serve]` under docker/constraints-serve.txt
+    (written by `make constraints` from an environment pip resolved), which pins every package of
+    that environment exactly, each pin within what pyproject.toml asks."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    instructions = dockerfile("serve")
+    copies = [shlex.split(i.args) for i in instructions if i.keyword == "COPY"]
+    assert any("docker/constraints-serve.txt" in copy[:-1] for copy in copies)
+    installs = [
+        argv
+        for i in instructions
+        if i.keyword == "RUN"
+        for argv in shell_commands(i.args)
+        if argv[:2] == ["pip", "install"]
+    ]
+    assert installs == [["pip", "install", "--constraint", "constraints-serve.txt", ".[serve]"]]
+    pins: dict[str, Version] = {}
+    for line in (DOCKER / "constraints-serve.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, equals, version = line.partition("==")
+            assert equals and version, f"not an exact pin: {line}"
+            pins[canonicalize_name(name)] = Version(version)
+    for text in pyproject()["project"]["dependencies"] + expanded_extras({"serve"}):
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not pinned: run make constraints"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} does not satisfy {requirement}: run make constraints"
+        )
+    assert not set(pins) & {canonicalize_name(name) for name in TORCH_PACKAGES}
 
 
 def expanded_extras(extras: set[str]) -> list[str]:

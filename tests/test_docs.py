@@ -90,7 +90,9 @@ def test_docs_and_schema_are_open_with_auth_on_and_data_routes_are_not(make_clie
         "scheme": "bearer",
         "description": schema["components"]["securitySchemes"]["bearer"]["description"],
     }
-    assert schema["paths"]["/v1/embed"]["post"]["security"] == [{"bearer": []}]
+    assert schema["paths"]["/v1/embed"]["post"]["security"] == [{"bearer": ["read"]}]
+    assert schema["paths"]["/v1/labelsets/{name}"]["put"]["security"] == [{"bearer": ["write"]}]
+    assert schema["paths"]["/v1/admin/reload"]["post"]["security"] == [{"bearer": ["admin"]}]
     assert "security" not in schema["paths"]["/readyz"]["get"]
     page = client.get("/docs").text
     assert "cdn" not in page.lower() and "/static/docs/swagger-ui-bundle.js" in page

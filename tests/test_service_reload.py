@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from clipserve.contract.bundle import ModelRepository
-from tests.fixtures.service import b64, image_bytes
+from tests.fixtures.service import LOCAL_URL, b64, image_bytes
 
 ADMIN = {"Authorization": "Bearer admin-k"}
 
@@ -174,7 +174,7 @@ def test_disconnected_clients_work_is_dropped(live_server, make_settings) -> Non
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
-            b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"POST /v1/embed HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n".encode()
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
@@ -215,13 +215,44 @@ def test_start_skips_broken_bundles_and_serves_the_rest(make_client, own_repo: P
         other = staging.publish(source.manifest.model_copy(update={"name": "other"}))
     damaged = other.path / "text.onnx"
     damaged.write_bytes(damaged.read_bytes()[:-10])
+    (own_repo / "stray" / "7").mkdir(parents=True)  # a model whose only version has no manifest
     client = make_client(models_dir=own_repo)
-    assert client.get("/readyz").status_code == 200
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    # which versions were left out and why, in words: no path, no exception text (those are logged)
+    corrupt = "a file it lists is missing, corrupted, or outside the bundle"
+    assert sorted(ready.json()["left_out"], key=lambda e: (e["model"], e["version"])) == [
+        {"model": "other", "version": 1, "reason": corrupt},
+        {"model": "stray", "version": 7, "reason": "no manifest.json: never published, or copied in part"},
+        {"model": "tiny", "version": 2, "reason": corrupt},
+    ]
+    assert str(own_repo) not in ready.text and ".onnx" not in ready.text
     served = {m["name"]: m["version"] for m in client.get("/v1/models").json()["data"]}
     assert served == {"tiny": 1}, "tiny starts on its last good version; other has none and is left out"
     assert newest == 2
     response = client.post("/v1/embed", json={"model": "other", "texts": ["x"]})
     assert response.status_code == 404 and "other" in response.json()["error"]["message"]
+
+
+def test_a_bundle_whose_tokenizer_file_leads_outside_is_left_out(make_client, own_repo: Path) -> None:
+    """Version 2's tokenizer file is a link to a copy outside the repository (same bytes, so its
+    hash matches): refused like a corrupt bundle, version 1 serves, /readyz says why in words."""
+    version = publish_copy(own_repo)
+    bundle = ModelRepository(own_repo).load("tiny", version)
+    vocab = bundle.path / bundle.manifest.tokenizer.vocab_file
+    outside = own_repo.parent / "elsewhere" / vocab.name
+    outside.parent.mkdir()
+    vocab.rename(outside)
+    vocab.symlink_to(outside)
+    client = make_client(models_dir=own_repo)
+    assert [m["version"] for m in client.get("/v1/models").json()["data"]] == [1]
+    assert client.get("/readyz").json()["left_out"] == [
+        {
+            "model": "tiny",
+            "version": version,
+            "reason": "a file it lists is missing, corrupted, or outside the bundle",
+        }
+    ]
 
 
 def test_start_fails_clearly_when_no_model_loads(make_settings, own_repo: Path) -> None:
@@ -233,6 +264,6 @@ def test_start_fails_clearly_when_no_model_loads(make_settings, own_repo: Path) 
     corrupt.write_bytes(b"garbage")
     with (
         pytest.raises(Exception, match=r"no model .* could be loaded; left out: .*tiny@1: .*text\.onnx"),
-        TestClient(create_app(make_settings(models_dir=own_repo))),
+        TestClient(create_app(make_settings(models_dir=own_repo)), base_url=LOCAL_URL),
     ):
         pass

@@ -31,6 +31,20 @@ def test_hidden_password() -> None:
     assert hidden_password("redis://:s3cret@cache:6380/2") == "redis://:***@cache:6380/2"
     assert hidden_password("postgresql://app:pw@db/clip") == "postgresql://app:***@db/clip"
     assert hidden_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    # every form libpq reads: key=value (quoted or not) and a URL's query string
+    assert (
+        hidden_password("host=db user=app password=s3cret dbname=clip")
+        == "host=db user=app password=*** dbname=clip"
+    )
+    assert (
+        hidden_password("host=db password = 'se cr\\'et' dbname=clip") == "host=db password = *** dbname=clip"
+    )
+    assert hidden_password("postgresql://app@db/clip?password=s3cret&sslmode=require") == (
+        "postgresql://app@db/clip?password=***&sslmode=require"
+    )
+    assert hidden_password("postgresql:///clip?host=/run/pg&sslpassword=s3cret") == (
+        "postgresql:///clip?host=/run/pg&sslpassword=***"
+    )
 
 
 def test_the_first_lines_say_models_providers_cache_collections_auth_and_url_fetching(
@@ -52,10 +66,17 @@ def test_the_first_lines_say_models_providers_cache_collections_auth_and_url_fet
     assert "providers   cpu" in text
     assert "cache       Redis at redis://:***@127.0.0.1:6393/4" in text and "s3cret" not in text
     assert f"collections embedded (SQLite + FAISS in {tmp_path})" in text
-    assert "auth        on: 2 API keys" in text and "admin API off" in text
+    assert "auth        on; /docs, /redoc and the demo page stay open; admin API off" in text
+    assert "keys by scope: read 2, write 2" in text
+    assert "browsers    Host localhost, 127.0.0.1, [::1]; cross-origin pages allowed: none" in text
     assert "image URLs  off" in text
-    quiet = "\n".join(startup_summary(Settings(models_dir=tiny_repo, redis_url="none")))
+    quiet = "\n".join(startup_summary(Settings(models_dir=tiny_repo, redis_url="none", host="0.0.0.0")))
     assert "cache       in-process only" in quiet and "auth        off" in quiet
+    assert "browsers    Host any;" in quiet
+    dsn = Settings(
+        collections_backend="pgvector", postgres_dsn="host=db password=s3cret", models_dir=tiny_repo
+    )
+    assert "collections pgvector at host=db password=***" in startup_summary(dsn)
 
 
 def test_clip_serve_logs_its_setup_first_as_json_when_asked(tiny_repo: Path, tmp_path: Path) -> None:
@@ -86,12 +107,13 @@ def test_clip_serve_logs_its_setup_first_as_json_when_asked(tiny_repo: Path, tmp
         process.wait(timeout=30)
     messages = [entry["message"] for entry in lines]
     assert messages[0] == "clip-serve starting"
-    assert [m.split()[0] for m in messages[1:7]] == [
+    assert [m.split()[0] for m in messages[1:8]] == [
         "models",
         "providers",
         "cache",
         "collections",
         "auth",
+        "browsers",
         "image",
     ]
     assert messages[-1] == "serving tiny@1 (providers CPUExecutionProvider; text cache local)"

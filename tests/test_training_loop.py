@@ -14,7 +14,7 @@ from clipserve.training.losses import LossConfigError, LossWeights
 from clipserve.training.models import ModelSpecError, inherit_weights, load_clip, load_teacher
 from clipserve.training.objective import Distiller, LossSettings
 from clipserve.training.targets import OfflineTargets, store_targets
-from clipserve.training.train import CheckpointError, TrainConfig, train
+from clipserve.training.train import CheckpointError, TrainConfig, load_checkpoint, train
 from tests.fixtures.training import TINY_DATA
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -131,6 +131,21 @@ def test_resume_from_an_incompatible_checkpoint_is_refused(
             resume=tmp_path / "junk.pt",
             **QUIET,
         )
+
+
+def test_resume_reads_tensors_and_plain_values_only_and_never_runs_code(tmp_path: Path) -> None:
+    """A checkpoint is read with torch.load(weights_only=True): one that would run code when
+    unpickled is refused before anything of it runs."""
+    ran = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (ran,))
+
+    torch.save({"fingerprint": {}, "step": 1, "payload": RunsCode()}, tmp_path / "hostile.pt")
+    with pytest.raises(CheckpointError, match="holds more than tensors and plain values"):
+        load_checkpoint(tmp_path / "hostile.pt", {})
+    assert not ran.exists()
 
 
 def test_distillation_with_every_loss_leaves_the_teacher_untouched(
@@ -358,7 +373,7 @@ def test_unlabeled_images_feed_the_image_side_losses_live_or_stored_alike(
     )
     assert stored == pytest.approx(live, rel=1e-4)
     assert live[0] != pytest.approx(without[0], rel=1e-3)  # the losses saw other images
-    fingerprint = torch.load(next((tmp_path / "live" / "checkpoints").glob("*.pt")), weights_only=False)
+    fingerprint = torch.load(next((tmp_path / "live" / "checkpoints").glob("*.pt")), weights_only=True)
     assert fingerprint["fingerprint"]["unlabeled"] == [48, 6]
 
 

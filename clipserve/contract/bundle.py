@@ -67,6 +67,14 @@ class RepositoryNotWritableError(BundleError):
     pass
 
 
+def inside_bundle(value: str) -> str:
+    """A file name a manifest may give: relative, inside the bundle, not the manifest itself."""
+    parts = Path(value).parts
+    if not parts or value.startswith("/") or ".." in parts or value == MANIFEST_FILE or parts == (".",):
+        raise ValueError(f"bundle file path must be relative and inside the bundle: {value!r}")
+    return value
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -122,6 +130,11 @@ class TokenizerSpec(_Strict):
         None, description="hf: an id replaced by 0 after tokenizing (open_clip's strip_sep_token, CLIPA)"
     )
 
+    @field_validator("vocab_file")
+    @classmethod
+    def _vocab_inside_bundle(cls, value: str) -> str:
+        return inside_bundle(value)
+
     @model_validator(mode="after")
     def _complete_for_kind(self) -> TokenizerSpec:
         if self.kind == "clip-bpe":
@@ -166,9 +179,7 @@ class BundleFile(_Strict):
     @field_validator("path")
     @classmethod
     def _relative(cls, value: str) -> str:
-        if value.startswith("/") or ".." in Path(value).parts or value == MANIFEST_FILE:
-            raise ValueError(f"bundle file path must be relative and inside the bundle: {value!r}")
-        return value
+        return inside_bundle(value)
 
 
 class ModelSource(_Strict):
@@ -317,12 +328,28 @@ class Bundle(BaseModel):
         entry = self.manifest.file(role, precision)
         if entry is None:
             raise BundleNotFoundError(f"{self.ref} has no {precision} {role} file")
-        return self.path / entry.path
+        return self.contained(entry.path)
+
+    def contained(self, relpath: str) -> Path:
+        """`relpath` in the bundle, refused when it leads outside (a symbolic link out of it)."""
+        path = self.path / relpath
+        if not path.resolve().is_relative_to(self.path.resolve()):
+            raise BundleIntegrityError(f"{self.ref}: file {relpath} leads outside the bundle")
+        return path
 
     def verify(self) -> None:
-        """Check every listed file against its size and sha256; raise naming the first bad file."""
+        """Check that every file the manifest names stays inside the bundle, that the tokenizer's
+        file is among the hashed ones, and every listed file against its size and sha256; raise
+        naming the first bad file."""
+        listed = {entry.path for entry in self.manifest.files}
+        vocab = self.manifest.tokenizer.vocab_file
+        if vocab not in listed:
+            raise BundleIntegrityError(
+                f"{self.ref}: the tokenizer's file {vocab} is not among the manifest's files, so "
+                "its hash cannot be checked"
+            )
         for entry in self.manifest.files:
-            path = self.path / entry.path
+            path = self.contained(entry.path)
             if not path.is_file():
                 raise BundleIntegrityError(f"{self.ref}: file {entry.path} listed in the manifest is missing")
             size = path.stat().st_size

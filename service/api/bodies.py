@@ -30,7 +30,8 @@ from starlette.datastructures import UploadFile
 from clipserve.service.errors import InvalidInput
 
 M = TypeVar("M", bound=BaseModel)
-FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# URL-encoded forms are refused before a route is reached (clipserve.service.api.guards.ContentTypes)
+FORM_TYPES = ("multipart/form-data",)
 IMAGE_FIELDS = ("images", "image")
 
 

@@ -4,7 +4,8 @@ work offline and behind an air gap.
 
 The Swagger UI and ReDoc bundles are the ones the `fastapi-offline` package ships; only its files
 are used. The docs and `/openapi.json` need no API key (they hold no data); the schema declares
-the Bearer scheme on every protected route, so Swagger UI's "Authorize" asks for the key once.
+the Bearer scheme, with the scope it needs, on every protected route, so Swagger UI's "Authorize"
+asks for the key once.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse
 
 from clipserve.service.errors import NotFound
+from clipserve.service.keys import route_scope
 
 ASSETS_PREFIX = "/static/docs"
 FAVICON = Path(__file__).resolve().parent.parent / "static" / "favicon.svg"
@@ -108,15 +110,17 @@ def with_bearer_scheme(app: FastAPI) -> dict:
             BEARER: {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "one of CLIPSERVE_API_KEYS (the admin key for /v1/admin/*); "
-                "needed only when the service has keys configured",
+                "description": "a key (CLIPSERVE_API_KEYS, CLIPSERVE_ADMIN_KEY or CLIPSERVE_API_KEYS_FILE) "
+                "with the scope each operation lists: read, write, admin or metrics; needed only when "
+                "the service has keys configured (docs/security.md)",
             }
         }
         components = schema["components"].setdefault("schemas", {})
         for path, operations in schema.get("paths", {}).items():
-            for operation in operations.values():
+            for method, operation in operations.items():
                 if path not in OPEN_ROUTES:
-                    operation["security"] = [{BEARER: []}]
+                    # OpenAPI 3.1 lets a non-OAuth scheme list roles: the key's scope this route needs
+                    operation["security"] = [{BEARER: [route_scope(method.upper(), path)]}]
                 _with_examples(path, operation, components)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -8,6 +8,7 @@ from clipserve.service.api.common import error_responses
 from clipserve.service.api.deps import LabelSetsDep
 from clipserve.service.api.schemas import LabelSetInfo, LabelSetList, LabelSetRequest
 from clipserve.service.labelsets import LabelSetStatus
+from clipserve.service.stores.labelset_store import check_definition
 
 router = APIRouter(tags=["label sets"])
 _ERRORS = error_responses(401, 404, 413, 422, 503)
@@ -39,6 +40,7 @@ async def put_labelset(
     name: str, body: LabelSetRequest, response: Response, labelsets: LabelSetsDep
 ) -> LabelSetInfo:
     """200 when the class matrix is ready; 202 while a large set builds in the background."""
+    check_definition(body.labels, body.templates if isinstance(body.templates, list) else [])
     state = await labelsets.put(name, body.labels, body.templates, body.model)
     response.status_code = 200 if state.status == "ready" else 202
     return _info(state)

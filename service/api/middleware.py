@@ -2,16 +2,15 @@
 
 - `RequestContext`: request id (from `X-Request-ID` or new), JSON log context, latency metric per
   route template, the id echoed in the response headers;
-- `Auth`: Bearer API keys on everything but `/livez`, `/readyz` and the demo page's own files
-  (`/`, `/static/*`, and the API docs `/docs`, `/redoc`, `/openapi.json`: no data, and
-  the pages need to load to ask for a key) when keys are
-  configured; the admin key on `/v1/admin/*`;
+- `Auth`: Bearer API keys with scopes (`clipserve.service.keys`) on everything but `/livez`, `/readyz`
+  and the demo page's own files (`/`, `/static/*`, and the API docs `/docs`, `/redoc`,
+  `/openapi.json`: no data, and the pages need to load to ask for a key): 401 without a valid
+  key, 403 for a key without the scope the route needs;
 - `BodyLimit`: refuses bodies above `max_body_bytes` (by Content-Length, and while streaming).
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import time
@@ -21,6 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.service.api.errors import error_body
+from clipserve.service.keys import KeyRing, route_scope
 from clipserve.service.metrics import Metrics
 from clipserve.service.server.logs import request_id_var
 
@@ -28,7 +28,6 @@ access_log = logging.getLogger("clipserve.access")
 # The docs and the schema hold no data and must load before anyone has typed a key.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/", "/docs", "/redoc", "/openapi.json", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
-ADMIN_PREFIX = "/v1/admin/"
 
 
 async def send_error(
@@ -87,22 +86,23 @@ class RequestContext:
 
 
 class Auth:
-    def __init__(self, app: ASGIApp, api_keys: list[str], admin_key: str | None):
-        self.app = app
-        self.api_keys = [k.encode() for k in api_keys]
-        self.admin_key = admin_key.encode() if admin_key else None
+    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_open: bool = False):
+        self.app, self.keys, self.metrics_open = app, keys, metrics_open
 
     @staticmethod
-    def _bearer(scope: Scope) -> bytes | None:
+    def _bearer(scope: Scope) -> str | None:
         value = _header(scope, b"authorization")
         if value is None:
             return None
         scheme, _, token = value.partition(" ")
-        return token.strip().encode() if scheme.lower() == "bearer" and token.strip() else None
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
-    @staticmethod
-    def _matches(token: bytes | None, keys: list[bytes]) -> bool:
-        return token is not None and any(hmac.compare_digest(token, key) for key in keys)
+    def _needs_no_key(self, needed: str) -> bool:
+        if needed == "admin":
+            return False
+        if needed == "metrics" and self.metrics_open:
+            return True
+        return not self.keys.auth_on
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
@@ -114,28 +114,30 @@ class Auth:
         ):
             await self.app(scope, receive, send)
             return
+        self.keys.refresh()
+        needed = route_scope(scope["method"], path)
+        if needed == "admin" and not self.keys.admin_on:
+            await send_error(send, 403, "forbidden", "the admin API is off: no key has the admin scope")
+            return
+        if self._needs_no_key(needed):
+            await self.app(scope, receive, send)
+            return
         token = self._bearer(scope)
-        challenge = {"WWW-Authenticate": "Bearer"}
-        if scope["path"].startswith(ADMIN_PREFIX):
-            if self.admin_key is None:
-                await send_error(send, 403, "forbidden", "the admin API is off: no admin key is configured")
-                return
-            if not self._matches(token, [self.admin_key]):
-                await send_error(
-                    send,
-                    401,
-                    "unauthorized",
-                    "the admin API needs the admin key as a Bearer token",
-                    challenge,
-                )
-                return
-        elif self.api_keys and not self._matches(
-            token, [*self.api_keys, *([self.admin_key] if self.admin_key else [])]
-        ):
+        scopes = self.keys.scopes_of(token)
+        if scopes is None:
             message = (
                 "missing API key: send 'Authorization: Bearer <key>'" if token is None else "invalid API key"
             )
-            await send_error(send, 401, "unauthorized", message, challenge)
+            await send_error(send, 401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+            return
+        if needed not in scopes:
+            await send_error(
+                send,
+                403,
+                "forbidden",
+                f"this key lacks the {needed!r} scope, which {scope['method']} {path} needs "
+                f"(the key has: {', '.join(sorted(scopes))})",
+            )
             return
         await self.app(scope, receive, send)
 

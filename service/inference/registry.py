@@ -17,7 +17,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
+from clipserve.contract.bundle import (
+    BundleError,
+    BundleIntegrityError,
+    BundleNotFoundError,
+    ModelRepository,
+    parse_model_ref,
+)
+from clipserve.contract.tokenizer import TokenizerError
 from clipserve.service.errors import InvalidInput, NotFound, Unavailable
 from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.engine import ModelEngine
@@ -27,6 +34,32 @@ from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigErr
 from clipserve.service.settings import Settings
 
 log = logging.getLogger("clipserve.registry")
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A version that will not serve: `reason` in words for /readyz, `detail` (paths, exception
+    text) for the log and the start-up error only."""
+
+    model: str
+    version: int | None
+    reason: str
+    detail: str
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why a version was refused, in words that name no path and quote no exception."""
+    if isinstance(exc, BundleIntegrityError):
+        return "a file it lists is missing, corrupted, or outside the bundle"
+    if isinstance(exc, TokenizerError):
+        return "its tokenizer files cannot be used"
+    if isinstance(exc, BundleNotFoundError):
+        return "it is incomplete: no manifest, or no graph for a tower"
+    if isinstance(exc, BundleError):
+        return "its manifest is not valid"
+    if isinstance(exc, RuntimeConfigError):
+        return "the runtime cannot serve it with these settings (engine, precision or providers)"
+    return "a graph failed to load or to run its warm-up"
 
 
 @dataclass
@@ -46,7 +79,7 @@ class ModelRegistry:
         self._served: dict[str, ModelEngine] = {}
         self._pinned: dict[str, int | None] = {}
         self._refused: dict[tuple[str, int | None], str] = {}
-        self._left_out: dict[str, str] = {}
+        self._left_out: dict[str, LeftOut] = {}
         self._reload_lock = asyncio.Lock()
         self._retiring: dict[asyncio.Task, ModelEngine] = {}
         self.ready = False
@@ -99,13 +132,18 @@ class ModelRegistry:
         so one corrupt bundle never keeps a replica down."""
         self._pinned = self._configured()
         for path, versions in self.repository.unpublished():
-            self._leave_out(path, f"versions {', '.join(versions)} have no manifest.json")
+            detail = f"versions {', '.join(versions)} have no manifest.json"
+            log.error("broken bundle left out: %s: %s", path, detail)
+            for version in versions:
+                self._left_out[str(path / version)] = LeftOut(
+                    path.name, int(version), "no manifest.json: never published, or copied in part", detail
+                )
         for name, pinned in self._pinned.items():
             served = await self._load_first_good(name, pinned)
             if served is not None:
                 self._install(served)
         if not self._served:
-            left_out = "; ".join(f"{e['bundle']}: {e['error']}" for e in self.left_out)
+            left_out = "; ".join(f"{path}: {entry.detail}" for path, entry in self._left_out.items())
             raise BundleError(f"no model in {self.repository.root} could be loaded; left out: {left_out}")
         if (
             self.settings.default_model
@@ -184,20 +222,24 @@ class ModelRegistry:
             )
             self._refused[(name, version)] = message
             self.metrics.reloads.labels(model=name, result="refused").inc()
-            self._leave_out(
-                self.repository.root / name / str(version if version is not None else "latest"), message
-            )
+            path = self.repository.root / name / str(version if version is not None else "latest")
+            self._leave_out(path, LeftOut(name, version, refusal_reason(exc), message))
             return message
 
-    def _leave_out(self, path: object, why: str) -> None:
+    def _leave_out(self, path: object, entry: LeftOut) -> None:
         """A bundle that will not serve: named in the log and in /readyz, never a failed start."""
-        log.error("broken bundle left out: %s: %s", path, why)
-        self._left_out[str(path)] = why
+        log.error("broken bundle left out: %s: %s", path, entry.detail)
+        self._left_out[str(path)] = entry
 
     @property
-    def left_out(self) -> list[dict[str, str]]:
-        """Bundles refused since start (a version fixed in place and loaded is taken off)."""
-        return [{"bundle": path, "error": why} for path, why in self._left_out.items()]
+    def left_out(self) -> list[dict[str, object]]:
+        """Versions refused since start (one fixed in place and loaded is taken off), for /readyz:
+        model, version (None: no version at all) and the reason in words; paths and exception
+        text are in the log only."""
+        return [
+            {"model": entry.model, "version": entry.version, "reason": entry.reason}
+            for entry in self._left_out.values()
+        ]
 
     async def _load_first_good(self, name: str, pinned: int | None) -> ModelEngine | None:
         # With no published version, loading "latest" fails and records why.

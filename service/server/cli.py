@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 from clipserve.contract.cli_settings import SettingsError, load_settings
+from clipserve.service.keys import KeyFileError, KeyRing
 from clipserve.service.runtime import ProviderUnavailableError
 from clipserve.service.runtime.gpu_stack import check_single_onnxruntime
 from clipserve.service.server.listen import PortUnavailable, check_port
@@ -75,6 +76,7 @@ def check_repository(settings: Settings) -> None:
 def preflight(settings: Settings) -> None:
     """Everything that can be refused in a second, before the models load (which takes minutes)."""
     check_repository(settings)
+    KeyRing(settings.api_keys, settings.admin_key, settings.api_keys_file)  # a key file that parses
     check_single_onnxruntime()
     if settings.port:
         check_port(settings.host, settings.port, PROG + " --port {port}")
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         preflight(settings)
         workers, reason = choose_workers(settings)
-    except (RepositoryError, ProviderUnavailableError, PortUnavailable, WorkersError) as exc:
+    except (RepositoryError, ProviderUnavailableError, PortUnavailable, WorkersError, KeyFileError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     announce(settings)

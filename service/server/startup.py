@@ -5,6 +5,7 @@ on into one line instead of a traceback (in the server process or in each worker
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -13,23 +14,30 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
 from clipserve.service.errors import ServiceError
+from clipserve.service.keys import KeyRing
 from clipserve.service.runtime import RuntimeConfigError
 from clipserve.service.settings import Settings
 
 STARTUP_PROBLEMS = (BundleError, RuntimeConfigError, ServiceError)
 
+# libpq takes a password in a URL's user info, in its query string, or as a key=value pair whose
+# value may be single-quoted, with \' and \\ escapes inside.
+_SECRET_PAIR = re.compile(r"\b(password|sslpassword)(\s*=\s*)('(?:[^'\\]|\\.)*'|[^\s&]*)", re.IGNORECASE)
 
-def hidden_password(url: str) -> str:
-    """`url` with its password (if any) replaced by `***`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+def hidden_password(dsn: str) -> str:
+    """A URL or a libpq DSN (`host=db password=...`) with every password replaced by `***`."""
+    parts = urlsplit(dsn)
+    if not parts.scheme or not parts.netloc:
+        return _SECRET_PAIR.sub(r"\1\2***", dsn)  # key=value form
+    if parts.password is not None:
+        user = parts.username or ""
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{parts.port}" if parts.port is not None else ""
+        parts = parts._replace(netloc=f"{user}:***@{host}{port}")
+    return urlunsplit(parts._replace(query=_SECRET_PAIR.sub(r"\1\2***", parts.query)))
 
 
 def _models(settings: Settings) -> str:
@@ -71,13 +79,27 @@ def _collections(settings: Settings) -> str:
 
 
 def _auth(settings: Settings) -> str:
-    if not settings.api_keys:
-        keys = "off: every route is open (--api-keys / CLIPSERVE_API_KEYS turns it on)"
+    keys = KeyRing(settings.api_keys, settings.admin_key, settings.api_keys_file)
+    counts = ", ".join(f"{scope} {count}" for scope, count in keys.counts().items() if count)
+    source = f" (keys file {settings.api_keys_file}, re-read on change)" if settings.api_keys_file else ""
+    if not keys.auth_on:
+        state = "off: every data route is open (--api-keys or --api-keys-file turns it on)"
     else:
-        count = len(settings.api_keys)
-        keys = f"on: {count} API key{'s' if count > 1 else ''}; /docs, /redoc and the demo page stay open"
-    admin = "admin API on" if settings.admin_key else "admin API off"
-    return f"{keys}; {admin}"
+        state = "on; /docs, /redoc and the demo page stay open"
+    metrics = "; /metrics open" if settings.metrics_open or not keys.auth_on else ""
+    admin = "" if keys.admin_on else "; admin API off"
+    return f"{state}{metrics}{admin}; keys by scope: {counts or 'none'}{source}"
+
+
+def _browsers(settings: Settings) -> str:
+    from clipserve.service.api.guards import (
+        resolved_allowed_hosts,  # the HTTP layer, loaded with the app anyway
+    )
+
+    hosts = resolved_allowed_hosts(settings.allowed_hosts, settings.host)
+    shown = "any" if "*" in hosts else ", ".join(hosts)
+    origins = ", ".join(settings.cors_origins) or "none (only the service's own pages)"
+    return f"Host {shown}; cross-origin pages allowed: {origins}"
 
 
 def _url_fetching(settings: Settings) -> str:
@@ -96,6 +118,7 @@ def startup_summary(settings: Settings) -> list[str]:
         f"cache       {_cache(settings)}",
         f"collections {_collections(settings)}",
         f"auth        {_auth(settings)}",
+        f"browsers    {_browsers(settings)}",
         f"image URLs  {_url_fetching(settings)}",
         f"listening   http://{settings.host}:{settings.port} once the models are ready",
     ]

@@ -248,6 +248,43 @@ def rebind_rows(name: str, stored: set[str], ids: Sequence[str], vectors: np.nda
     return normalized
 
 
+def unstorable(text: str) -> str | None:
+    """Why a string cannot be stored as it is (PostgreSQL keeps no NUL in text or JSONB, and no
+    store keeps half of a UTF-16 surrogate pair), or None. Both backends refuse the same strings."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000), which cannot be stored"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone UTF-16 surrogate, which is not valid Unicode"
+    return None
+
+
+def unstorable_in(value: Any, where: str) -> str | None:
+    """The first string inside a JSON value (keys included) that cannot be stored, as
+    '<where>.<key>[i]: <why>', or None."""
+    if isinstance(value, str):
+        problem = unstorable(value)
+        return f"{where}: {problem}" if problem else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = unstorable_in(key, f"{where} (a key)") or unstorable_in(item, f"{where}.{key}")
+            if found:
+                return found
+    if isinstance(value, list | tuple):
+        for position, item in enumerate(value):
+            found = unstorable_in(item, f"{where}[{position}]")
+            if found:
+                return found
+    return None
+
+
+def check_storable(value: Any, where: str, index: int | None = None) -> None:
+    problem = unstorable_in(value, where)
+    if problem:
+        raise InvalidInputError(problem, index=index)
+
+
 def validate_top_k(top_k: int, limit: int | None = None) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise InvalidInputError(f"top_k must be a positive integer, got {top_k!r}")
@@ -278,7 +315,13 @@ def validate_filter(filter: dict[str, FilterValue] | None) -> dict[str, FilterVa
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidInputError(f"filter field {key!r}: value must be finite")
+        check_storable(key, "filter field")
+        check_storable(value, f"filter field {key!r}")
     return dict(filter)
+
+
+def validate_item_id(item_id: str) -> None:
+    check_storable(item_id, "item id")
 
 
 def prepare_upsert(
@@ -303,10 +346,15 @@ def prepare_upsert(
                 f"item {position}: id must be a non-empty string of at most {_MAX_ITEM_ID_CHARS} characters",
                 index=position,
             )
+        check_storable(item_id, f"item {position}: id", index=position)
     metadata = list(metadata) if metadata is not None else [{} for _ in range(count)]
     for position, entry in enumerate(metadata):
         if not isinstance(entry, dict):
             raise InvalidInputError(f"item {position}: metadata must be an object", index=position)
+        check_storable(entry, f"item {position}: metadata", index=position)
+    for position, source in enumerate(sources or []):
+        if source is not None:
+            check_storable(source.value, f"item {position}: {source.kind}", index=position)
     normalized = normalize_rows(vectors, dim)
     last_position = {item_id: position for position, item_id in enumerate(ids)}
     keep = sorted(last_position.values())

@@ -56,6 +56,7 @@ from .collection_store import (
     rebind_rows,
     validate_collection_name,
     validate_filter,
+    validate_item_id,
     validate_top_k,
 )
 
@@ -349,10 +350,9 @@ class EmbeddedStore:
     def drop_collection(self, name: str) -> None:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
-            self._writer.execute("BEGIN IMMEDIATE")
-            self._writer.execute("DELETE FROM items WHERE collection_id = ?", (catalog.id,))
-            self._writer.execute("DELETE FROM collections WHERE id = ?", (catalog.id,))
-            self._writer.execute("COMMIT")
+            with _write_transaction(self._writer):
+                self._writer.execute("DELETE FROM items WHERE collection_id = ?", (catalog.id,))
+                self._writer.execute("DELETE FROM collections WHERE id = ?", (catalog.id,))
             self._live.pop(catalog.id, None)
             self._snapshot_path(catalog.id).unlink(missing_ok=True)
 
@@ -499,8 +499,7 @@ class EmbeddedStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Commit one batch durably; returns (labels replaced, labels assigned)."""
         conn = self._writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _write_transaction(conn):
             current = self._catalog(conn, catalog.name)
             if current.id != catalog.id or current.binding != catalog.binding:
                 raise CollectionNotFoundError(
@@ -538,10 +537,6 @@ class EmbeddedStore:
                     )
                 ),
             )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
         return np.array(removed, dtype=np.int64), labels
 
     def _maintain(self, catalog: _Catalog, live: _LiveIndex) -> None:
@@ -553,6 +548,7 @@ class EmbeddedStore:
             live.snapshot_to(self._snapshot_path(catalog.id))
 
     def get(self, name: str, item_id: str) -> StoredItem:
+        validate_item_id(item_id)
         conn = self._reader()
         catalog = self._catalog(conn, name)
         row = conn.execute(
@@ -570,6 +566,7 @@ class EmbeddedStore:
         )
 
     def delete(self, name: str, item_id: str) -> None:
+        validate_item_id(item_id)
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             live = self._live_index(catalog)
@@ -681,8 +678,7 @@ class EmbeddedStore:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             conn = self._writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 stored = {
                     row[0]
                     for row in conn.execute(
@@ -701,10 +697,6 @@ class EmbeddedStore:
                     "UPDATE collections SET model = ?, version = ?, content_hash = ?, dim = ? WHERE id = ?",
                     (binding.model, binding.version, binding.content_hash, binding.dim, catalog.id),
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
             self._snapshot_path(catalog.id).unlink(missing_ok=True)
             faiss.omp_set_num_threads(self.build_threads)
             self._rebuild(self._catalog(conn, name))
@@ -723,6 +715,28 @@ class EmbeddedStore:
                 self._reader_connections.clear()
             self._writer.close()
             self._lock_file.close()
+
+
+@contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, the COMMIT's own included: a
+    transaction left open would make every later write of this connection fail ("cannot start a
+    transaction within a transaction"). Some errors (a full disk) have rolled back already. What
+    SQLite could not do (a full disk, an I/O error, a lock held too long) is a store that cannot
+    write now: 503 with Retry-After, the store intact."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    except sqlite3.OperationalError as exc:
+        raise BackendUnavailableError(
+            f"collections are unavailable: the store could not write ({exc}); retry shortly"
+        ) from exc
 
 
 @contextmanager

@@ -22,14 +22,14 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import psycopg
 
-from .collection_store import BackendUnavailableError
+from .collection_store import BackendUnavailableError, check_storable
 from .postgres import ConnectionPool
 
 UNAVAILABLE = "labelsets_unavailable"
@@ -96,6 +96,14 @@ class LabelSetStore(Protocol):
     def close(self) -> None: ...
 
 
+def check_definition(labels: Sequence[str], templates: Sequence[str]) -> None:
+    """Refuse what no backend can store (a NUL, a lone surrogate) naming the label or template;
+    the API asks before anything is computed from them, each store again before it writes."""
+    for field, values in (("labels", labels), ("templates", templates)):
+        for position, value in enumerate(values):
+            check_storable(value, f"{field}[{position}]", index=position)
+
+
 def _stamp(value: object) -> str:
     return value if isinstance(value, str) else value.isoformat(timespec="seconds")  # type: ignore[attr-defined]
 
@@ -149,10 +157,11 @@ class SqliteLabelSets:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     yield self._db
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # a failed COMMIT leaves it open; a full disk does not
+                        self._db.execute("ROLLBACK")
                     raise
-                self._db.execute("COMMIT")
             except sqlite3.Error as exc:
                 raise unavailable(f"{self.path}: {exc}") from exc
 
@@ -167,6 +176,7 @@ class SqliteLabelSets:
         return None if row is None else _record(row)
 
     def put(self, record: LabelSetRecord) -> LabelSetRecord:
+        check_definition(record.labels, record.templates)
         with self._transaction() as db:
             row = db.execute(
                 f"INSERT INTO labelsets ({_COLUMNS}) "
@@ -293,13 +303,8 @@ class PostgresLabelSets:
             conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
             conn.execute(_PG_SCHEMA)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield conn
-        except psycopg.OperationalError as exc:
-            raise unavailable(f"PostgreSQL failed: {str(exc).strip().splitlines()[0]}") from exc
+    def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
+        return self._pool.transaction()
 
     def head(self, name: str) -> tuple[str, str] | None:
         with self._transaction() as conn:
@@ -316,6 +321,7 @@ class PostgresLabelSets:
         return None if row is None else _record(row)
 
     def put(self, record: LabelSetRecord) -> LabelSetRecord:
+        check_definition(record.labels, record.templates)
         with self._transaction() as conn:
             row = conn.execute(
                 f"INSERT INTO clipserve_labelsets ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, now(), now()) "

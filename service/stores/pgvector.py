@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ from .collection_store import (
     rebind_rows,
     validate_collection_name,
     validate_filter,
+    validate_item_id,
     validate_top_k,
 )
 from .postgres import ConnectionPool
@@ -125,13 +126,8 @@ class PgVectorStore:
                 ) from exc
             conn.execute(_CATALOG)
 
-    @contextmanager
-    def _transaction(self) -> Iterator[psycopg.Connection]:
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                yield conn
-        except psycopg.OperationalError as exc:
-            raise unavailable(f"PostgreSQL failed: {str(exc).strip().splitlines()[0]}") from exc
+    def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
+        return self._pool.transaction()
 
     def _catalog(self, conn: psycopg.Connection, name: str, lock: str = "") -> _Catalog:
         validate_collection_name(name)
@@ -322,6 +318,7 @@ class PgVectorStore:
             )
 
     def get(self, name: str, item_id: str) -> StoredItem:
+        validate_item_id(item_id)
         with self._transaction() as conn:
             catalog = self._catalog(conn, name)
             row = conn.execute(
@@ -336,6 +333,7 @@ class PgVectorStore:
         return StoredItem(row[0], row[1].to_numpy().astype(np.float32), row[2], source)
 
     def delete(self, name: str, item_id: str) -> None:
+        validate_item_id(item_id)
         with self._transaction() as conn:
             catalog = self._catalog(conn, name)
             deleted = conn.execute(
