@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from clipserve.service.api.guards import is_loopback, resolved_allowed_hosts, same_origin, split_host
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.fixtures.service import b64, free_port, image_bytes
-from tests.test_demo import CHROMIUM, CHROMIUM_ARGS
 
 ITEM = {"items": [{"id": "planted", "text": "a red circle"}]}
 

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from clipserve.service.templates import DEFAULT_TEMPLATES, builtin_templates
-from tests.fixtures.service import b64, image_bytes
-from tests.test_service_cache import free_port
+from tests.fixtures.service import b64, free_port, image_bytes
 
 IMAGES = [b64(image_bytes(seed=s)) for s in range(3)]
 LABELS = ["cat", "dog", "car", "tree", "boat", "pizza"]

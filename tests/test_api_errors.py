@@ -8,8 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fixtures.service import LOCAL_URL, b64, image_bytes
-from tests.test_service_preprocess import png_claiming
+from tests.fixtures.service import LOCAL_URL, b64, image_bytes, png_claiming
 
 GOOD = b64(image_bytes(seed=11))
 

@@ -10,7 +10,6 @@ import ast
 import importlib.util
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,8 @@ from types import ModuleType
 import pytest
 
 from clipserve.service.metrics import Metrics
-from tests.test_docker import documented_commands
+from tests.fixtures.containers import machine_without_engine
+from tests.fixtures.project import documented_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "scripts" / "container-smoke.sh"
@@ -33,15 +33,6 @@ def checks() -> ModuleType:
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
     spec.loader.exec_module(module)
     return module
-
-
-def machine_without_engine(tmp_path: Path) -> dict[str, str]:
-    """A PATH with no docker, no podman and no apt-get: only what the script runs before it gives up."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for tool in ("dirname", "date"):
-        (bin_dir / tool).symlink_to(shutil.which(tool))
-    return {"PATH": str(bin_dir), "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
 
 
 def run_smoke(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

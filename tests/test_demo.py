@@ -8,24 +8,15 @@ in `artifacts/demo/` (gitignored) as test artifacts.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, screenshot
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts" / "demo"
-CHROMIUM = os.environ.get("CLIPSERVE_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 LABELS = ["red circle", "blue square", "green triangle", "yellow diamond"]
 
 
@@ -93,13 +84,6 @@ def page(browser) -> Iterator[object]:
 @pytest.fixture
 def phone(browser) -> Iterator[object]:
     yield from open_page(browser, PHONE)
-
-
-def screenshot(page, name: str) -> Path:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    return path
 
 
 def upload(page, selector: str, name: str, mime: str, data: bytes) -> None:

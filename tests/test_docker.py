@@ -16,11 +16,9 @@ import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,15 @@ import pytest
 
 from clipserve.contract.cli_settings import SettingsError
 from clipserve.service.server.cli import settings_from
+from tests.fixtures.project import (
+    documented_commands,
+    expanded_extras,
+    markdown_commands,
+    pyproject,
+    requirement_names,
+    shell_commands,
+)
+from tests.fixtures.service import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -79,10 +86,6 @@ def only(instructions: list[Instruction], keyword: str) -> Instruction:
     return found[0]
 
 
-def shell_commands(script: str) -> list[list[str]]:
-    return [shlex.split(part) for part in re.split(r"&&|;|\n", script) if part.strip()]
-
-
 def pip_installed_extras(instructions: list[Instruction]) -> set[str]:
     """Extras of the project installed by `pip install '.[a,b]'` in the RUN lines."""
     extras: set[str] = set()
@@ -113,37 +116,6 @@ def env_of(instructions: list[Instruction]) -> dict[str, str]:
                 key, _, value = pair.partition("=")
                 env[key] = value
     return env
-
-
-def pyproject() -> dict:
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
-
-
-def requirement_names(requirements: list[str]) -> set[str]:
-    return {re.split(r"[<>=!~\[; ]", req, maxsplit=1)[0].lower() for req in requirements}
-
-
-def markdown_commands(text: str) -> list[list[str]]:
-    """Every command line in the fenced shell blocks and inline code spans of a Markdown text."""
-    commands: list[str] = []
-    for block in re.findall(r"```(?:bash|sh|shell|console)?\n(.*?)```", text, flags=re.S):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        commands += [line.split(" #", 1)[0] for line in joined.splitlines()]
-    commands += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
-    parsed = []
-    for command in commands:
-        command = command.strip().removeprefix("$ ")
-        try:
-            parsed += [argv for argv in shell_commands(command) if argv]
-        except ValueError:
-            continue
-    return parsed
-
-
-def documented_commands() -> list[list[str]]:
-    """The commands of README.md and of the pages under docs/, where deployment is told in full."""
-    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-    return [argv for page in pages for argv in markdown_commands(page.read_text())]
 
 
 @pytest.mark.parametrize("image", IMAGES)
@@ -216,17 +188,6 @@ def test_serve_image_installs_from_a_constraints_file_of_a_resolved_environment(
             f"{name}=={pins[name]} does not satisfy {requirement}: run make constraints"
         )
     assert not set(pins) & {canonicalize_name(name) for name in TORCH_PACKAGES}
-
-
-def expanded_extras(extras: set[str]) -> list[str]:
-    """The requirements of the project's extras, self-references (`clipserve[...]`) expanded."""
-    optional = pyproject()["project"]["optional-dependencies"]
-    requirements: list[str] = []
-    for extra in sorted(extras):
-        for requirement in optional[extra]:
-            nested = re.fullmatch(r"clipserve\[([a-z0-9,-]+)\]", requirement)
-            requirements += expanded_extras(set(nested.group(1).split(","))) if nested else [requirement]
-    return requirements
 
 
 def test_gpu_image_is_python_slim_with_only_the_gpu_onnxruntime_and_tensorrt() -> None:
@@ -372,12 +333,6 @@ def test_markdown_command_extraction() -> None:
         ["clip-serve", "--models", "models/", "--port", "8000"],
         ["pip", "install", ".[serve]"],
     ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_healthcheck(command: list[str], port: int) -> subprocess.CompletedProcess[str]:

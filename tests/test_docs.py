@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.test_demo import CHROMIUM, CHROMIUM_ARGS, screenshot
+from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, screenshot
 
 OPERATIONS = ("/v1/embed", "/v1/classify", "/v1/rank", "/v1/collections/{name}/search")
 

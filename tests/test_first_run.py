@@ -25,18 +25,14 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fixtures.service import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE_SH = ROOT / "scripts" / "serve.sh"
 VENV = Path(sys.executable).parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 # The one demo build of the suite: the full recipe a new user gets (about 3.5 minutes on 2 cores).
 DEMO_BUILD_TIMEOUT_S = 1800
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

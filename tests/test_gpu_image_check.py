@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_container_smoke import machine_without_engine
-from tests.test_docker import expanded_extras
+from tests.fixtures.containers import machine_without_engine
+from tests.fixtures.project import expanded_extras
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "scripts" / "container-gpu-check.sh"

@@ -34,7 +34,7 @@ from clipserve.service.runtime.gpu_stack import (
 from clipserve.service.runtime.onnx import provider_list, tensorrt_provider_options
 from clipserve.service.runtime.tensorrt import device_name, matching_engine
 from clipserve.service.settings import Settings
-from tests.test_docker import expanded_extras, requirement_names
+from tests.fixtures.project import expanded_extras, requirement_names
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]

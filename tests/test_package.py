@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.fixtures.service import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,12 +164,6 @@ def test_every_package_folder_is_in_the_map() -> None:
         assert init.parent in mapped, f"{init.parent.name}/ is a package but setup.py does not map it"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_wheel_installs_one_package_and_clip_serve_starts_from_it(
     tmp_path: Path, tiny_repo: Path
@@ -234,7 +229,7 @@ def test_the_wheel_installs_one_package_and_clip_serve_starts_from_it(
     assert where[0].startswith(purelib), where
     assert where[1] == "[]", "a top-level service/export/training module is importable"
 
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLIPSERVE_")}
     server = subprocess.Popen(
         [
@@ -270,3 +265,13 @@ def test_the_wheel_installs_one_package_and_clip_serve_starts_from_it(
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_tests_share_helpers_through_fixtures_not_each_other() -> None:
+    """A test module imports helpers from tests/fixtures/, never from another test module."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                assert not node.module.startswith("tests.test_"), f"{path.name} imports {node.module}"
+            if isinstance(node, ast.Import):
+                assert not any(a.name.startswith("tests.test_") for a in node.names), path.name

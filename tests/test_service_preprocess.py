@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ from PIL import Image
 from clipserve.contract.bundle import ImagePreprocess
 from clipserve.service.errors import InvalidImage, TooLarge
 from clipserve.service.inference.preprocess import ImagePreprocessor
-from tests.fixtures.service import image_bytes
+from tests.fixtures.service import image_bytes, png_claiming
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -116,18 +114,6 @@ def test_animation_gives_its_first_frame() -> None:
     frames[0].save(out, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
     first = np.asarray(ImagePreprocessor(spec(), max_pixels=10**8).open(out.getvalue(), 0))
     assert first[..., 0].mean() > 200 and first[..., 2].mean() < 50
-
-
-def png_claiming(width: int, height: int) -> bytes:
-    """A real 1x1 PNG whose header says width x height: what a decompression bomb looks like."""
-    out = io.BytesIO()
-    Image.new("L", (1, 1)).save(out, format="PNG")
-    data = bytearray(out.getvalue())
-    ihdr = data.index(b"IHDR")
-    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17]))
-    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
-    return bytes(data)
 
 
 def test_pixel_limit_refuses_before_decoding() -> None:

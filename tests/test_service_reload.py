@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from clipserve.contract.bundle import ModelRepository
+from tests.fixtures.models import publish_copy
 from tests.fixtures.service import LOCAL_URL, b64, image_bytes
 
 ADMIN = {"Authorization": "Bearer admin-k"}
@@ -23,22 +24,6 @@ def own_repo(tiny_repo: Path, tmp_path: Path) -> Path:
     root = tmp_path / "models"
     shutil.copytree(tiny_repo, root)
     return root
-
-
-def publish_copy(root: Path, corrupt: str | None = None) -> int:
-    """Publish tiny@1's files as the next version through the bundle contract; optionally corrupt one."""
-    repository = ModelRepository(root)
-    source = repository.load("tiny", 1)
-    with repository.stage("tiny") as staging:
-        for entry in source.manifest.files:
-            shutil.copy(source.path / entry.path, staging.path / entry.path)
-        bundle = staging.publish(source.manifest)
-    if corrupt is not None:
-        target = bundle.path / corrupt
-        data = bytearray(target.read_bytes())
-        data[len(data) // 2] ^= 0xFF
-        target.write_bytes(bytes(data))
-    return bundle.manifest.version
 
 
 class Stream:

@@ -18,8 +18,8 @@ import pytest
 
 from clipserve.service.server.workers import WorkersError, choose_workers, per_worker_settings, worker_cores
 from clipserve.service.settings import Settings
+from tests.fixtures.models import publish_copy
 from tests.fixtures.service import b64, free_port, image_bytes
-from tests.test_service_reload import publish_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 
