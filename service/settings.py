@@ -20,6 +20,29 @@ from clipserve.contract.cli_settings import CliSettings, CommaList, Renamed, usa
 Provider = Literal["cpu", "cuda", "tensorrt"]
 
 
+def cpu_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may keep busy: its affinity mask, capped by a cgroup CPU quota, which the
+    mask does not show (a container's `--cpus`, a Kubernetes CPU limit: without the cap, a pod
+    limited to 2 cores on a 64-core node would start 64 ONNX Runtime threads). cgroup v2's
+    `cpu.max`, else v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`; at least 1."""
+    cores = usable_cores()
+    quota: str | int
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text()
+        except (OSError, ValueError):
+            return cores
+    if quota in ("max", -1):
+        return cores
+    try:
+        return max(1, min(cores, int(int(quota) / int(period))))
+    except (ValueError, ZeroDivisionError):
+        return cores
+
+
 def names_a_directory(value: str) -> bool:
     """Whether a `models` value is a path rather than model names: model names hold no '/'."""
     text = value.strip()
@@ -66,14 +89,19 @@ class Settings(CliSettings):
         "and TensorRT version, so a restart does not build them again; empty: <data_dir>/engine-cache",
     )
     intra_op_threads: int = Field(
-        default_factory=usable_cores, ge=1, description="ONNX Runtime threads per session"
+        default_factory=cpu_cores,
+        ge=1,
+        description="ONNX Runtime threads per session; default: the cores of the CPU affinity, or fewer "
+        "under a cgroup CPU quota (a container's --cpus, a Kubernetes CPU limit)",
     )
     cpu_arena: bool = Field(
         False,
         description="ONNX Runtime's CPU memory arena: keeps the memory of the largest batch seen (ViT-B-32: "
         "3-12% faster, ~170 MB more resident); off frees each run's activations",
     )
-    preprocess_workers: int = Field(default_factory=usable_cores, ge=1, description="threads decoding images")
+    preprocess_workers: int = Field(
+        default_factory=cpu_cores, ge=1, description="threads decoding images; default as --intra-op-threads"
+    )
     jpeg_draft_margin: float = Field(
         2.0,
         ge=0,

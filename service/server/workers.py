@@ -29,10 +29,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from clipserve.service.settings import Settings
+from clipserve.service.settings import Settings, cpu_cores
 
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref
-from clipserve.contract.cli_settings import usable_cores
 
 SMALL_MODELS_BYTES = 64 * 2**20
 SETTINGS_ENV = "_CLIPSERVE_WORKER_SETTINGS"
@@ -63,15 +62,8 @@ def served_graph_bytes(settings: Settings) -> int:
 
 def worker_cores() -> int:
     """Cores to fill with workers: the affinity mask, capped by a cgroup CPU quota (a container's
-    `--cpus`), which the mask does not show."""
-    cores = usable_cores()
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return cores
-    if quota == "max":
-        return cores
-    return max(1, min(cores, int(int(quota) / int(period))))
+    `--cpus`, a Kubernetes CPU limit), which the mask does not show."""
+    return cpu_cores()
 
 
 def choose_workers(settings: Settings) -> tuple[int, str]:
