@@ -442,3 +442,28 @@ def test_podman_gets_pods_configmaps_and_claims_only_the_api_port_published(
     assert api_volumes["api-keys"]["configMap"]["name"] == "clipserve-auth"
     keys = next(o for o in played.shared if o["metadata"]["name"] == "clipserve-auth")["data"]["api-keys"]
     assert keys.strip() == "a-key-long-enough-0001 read"
+
+
+def test_ci_runs_the_chart_check_after_the_container_smoke_and_make_test_installs_helm() -> None:
+    steps = [
+        line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith(("make", "CI="))
+    ]
+    smoke = steps.index('CI="${CI:-true}" make container-smoke')
+    assert steps[smoke + 1] == 'CI="${CI:-true}" make chart-check'
+    makefile = (ROOT / "Makefile").read_text()
+    test_recipe = makefile.split("\ntest:", 1)[1].split("\n\n", 1)[0]
+    assert "scripts/chart-tools.sh" in test_recipe
+    assert (
+        "\n.tools" in (ROOT / ".dockerignore").read_text() and "\n.tools" in (ROOT / ".gitignore").read_text()
+    )
+
+
+@pytest.mark.parametrize("case", ["default", "model-image", "external-stores"])
+def test_install_notes_render_and_say_how_to_publish_a_model(case: str) -> None:
+    values = ["-f", str(CASES[case])] if CASES[case] else []
+    result = chart_validate.helm("install", "clip", str(CHART), "-n", "clip", "--dry-run=client", *values)
+    assert result.returncode == 0, result.stderr
+    notes = result.stdout.split("NOTES:", 1)[1]
+    assert "port-forward svc/clip-clipserve" in notes
+    assert ("models.image.tag=" in notes) == (case == "model-image")
+    assert ("create job --from=cronjob/clip-clipserve-train" in notes) == (case == "external-stores")
