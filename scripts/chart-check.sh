@@ -74,9 +74,12 @@ build_images() {
   engine_log "building $TRAIN_IMAGE (docker/Dockerfile.train; cached layers are reused)"
   "$ENGINE" build -q "${format[@]}" -f docker/Dockerfile.train -t "$TRAIN_IMAGE" . >/dev/null
   # The model image holds a tiny random-init bundle exported here; it is tagged with a hash of what
-  # made it (the exporter, the service's loader and the config), so an unchanged tree reuses it.
+  # made it (the exporter and the bundle contract, wherever the package keeps them, and the tiny
+  # config), so an unchanged exporter reuses it.
   local tag
-  tag=$(cat export/*.py service/inference/loading.py scripts/container-engine.sh | sha256sum | cut -c1-12)
+  tag=$(find . \( -path ./.venv -o -path ./.tools -o -path ./.git \) -prune -o \
+    \( -path '*/export/*.py' -o -path '*/contract/*.py' \) -print | LC_ALL=C sort \
+    | xargs cat scripts/container-engine.sh | sha256sum | cut -c1-12)
   MODEL_IMAGE="localhost/clipserve-chart-model:$tag"
   if ! "$ENGINE" image inspect "$MODEL_IMAGE" >/dev/null 2>&1; then
     write_tiny_model_config "$RUN_DIR/tiny.json"

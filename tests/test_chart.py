@@ -221,7 +221,7 @@ def test_cpu_autoscaling_by_default_in_flight_requests_through_keda_or_the_adapt
     trigger = keda.one("ScaledObject")["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
     assert "clipserve_requests_in_flight" in trigger["metadata"]["query"]
-    assert trigger["metadata"]["threshold"] == "6"
+    assert trigger["metadata"]["threshold"] == "4"
     adapter = rendered["external-stores"].one("HorizontalPodAutoscaler")["spec"]["metrics"][0]
     assert adapter["type"] == "Pods" and adapter["pods"]["metric"]["name"] == "clipserve_requests_in_flight"
 
