@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from chart_validate import Rendered, render
+from chart_validate import ChartError, Rendered, render
 
 PREFIX = "clipserve-chart"
 NETWORK = f"{PREFIX}-net"
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         run = Run(images, args.api_port, args.image_api_port, Path(folder))
         try:
             run.main()
-        except (CheckFailed, subprocess.TimeoutExpired, httpx.HTTPError) as exc:
+        except (CheckFailed, ChartError, subprocess.TimeoutExpired, httpx.HTTPError) as exc:
             print(f"chart podman check: FAILED: {exc}", file=sys.stderr)
             return 1
         finally:
