@@ -12,7 +12,7 @@ GPU_VENV ?= .venv-gpu
 GPU_EXTRAS ?= serve-gpu,train-gpu,dev
 
 .PHONY: test serve bench lint redis browser venv clean venv-gpu test-gpu gpu-check container-smoke gpu-image-check \
-	compose-env constraints
+	compose-env constraints chart-tools chart-check
 
 venv: $(STAMP)
 
@@ -29,6 +29,7 @@ browser:
 	@bash scripts/ensure-browser.sh
 
 test: venv redis browser
+	@PYTHON=$(PY) bash scripts/chart-tools.sh || echo "chart-tools: helm could not be installed (above): tests/test_chart.py skips"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -50,6 +51,15 @@ constraints:
 # docker-compose.yml for real: build, run three replicas, check through the proxy, take it down.
 container-smoke: venv compose-env
 	@bash scripts/container-smoke.sh
+
+# helm, kubectl and the Kubernetes schemas, pinned, into .tools/ (tests/test_chart.py renders with them).
+chart-tools: venv
+	@PYTHON=$(PY) bash scripts/chart-tools.sh
+
+# The Helm chart without a cluster: lint, render, strict validation, pytest over the YAML, then its
+# pods under `podman kube play` with the real images (scripts/chart-check.sh says what).
+chart-check: venv
+	@VENV=$(VENV) bash scripts/chart-check.sh
 
 # docker/Dockerfile.serve-gpu built (the CUDA-provider set, GPU_SET=serve-gpu-cuda, unless told) and
 # checked without a GPU: its libraries, providers, the service's refusal and its CPU start.
@@ -74,4 +84,4 @@ gpu-check: venv-gpu
 	PYTHON=$(GPU_VENV)/bin/python bash scripts/gpu-check.sh
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(GPU_VENV) .tools .pytest_cache .ruff_cache

@@ -25,6 +25,7 @@ declare -A STANDINS=(
   [docker.io/library/redis:7.4-alpine]="trixie redis"
   [docker.io/pgvector/pgvector:pg17]="trixie pgvector"
   [docker.io/library/nginx:1.28-alpine]="bookworm nginx"
+  [docker.io/library/busybox:1.37]="bookworm busybox"
 )
 
 # `redis:7.4-alpine` -> `docker.io/library/redis:7.4-alpine`, as Docker and podman's compat API read it.

@@ -28,6 +28,16 @@ class Metrics:
             registry=r,
         )
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        # The autoscaling signal (deploy/helm/clipserve): requests being served now, from the first
+        # byte in to the last byte out, decode and queue included. For a small model the queue stays
+        # short while Python's per-request work fills the cores, so queue depth alone shows load
+        # late; in-flight requests show it as it comes (Little's law: throughput x latency).
+        self.requests_in_flight = Gauge(
+            "clipserve_requests_in_flight",
+            "API requests being served now (health checks and /metrics left out)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.queue_depth = Gauge(
             "clipserve_queue_depth",
             "items waiting",

@@ -53,14 +53,21 @@ class Settings(CliSettings):
         "and TensorRT version, so a restart does not build them again; empty: <data_dir>/engine-cache",
     )
     intra_op_threads: int = Field(
-        default_factory=usable_cores, ge=1, description="ONNX Runtime threads per session"
+        default_factory=usable_cores,
+        ge=1,
+        description="ONNX Runtime threads per session; default: the cores of the CPU affinity, or fewer "
+        "under a cgroup CPU quota (a container's --cpus, a Kubernetes CPU limit)",
     )
     cpu_arena: bool = Field(
         False,
         description="ONNX Runtime's CPU memory arena: keeps the memory of the largest batch seen (ViT-B-32: "
         "3-12% faster, ~170 MB more resident); off frees each run's activations",
     )
-    preprocess_workers: int = Field(default_factory=usable_cores, ge=1, description="threads decoding images")
+    preprocess_workers: int = Field(
+        default_factory=usable_cores,
+        ge=1,
+        description="threads decoding images; default as --intra-op-threads",
+    )
     jpeg_draft_margin: float = Field(
         2.0,
         ge=0,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -173,9 +174,15 @@ def test_the_wheel_installs_one_package_and_clip_serve_starts_from_it(
 
     The new venv finds the dependencies (not the project) in this environment's site-packages through
     a path file, so the check needs no network and sees exactly what the wheel installs."""
-    dist = tmp_path / "dist"
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, ROOT],
+    dist, source = tmp_path / "dist", tmp_path / "source"
+    for name in ("pyproject.toml", "setup.py", "README.md", *rooms().values()):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            source.mkdir(exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    built = subprocess.run(  # from a copy: an in-tree build would leave build/ in the checkout
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, source],
         capture_output=True,
         text=True,
         timeout=300,

@@ -16,7 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clipserve.service.server.workers import WorkersError, choose_workers, per_worker_settings, worker_cores
+from clipserve.contract.cli_settings import usable_cores
+from clipserve.service.server.workers import WorkersError, choose_workers, per_worker_settings
 from clipserve.service.settings import Settings
 from tests.fixtures.models import publish_copy
 from tests.fixtures.service import b64, free_port, image_bytes
@@ -29,20 +30,20 @@ def test_automatic_count_follows_backend_and_model_size(tiny_repo: Path, monkeyp
     assert choose_workers(embedded)[0] == 1
     shared = Settings(models_dir=tiny_repo, collections_backend="pgvector", postgres_dsn="postgresql://x")
     count, reason = choose_workers(shared)
-    assert count == worker_cores() and ("per core" in reason or worker_cores() == 1)
+    assert count == usable_cores() and ("per core" in reason or usable_cores() == 1)
     monkeypatch.setattr(
         "clipserve.service.server.workers.SMALL_MODELS_BYTES", 1
     )  # the tiny model now counts as large
     assert choose_workers(shared) == (1, choose_workers(shared)[1])
-    assert "every core" in choose_workers(shared)[1] or worker_cores() == 1
+    assert "every core" in choose_workers(shared)[1] or usable_cores() == 1
 
 
 def test_explicit_workers_split_the_cores_unless_threads_are_given(tiny_repo: Path) -> None:
     base = dict(models_dir=tiny_repo, collections_backend="pgvector", workers=2)
     split = per_worker_settings(Settings(**base), 2)
-    assert split.intra_op_threads == split.preprocess_workers == max(1, worker_cores() // 2)
+    assert split.intra_op_threads == split.preprocess_workers == max(1, usable_cores() // 2)
     given = per_worker_settings(Settings(**base, intra_op_threads=3), 2)
-    assert given.intra_op_threads == 3 and given.preprocess_workers == max(1, worker_cores() // 2)
+    assert given.intra_op_threads == 3 and given.preprocess_workers == max(1, usable_cores() // 2)
     with pytest.raises(WorkersError, match="needs --collections-backend pgvector"):
         choose_workers(Settings(models_dir=tiny_repo, workers=2))
 

@@ -32,11 +32,27 @@ class SettingsError(ValueError):
     """A setting that cannot be used; the message is one line that says which and why."""
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, e.g. a container's cpuset), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Cores this process may keep busy: its affinity mask (a container's cpuset), capped by a cgroup
+    CPU quota, which the mask does not show (a container's `--cpus`, a Kubernetes CPU limit: without
+    the cap, a pod limited to 2 cores on a 64-core node would start 64 threads per pool). cgroup v2's
+    `cpu.max`, else v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`; at least 1."""
+    cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    quota: str | int
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+    except (OSError, ValueError):
+        try:
+            quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text()
+        except (OSError, ValueError):
+            return cores
+    if quota in ("max", -1):
+        return cores
+    try:
+        return max(1, min(cores, int(int(quota) / int(period))))
+    except (ValueError, ZeroDivisionError):
+        return cores
 
 
 def split_list(value: object) -> object:

@@ -1,7 +1,7 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would hide client disconnects from the routes).
 
 - `RequestContext`: request id (from `X-Request-ID` or new), JSON log context, latency metric per
-  route template, the id echoed in the response headers;
+  route template, requests in flight (the autoscaling signal), the id echoed in the response headers;
 - `Auth`: Bearer API keys with scopes (`clipserve.service.keys`) on everything but `/livez`, `/readyz`
   and the demo page's own files (`/`, `/static/*`, and the API docs `/docs`, `/redoc`,
   `/openapi.json`: no data, and the pages need to load to ask for a key): 401 without a valid
@@ -28,6 +28,8 @@ access_log = logging.getLogger("clipserve.access")
 # The docs and the schema hold no data and must load before anyone has typed a key.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/", "/docs", "/redoc", "/openapi.json", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
+# Not counted as requests in flight: they are not work the replicas are scaled for.
+UNCOUNTED_PATHS = frozenset({"/livez", "/readyz", "/metrics"})
 
 
 async def send_error(
@@ -71,9 +73,14 @@ class RequestContext:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
+        counted = scope["path"] not in UNCOUNTED_PATHS
+        if counted:
+            self.metrics.requests_in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            if counted:
+                self.metrics.requests_in_flight.dec()
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             elapsed = time.perf_counter() - started

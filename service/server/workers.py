@@ -60,19 +60,6 @@ def served_graph_bytes(settings: Settings) -> int:
     return total
 
 
-def worker_cores() -> int:
-    """Cores to fill with workers: the affinity mask, capped by a cgroup CPU quota (a container's
-    `--cpus`), which the mask does not show."""
-    cores = usable_cores()
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-    except (OSError, ValueError):
-        return cores
-    if quota == "max":
-        return cores
-    return max(1, min(cores, int(int(quota) / int(period))))
-
-
 def choose_workers(settings: Settings) -> tuple[int, str]:
     """How many worker processes to run, and why."""
     if settings.workers:
@@ -82,7 +69,7 @@ def choose_workers(settings: Settings) -> tuple[int, str]:
                 "embedded collections store belongs to one process; or use --workers 1"
             )
         return settings.workers, "--workers"
-    cores = worker_cores()
+    cores = usable_cores()
     if cores == 1:
         return 1, "one core"
     if settings.collections_backend == "embedded":
@@ -97,7 +84,7 @@ def per_worker_settings(settings: Settings, workers: int) -> Settings:
     """Thread counts so that workers x threads = cores, unless they were set explicitly."""
     if workers <= 1:
         return settings
-    threads = max(1, worker_cores() // workers)
+    threads = max(1, usable_cores() // workers)
     given = settings.model_fields_set
     update = {f: threads for f in ("intra_op_threads", "preprocess_workers") if f not in given}
     return settings.model_copy(update=update | {"workers": workers})
