@@ -47,6 +47,12 @@ leftovers() {
 cleanup() {
   local status=$?
   if [ -n "$STACK_CREATED" ]; then
+    if [ "$status" != 0 ]; then  # what each container said last, so a failed run can be read from its log
+      for id in $("$ENGINE" ps -aq --filter "$(project_filter)"); do
+        echo "--- last lines of $("$ENGINE" inspect --format '{{.Name}}' "$id"):" >&2
+        "$ENGINE" logs --tail 15 "$id" 2>&1 | sed 's/^/    /' >&2 || true
+      done
+    fi
     "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     # A container that keeps restarting can slip through one `down`; remove what is left by name.
     leftovers | while read -r kind name; do
