@@ -11,6 +11,7 @@ file); 1 failed (nothing more can be done without a change); 2 a mistake in the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -157,6 +158,8 @@ def run_index(settings: IndexSettings) -> Summary:
                     settings.decode_cpus,
                     settings.service_settings(),
                 )
+                # more actors than shards would only load the model to wait
+                placement = dataclasses.replace(placement, actors=min(placement.actors, len(pending)))
                 placement_description = placement.describe()
                 spec = JobSpec(
                     models_dir=str(Path(settings.models_dir).resolve()),
