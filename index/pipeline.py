@@ -246,7 +246,13 @@ def start_ray(address: str | None, num_cpus: int, object_store_mb: int) -> str:
         "logging_level": logging.ERROR,
     }
     if address is None:
-        ray.init(num_cpus=num_cpus, object_store_memory=object_store_mb * 1024 * 1024, **options)
+        # a local runtime serves this process alone: it listens on the loopback interface only
+        ray.init(
+            num_cpus=num_cpus,
+            object_store_memory=object_store_mb * 1024 * 1024,
+            _node_ip_address="127.0.0.1",
+            **options,
+        )
         return f"a local Ray ({num_cpus} CPUs)"
     ray.init(address=address, **options)
     return f"the Ray cluster at {address}"

@@ -34,6 +34,7 @@ from tests.fixtures.indexing import (
     Corpus,
     add_bad_files,
     kill_marked,
+    loopback_address,
     new_mark,
     write_corpus,
     write_webdataset,
@@ -295,7 +296,7 @@ def test_killed_driver_resumes_with_every_item_once(ray_address, tiny_repo, post
     ]  # fmt: skip
     mark = new_mark()
     driver = subprocess.Popen(
-        [sys.executable, "-m", "clipserve.index.cli", *flags, "--ray-address", ray_address],
+        [sys.executable, "-m", "clipserve.index.cli", *flags, "--ray-address", loopback_address(ray_address)],
         env={**os.environ, **mark},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
