@@ -144,14 +144,15 @@ class IndexSettings(CliSettings):
 
     @model_validator(mode="after")
     def _one_target_at_least(self) -> IndexSettings:
+        if self.collection and not (self.server or self.postgres_dsn):
+            raise ValueError("--collection needs --server URL or --postgres-dsn DSN to say where it lives")
         if self.server is None and self.postgres_dsn is None and self.output is None:
             raise ValueError(
-                "say where the vectors go: --collection NAME with --server URL or --postgres-dsn DSN, or --output DIR"
+                "say where the vectors go: --collection NAME with --server URL or --postgres-dsn DSN, "
+                "or --output DIR"
             )
         if (self.server or self.postgres_dsn) and not self.collection:
             raise ValueError("--server and --postgres-dsn fill a collection: add --collection NAME")
-        if self.collection and not (self.server or self.postgres_dsn):
-            raise ValueError("--collection needs --server URL or --postgres-dsn DSN to say where it lives")
         return self
 
     def service_settings(self) -> dict[str, object]:
