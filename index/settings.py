@@ -83,7 +83,9 @@ class IndexSettings(CliSettings):
 
     # Ray
     ray_address: str | None = Field(
-        None, description="a Ray cluster to run on (ray://host:10001 or host:6379); none: a local one"
+        None,
+        description="a Ray cluster to join, as its head's host:port (the GCS port of `ray start --head`); "
+        "none: a local one",
     )
     num_cpus: int = Field(
         default_factory=usable_cores, ge=1, description="CPUs of the local Ray started without --ray-address"
