@@ -56,6 +56,17 @@ class Summary:
     ray: str
     nodes: dict[str, tuple[int, float]] = field(default_factory=dict)  # node -> (items, encode seconds)
     unit: str = "images"
+    first_shard_s: float | None = None  # seconds into the job when the first shard was done
+    first_shard_items: int = 0
+
+    @property
+    def steady_rate(self) -> float | None:
+        """Items/s after the first shard (Ray's workers started, the model loaded), over 2+ shards."""
+        done_now = sum(items for items, _ in self.nodes.values())
+        if self.first_shard_s is None or done_now <= self.first_shard_items:
+            return None
+        span = self.seconds - self.first_shard_s
+        return (done_now - self.first_shard_items) / span if span > 0 else None
 
     @property
     def rate(self) -> float:
@@ -68,7 +79,8 @@ class Summary:
             f"({self.shards - self.shards_before} now, {self.shards_before} done before); "
             f"{self.indexed} indexed, {self.errors} errors",
             f"  rate      {self.rate:.1f} {self.unit}/s over {duration(self.seconds)} "
-            f"({duration(self.wall_seconds)} in all, with listing and Ray's start)",
+            f"({duration(self.wall_seconds)} in all, with listing and Ray's start)"
+            + (f"; {self.steady_rate:.1f} {self.unit}/s after the first shard" if self.steady_rate else ""),
             f"  ran on    {self.ray}: {self.placement}",
         ]
         for node, (items, encode_s) in sorted(self.nodes.items()):
@@ -202,6 +214,8 @@ def run_index(settings: IndexSettings) -> Summary:
             ray=ray_description,
             nodes=nodes,
             unit=unit,
+            first_shard_s=tally.first_at,
+            first_shard_items=tally.first_items,
         )
     finally:
         for target in targets:

@@ -5,7 +5,7 @@
 
 A row is one shard, so a shard is never split across actors and the driver records it as done once
 it has written all of it. Decode tasks reserve a fraction of a CPU (`decode_cpus`) and run beside the
-inference actors, which reserve about their threads' worth (`actor_cpus`); on a cluster with GPUs and
+inference actors, which reserve half their threads' worth (`actor_cpus`); on a cluster with GPUs and
 a bundle with an fp16 variant, the actors take one GPU each instead. Both stages reuse the service's
 code: `BulkInputs` (the `ImagePreprocessor`, the bundle's tokenizer), the service's `ImageFetcher`
 for URLs, and `BulkEncoder` (loading, runtimes, batches). A task or actor that dies is retried by
@@ -280,7 +280,9 @@ def plan_placement(
         settings = {**service_settings, "providers": ["cuda"], "precision": "fp16" if has_fp16 else "fp32"}
         return Placement(actors or gpus, threads, actor_cpus or 1.0, decode_cpus, 1.0, settings)
     cpus = float(resources.get("CPU", 1))
-    reserve = actor_cpus if actor_cpus is not None else max(0.5, threads - 0.25)
+    # half the actor's threads: decoding needs the other half when the model is small (a student
+    # decodes for longer than it infers), and takes little of it when the model is large
+    reserve = actor_cpus if actor_cpus is not None else max(0.5, threads / 2)
     count = actors or max(1, int(cpus // max(threads, 1)))
     return Placement(count, threads, reserve, decode_cpus, 0.0, service_settings)
 

@@ -36,6 +36,10 @@ class Tally:
     errors: int = 0
     shards: int = 0
     nodes: dict[str, NodeTally] = field(default_factory=lambda: defaultdict(NodeTally))
+    # when the first shard came back (seconds into the job) and its items: what follows is the
+    # steady rate, once the workers have started and the actors have loaded the model
+    first_at: float | None = None
+    first_items: int = 0
 
     @property
     def done(self) -> int:
@@ -70,6 +74,8 @@ class Progress:
 
     def advance(self, items: int, errors: int, node: str, encode_s: float) -> None:
         tally = self.tally
+        if tally.first_at is None:
+            tally.first_at, tally.first_items = time.monotonic() - self.started, items
         tally.items += items
         tally.errors += errors
         tally.shards += 1

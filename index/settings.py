@@ -105,8 +105,8 @@ class IndexSettings(CliSettings):
     actor_cpus: float | None = Field(
         None,
         gt=0,
-        description="Ray CPUs each actor reserves; none: its threads less a quarter, leaving room for "
-        "the decode tasks beside it",
+        description="Ray CPUs each actor reserves; none: half its threads (at least 0.5), leaving room "
+        "for the decode tasks beside it, which a small model needs more than its own threads",
     )
     decode_cpus: float = Field(0.25, gt=0, description="Ray CPUs each decode task reserves")
     gpu: Literal["auto", "on", "off"] = Field(
