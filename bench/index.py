@@ -6,6 +6,7 @@ and the demo student's architecture, training/configs/shapes-student.json):
 
 1. raw: one loop over the corpus, batch by batch: read, decode + preprocess (the service's
    `ImagePreprocessor`), the image tower in ONNX Runtime with one thread per core, L2-normalize;
+   measured before and after clip-index, and the mean of the two taken as the reference;
 2. clip-index on a local Ray with the machine's cores, into clip-retrieval files: its rate over the
    job (Ray's start and the listing left out, shown apart), and the ratio to raw;
 3. (--cluster) `ray start --head` and `ray start --address` on this machine, one core each, the same
@@ -289,6 +290,10 @@ def main() -> None:
             raw = raw_rate(args.repo, bundle.manifest.name, corpus, args.batch_size, args.cores)
             print(f"  raw loop          {raw:8.1f} images/s", flush=True)
             run = local_rate(args.repo, bundle.manifest.name, corpus, Path(tmp) / "local", args)
+            # the raw loop again after, so that a change of the machine's load shows (and averages out)
+            raw_after = raw_rate(args.repo, bundle.manifest.name, corpus, args.batch_size, args.cores)
+            print(f"  raw loop, after   {raw_after:8.1f} images/s", flush=True)
+            raw = (raw + raw_after) / 2
             steady = run.steady_rate or run.rate
             print(
                 f"  clip-index local  {steady:8.1f} images/s after the first shard ({steady / raw:.2f}x raw); "
