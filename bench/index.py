@@ -14,7 +14,10 @@ and the demo student's architecture, training/configs/shapes-student.json):
    the same vectors as the local run's.
 
 The corpus is photo-like 640x480 JPEGs. Figures are printed, never asserted; on a shared machine,
-compare the ratios of one run, not figures across runs.
+compare the ratios of one run, not figures across runs. Of clip-index's two rates, the whole job's
+counts the workers' start and the model's load (low on a short job) and the one after the first
+shard counts shards decoded during that load as if they were free (high on a short job): give a
+corpus long enough for the two to meet (`--images`).
 
     python bench/index.py --quick                  # the student, 512 images, no cluster (~2 min)
     python bench/index.py                          # ViT-B-32 (384 images) and the student (4,096), cluster

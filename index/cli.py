@@ -61,7 +61,10 @@ class Summary:
 
     @property
     def steady_rate(self) -> float | None:
-        """Items/s after the first shard (Ray's workers started, the model loaded), over 2+ shards."""
+        """Items/s after the first shard (Ray's workers started, the model loaded), over 2+ shards.
+        Shards decoded while the actors were still loading the model come out fast after it, so on a
+        short job this reads high; the whole job's rate reads low. A long job's lies between, close
+        to both."""
         done_now = sum(items for items, _ in self.nodes.values())
         if self.first_shard_s is None or done_now <= self.first_shard_items:
             return None
