@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= serve,train,dev
+EXTRAS ?= serve,train,index,dev
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)-$(subst $(comma),_,$(EXTRAS))
 comma := ,
 PYTEST_ARGS ?=
@@ -72,6 +72,7 @@ bench: venv redis
 	$(PY) bench/serve.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/distill_shapes.py
+	$(PY) bench/index.py
 
 venv-gpu:
 	$(MAKE) venv VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS)

@@ -1,6 +1,7 @@
 """The package map: the repository keeps its rooms at the top level (service/, export/, training/)
 beside the contract (clipserve/contract/), and the wheel installs them all as one import package,
-`clipserve`: `clipserve.service`, `clipserve.export`, `clipserve.training`, `clipserve.contract`.
+`clipserve`: `clipserve.service`, `clipserve.export`, `clipserve.training`, `clipserve.index`,
+`clipserve.contract`.
 
 A room absent from a build context (the serving image copies no training/) is left out, so one
 pyproject.toml builds every image. Everything else about the distribution is in pyproject.toml.
@@ -15,6 +16,7 @@ ROOMS = {
     "clipserve.service": "service",
     "clipserve.export": "export",
     "clipserve.training": "training",
+    "clipserve.index": "index",
 }
 
 

@@ -2,9 +2,12 @@
 
 A collection is bound to the embedding space (bundle content hash) of the model it was created with.
 Writes and searches use the model now served under that name; when it is a different space, they are
-refused with `model_mismatch` until `reembed` re-embeds the items from their stored sources. Texts
-are always kept; an image is kept when given as a URL (inline base64 images are not stored, so items
-added that way, or as raw vectors, cannot be re-embedded).
+refused with `model_mismatch` until `reembed` re-embeds the items from their stored sources. Every
+item keeps its source: its text, its image URL, or its inline image's original bytes (in the store,
+by sha256, each once per collection, up to `max_collection_image_bytes`); only items given as bare
+vectors cannot be re-embedded. An item may bring its vector together with its text or image (bulk
+indexers compute vectors themselves) when the request names the bundle that made it (`content_hash`,
+which must be the collection's); the source is kept as for any item.
 
 Conventions: upsert by id, the last of duplicate ids in one call wins; a filter is an equality test on
 top-level metadata fields, and a field no item has matches nothing (empty results, not an error).
@@ -69,7 +72,12 @@ class Collections:
                 if self._store is None:
                     s = self.settings
                     self._store = await self._blocking(
-                        lambda: open_store(s.collections_backend, data_dir=s.data_dir, dsn=s.postgres_dsn)
+                        lambda: open_store(
+                            s.collections_backend,
+                            data_dir=s.data_dir,
+                            dsn=s.postgres_dsn,
+                            max_image_bytes=s.max_collection_image_bytes,
+                        )
                     )
         return self._store
 
@@ -110,10 +118,11 @@ class Collections:
         await self._call("drop_collection", name)
 
     async def upsert(self, name: str, request: UpsertItems) -> int:
-        """Upsert by id (the last of duplicate ids wins); texts and images go through the batchers."""
+        """Upsert by id (the last of duplicate ids wins). Texts and images are embedded through the
+        batchers, except where an item brings its vector with its source; every item keeps its source."""
         binding = await self._call("binding", name)
-        engine = self._engine_for(name, binding)
         items = request.items
+        _check_precomputed(name, request, binding)
         texts = {i: item.text for i, item in enumerate(items) if item.text is not None}
         images = {i: item.image for i, item in enumerate(items) if item.image is not None}
         check_item_texts(texts, self.settings, field="items")
@@ -127,9 +136,24 @@ class Collections:
                     code="invalid_vector",
                     index=position,
                 )
-        vectors = engine.reduce(
-            await self.embedder.items(engine, texts, images, len(items), "items"), binding.dim
+        # the bytes of every image to embed, and of every inline image (kept as its item's source)
+        data = await self.embedder.load_images(
+            {i: image for i, image in images.items() if items[i].vector is None or not is_url(image)}, "items"
         )
+        to_embed = [i for i, item in enumerate(items) if item.vector is None]
+        content_hash = request.content_hash
+        vectors = np.zeros((len(items), binding.dim), dtype=np.float32)
+        if content_hash is None or to_embed:
+            engine = self._engine_for(name, binding)
+            content_hash = engine.content_hash
+            embedded = await self.embedder.encode_items(
+                engine,
+                {i: texts[i] for i in to_embed if i in texts},
+                {i: data[i] for i in to_embed if i in data},
+                len(items),
+                "items",
+            )
+            vectors = engine.reduce(embedded, binding.dim)
         for position, item in enumerate(items):
             if item.vector is not None:
                 vectors[position] = np.asarray(item.vector, dtype=np.float32)
@@ -138,9 +162,9 @@ class Collections:
             name,
             [str(item.id) for item in items],
             vectors,
-            content_hash=engine.content_hash,
+            content_hash=content_hash,
             metadata=[item.metadata for item in items],
-            sources=[_source(item) for item in items],
+            sources=[_source(item, data.get(position)) for position, item in enumerate(items)],
         )
 
     async def get_item(self, name: str, item_id: str) -> ItemView:
@@ -183,27 +207,34 @@ class Collections:
         missing = [item_id for item_id, source in pairs if source is None]
         if missing:
             raise Conflict(
-                f"{len(missing)} of {len(pairs)} items of {name!r} have no stored text or image URL "
-                f"(e.g. {missing[0]!r}: added as a vector or an inline image); re-add them or recreate "
-                "the collection",
+                f"{len(missing)} of {len(pairs)} items of {name!r} have no stored source "
+                f"(e.g. {missing[0]!r}: added as a bare vector); re-add them or recreate the collection",
                 code="cannot_reembed",
             )
         dim = min(info.binding.dim, engine.dim)  # a collection keeps the dimensions it was made with
-        vectors = engine.reduce(await self._embed_sources(engine, [s for _, s in pairs]), dim)
+        vectors = engine.reduce(await self._embed_sources(name, engine, [s for _, s in pairs]), dim)
         binding = ModelBinding(engine.name, engine.version, engine.content_hash, dim)
         await self._call("rebind", name, binding, [item_id for item_id, _ in pairs], vectors)
         return engine, len(pairs)
 
     # Helpers ----------------------------------------------------------------------------------------
 
-    async def _embed_sources(self, engine: ModelEngine, sources: list[Source | None]) -> np.ndarray:
-        """Every source embedded in chunks the size of one request, through the same batchers."""
+    async def _embed_sources(
+        self, name: str, engine: ModelEngine, sources: list[Source | None]
+    ) -> np.ndarray:
+        """Every source embedded in chunks the size of one request, through the same batchers; inline
+        images are read back from the store."""
         out = np.zeros((len(sources), engine.dim), dtype=np.float32)
         chunk = min(self.settings.max_texts_per_request, self.settings.max_images_per_request)
         for start in range(0, len(sources), chunk):
             part = sources[start : start + chunk]
             texts = {i: s.value for i, s in enumerate(part) if s is not None and s.kind == "text"}
-            images = {i: s.value for i, s in enumerate(part) if s is not None and s.kind == "image"}
+            digests = [s.stored_image for s in part if s is not None and s.stored_image is not None]
+            stored = await self._call("images", name, digests) if digests else {}
+            images: dict[int, str | bytes] = {}
+            for i, s in enumerate(part):
+                if s is not None and s.kind == "image":
+                    images[i] = s.value if s.stored_image is None else stored.get(s.stored_image, b"")
             out[start : start + len(part)] = await self.embedder.items(
                 engine, texts, images, len(part), "stored sources"
             )
@@ -266,12 +297,34 @@ def check_metadata(items: list[Item], limit: int) -> None:
             )
 
 
-def _source(item: Item) -> Source | None:
+def _source(item: Item, image_bytes: bytes | None) -> Source | None:
+    """What the item keeps to be re-embedded: its text, its image URL, or its inline image's bytes."""
     if item.text is not None:
         return Source("text", item.text)
     if isinstance(item.image, str) and is_url(item.image):
         return Source("image", item.image.strip())
+    if image_bytes is not None:
+        return Source.inline_image(image_bytes)
     return None
+
+
+def _check_precomputed(name: str, request: UpsertItems, binding: ModelBinding) -> None:
+    """Vectors given with their sources must say which embedding space they are in: the collection's."""
+    if request.content_hash is not None and request.content_hash != binding.content_hash:
+        raise Conflict(
+            f"content_hash {request.content_hash[:12]} names another embedding space than collection "
+            f"{name!r}'s, {binding.model}@{binding.version} (bundle {binding.content_hash[:12]}); "
+            "embed the items with that model",
+            code="model_mismatch",
+        )
+    position = next((i for i, item in enumerate(request.items) if item.precomputed), None)
+    if position is not None and request.content_hash is None:
+        given = "text" if request.items[position].text is not None else "image"
+        raise InvalidInput(
+            f"items[{position}] gives a vector with its {given}: name the bundle that made the vector "
+            "with content_hash (GET /v1/models lists each model's)",
+            index=position,
+        )
 
 
 def _index_params(request: CreateCollection) -> IndexParams:

@@ -7,7 +7,8 @@ Each operation checks the server's limits first, then fetches images, then asks 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,20 +136,45 @@ class Embedder:
         self,
         engine: ModelEngine,
         texts: Mapping[int, str],
-        images: Mapping[int, str],
+        images: Mapping[int, str | bytes],
         count: int,
         field: str,
     ) -> np.ndarray:
         """Vectors for positions 0..count-1 given as texts or API image strings; an image's error
         names its item (`candidates[3].image`), not its place among the images."""
+        return await self.encode_items(engine, texts, await self.load_images(images, field), count, field)
+
+    async def load_images(self, images: Mapping[int, str | bytes], field: str) -> dict[int, bytes]:
+        """The bytes of items' images (API strings decoded or fetched), by position; an error names
+        its item."""
         positions = list(images)
-        try:
+        with _naming_items(positions, field):
             data = await self.fetcher.load(list(images.values()))
-            return await engine.encode_items(texts, dict(zip(positions, data, strict=True)), count)
-        except (InvalidImage, TooLarge) as exc:
-            if exc.index is None or exc.index >= len(positions):
-                raise
-            position = positions[exc.index]
-            raise exc.at(
-                position, exc.message.replace(f"image {exc.index}", f"{field}[{position}].image", 1)
-            ) from exc
+        return dict(zip(positions, data, strict=True))
+
+    async def encode_items(
+        self,
+        engine: ModelEngine,
+        texts: Mapping[int, str],
+        images: Mapping[int, bytes],
+        count: int,
+        field: str,
+    ) -> np.ndarray:
+        """Vectors for positions 0..count-1 given as texts or image bytes; an error names its item."""
+        with _naming_items(list(images), field):
+            return await engine.encode_items(texts, images, count)
+
+
+@contextlib.contextmanager
+def _naming_items(positions: list[int], field: str) -> Iterator[None]:
+    """An image error (`image 2 ...`, its place among the images) renamed after its item
+    (`items[5].image ...`)."""
+    try:
+        yield
+    except (InvalidImage, TooLarge) as exc:
+        if exc.index is None or exc.index >= len(positions):
+            raise
+        position = positions[exc.index]
+        raise exc.at(
+            position, exc.message.replace(f"image {exc.index}", f"{field}[{position}].image", 1)
+        ) from exc

@@ -175,6 +175,12 @@ class Settings(CliSettings):
         "embedded", description="embedded: SQLite + FAISS in one process; pgvector: shared by replicas"
     )
     postgres_dsn: str | None = Field(None, description="PostgreSQL of the pgvector backend")
+    max_collection_image_bytes: int = Field(
+        2 * 1024**3,
+        ge=0,
+        description="bytes of inline images one collection keeps as its items' sources (by sha256, each "
+        "once), so they can be re-embedded; an upsert that would pass it answers 413",
+    )
 
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(

@@ -10,6 +10,7 @@ pytest_plugins = [
     "tests.fixtures.training",
     "tests.fixtures.retrieval",
     "tests.fixtures.families",
+    "tests.fixtures.indexing",
 ]
 
 

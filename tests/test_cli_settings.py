@@ -1,4 +1,4 @@
-"""One configuration convention for clip-serve, clip-export and clip-distill: flag = settings field =
+"""One configuration convention for clip-serve, clip-export, clip-distill and clip-index: flag = settings field =
 environment variable, `--help` listing every option with its default and variable, old spellings
 accepted with a one-line warning, and bad settings or an unusable repository told in one line."""
 
@@ -16,6 +16,8 @@ import pytest
 from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings
 from clipserve.export.cli import ExportSettings
 from clipserve.export.cli import main as export_main
+from clipserve.index.cli import main as index_main
+from clipserve.index.settings import IndexSettings
 from clipserve.service.server.cli import main as serve_main
 from clipserve.service.server.cli import settings_from
 from clipserve.service.settings import Settings
@@ -30,6 +32,7 @@ COMMANDS: list[tuple[type[CliSettings], object, list[str]]] = [
     (TrainSettings, distill_main, ["train"]),
     (EvalSettings, distill_main, ["eval"]),
     (TargetsSettings, distill_main, ["targets"]),
+    (IndexSettings, index_main, []),
 ]
 
 

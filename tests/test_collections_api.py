@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -99,7 +100,12 @@ def test_collection_crud(api):
     assert item["metadata"] == {"n": 1, "even": False}
     assert item["source"] == {"kind": "text", "value": TEXTS[1]}
     np.testing.assert_allclose(item["vector"], embed_texts(api, [TEXTS[1]])[0], atol=1e-5)
-    assert api.get("/v1/collections/things/items/img").json()["source"] is None  # inline images are not kept
+    # an inline image keeps its original bytes, by content
+    digest = hashlib.sha256(image_bytes(3)).hexdigest()
+    assert api.get("/v1/collections/things/items/img").json()["source"] == {
+        "kind": "image",
+        "value": f"sha256:{digest}",
+    }
     assert api.get("/v1/collections/things/items/7").json()["id"] == "7"
 
     assert api.delete("/v1/collections/things/items/t1").json() == {"id": "t1", "deleted": True}
@@ -204,7 +210,7 @@ BAD_INPUT = [
         "/v1/collections/c/items",
         {"items": [{"id": "a", "text": "x", "vector": [1.0] * 32}]},
         422,
-        "exactly one",
+        "name the bundle that made the vector with content_hash",
         0,
     ),
     ("/v1/collections/c/items", {"items": []}, 422, "items", None),
@@ -304,6 +310,13 @@ def test_model_change_refuses_search_until_reembedded(make_client, backend_setti
     add_texts(api, "texts")
     api.post("/v1/collections", json={"name": "vectors"})
     api.post("/v1/collections/vectors/items", json={"items": [{"id": "v", "vector": [0.1] * 32}]})
+    api.post("/v1/collections", json={"name": "photos"})
+    photos = [image_bytes(seed) for seed in (4, 5)]
+    added = api.post(
+        "/v1/collections/photos/items",
+        json={"items": [{"id": f"p{i}", "image": b64(photo)} for i, photo in enumerate(photos)]},
+    )
+    assert added.status_code == 200, added.text
 
     publish_other_space(repo)
     reload = api.post("/v1/admin/reload", headers={"authorization": "Bearer admin"})
@@ -327,6 +340,15 @@ def test_model_change_refuses_search_until_reembedded(make_client, backend_setti
 
     info = api.get("/v1/collections/texts").json()
     assert (info["version"], info["model_status"], info["count"]) == (2, "current", len(TEXTS))
+    # inline images move too: their bytes were kept
+    moved = api.post("/v1/collections/photos/reembed")
+    assert moved.status_code == 200 and moved.json()["reembedded"] == 2, moved.text
+    served = api.post("/v1/embed", json={"images": [b64(photo) for photo in photos]}).json()[
+        "image_embeddings"
+    ]
+    for i in range(2):
+        stored = api.get(f"/v1/collections/photos/items/p{i}").json()["vector"]
+        assert float(np.dot(stored, served[i])) >= 0.9999
     query = embed_texts(api, ["a car"])[0]
     matrix = embed_texts(api, TEXTS)
     expected = [f"t{i}" for i in np.argsort(-(matrix @ query), kind="stable")[:3]]
@@ -358,3 +380,58 @@ def test_store_opens_on_first_use(make_client, tmp_path):
     assert not (tmp_path / "data").exists()
     assert api.get("/v1/collections").json() == {"collections": []}
     assert (tmp_path / "data" / "collections" / "collections.sqlite3").is_file()
+
+
+def test_vectors_made_elsewhere_keep_their_sources(api):
+    api.post("/v1/collections", json={"name": "bulk"})
+    content_hash = api.get("/v1/models").json()["data"][0]["content_hash"]
+    photo = image_bytes(8)
+    text_vector = embed_texts(api, ["a made-up vector's text"])[0]
+    image_vector = np.array(
+        api.post("/v1/embed", json={"images": [b64(photo)]}).json()["image_embeddings"][0]
+    )
+    items = [
+        {"id": "t", "text": "a made-up vector's text", "vector": text_vector.tolist(), "metadata": {"k": 1}},
+        {"id": "i", "image": b64(photo), "vector": image_vector.tolist()},
+    ]
+    response = api.post("/v1/collections/bulk/items", json={"items": items, "content_hash": content_hash})
+    assert response.json() == {"upserted": 2}, response.text
+    text_item = api.get("/v1/collections/bulk/items/t").json()
+    assert text_item["source"] == {"kind": "text", "value": "a made-up vector's text"}
+    assert text_item["metadata"] == {"k": 1}
+    np.testing.assert_allclose(text_item["vector"], text_vector, atol=1e-6)
+    image_item = api.get("/v1/collections/bulk/items/i").json()
+    assert image_item["source"]["value"] == f"sha256:{hashlib.sha256(photo).hexdigest()}"
+    hits = search_ids(api, "bulk", {"image": b64(photo), "top_k": 1})
+    assert hits == ["i"]
+
+    unnamed = api.post("/v1/collections/bulk/items", json={"items": items})
+    assert unnamed.status_code == 422 and "content_hash" in unnamed.json()["error"]["message"]
+    assert unnamed.json()["error"]["index"] == 0
+    other = api.post("/v1/collections/bulk/items", json={"items": items, "content_hash": "0" * 64})
+    assert other.status_code == 409 and other.json()["error"]["type"] == "model_mismatch"
+    both = api.post(
+        "/v1/collections/bulk/items",
+        json={"items": [{"id": "x", "text": "a", "image": b64(photo), "vector": text_vector.tolist()}]},
+    )
+    assert both.status_code == 422 and "exactly one of text or image" in both.text
+
+
+def test_inline_image_bytes_have_a_limit_per_collection(make_client, backend_settings):
+    api = make_client(max_collection_image_bytes=int(len(image_bytes(1)) * 1.5), **backend_settings)
+    api.post("/v1/collections", json={"name": "small"})
+    first = api.post(
+        "/v1/collections/small/items", json={"items": [{"id": "a", "image": b64(image_bytes(1))}]}
+    )
+    assert first.status_code == 200, first.text
+    again = api.post(
+        "/v1/collections/small/items", json={"items": [{"id": "b", "image": b64(image_bytes(1))}]}
+    )
+    assert again.status_code == 200, again.text  # the same bytes are kept once
+    full = api.post(
+        "/v1/collections/small/items", json={"items": [{"id": "c", "image": b64(image_bytes(2))}]}
+    )
+    assert full.status_code == 413, full.text
+    assert full.json()["error"]["type"] == "collection_images_too_large"
+    assert "limit" in full.json()["error"]["message"]
+    assert api.get("/v1/collections/small").json()["count"] == 2

@@ -12,6 +12,7 @@ from clipserve.service.stores import (
     BackendUnavailableError,
     CollectionExistsError,
     CollectionNotFoundError,
+    ImageStorageFullError,
     IndexParams,
     InvalidInputError,
     ItemNotFoundError,
@@ -268,6 +269,63 @@ def test_model_binding_refuses_other_spaces_until_rebound(store):
         store.search("c", random_vectors(1)[0], content_hash=HASH, top_k=3)
     hits = store.search("c", new_vectors[5], content_hash=OTHER_HASH, top_k=1)
     assert hits[0].id == ids[5] and hits[0].score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_inline_images_are_kept_by_content_deduplicated_and_freed(store_factory):
+    first = store_factory.open()
+    first.create_collection("c", BINDING, IndexParams())
+    red, blue = b"\x89PNG red pixels" * 10, b"\xff\xd8 blue pixels" * 10
+    sources = [Source.inline_image(red), Source.inline_image(red), Source.inline_image(blue)]
+    first.upsert("c", ["a", "b", "c"], random_vectors(3), content_hash=HASH, sources=sources)
+    first.close()
+    store = store_factory.open()  # the bytes are durable like the items
+    red_digest, blue_digest = sources[0].stored_image, sources[2].stored_image
+    assert store.get("c", "a").source == Source("image", f"sha256:{red_digest}")
+    assert store.images("c", [red_digest, blue_digest, "f" * 64]) == {red_digest: red, blue_digest: blue}
+    pages = [pair for page in store.iter_sources("c") for pair in page]
+    assert sorted((item_id, source.value) for item_id, source in pages) == [
+        ("a", f"sha256:{red_digest}"),
+        ("b", f"sha256:{red_digest}"),
+        ("c", f"sha256:{blue_digest}"),
+    ]
+    # the red bytes stay while one item still uses them
+    store.upsert("c", ["a"], random_vectors(1), content_hash=HASH, sources=[Source("text", "now a text")])
+    assert set(store.images("c", [red_digest])) == {red_digest}
+    store.delete("c", "b")
+    assert store.images("c", [red_digest]) == {}
+    store.delete("c", "c")
+    assert store.images("c", [blue_digest]) == {}
+    with pytest.raises(InvalidInputError, match="carries none"):
+        store.upsert(
+            "c",
+            ["d"],
+            random_vectors(1),
+            content_hash=HASH,
+            sources=[Source("image", f"sha256:{red_digest}")],
+        )
+
+
+def test_inline_image_bytes_are_limited_per_collection(store_factory):
+    store = store_factory.open(max_image_bytes=1000)
+    store.create_collection("c", BINDING, IndexParams())
+    store.create_collection("d", BINDING, IndexParams())
+    first, second = b"1" * 600, b"2" * 600
+    store.upsert("c", ["x"], random_vectors(1), content_hash=HASH, sources=[Source.inline_image(first)])
+    # the same bytes again cost nothing; other bytes would pass the limit, and nothing is written
+    store.upsert("c", ["y"], random_vectors(1), content_hash=HASH, sources=[Source.inline_image(first)])
+    with pytest.raises(ImageStorageFullError, match="over this server's limit of 1000 bytes") as caught:
+        store.upsert(
+            "c", ["z", "w"], random_vectors(2), content_hash=HASH, sources=[None, Source.inline_image(second)]
+        )
+    assert caught.value.code == "collection_images_too_large"
+    assert store.count("c") == 2
+    store.upsert("d", ["z"], random_vectors(1), content_hash=HASH, sources=[Source.inline_image(second)])
+    store.delete("c", "x")
+    store.delete("c", "y")
+    store.upsert("c", ["z"], random_vectors(1), content_hash=HASH, sources=[Source.inline_image(second)])
+    assert store.count("c") == 1
+    store.drop_collection("c")
+    assert store.images("d", [Source.inline_image(second).stored_image])
 
 
 def test_items_survive_a_restart(store_factory):

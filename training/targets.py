@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import open_clip
 import torch
-from tqdm import tqdm
 
 from clipserve.training.data import AugmentParams, DataError, PairDataset, sample_augment
 from clipserve.training.models import Teacher
+from clipserve.training.progress import progress_bar
 
 MANIFEST = "targets.json"
 CLASS_VECTORS = "class_vectors.pt"
@@ -78,7 +78,7 @@ def store_targets(
     out_dir.mkdir(parents=True, exist_ok=True)
     teacher.to(torch.device(device))
     shards = []
-    bar = tqdm(total=len(dataset), disable=not progress, desc="teacher targets", unit="img")
+    bar = progress_bar(total=len(dataset), disable=not progress, desc="teacher targets", unit="img")
     for shard_no, start in enumerate(range(0, len(dataset), shard_size)):
         positions = list(range(start, min(start + shard_size, len(dataset))))
         chunks = []

@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from clipserve.contract.bundle import sha256_file
 from clipserve.training.data import (
@@ -36,6 +35,7 @@ from clipserve.training.data import (
 )
 from clipserve.training.models import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, ClipModel, Teacher, TowerOutputs
 from clipserve.training.objective import Distiller, LossSettings
+from clipserve.training.progress import progress_bar
 
 Evaluator = Callable[[ClipModel], dict[str, float]]
 
@@ -432,7 +432,7 @@ def train(
         else contextlib.nullcontext()
     )
     result = TrainResult(out_dir, run_id, out_dir / "final")
-    progress = tqdm(
+    progress = progress_bar(
         total=config.steps,
         initial=start_step,
         disable=not (config.progress and env.is_main),

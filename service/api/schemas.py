@@ -442,7 +442,9 @@ class CreateCollection(_Request):
 
 
 class Item(_Request):
-    """One item: an id and exactly one of text, image or vector, with metadata to filter on."""
+    """One item: an id and exactly one of text, image or vector, with metadata to filter on; or a
+    vector made elsewhere together with the text or image it was made from (the request's
+    `content_hash` then names the model that made it), so the item keeps its source."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -456,7 +458,10 @@ class Item(_Request):
         None, description=f"an image to embed: {IMAGE_FORMS}", examples=[EXAMPLE_IMAGE]
     )
     vector: list[float] | None = Field(
-        None, description="a vector of the collection's dimension", examples=[None]
+        None,
+        description="a vector of the collection's dimension; alone, or with the text or image it was "
+        "made from when the request gives `content_hash`",
+        examples=[None],
     )
     metadata: dict[str, Any] = Field(
         default_factory=dict, description="fields to filter searches on", examples=[{"file": "red.png"}]
@@ -464,8 +469,16 @@ class Item(_Request):
 
     @model_validator(mode="after")
     def _one_source(self) -> Item:
-        _exactly_one(self, ("text", "image", "vector"))
+        if self.vector is not None and (self.text is not None or self.image is not None):
+            _exactly_one(self, ("text", "image"))
+        else:
+            _exactly_one(self, ("text", "image", "vector"))
         return self
+
+    @property
+    def precomputed(self) -> bool:
+        """A vector given together with its source: stored as it is, the source kept beside it."""
+        return self.vector is not None and (self.text is not None or self.image is not None)
 
 
 ItemOrText = Annotated[Item, BeforeValidator(_text_item_with_id, json_schema_input_type=Item | str)]
@@ -492,6 +505,13 @@ class UpsertItems(_Request):
         min_length=1,
         description="items: objects with an id, or plain strings (text items, id = the text)",
         examples=[[{"id": "red-circle", "image": EXAMPLE_IMAGE}, "a blue square"]],
+    )
+    content_hash: str | None = Field(
+        None,
+        description="the bundle content hash of the model that made the items' vectors (GET /v1/models "
+        "lists it); needed when an item gives a vector with its text or image, and refused with "
+        "409 model_mismatch unless it is the collection's",
+        examples=[None],
     )
 
 

@@ -78,6 +78,14 @@ def pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
     return batch
 
 
+def token_rows(batch: TokenizedBatch, dynamic_length: bool) -> list[np.ndarray]:
+    """A tokenized batch as one id row per text: cut at each text's end for a graph with a dynamic
+    sequence axis (`pad_rows` then pads a batch only to its longest text), whole rows otherwise."""
+    if dynamic_length:
+        return [batch.ids[i, : int(n)] for i, n in enumerate(batch.lengths)]
+    return list(batch.ids)
+
+
 def classes_digest(labels: Sequence[str], templates: Sequence[str]) -> str:
     """Identity of a class matrix within one embedding space: its labels and templates, in order."""
     return hashlib.sha256(
@@ -243,9 +251,7 @@ class ModelEngine:
         )
 
     def _token_rows(self, batch: TokenizedBatch) -> list[np.ndarray]:
-        if self.manifest.text.dynamic_length:
-            return [batch.ids[i, : int(n)] for i, n in enumerate(batch.lengths)]
-        return list(batch.ids)
+        return token_rows(batch, self.manifest.text.dynamic_length)
 
     def _text_key(self, row: np.ndarray) -> str:
         digest = hashlib.sha256(np.ascontiguousarray(row, dtype=np.int64).tobytes()).hexdigest()

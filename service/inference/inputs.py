@@ -80,6 +80,19 @@ class ImageFetcher:
                 )
         return list(await asyncio.gather(*(self._one(item, i) for i, item in enumerate(items))))
 
+    async def load_each(self, items: list[str | bytes]) -> list[bytes | InvalidImage]:
+        """Like `load`, for bulk work: an item that cannot be had is its `InvalidImage`, in its place,
+        and the others are still loaded."""
+        return list(await asyncio.gather(*(self._or_error(item, i) for i, item in enumerate(items))))
+
+    async def _or_error(self, item: str | bytes, index: int) -> bytes | InvalidImage:
+        try:
+            if is_url(item) and not self.settings.url_fetch_enabled:
+                raise _bad(f"image {index} is a URL, but fetching URLs is turned off", index)
+            return await self._one(item, index)
+        except InvalidImage as exc:
+            return exc
+
     async def _one(self, item: str | bytes, index: int) -> bytes:
         if isinstance(item, bytes):
             if not item:

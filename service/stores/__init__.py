@@ -15,6 +15,7 @@ from .collection_store import (
     CollectionInfo,
     CollectionNotFoundError,
     CollectionStore,
+    ImageStorageFullError,
     IndexParams,
     IndexStoreError,
     InvalidInputError,
@@ -35,6 +36,7 @@ __all__ = [
     "CollectionInfo",
     "CollectionNotFoundError",
     "CollectionStore",
+    "ImageStorageFullError",
     "IndexParams",
     "IndexStoreError",
     "InvalidInputError",
@@ -49,15 +51,20 @@ __all__ = [
 
 
 def open_store(
-    backend: BackendName, *, data_dir: Path | str | None = None, dsn: str | None = None
+    backend: BackendName,
+    *,
+    data_dir: Path | str | None = None,
+    dsn: str | None = None,
+    max_image_bytes: int | None = None,
 ) -> CollectionStore:
-    """The configured backend; imports only what that backend needs."""
+    """The configured backend; imports only what that backend needs. `max_image_bytes`: inline images'
+    bytes kept per collection (None: no limit)."""
     if backend == "embedded":
         if data_dir is None:
             raise BackendUnavailableError("the embedded collections backend needs a data dir")
         from .embedded import EmbeddedStore
 
-        return EmbeddedStore(Path(data_dir) / "collections")
+        return EmbeddedStore(Path(data_dir) / "collections", max_image_bytes=max_image_bytes)
     if backend == "pgvector":
         if not dsn:
             raise BackendUnavailableError(
@@ -65,5 +72,5 @@ def open_store(
             )
         from .pgvector import PgVectorStore
 
-        return PgVectorStore(dsn)
+        return PgVectorStore(dsn, max_image_bytes=max_image_bytes)
     raise BackendUnavailableError(f"unknown collections backend {backend!r}: use 'embedded' or 'pgvector'")

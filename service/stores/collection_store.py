@@ -8,11 +8,17 @@ Conventions both backends follow (the behaviour tests check them):
 - an upsert with the same id twice in one call keeps the last one ("last wins");
 - a filter is an equality test on top-level metadata fields, all of which must match; a field that
   no item has simply matches nothing (empty results, not an error);
-- a write returns only once it is durable (a committed transaction).
+- a write returns only once it is durable (a committed transaction);
+- an item's source is kept with it: a text, an image URL, or an inline image's original bytes. Those
+  bytes live in the same store, content-addressed (sha256) and deduplicated within a collection, with
+  a reference count so that replacing or deleting the last item that uses them frees them; the item's
+  source then reads `Source("image", "sha256:<hex>")` and `images(name, digests)` gives the bytes back.
+  A collection holds at most the store's `max_image_bytes` of them (`ImageStorageFullError`, a 413).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import threading
@@ -25,7 +31,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipserve.contract.bundle import NAME_RULE, is_valid_name
-from clipserve.service.errors import Conflict, InvalidInput, NotFound, ServiceError, Unavailable
+from clipserve.service.errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge, Unavailable
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 SourceKind = Literal["text", "image"]
@@ -62,6 +68,12 @@ class ModelMismatchError(IndexStoreError, Conflict):
     """The collection's vectors come from a different embedding space than the one asked for."""
 
     code = "model_mismatch"
+
+
+class ImageStorageFullError(IndexStoreError, TooLarge):
+    """Keeping these images' bytes would take the collection over the store's `max_image_bytes`."""
+
+    code = "collection_images_too_large"
 
 
 class BackendUnavailableError(IndexStoreError, Unavailable):
@@ -119,12 +131,30 @@ class CollectionInfo:
     created_at: str
 
 
+STORED_IMAGE_PREFIX = "sha256:"
+
+
 @dataclass(frozen=True)
 class Source:
-    """What an item was embedded from, kept so the collection can be re-embedded by another model."""
+    """What an item was embedded from, kept so the collection can be re-embedded by another model:
+    a text, an image URL, or an inline image. An inline image goes in as `Source.inline_image(bytes)`
+    (`data` set) and comes out as `Source("image", "sha256:<hex>")`: its bytes stay in the store,
+    read back with `CollectionStore.images`."""
 
     kind: SourceKind
     value: str
+    data: bytes | None = field(default=None, repr=False)
+
+    @classmethod
+    def inline_image(cls, data: bytes) -> Source:
+        return cls("image", STORED_IMAGE_PREFIX + hashlib.sha256(data).hexdigest(), data)
+
+    @property
+    def stored_image(self) -> str | None:
+        """The sha256 hex digest of an image whose bytes the store keeps, else None."""
+        if self.kind == "image" and self.value.startswith(STORED_IMAGE_PREFIX):
+            return self.value.removeprefix(STORED_IMAGE_PREFIX)
+        return None
 
 
 @dataclass
@@ -192,6 +222,10 @@ class CollectionStore(Protocol):
     def iter_sources(
         self, name: str, batch_size: int = 1000
     ) -> Iterator[list[tuple[str, Source | None]]]: ...
+
+    def images(self, name: str, digests: Sequence[str]) -> dict[str, bytes]:
+        """The bytes of the collection's stored inline images, by sha256 hex digest (those it has)."""
+        ...
 
     def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None: ...
 
@@ -365,6 +399,53 @@ def prepare_upsert(
         [metadata[p] for p in keep],
         [source_list[p] for p in keep],
     )
+
+
+@dataclass
+class ImageRefs:
+    """The inline images of an upsert batch: bytes by digest, and how many of its items use each."""
+
+    data: dict[str, bytes] = field(default_factory=dict)
+    uses: dict[str, int] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, sources: Sequence[Source | None]) -> ImageRefs:
+        refs = cls()
+        for position, source in enumerate(sources):
+            digest = source.stored_image if source is not None else None
+            if digest is None:
+                continue
+            if source.data is not None:
+                if hashlib.sha256(source.data).hexdigest() != digest:
+                    raise InvalidInputError(
+                        f"item {position}: image bytes do not match {source.value}", index=position
+                    )
+                refs.data[digest] = source.data
+            elif digest not in refs.data:
+                raise InvalidInputError(
+                    f"item {position}: source {source.value} names stored image bytes but carries none",
+                    index=position,
+                )
+            refs.uses[digest] = refs.uses.get(digest, 0) + 1
+        return refs
+
+
+def released_images(sources: Sequence[tuple[str | None, str | None]]) -> dict[str, int]:
+    """How many references to stored images the removed rows `(source_kind, source)` held, by digest."""
+    released: dict[str, int] = {}
+    for kind, value in sources:
+        if kind == "image" and value and value.startswith(STORED_IMAGE_PREFIX):
+            digest = value.removeprefix(STORED_IMAGE_PREFIX)
+            released[digest] = released.get(digest, 0) + 1
+    return released
+
+
+def check_image_bytes(name: str, total: int, limit: int | None) -> None:
+    if limit is not None and total > limit:
+        raise ImageStorageFullError(
+            f"collection {name!r} would keep {total} bytes of inline images, over this server's limit of "
+            f"{limit} bytes per collection; send images as URLs, or delete items first"
+        )
 
 
 def encode_metadata(entry: dict[str, Any], position: int) -> str:

@@ -1,7 +1,8 @@
 """The embedded backend: FAISS for the vectors, SQLite (WAL, synchronous=FULL) as the durable truth.
 
 Layout under the data dir:
-    collections.sqlite3      catalog + every item (id, vector, metadata, source), the durable state
+    collections.sqlite3      catalog + every item (id, vector, metadata, source) + inline images'
+                             bytes (table `images`, by collection and sha256), the durable state
     hnsw/<collection>.npz    optional HNSW snapshots, so a restart need not rebuild the graph
     LOCK                     held while a process has the store open (one writer process per data dir)
 
@@ -40,6 +41,7 @@ from .collection_store import (
     CollectionInfo,
     CollectionNotFoundError,
     FilterValue,
+    ImageRefs,
     IndexParams,
     ItemNotFoundError,
     ModelBinding,
@@ -50,10 +52,12 @@ from .collection_store import (
     StoredItem,
     batches,
     check_binding,
+    check_image_bytes,
     encode_metadata,
     normalize_rows,
     prepare_upsert,
     rebind_rows,
+    released_images,
     validate_collection_name,
     validate_filter,
     validate_item_id,
@@ -83,6 +87,15 @@ CREATE TABLE IF NOT EXISTS items (
     source TEXT,
     UNIQUE (collection_id, item_id)
 );
+CREATE TABLE IF NOT EXISTS images (
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    data BLOB NOT NULL,
+    size INTEGER NOT NULL,
+    refs INTEGER NOT NULL,
+    PRIMARY KEY (collection_id, digest)
+);
+CREATE INDEX IF NOT EXISTS images_size ON images (collection_id, size);
 """
 _SQLITE_VARIABLES = 900
 _COMPACT_MIN_DEAD = 1000
@@ -254,12 +267,15 @@ class EmbeddedStore:
         exact_filter_limit: int = 4096,
         search_threads: int = 1,
         build_threads: int | None = None,
+        max_image_bytes: int | None = None,
     ):
         """`search_threads`: OpenMP threads per search; one query per request gains little from more, and
         concurrent requests already use the cores (on a busy 2-core machine, 2 threads per query made flat
         search 4x slower). `build_threads` (default: all cores) for adding, training and rebuilding.
-        Both are set on the calling thread only (OpenMP's per-thread setting), around each call."""
+        Both are set on the calling thread only (OpenMP's per-thread setting), around each call.
+        `max_image_bytes`: inline images' bytes kept per collection (None: no limit)."""
         self.data_dir = Path(data_dir)
+        self.max_image_bytes = max_image_bytes
         self.batch_size = batch_size
         self.exact_filter_limit = exact_filter_limit
         self.search_threads = search_threads
@@ -352,6 +368,7 @@ class EmbeddedStore:
             catalog = self._catalog(self._writer, name)
             with _write_transaction(self._writer):
                 self._writer.execute("DELETE FROM items WHERE collection_id = ?", (catalog.id,))
+                self._writer.execute("DELETE FROM images WHERE collection_id = ?", (catalog.id,))
                 self._writer.execute("DELETE FROM collections WHERE id = ?", (catalog.id,))
             self._live.pop(catalog.id, None)
             self._snapshot_path(catalog.id).unlink(missing_ok=True)
@@ -506,16 +523,17 @@ class EmbeddedStore:
                     f"collection {catalog.name!r} was dropped or re-bound during the write"
                 )
             removed: list[int] = []
+            removed_sources: list[tuple[str | None, str | None]] = []
             for chunk in batches(len(ids), _SQLITE_VARIABLES):
                 part = ids[chunk]
                 marks = ",".join("?" * len(part))
-                removed += [
-                    row[0]
-                    for row in conn.execute(
-                        f"DELETE FROM items WHERE collection_id = ? AND item_id IN ({marks}) RETURNING label",
-                        (catalog.id, *part),
-                    )
-                ]
+                for row in conn.execute(
+                    f"DELETE FROM items WHERE collection_id = ? AND item_id IN ({marks}) "
+                    "RETURNING label, source_kind, source",
+                    (catalog.id, *part),
+                ):
+                    removed.append(row[0])
+                    removed_sources.append((row[1], row[2]))
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
             first = (row[0] if row else 0) + 1
             labels = np.arange(first, first + len(ids), dtype=np.int64)
@@ -537,7 +555,51 @@ class EmbeddedStore:
                     )
                 ),
             )
+            self._count_images(conn, catalog, ImageRefs.of(sources), released_images(removed_sources))
         return np.array(removed, dtype=np.int64), labels
+
+    def _count_images(
+        self, conn: sqlite3.Connection, catalog: _Catalog, added: ImageRefs, released: dict[str, int]
+    ) -> None:
+        """Inside a write's transaction: keep the bytes of new inline images, count the items using
+        each, free those no item uses any more, and hold the collection to `max_image_bytes`."""
+        conn.executemany(
+            "INSERT INTO images (collection_id, digest, data, size, refs) VALUES (?, ?, ?, ?, 0) "
+            "ON CONFLICT DO NOTHING",
+            ((catalog.id, digest, data, len(data)) for digest, data in added.data.items()),
+        )
+        change = dict(added.uses)
+        for digest, count in released.items():
+            change[digest] = change.get(digest, 0) - count
+        conn.executemany(
+            "UPDATE images SET refs = refs + ? WHERE collection_id = ? AND digest = ?",
+            ((delta, catalog.id, digest) for digest, delta in change.items() if delta),
+        )
+        conn.executemany(
+            "DELETE FROM images WHERE collection_id = ? AND digest = ? AND refs <= 0",
+            ((catalog.id, digest) for digest in released),
+        )
+        if added.data:
+            total = conn.execute(
+                "SELECT coalesce(sum(size), 0) FROM images WHERE collection_id = ?", (catalog.id,)
+            ).fetchone()[0]
+            check_image_bytes(catalog.name, total, self.max_image_bytes)
+
+    def images(self, name: str, digests: Sequence[str]) -> dict[str, bytes]:
+        conn = self._reader()
+        catalog = self._catalog(conn, name)
+        found: dict[str, bytes] = {}
+        unique = list(dict.fromkeys(digests))
+        for chunk in batches(len(unique), _SQLITE_VARIABLES):
+            part = unique[chunk]
+            marks = ",".join("?" * len(part))
+            found.update(
+                conn.execute(
+                    f"SELECT digest, data FROM images WHERE collection_id = ? AND digest IN ({marks})",
+                    (catalog.id, *part),
+                ).fetchall()
+            )
+        return found
 
     def _maintain(self, catalog: _Catalog, live: _LiveIndex) -> None:
         """Compact tombstones, train IVF once there is enough data, snapshot a grown HNSW graph."""
@@ -570,12 +632,15 @@ class EmbeddedStore:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             live = self._live_index(catalog)
-            row = self._writer.execute(
-                "DELETE FROM items WHERE collection_id = ? AND item_id = ? RETURNING label",
-                (catalog.id, item_id),
-            ).fetchone()
-            if row is None:
-                raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
+            conn = self._writer
+            with _write_transaction(conn):
+                row = conn.execute(
+                    "DELETE FROM items WHERE collection_id = ? AND item_id = ? RETURNING label, source_kind, source",
+                    (catalog.id, item_id),
+                ).fetchone()
+                if row is None:
+                    raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
+                self._count_images(conn, catalog, ImageRefs(), released_images([(row[1], row[2])]))
             live.apply(np.array([row[0]], dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros((0, 1)))
             self._maintain(catalog, live)
 

@@ -4,6 +4,8 @@ Schema (created on first use, in the DSN's first search_path schema):
     clipserve_collections        the catalog: name, model binding, index parameters
     clipserve_items_<id>         one table per collection: item_id, embedding vector(dim), metadata
                                  JSONB (GIN index for filters), source kind and value
+    clipserve_images             inline images' bytes, by collection and sha256, with the number of
+                                 items using each (freed at zero)
 
 Writes are committed transactions, so an acknowledged write survives a crash of the API and of
 PostgreSQL itself. The ANN index (HNSW or IVFFlat, on inner product) is built with CREATE INDEX once
@@ -29,6 +31,7 @@ from .collection_store import (
     CollectionInfo,
     CollectionNotFoundError,
     FilterValue,
+    ImageRefs,
     IndexParams,
     ItemNotFoundError,
     ModelBinding,
@@ -38,10 +41,12 @@ from .collection_store import (
     StoredItem,
     batches,
     check_binding,
+    check_image_bytes,
     encode_metadata,
     normalize_rows,
     prepare_upsert,
     rebind_rows,
+    released_images,
     validate_collection_name,
     validate_filter,
     validate_item_id,
@@ -65,6 +70,16 @@ CREATE TABLE IF NOT EXISTS clipserve_collections (
     dim INTEGER NOT NULL,
     index_params JSONB NOT NULL,
     created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+)
+"""
+_IMAGES = """
+CREATE TABLE IF NOT EXISTS clipserve_images (
+    collection_id BIGINT NOT NULL REFERENCES clipserve_collections(id) ON DELETE CASCADE,
+    digest TEXT NOT NULL,
+    data BYTEA NOT NULL,
+    size INTEGER NOT NULL,
+    refs INTEGER NOT NULL,
+    PRIMARY KEY (collection_id, digest)
 )
 """
 _HNSW_MIN_ITEMS = 1000
@@ -103,12 +118,15 @@ class PgVectorStore:
         pool_size: int = 8,
         maintenance_work_mem: str = "512MB",
         reindex_min_rows: int = 5000,
+        max_image_bytes: int | None = None,
     ):
         """`reindex_min_rows`: an upsert of at least this many rows into an HNSW collection at most
         `_REINDEX_RATIO` times its size drops the index and builds it again after the write, because
         pgvector inserts rows into an HNSW graph one by one about 12x slower than CREATE INDEX builds it
-        (measured here: 110 vs 1,300 rows/s at 512-d); searches scan exactly meanwhile."""
+        (measured here: 110 vs 1,300 rows/s at 512-d); searches scan exactly meanwhile.
+        `max_image_bytes`: inline images' bytes kept per collection (None: no limit)."""
         self.batch_size = batch_size
+        self.max_image_bytes = max_image_bytes
         self.maintenance_work_mem = maintenance_work_mem
         self.reindex_min_rows = reindex_min_rows
         self._pool = ConnectionPool(dsn, pool_size, unavailable, configure=register_vector)
@@ -125,6 +143,7 @@ class PgVectorStore:
                     f"pgvector/pgvector image) and CREATE EXTENSION vector run once by an owner: {exc}"
                 ) from exc
             conn.execute(_CATALOG)
+            conn.execute(_IMAGES)
 
     def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
         return self._pool.transaction()
@@ -251,6 +270,18 @@ class PgVectorStore:
             if current.id != catalog.id:
                 raise CollectionNotFoundError(f"collection {catalog.name!r} was dropped during the write")
             check_binding(catalog.name, current.binding, content_hash)
+            added = ImageRefs.of(sources)
+            released: dict[str, int] = {}
+            if added.uses or self._may_hold_images(conn, catalog):
+                # the rows replaced, locked until the commit, so that each reference is released once
+                released = released_images(
+                    conn.execute(
+                        sql.SQL(
+                            "SELECT source_kind, source FROM {} WHERE item_id = ANY(%s) ORDER BY item_id FOR UPDATE"
+                        ).format(catalog.table),
+                        (ids,),
+                    ).fetchall()
+                )
             conn.execute(
                 sql.SQL(
                     "CREATE TEMP TABLE clipserve_staging (item_id TEXT, embedding vector({}), metadata TEXT, "
@@ -277,6 +308,61 @@ class PgVectorStore:
                     "metadata = excluded.metadata, source_kind = excluded.source_kind, source = excluded.source"
                 ).format(catalog.table)
             )
+            self._count_images(conn, catalog, added, released)
+
+    @staticmethod
+    def _may_hold_images(conn: psycopg.Connection, catalog: _Catalog) -> bool:
+        query = "SELECT EXISTS (SELECT 1 FROM clipserve_images WHERE collection_id = %s)"
+        return bool(conn.execute(query, (catalog.id,)).fetchone()[0])
+
+    def _count_images(
+        self, conn: psycopg.Connection, catalog: _Catalog, added: ImageRefs, released: dict[str, int]
+    ) -> None:
+        """Inside a write's transaction: keep the bytes of new inline images, count the items using
+        each, free those no item uses any more, and hold the collection to `max_image_bytes`."""
+        change = dict(added.uses)
+        for digest, count in released.items():
+            change[digest] = change.get(digest, 0) - count
+        if not change:
+            return
+        with conn.cursor() as cursor:
+            # in digest order, so two writers lock the rows they share in the same order
+            cursor.executemany(
+                "INSERT INTO clipserve_images (collection_id, digest, data, size, refs) "
+                "VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT (collection_id, digest) DO UPDATE SET refs = clipserve_images.refs + excluded.refs",
+                [
+                    (catalog.id, digest, added.data[digest], len(added.data[digest]), change[digest])
+                    for digest in sorted(added.data)
+                ],
+            )
+            cursor.executemany(
+                "UPDATE clipserve_images SET refs = refs + %s WHERE collection_id = %s AND digest = %s",
+                [
+                    (change[digest], catalog.id, digest)
+                    for digest in sorted(change)
+                    if digest not in added.data and change[digest]
+                ],
+            )
+        if released:
+            conn.execute(
+                "DELETE FROM clipserve_images WHERE collection_id = %s AND digest = ANY(%s) AND refs <= 0",
+                (catalog.id, sorted(released)),
+            )
+        if added.data:
+            total = conn.execute(
+                "SELECT coalesce(sum(size), 0) FROM clipserve_images WHERE collection_id = %s", (catalog.id,)
+            ).fetchone()[0]
+            check_image_bytes(catalog.name, int(total), self.max_image_bytes)
+
+    def images(self, name: str, digests: Sequence[str]) -> dict[str, bytes]:
+        with self._transaction() as conn:
+            catalog = self._catalog(conn, name)
+            rows = conn.execute(
+                "SELECT digest, data FROM clipserve_images WHERE collection_id = %s AND digest = ANY(%s)",
+                (catalog.id, list(dict.fromkeys(digests))),
+            ).fetchall()
+        return {digest: bytes(data) for digest, data in rows}
 
     def _drop_hnsw_before_bulk(self, catalog: _Catalog, new_rows: int) -> None:
         if catalog.params.kind != "hnsw" or new_rows < self.reindex_min_rows:
@@ -337,11 +423,14 @@ class PgVectorStore:
         with self._transaction() as conn:
             catalog = self._catalog(conn, name)
             deleted = conn.execute(
-                sql.SQL("DELETE FROM {} WHERE item_id = %s RETURNING item_id").format(catalog.table),
+                sql.SQL("DELETE FROM {} WHERE item_id = %s RETURNING source_kind, source").format(
+                    catalog.table
+                ),
                 (item_id,),
             ).fetchone()
-        if deleted is None:
-            raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
+            if deleted is None:
+                raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
+            self._count_images(conn, catalog, ImageRefs(), released_images([deleted]))
 
     # search
 
