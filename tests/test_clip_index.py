@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,32 +24,23 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from clipserve.contract.cli_settings import validated
 from clipserve.index.cli import main, run_index
-from clipserve.index.settings import IndexSettings
 from clipserve.service.stores.pgvector import PgVectorStore
 from tests.fixtures.indexing import (
     BAD_FILES,
     Corpus,
     add_bad_files,
+    index_settings,
     kill_marked,
     loopback_address,
     new_mark,
+    read_files,
     write_corpus,
     write_webdataset,
 )
 from tests.fixtures.service import b64, image_bytes
 
 MIN_COSINE = 0.9999
-
-
-def index_settings(**values: Any) -> IndexSettings:
-    values.setdefault("progress", "off")
-    values.setdefault("threads_per_actor", 1)
-    return validated(
-        IndexSettings,
-        {key: str(value) if isinstance(value, Path) else value for key, value in values.items()},
-    )
 
 
 def served(client: Any, texts: list[str] = (), images: list[bytes] = ()) -> tuple[np.ndarray, np.ndarray]:
@@ -66,17 +56,6 @@ def served(client: Any, texts: list[str] = (), images: list[bytes] = ()) -> tupl
         text_vectors += response.json()["text_embeddings"]
         image_vectors += response.json()["image_embeddings"]
     return np.array(text_vectors, np.float32), np.array(image_vectors, np.float32)
-
-
-def read_files(output: Path, folder: str) -> tuple[list[str], np.ndarray]:
-    """Ids and vectors of one kind in clip-retrieval's layout, shard files taken in step."""
-    ids: list[str] = []
-    vectors = []
-    for meta in sorted((output / "metadata").glob("metadata_*.parquet")):
-        number = meta.stem.removeprefix("metadata_")
-        ids += pq.read_table(meta).column("id").to_pylist()
-        vectors.append(np.load(output / folder / f"{folder}_{number}.npy"))
-    return ids, np.concatenate(vectors) if vectors else np.zeros((0, 32), np.float32)
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

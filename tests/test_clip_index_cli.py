@@ -24,13 +24,14 @@ from tests.fixtures.indexing import (
     BAD_FILES,
     Corpus,
     add_bad_files,
+    index_settings,
     kill_marked,
     loopback_address,
     new_mark,
+    read_files,
     write_corpus,
 )
 from tests.fixtures.service import free_port
-from tests.test_clip_index import index_settings, read_files
 
 BIN = Path(sys.executable).parent
 
