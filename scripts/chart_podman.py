@@ -352,7 +352,7 @@ def values_pvc(images: Images) -> list[str]:
         "settings.reload_poll_s=2",
         "settings.workers=1",
         f"auth.apiKeys[0].key={API_KEY}",
-        "auth.apiKeys[0].scopes={read,write}",
+        "auth.apiKeys[0].scopes={read,write,metrics}",
         f"redis.image.repository={redis_repo}",
         f"redis.image.tag={redis_tag}",
         "redis.image.pullPolicy=Never",
@@ -371,11 +371,11 @@ def values_pvc(images: Images) -> list[str]:
         f"training.image.tag={train_tag}",
         "training.image.pullPolicy=Never",
         # a run of two steps: the check is about the publishing path, not about learning
-        "clipserve.training.settings.data=synthetic:shapes?size=64",
-        "clipserve.training.settings.steps=2",
-        "clipserve.training.settings.batch_size=8",
-        "clipserve.training.settings.evaluate=false",
-        "clipserve.training.settings.progress=false",
+        "training.settings.data=synthetic:shapes?size=64",
+        "training.settings.steps=2",
+        "training.settings.batch_size=8",
+        "training.settings.evaluate=false",
+        "training.settings.progress=false",
     ]
 
 
