@@ -13,7 +13,7 @@ from clipserve.service.inference.engine import LabelScore, ModelEngine
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.registry import ModelRegistry
 from clipserve.service.labelsets import LabelSets
-from clipserve.service.limits import check_images, check_labels, check_top_k
+from clipserve.service.limits import check_images, check_labels, check_prompts, check_top_k
 from clipserve.service.settings import Settings
 from clipserve.service.templates import resolve_templates
 
@@ -60,4 +60,13 @@ class Classifier:
                 raise InvalidInput("templates apply to labels; a label set keeps its own templates")
             return None
         check_labels(request.labels, self.settings.max_labels_per_request, self.settings.max_text_chars)
-        return resolve_templates(request.templates, self.settings.max_templates)
+        templates = resolve_templates(request.templates, self.settings)
+        check_prompts(
+            len(request.labels),
+            len(templates),
+            self.settings.max_prompts_per_request,
+            "max_prompts_per_request",
+            "; store a larger vocabulary as a label set (PUT /v1/labelsets/{name}), which builds in the "
+            "background",
+        )
+        return templates

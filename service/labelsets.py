@@ -40,7 +40,7 @@ from clipserve.service.errors import Conflict, NotFound, ServiceError, Unavailab
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
 from clipserve.service.inference.engine import ModelEngine, classes_digest
 from clipserve.service.inference.registry import ModelRegistry
-from clipserve.service.limits import check_labels, check_name
+from clipserve.service.limits import check_labels, check_name, check_prompts
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
 from clipserve.service.stores import BackendUnavailableError
@@ -249,7 +249,8 @@ class LabelSets:
         else in the background (the status then says `building`)."""
         check_name(name, "label set")
         check_labels(labels, self.settings.max_labelset_labels, self.settings.max_text_chars)
-        resolved = resolve_templates(templates, self.settings.max_templates)
+        resolved = resolve_templates(templates, self.settings)
+        check_prompts(len(labels), len(resolved), self.settings.max_labelset_prompts, "max_labelset_prompts")
         engine = self.registry.resolve(model)
         record = LabelSetRecord(name, engine.name, labels, resolved, classes_digest(labels, resolved), "", "")
         labelset = LabelSet.from_record(await self._call("put", record))
