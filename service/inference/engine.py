@@ -21,7 +21,6 @@ in-flight call ends (`using()`).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import json
@@ -46,8 +45,9 @@ from clipserve.contract.scoring import Scoring, class_vectors, normalize, prompt
 from clipserve.contract.tokenizer import TokenizedBatch
 
 log = logging.getLogger("clipserve.engine")
+# Texts tokenized on the event loop rather than in the pool: a millisecond at most (uncached words)
 _INLINE_TOKENIZE = 16
-_LOCAL_MATRICES = 32
+_INLINE_CHARS = 512
 # a Redis look-up's cost when it could not be measured at start (Redis down then)
 _UNMEASURED_ROUND_TRIP_MS = 1.0
 # how many look-ups one encoding must be worth before text vectors go through Redis
@@ -76,6 +76,13 @@ def pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
     for i, row in enumerate(rows):
         batch[i, : len(row)] = row
     return batch
+
+
+def prompt_chars(labels: Sequence[str], templates: Sequence[str]) -> int:
+    """Characters of all the prompts of `labels` x `templates`, counted without building them."""
+    slots = [template.count("{}") for template in templates]
+    fixed = sum(len(template) for template in templates) - 2 * sum(slots)
+    return len(labels) * fixed + sum(map(len, labels)) * sum(slots)
 
 
 def classes_digest(labels: Sequence[str], templates: Sequence[str]) -> str:
@@ -144,7 +151,6 @@ class ModelEngine:
         self.space_id = f"{self.content_hash}{variant}"
         self._text_key_prefix = f"{KEY_PREFIX}:{self.space_id}:text:"
         self.shares_text_vectors = shares_text_vectors(settings.text_cache, cache, loaded.text_encode_ms)
-        self._matrices: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         common = dict(
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -236,10 +242,21 @@ class ModelEngine:
             self.in_flight -= 1
 
     async def _tokenize(self, texts: Sequence[str]) -> TokenizedBatch:
-        if len(texts) <= _INLINE_TOKENIZE:
+        if len(texts) <= _INLINE_TOKENIZE and sum(map(len, texts)) <= _INLINE_CHARS:
             return self._tokenizer.encode(list(texts))
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self._tokenizer.encode, list(texts)
+        )
+
+    async def _tokenize_prompts(self, labels: Sequence[str], templates: Sequence[str]) -> TokenizedBatch:
+        """The prompts of `labels` x `templates`, built and tokenized in the pool unless trivially small."""
+        if (
+            len(labels) * len(templates) <= _INLINE_TOKENIZE
+            and prompt_chars(labels, templates) <= _INLINE_CHARS
+        ):
+            return self._tokenizer.encode(prompts(labels, templates))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: self._tokenizer.encode(prompts(labels, templates))
         )
 
     def _token_rows(self, batch: TokenizedBatch) -> list[np.ndarray]:
@@ -350,27 +367,21 @@ class ModelEngine:
 
     # Classes and scores -----------------------------------------------------------------------------
 
-    def _remember(self, digest: str, matrix: np.ndarray) -> None:
-        self._matrices[digest] = matrix
-        self._matrices.move_to_end(digest)
-        while len(self._matrices) > _LOCAL_MATRICES:
-            self._matrices.popitem(last=False)
+    @property
+    def matrix_prefix(self) -> str:
+        """Cache keys of this space's class matrices start with this."""
+        return f"{KEY_PREFIX}:{self.space_id}:classes:"
 
-    def _matrix_key(self, digest: str) -> str:
-        return f"{KEY_PREFIX}:{self.space_id}:classes:{digest}"
+    def matrix_key(self, digest: str) -> str:
+        return self.matrix_prefix + digest
 
     async def cached_class_matrix(self, digest: str) -> np.ndarray | None:
-        """A class matrix already computed for this space: this replica's copy, else the shared cache."""
-        matrix = self._matrices.get(digest)
-        if matrix is not None:
-            self._matrices.move_to_end(digest)
-            return matrix
-        raw = await self._cache.get_blob(self._matrix_key(digest), kind="class_matrix")
+        """A class matrix already computed for this space: this replica's copy (kept in the cache's
+        LRU of class matrices, by bytes, for every model), else the shared cache's."""
+        raw = await self._cache.get_blob(self.matrix_key(digest), kind="class_matrix")
         if raw is None or len(raw) % (4 * self.dim):
             return None
-        matrix = np.frombuffer(raw, dtype=np.float32).reshape(-1, self.dim)
-        self._remember(digest, matrix)
-        return matrix
+        return np.frombuffer(raw, dtype=np.float32).reshape(-1, self.dim)
 
     async def class_matrix(
         self,
@@ -387,16 +398,15 @@ class ModelEngine:
         each chunk. The caching policy, in one place: a `stored` label set's matrix is
         shared through the cache for every replica (and its prompts are not cached one by one); an
         ad-hoc label list keeps its matrix in this replica and caches each prompt's vector, since the
-        same labels come back in other combinations."""
+        same labels come back in other combinations. Prompts are built and tokenized a chunk at a
+        time, off the event loop."""
         digest = classes_digest(labels, templates)
         matrix = await self.cached_class_matrix(digest)
         if matrix is not None:
             return matrix
         with self.using():
             matrix = await self._compute_classes(list(labels), list(templates), not stored, progress)
-        if stored:
-            await self._cache.set_blob(self._matrix_key(digest), matrix.tobytes())
-        self._remember(digest, matrix)
+        await self._cache.set_blob(self.matrix_key(digest), matrix.tobytes(), shared=stored)
         return matrix
 
     async def _compute_classes(
@@ -410,7 +420,7 @@ class ModelEngine:
         matrix = np.empty((len(labels), self.dim), dtype=np.float32)
         for start in range(0, len(labels), per_chunk):
             chunk = labels[start : start + per_chunk]
-            rows = self._token_rows(await self._tokenize(prompts(chunk, templates)))
+            rows = self._token_rows(await self._tokenize_prompts(chunk, templates))
             if cache_texts:
                 vectors = await self._vectors_for_rows(rows, self._encode_bulk)
             else:
