@@ -33,6 +33,7 @@ from typing import TypeVar
 
 import redis.asyncio as aioredis
 from clipserve.service.metrics import Metrics
+from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
 log = logging.getLogger("clipserve.cache")
@@ -78,9 +79,10 @@ class BlobLRU:
     """Blobs by key, at most `capacity` bytes together, the least recently used evicted first. The
     newest blob stays even when alone it is larger: the caller uses it right away."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, gauge: Gauge | None = None):
         self.capacity = capacity
         self.nbytes = 0
+        self._gauge = gauge
         self._data: collections.OrderedDict[str, _Blob] = collections.OrderedDict()
 
     def get(self, key: str) -> _Blob | None:
@@ -96,12 +98,18 @@ class BlobLRU:
         while self.nbytes > self.capacity and len(self._data) > 1:
             _, oldest = self._data.popitem(last=False)
             self.nbytes -= len(oldest.value)
+        self._measured()
 
     def pop(self, key: str) -> bool:
         blob = self._data.pop(key, None)
         if blob is not None:
             self.nbytes -= len(blob.value)
+            self._measured()
         return blob is not None
+
+    def _measured(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.nbytes)
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._data))
@@ -136,7 +144,7 @@ class VectorCache:
         self._writing: dict[str, bytes] = {}  # in the writer's pipeline now
         self._writer: asyncio.Task | None = None
         self.round_trip_ms: float | None = None
-        self._blobs = BlobLRU(matrix_bytes)
+        self._blobs = BlobLRU(matrix_bytes, metrics.class_matrix_bytes)
         self._renewing: set[str] = set()
         self._renewer: asyncio.Task | None = None
         self._renew_every_s = min(_RENEW_EVERY_S, ttl_s / 8) if ttl_s else None
@@ -282,9 +290,10 @@ class VectorCache:
         self._count(kind, [value])
         return value
 
-    async def set_blob(self, key: str, value: bytes, shared: bool = True) -> None:
-        """Kept in this process; when `shared`, written to Redis too, with the TTL."""
-        self._blobs.set(key, value, shared)
+    async def set_blob(self, key: str, value: bytes, shared: bool = True, keep: bool = True) -> None:
+        """Kept in this process (unless not `keep`); when `shared`, written to Redis too, with the TTL."""
+        if keep:
+            self._blobs.set(key, value, shared)
         if shared:
             await self._try(lambda r: r.set(key, value, ex=self.ttl_s))
 
