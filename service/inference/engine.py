@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from clipserve.service.errors import InvalidInput
+from clipserve.service.errors import InvalidInput, TooLarge
 from clipserve.service.inference.batching import Batcher
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
 from clipserve.service.inference.loading import LoadedBundle
@@ -138,7 +138,7 @@ class ModelEngine:
         self.scoring: Scoring = self.manifest.scorer
         self._tokenizer = loaded.tokenizer
         self._preprocessor = ImagePreprocessor(
-            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin
+            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin, settings.image_formats
         )
         self._settings, self._metrics, self._cache, self._pool = settings, metrics, cache, pool
         self.text_stats, self.image_stats = TowerStats(), TowerStats()
@@ -314,16 +314,22 @@ class ModelEngine:
     # Images -----------------------------------------------------------------------------------------
 
     async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
-        """Unit vectors of encoded images (decoded and preprocessed in the pool, then batched)."""
+        """Unit vectors of encoded images (decoded and preprocessed in the pool, then batched).
+
+        Before anything is decoded: the queue's room for them (`Overloaded`, a 429), then, for more
+        than one image, their pixels together from their headers (`max_request_pixels`)."""
         with self.using():
             if len(images) == 1:
                 direct = await self.image_batcher.run_if_idle(lambda: self._prepare_one(images[0]))
                 if direct is not None:
                     return direct
+            self.image_batcher.admit(len(images))
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             self.image_batcher.announce(len(images))
             try:
+                if len(images) > 1:
+                    await self._check_pixels(images)
                 rows = await asyncio.gather(
                     *(
                         loop.run_in_executor(self._pool, self._preprocessor, data, i)
@@ -336,6 +342,21 @@ class ModelEngine:
                 per_item = (time.perf_counter() - started) / len(images)
                 self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)
             return await self.image_batcher.submit(rows)
+
+    async def _check_pixels(self, images: Sequence[bytes]) -> None:
+        """The images' pixels together, read from their headers in the pool, within the budget of
+        one request (one image is within it by `max_image_pixels`, which is never larger)."""
+        read = self._preprocessor.size
+        sizes = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: [read(data, i) for i, data in enumerate(images)]
+        )
+        total, budget = sum(width * height for width, height in sizes), self._settings.max_request_pixels
+        if total > budget:
+            raise TooLarge(
+                f"images: {len(images)} images of {total} pixels together, at most {budget} per request "
+                "(max_request_pixels); send them in several requests",
+                code="too_many_pixels",
+            )
 
     def _prepare_one(self, data: bytes) -> list[np.ndarray]:
         """One image decoded and preprocessed on the inference thread (the idle tower's direct path)."""
