@@ -343,6 +343,11 @@ class ModelEngine:
                 self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)
             return await self.image_batcher.submit(rows)
 
+    def admit_images(self, count: int) -> None:
+        """Refuse `count` images now (`Overloaded`) when the image queue has no room for them."""
+        if not self.image_batcher.idle:
+            self.image_batcher.admit(count)
+
     async def _check_pixels(self, images: Sequence[bytes]) -> None:
         """The images' pixels together, read from their headers in the pool, within the budget of
         one request (one image is within it by `max_image_pixels`, which is never larger)."""
