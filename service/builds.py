@@ -7,7 +7,8 @@ turn in order and know their place.
     slots.place(key)            # 1 for the next to run, 2 after it, ...; None when running
 
 `join` is synchronous, so a job is running or queued from the moment it is made, and its status
-says which. Label-set builds use it (`clipserve.service.labelsets`): a replica asked for many large sets at
+says which. `leave` may be called more than once for a job (when it is stopped, and as it ends): a
+key is the job itself, never reused. Label-set builds use it (`clipserve.service.labelsets`): a replica asked for many large sets at
 once builds `labelset_builds` of them and queues the rest, instead of splitting its text tower
 between them all.
 """

@@ -353,6 +353,11 @@ class LabelSets:
         )
 
     async def _built_now(self, engine: ModelEngine, labelset: LabelSet) -> np.ndarray:
+        """A small set's matrix, built within the request; one that a listing queued for the
+        background is taken out of the queue and built now instead."""
+        queued = self.builds.get((engine.space_id, labelset.digest))
+        if queued is not None and self.slots.place(queued) is not None:
+            self._cancel(queued)
         build = self._local_build(engine, labelset, leased=False)
         assert build.task is not None
         try:
@@ -364,7 +369,12 @@ class LabelSets:
                 f"label set {labelset.name!r} could not be built on {engine.ref}: {build.error}",
                 code="labelset_failed",
             ) from exc
-        assert matrix is not None  # only a background build gives way to another replica's
+        if matrix is None:  # a background build that gave way to another replica's
+            raise Conflict(
+                f"label set {labelset.name!r} is being built on another replica; retry shortly",
+                code="labelset_building",
+                retry_after_s=1,
+            )
         return matrix
 
     async def _background(
@@ -392,7 +402,7 @@ class LabelSets:
     def _local_status(self, build: Build) -> LabelSetStatus:
         if build.error is not None:
             return LabelSetStatus(build.labelset, "failed", build.progress, build.error)
-        place = self.slots.place(build.key)
+        place = self.slots.place(build)
         if place is not None:
             return LabelSetStatus(build.labelset, "queued", 0.0, queue_position=place)
         return LabelSetStatus(build.labelset, "building", build.progress)
@@ -405,7 +415,7 @@ class LabelSets:
         if build is not None and build.error is None:
             return build
         build = Build(labelset, engine.ref, key, leased)
-        turn = self.slots.join(key) if leased else None
+        turn = self.slots.join(build) if leased else None
         self._count_builds()
 
         async def run() -> np.ndarray | None:
@@ -417,7 +427,7 @@ class LabelSets:
                     build.started = time.monotonic()
                 return await self._run_leased(engine, build)
             finally:
-                self.slots.leave(key)
+                self.slots.leave(build)
                 self._count_builds()
 
         build.task = asyncio.get_running_loop().create_task(run(), name=f"labelset-build-{labelset.name}")
@@ -504,14 +514,23 @@ class LabelSets:
         for old in failed[: max(0, len(failed) + 1 - _FAILED_BUILDS)]:
             self._drop(old)
 
+    def _cancel(self, build: Build) -> None:
+        """Stop a build, queued or running; its slot or place goes to the next in line now (a task
+        cancelled before it ever ran would not leave it)."""
+        self._drop(build)
+        self.slots.leave(build)
+        self._count_builds()
+        if build.task is not None:
+            build.task.cancel()
+
     def _stop_builds(self, name: str, keep: str | None = None) -> None:
         """Stop this replica's builds of set `name`, queued or running, but those of digest `keep`."""
         for build in list(self.builds.values()):
             if build.labelset.name != name or build.labelset.digest == keep:
                 continue
-            self._drop(build)
-            if build.task is not None and not build.task.done():
-                build.task.cancel()
+            running = build.task is not None and not build.task.done()
+            self._cancel(build)
+            if running:
                 log.info(
                     "label set %s: stopped its build on %s (%s)",
                     name,
