@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import os
@@ -75,8 +76,9 @@ class LabelSet:
     created_at: str
     updated_at: str
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        # once per definition: a set of 20,000 long labels is megabytes to hash, asked for by every call
         return classes_digest(self.labels, self.templates)
 
     @property
