@@ -51,6 +51,7 @@ bench: venv redis
 	$(PY) bench/export.py
 	$(PY) bench/serve.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/abuse.py
 	$(PY) bench/distill_shapes.py
 
 venv-gpu:
