@@ -71,6 +71,7 @@ bench: venv redis
 	$(PY) bench/export.py
 	$(PY) bench/serve.py
 	$(PY) bench/retrieval.py
+	$(PY) bench/abuse.py
 	$(PY) bench/distill_shapes.py
 	$(PY) bench/index.py
 

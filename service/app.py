@@ -53,6 +53,7 @@ def _lifespan(settings: Settings):
             ttl_s=settings.cache_ttl_s,
             retry_s=settings.redis_retry_s,
             metrics=state.metrics,
+            matrix_bytes=settings.cache_matrix_bytes,
         )
         if settings.text_cache == "auto":
             await state.cache.measure_round_trip()  # what each model's text tower is weighed against

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from clipserve.service.inference.engine import LabelScore, ModelEngine
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.registry import ModelRegistry
 from clipserve.service.labelsets import LabelSets
-from clipserve.service.limits import check_images, check_labels, check_top_k
+from clipserve.service.limits import check_images, check_labels, check_prompts, check_top_k
 from clipserve.service.settings import Settings
 from clipserve.service.templates import resolve_templates
 
@@ -33,19 +34,28 @@ class Classifier:
 
     async def classify(self, request: ClassifyRequest) -> Classification:
         """Top-k labels per image: the class matrix (cached, or built) and the image vectors are
-        computed at once, then scored as the model was trained."""
+        computed at once, then scored as the model was trained. A full image queue refuses the
+        request before either starts, and when one fails the other stops."""
         templates = self._check(request)
         images = await self.fetcher.load(request.images)
-        classes: Awaitable[np.ndarray]
+        classes: Coroutine[Any, Any, np.ndarray]
         if request.labelset is not None:
             engine, labelset = await self.labelsets.bound(request.labelset, request.model)
+            engine.admit_images(len(images))
             labels = labelset.labels
             classes = self.labelsets.matrix(engine, labelset)
         else:
             assert request.labels is not None and templates is not None
             engine, labels = self.registry.resolve(request.model), request.labels
+            engine.admit_images(len(images))
             classes = engine.class_matrix(labels, templates)
-        matrix, vectors = await asyncio.gather(classes, engine.encode_images(images))
+        loop = asyncio.get_running_loop()
+        work = [loop.create_task(classes), loop.create_task(engine.encode_images(images))]
+        try:
+            matrix, vectors = await asyncio.gather(*work)
+        finally:
+            for task in work:
+                task.cancel()
         return Classification(engine, engine.score(vectors, labels, matrix, request.top_k))
 
     def _check(self, request: ClassifyRequest) -> tuple[str, ...] | None:
@@ -61,4 +71,13 @@ class Classifier:
                 raise InvalidInput("templates apply to labels; a label set keeps its own templates")
             return None
         check_labels(request.labels, self.settings.max_labels_per_request, self.settings.max_text_chars)
-        return resolve_templates(request.templates, self.settings.max_templates)
+        templates = resolve_templates(request.templates, self.settings)
+        check_prompts(
+            len(request.labels),
+            len(templates),
+            self.settings.max_prompts_per_request,
+            "max_prompts_per_request",
+            "; store a larger vocabulary as a label set (PUT /v1/labelsets/{name}), which builds in the "
+            "background",
+        )
+        return templates

@@ -16,6 +16,14 @@ and, once it stops for `labelset_lease_s`, another replica takes the build over.
 (`PUT` again) commits a new definition; its matrix is keyed by a digest of its labels and templates,
 so a request pairs labels and classes of one definition, never a mix.
 
+Builds are kept under control: at most `labelset_builds` background builds run at once in a replica
+(the others are `queued`, with their place; a build takes its lease only when it runs); a `PUT` stops
+the builds of the definition it replaces and a `DELETE` stops the set's builds and removes its class
+matrices (this replica's copies and Redis's; a replica building it elsewhere notices at its next
+heartbeat); a build that runs past `labelset_build_timeout_s` stops, releases its lease and leaves
+the set `failed` with the reason, for every replica (a marker beside the matrix in the cache), until
+the set is `PUT` again.
+
 Sets written to Redis by earlier versions (`clipserve:v1:labelset:<name>`) are moved into the store
 on start, once (retried until Redis answers), with the count in the log.
 """
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import logging
 import os
@@ -32,16 +41,17 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
 import numpy as np
 
+from clipserve.service.builds import BuildSlots
 from clipserve.service.errors import Conflict, NotFound, ServiceError, Unavailable
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
 from clipserve.service.inference.engine import ModelEngine, classes_digest
 from clipserve.service.inference.registry import ModelRegistry
-from clipserve.service.limits import check_labels, check_name
+from clipserve.service.limits import check_labels, check_name, check_prompts
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
 from clipserve.service.stores import BackendUnavailableError
@@ -53,7 +63,9 @@ LEGACY_DEF_PREFIX = f"{KEY_PREFIX}:labelset:"
 LEGACY_DIGEST_PREFIX = f"{KEY_PREFIX}:labelset-digest:"
 SYNC_BUILD_TEXTS = 4096
 _KNOWN_DEFINITIONS = 64
+_FAILED_BUILDS = 64  # failed builds remembered, with their reasons, for the status of their sets
 T = TypeVar("T")
+Restart = Literal["any", "transient", "none"]
 
 
 @dataclass(frozen=True)
@@ -65,8 +77,9 @@ class LabelSet:
     created_at: str
     updated_at: str
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        # once per definition: a set of 20,000 long labels is megabytes to hash, asked for by every call
         return classes_digest(self.labels, self.templates)
 
     @property
@@ -88,21 +101,24 @@ class LabelSet:
 @dataclass
 class LabelSetStatus:
     labelset: LabelSet
-    status: str
+    status: str  # ready, queued, building or failed
     progress: float
     error: str | None = None
+    queue_position: int | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Build:
     """A build of one set's matrix on one engine in this replica, with its progress (also logged)."""
 
     labelset: LabelSet
     engine: str
-    leased: bool
+    key: tuple[str, str]  # (embedding space, digest)
+    leased: bool  # a background build: it waits for a slot, then builds under the store's lease
     task: asyncio.Task | None = None
     done: int = 0
     error: str | None = None
+    final: bool = False  # failed for good (over its time budget): only a PUT starts it again
     started: float = field(default_factory=time.monotonic)
     logged: float = 0.0
 
@@ -148,6 +164,7 @@ class LabelSets:
         self._opening = asyncio.Lock()
         self._known: collections.OrderedDict[str, LabelSet] = collections.OrderedDict()
         self.builds: dict[tuple[str, str], Build] = {}
+        self.slots = BuildSlots(settings.labelset_builds)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._migration: asyncio.Task | None = None
 
@@ -230,6 +247,8 @@ class LabelSets:
         check_name(name, "label set")
         head = await self._call("head", name)
         known = self._known.get(name)
+        if known is not None and (head is None or head[0] != known.digest):
+            self._forget_matrices(known.digest)  # changed or deleted on another replica
         if head is None or known is None or (known.digest, known.model) != head:
             record = await self._call("get", name) if head is not None else None
             if record is None:
@@ -250,11 +269,14 @@ class LabelSets:
         else in the background (the status then says `building`)."""
         check_name(name, "label set")
         check_labels(labels, self.settings.max_labelset_labels, self.settings.max_text_chars)
-        resolved = resolve_templates(templates, self.settings.max_templates)
+        resolved = resolve_templates(templates, self.settings)
+        check_prompts(len(labels), len(resolved), self.settings.max_labelset_prompts, "max_labelset_prompts")
         engine = self.registry.resolve(model)
         record = LabelSetRecord(name, engine.name, labels, resolved, classes_digest(labels, resolved), "", "")
         labelset = LabelSet.from_record(await self._call("put", record))
         self._known[name] = labelset
+        self._stop_builds(name, keep=labelset.digest)
+        await self._forget_failure(engine, labelset)  # a PUT is how a failed set is tried again
         await self._built(engine, labelset, refuse_while_building=False)
         return await self._status(labelset)
 
@@ -272,10 +294,19 @@ class LabelSets:
         return found
 
     async def delete(self, name: str) -> None:
+        """Delete the definition, stop its builds and remove its class matrices here and in Redis."""
         check_name(name, "label set")
+        head = await self._call("head", name)
         if not await self._call("delete", name):
             raise NotFound(f"label set {name!r} does not exist", code="labelset_not_found")
         self._known.pop(name, None)
+        self._stop_builds(name)
+        if head is not None:
+            engines = self.registry.models()
+            await self.cache.delete(
+                *(engine.matrix_key(head[0]) for engine in engines),
+                *(self._failure_key(engine, head[0]) for engine in engines),
+            )
 
     async def bound(self, name: str, model: str | None) -> tuple[ModelEngine, LabelSet]:
         """A stored set and the engine to classify with: the request's model, else the set's."""
@@ -296,38 +327,128 @@ class LabelSets:
         """The set's matrix for this engine. The one rule for building now or in the background:
         a set of at most SYNC_BUILD_TEXTS prompts is built and awaited here; a larger one builds in
         the background (here, or on the replica holding its lease), and the caller gets
-        `labelset_building` (or None when `refuse_while_building` is off)."""
+        `labelset_building` (or None when `refuse_while_building` is off, as for a PUT, which also
+        starts a failed build again)."""
         matrix = await engine.cached_class_matrix(labelset.digest)
         if matrix is not None:
             return matrix
         if labelset.prompts <= SYNC_BUILD_TEXTS:
-            build = self._local_build(engine, labelset, leased=False)
-            assert build.task is not None
-            try:
-                return await asyncio.shield(build.task)
-            except ServiceError:
-                raise
-            except Exception as exc:
-                raise Unavailable(
-                    f"label set {labelset.name!r} could not be built on {engine.ref}: {build.error}",
-                    code="labelset_failed",
-                ) from exc
-        progress = await self._background(engine, labelset)
+            return await self._built_now(engine, labelset)
+        state = await self._background(
+            engine, labelset, restart="any" if not refuse_while_building else "transient"
+        )
         if not refuse_while_building:
             return None
+        if state.status == "failed":
+            raise Conflict(
+                f"label set {labelset.name!r} failed to build for {engine.ref}: {state.error}",
+                code="labelset_failed",
+            )
+        where = (
+            f"queued behind {state.queue_position - 1} other build(s)"
+            if state.queue_position is not None
+            else f"{state.progress:.0%} done"
+        )
         raise Conflict(
-            f"label set {labelset.name!r} is being built for {engine.ref} ({progress:.0%} done); retry shortly",
+            f"label set {labelset.name!r} is being built for {engine.ref} ({where}); retry shortly",
             code="labelset_building",
             retry_after_s=5,
         )
 
-    async def _background(self, engine: ModelEngine, labelset: LabelSet) -> float:
-        """Make sure a large set is being built somewhere: here (joining, or taking the lease when it
-        is free or expired) or on the replica that holds a live lease. Returns the build's progress."""
+    async def _built_now(self, engine: ModelEngine, labelset: LabelSet) -> np.ndarray:
+        """A small set's matrix, built within the request; one that a listing queued for the
+        background is taken out of the queue and built now instead."""
+        queued = self.builds.get((engine.space_id, labelset.digest))
+        if queued is not None and self.slots.place(queued) is not None:
+            self._cancel(queued)
+        build = self._local_build(engine, labelset, leased=False)
+        assert build.task is not None
+        try:
+            matrix = await asyncio.shield(build.task)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            raise Unavailable(
+                f"label set {labelset.name!r} could not be built on {engine.ref}: {build.error}",
+                code="labelset_failed",
+            ) from exc
+        if matrix is None:  # a background build that gave way to another replica's
+            raise Conflict(
+                f"label set {labelset.name!r} is being built on another replica; retry shortly",
+                code="labelset_building",
+                retry_after_s=1,
+            )
+        return matrix
+
+    async def _background(
+        self, engine: ModelEngine, labelset: LabelSet, restart: Restart = "none"
+    ) -> LabelSetStatus:
+        """Make sure a large set is being built somewhere: here (queued or running), or on the replica
+        that holds a live lease; its status. A failed build starts again when `restart` says so:
+        `any` (a PUT), `transient` (a classify: not one stopped for its time budget), `none`."""
+        build = self.builds.get((engine.space_id, labelset.digest))
+        if build is not None and build.error is None:
+            return self._local_status(build)
+        lease = await self._call("build", engine.space_id, labelset.digest)
+        if lease is not None and lease.owner != self.owner and lease.age_s < self.settings.labelset_lease_s:
+            return LabelSetStatus(labelset, "building", lease.done / lease.total if lease.total else 0.0)
+        if restart != "any":
+            failure = (
+                build.error if build is not None and build.final else await self._failure(engine, labelset)
+            )
+            if failure is not None:
+                return LabelSetStatus(labelset, "failed", build.progress if build else 0.0, failure)
+            if build is not None and restart == "none":
+                return self._local_status(build)
+        return self._local_status(self._local_build(engine, labelset, leased=True))
+
+    def _local_status(self, build: Build) -> LabelSetStatus:
+        if build.error is not None:
+            return LabelSetStatus(build.labelset, "failed", build.progress, build.error)
+        place = self.slots.place(build)
+        if place is not None:
+            return LabelSetStatus(build.labelset, "queued", 0.0, queue_position=place)
+        return LabelSetStatus(build.labelset, "building", build.progress)
+
+    def _local_build(self, engine: ModelEngine, labelset: LabelSet, leased: bool) -> Build:
+        """Start (or join) this replica's build of a set's matrix on one engine: a background one
+        (`leased`) runs when a slot is free (queued till then), a small one at once."""
         key = (engine.space_id, labelset.digest)
         build = self.builds.get(key)
         if build is not None and build.error is None:
-            return build.progress
+            return build
+        build = Build(labelset, engine.ref, key, leased)
+        turn = self.slots.join(build) if leased else None
+        self._count_builds()
+
+        async def run() -> np.ndarray | None:
+            if not leased:
+                return await self._run(engine, build)
+            try:
+                if turn is not None:
+                    await turn
+                    build.started = time.monotonic()
+                return await self._run_leased(engine, build)
+            finally:
+                self.slots.leave(build)
+                self._count_builds()
+
+        build.task = asyncio.get_running_loop().create_task(run(), name=f"labelset-build-{labelset.name}")
+        build.task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self.builds[key] = build
+        return build
+
+    async def _run_leased(self, engine: ModelEngine, build: Build) -> np.ndarray | None:
+        """A background build once it has its slot: unless its set changed meanwhile, or another
+        replica built it or builds it now, it takes the lease and builds with a heartbeat. The lease
+        is released when it ends, except after a failure another replica may get past (it takes the
+        build over once the lease expires)."""
+        labelset = build.labelset
+        matrix = await engine.cached_class_matrix(labelset.digest)
+        head = await self._call("head", labelset.name) if matrix is None else None
+        if matrix is not None or head is None or head[0] != labelset.digest:
+            self._drop(build)
+            return matrix
         lease = await self._call(
             "claim_build",
             engine.space_id,
@@ -337,54 +458,127 @@ class LabelSets:
             self.settings.labelset_lease_s,
         )
         if lease.owner != self.owner:
-            return lease.done / lease.total if lease.total else 0.0
-        return self._local_build(engine, labelset, leased=True).progress
+            self._drop(build)
+            return None
+        beat = asyncio.get_running_loop().create_task(self._heartbeat(engine, build))
+        release = True
+        try:
+            return await self._run(engine, build)
+        except Exception:
+            release = build.final
+            raise
+        finally:
+            beat.cancel()
+            if release:
+                await self._release(engine, labelset)
 
-    def _local_build(self, engine: ModelEngine, labelset: LabelSet, leased: bool) -> Build:
-        """Start (or join) this replica's build of a set's matrix on one engine."""
-        key = (engine.space_id, labelset.digest)
-        build = self.builds.get(key)
-        if build is not None and build.error is None:
-            return build
-        build = Build(labelset, engine.ref, leased)
-
-        async def run() -> np.ndarray:
-            beat = asyncio.get_running_loop().create_task(self._heartbeat(engine, build)) if leased else None
-            try:
+    async def _run(self, engine: ModelEngine, build: Build) -> np.ndarray:
+        """Build within `labelset_build_timeout_s`; one over it fails for good, for every replica."""
+        labelset, budget = build.labelset, self.settings.labelset_build_timeout_s
+        try:
+            async with asyncio.timeout(budget):
                 matrix = await engine.class_matrix(
                     labelset.labels, labelset.templates, stored=True, progress=build.advance
                 )
-            except Exception as exc:
-                build.error = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
-                log.exception("label set %s build on %s failed", labelset.name, engine.ref)
-                raise
-            finally:
-                if beat is not None:
-                    beat.cancel()
-            self.builds.pop(key, None)
-            if leased:
-                await self._release(engine, labelset)
-            return matrix
+        except TimeoutError:
+            build.error = (
+                f"the build took longer than {budget:g} s (labelset_build_timeout_s) and was stopped after "
+                f"{build.done} of {len(labelset.labels)} labels; PUT the set again to retry"
+            )
+            build.final = True
+            log.error("label set %s build on %s: %s", labelset.name, engine.ref, build.error)
+            await self.cache.set_blob(
+                self._failure_key(engine, labelset.digest), build.error.encode(), keep=False
+            )
+            self._keep_failed(build)
+            raise
+        except asyncio.CancelledError:
+            self._drop(build)
+            raise
+        except Exception as exc:
+            build.error = exc.message if isinstance(exc, ServiceError) else f"{type(exc).__name__}: {exc}"
+            log.exception("label set %s build on %s failed", labelset.name, engine.ref)
+            self._keep_failed(build)
+            raise
+        self._drop(build)
+        return matrix
 
-        build.task = asyncio.get_running_loop().create_task(run(), name=f"labelset-build-{labelset.name}")
-        build.task.add_done_callback(lambda t: t.cancelled() or t.exception())
-        self.builds[key] = build
-        return build
+    def _count_builds(self) -> None:
+        self.metrics.labelset_builds.labels(state="running").set(self.slots.running)
+        self.metrics.labelset_builds.labels(state="queued").set(self.slots.waiting)
+
+    def _drop(self, build: Build) -> None:
+        if self.builds.get(build.key) is build:
+            del self.builds[build.key]
+
+    def _keep_failed(self, build: Build) -> None:
+        """A failed build stays for its set's status; past _FAILED_BUILDS, the oldest are forgotten."""
+        failed = [b for b in self.builds.values() if b.error is not None and b is not build]
+        for old in failed[: max(0, len(failed) + 1 - _FAILED_BUILDS)]:
+            self._drop(old)
+
+    def _cancel(self, build: Build) -> None:
+        """Stop a build, queued or running; its slot or place goes to the next in line now (a task
+        cancelled before it ever ran would not leave it)."""
+        self._drop(build)
+        self.slots.leave(build)
+        self._count_builds()
+        if build.task is not None:
+            build.task.cancel()
+
+    def _stop_builds(self, name: str, keep: str | None = None) -> None:
+        """Stop this replica's builds of set `name`, queued or running, but those of digest `keep`."""
+        for build in list(self.builds.values()):
+            if build.labelset.name != name or build.labelset.digest == keep:
+                continue
+            running = build.task is not None and not build.task.done()
+            self._cancel(build)
+            if running:
+                log.info(
+                    "label set %s: stopped its build on %s (%s)",
+                    name,
+                    build.engine,
+                    "deleted" if keep is None else "replaced",
+                )
+
+    def _failure_key(self, engine: ModelEngine, digest: str) -> str:
+        return f"{KEY_PREFIX}:{engine.space_id}:classes-failed:{digest}"
+
+    async def _failure(self, engine: ModelEngine, labelset: LabelSet) -> str | None:
+        """Why the set's build failed for good on some replica, if it did (the cache's marker)."""
+        raw = await self.cache.get_blob(
+            self._failure_key(engine, labelset.digest), kind="labelset_failure", keep=False
+        )
+        return None if raw is None else raw.decode(errors="replace")
+
+    async def _forget_failure(self, engine: ModelEngine, labelset: LabelSet) -> None:
+        build = self.builds.get((engine.space_id, labelset.digest))
+        if build is not None and build.error is not None:
+            self._drop(build)
+        await self.cache.delete(self._failure_key(engine, labelset.digest))
+
+    def _forget_matrices(self, digest: str) -> None:
+        for engine in self.registry.models():
+            self.cache.forget(engine.matrix_key(digest))
 
     async def _heartbeat(self, engine: ModelEngine, build: Build) -> None:
-        """Keep the lease fresh while the build runs; a store outage only delays the heartbeat."""
+        """Keep the lease fresh while the build runs, and stop the build once its set was changed or
+        deleted (on any replica); a store outage only delays the heartbeat."""
         interval = max(0.2, self.settings.labelset_lease_s / 3)
+        labelset = build.labelset
         while True:
             await asyncio.sleep(interval)
             try:
-                ours = await self._call(
-                    "heartbeat", engine.space_id, build.labelset.digest, self.owner, build.done
-                )
+                ours = await self._call("heartbeat", engine.space_id, labelset.digest, self.owner, build.done)
+                head = await self._call("head", labelset.name)
             except BackendUnavailableError as exc:
-                log.warning("label set %s: lease heartbeat failed: %s", build.labelset.name, exc.message)
+                log.warning("label set %s: lease heartbeat failed: %s", labelset.name, exc.message)
                 continue
             if not ours:
-                log.warning("label set %s: another replica took the build over", build.labelset.name)
+                log.warning("label set %s: another replica took the build over", labelset.name)
+            if head is None or head[0] != labelset.digest:
+                self._stop_builds(labelset.name, keep=None if head is None else head[0])
+                return
 
     async def _release(self, engine: ModelEngine, labelset: LabelSet) -> None:
         try:
@@ -399,20 +593,19 @@ class LabelSets:
             return LabelSetStatus(labelset, "failed", 0.0, f"model {labelset.model!r} is not served here")
         if await engine.cached_class_matrix(labelset.digest) is not None:
             return LabelSetStatus(labelset, "ready", 1.0)
-        build = self.builds.get((engine.space_id, labelset.digest))
-        if build is not None and build.error is not None:
-            return LabelSetStatus(labelset, "failed", build.progress, build.error)
-        if build is not None:
-            return LabelSetStatus(labelset, "building", build.progress)
         # Built nowhere here: make sure some replica builds it, so no set stays `building` forever.
-        return LabelSetStatus(labelset, "building", await self._background(engine, labelset))
+        return await self._background(engine, labelset)
 
     async def close(self) -> None:
+        """Stop the migration and every build (their leases released, so another replica need not
+        wait for them to expire), then close the store."""
         if self._migration is not None:
             self._migration.cancel()
-        for build in self.builds.values():
-            if build.task is not None:
-                build.task.cancel()
+        tasks = [b.task for b in self.builds.values() if b.task is not None and not b.task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         self.builds.clear()
         if self._store is not None:
             await anyio.to_thread.run_sync(self._store.close)

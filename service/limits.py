@@ -75,6 +75,16 @@ def check_labels(labels: Sequence[str], limit: int, max_chars: int, field: str =
         seen[label] = index
 
 
+def check_prompts(labels: int, templates: int, limit: int, setting: str, advice: str = "") -> None:
+    """Labels x templates, the prompts a class matrix encodes, within `limit` (named by `setting`)."""
+    if labels * templates > limit:
+        raise TooLarge(
+            f"labels x templates: {labels} x {templates} = {labels * templates} prompts, at most {limit} "
+            f"allowed ({setting}){advice}",
+            code="too_many_prompts",
+        )
+
+
 def check_top_k(top_k: int | None, settings: Settings) -> None:
     if top_k is None:
         return

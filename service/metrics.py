@@ -89,6 +89,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.class_matrix_bytes = Gauge(
+            "clipserve_class_matrix_bytes",
+            "bytes of class matrices kept in this process (at most --cache-matrix-bytes, but for one larger)",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.labelset_builds = Gauge(
+            "clipserve_labelset_builds",
+            "background label-set builds in this process: running (at most --labelset-builds) or queued",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.store_errors = Counter(
             "clipserve_store_errors_total",
             "calls to a data store (collections, label sets) that failed because it could not be reached",

@@ -10,12 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from clipserve.contract.cli_settings import CliSettings, CommaList, usable_cores
 
 Provider = Literal["cpu", "cuda", "tensorrt"]
+# Pillow's names of the formats decoded by default: what cameras, phones and the web send (JPEG takes
+# the multi-picture JPEGs of many phones too, which Pillow calls MPO)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 class Settings(CliSettings):
@@ -100,13 +103,36 @@ class Settings(CliSettings):
         description="a background label-set build whose owner sent no heartbeat for this long is taken "
         "over by another replica",
     )
+    labelset_builds: int = Field(
+        2,
+        ge=1,
+        description="background label-set builds running at once in one replica; the others queue, and "
+        "their status says their place",
+    )
+    labelset_build_timeout_s: float = Field(
+        3 * 3600.0,
+        gt=0,
+        description="a label-set build still running after this many seconds is stopped and the set's "
+        "status says failed, and why (PUT the set again to retry)",
+    )
 
     # Cache
     redis_url: str | None = Field(
         "redis://127.0.0.1:6379/0", description="Redis for the shared cache; 'none' or empty: in-process only"
     )
     cache_lru_size: int = Field(50_000, ge=0, description="entries in the in-process cache")
-    cache_ttl_s: int = Field(7 * 24 * 3600, ge=0, description="TTL of cached text vectors; 0 keeps them")
+    cache_ttl_s: int = Field(
+        7 * 24 * 3600,
+        ge=0,
+        description="TTL in Redis of text vectors and class matrices (a class matrix's is renewed while it "
+        "is used); 0 keeps them",
+    )
+    cache_matrix_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="bytes of class matrices kept in process, all models together; the least recently used "
+        "go first (a matrix larger than this is kept alone)",
+    )
     redis_retry_s: float = Field(5.0, ge=0, description="wait before trying Redis again after a failure")
     text_cache: Literal["auto", "shared", "local"] = Field(
         "auto",
@@ -151,8 +177,31 @@ class Settings(CliSettings):
     max_labels_per_request: int = Field(2000, ge=1, description="labels in one classify request")
     max_labelset_labels: int = Field(20_000, ge=1, description="labels in one label set")
     max_templates: int = Field(100, ge=1, description="prompt templates per request or label set")
+    max_template_chars: int = Field(1000, ge=2, description="characters in one prompt template")
+    max_template_slots: int = Field(4, ge=1, description="'{}' (where the label goes) in one prompt template")
+    max_prompts_per_request: int = Field(
+        10_000,
+        ge=1,
+        description="prompts (labels x templates) of one classify request with its own labels; larger "
+        "vocabularies belong in a stored label set, which builds in the background",
+    )
+    max_labelset_prompts: int = Field(
+        1_000_000, ge=1, description="prompts (labels x templates) of one label set"
+    )
     max_text_chars: int = Field(2000, ge=1, description="characters in one text")
-    max_image_pixels: int = Field(50_000_000, ge=1, description="pixels in one decoded image")
+    max_image_pixels: int = Field(
+        4096 * 4096, ge=1, description="pixels in one image (read from its header, before decoding)"
+    )
+    max_request_pixels: int = Field(
+        256 * 1024 * 1024,
+        ge=1,
+        description="pixels of all the images of one request together (read from their headers, before "
+        "decoding)",
+    )
+    image_formats: CommaList[str] = Field(
+        default_factory=lambda: list(IMAGE_FORMATS),
+        description="image formats decoded, by Pillow's names; any other is refused before decoding",
+    )
     max_top_k: int = Field(1000, ge=1, description="largest top_k a request may ask for")
     max_metadata_bytes: int = Field(
         16 * 1024, ge=64, description="bytes of one collection item's metadata, as compact JSON"
@@ -166,6 +215,15 @@ class Settings(CliSettings):
     url_allow_private: bool = Field(False, description="allow URLs resolving to private addresses")
     url_connect_timeout_s: float = Field(3.0, gt=0, description="connect timeout of an image fetch")
     url_read_timeout_s: float = Field(10.0, gt=0, description="read timeout of an image fetch")
+    url_fetch_timeout_s: float = Field(
+        20.0, gt=0, description="total time one image fetch may take, redirects included"
+    )
+    url_fetch_connections: int = Field(
+        8,
+        ge=1,
+        description="connections the image fetches of one request use at once (each request has its own, "
+        "so slow URLs hold up only the request that sent them)",
+    )
     url_max_bytes: int = Field(16 * 1024 * 1024, ge=1, description="largest fetched image")
     url_max_redirects: int = Field(3, ge=0, description="redirects followed per fetch")
 
@@ -213,6 +271,30 @@ class Settings(CliSettings):
                     "(api.example.com, *.example.com, [::1]) or '*', without a scheme or path"
                 )
         return value
+
+    @field_validator("image_formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        from PIL import Image
+
+        Image.init()
+        names = [name.strip().upper() for name in value]
+        unknown = [name for name in names if name not in Image.OPEN]
+        if unknown or not names:
+            raise ValueError(
+                f"unknown image format {', '.join(unknown) or '(none given)'}; this Pillow decodes "
+                f"{', '.join(sorted(Image.OPEN))}"
+            )
+        return names
+
+    @model_validator(mode="after")
+    def _one_image_fits_a_request(self) -> Settings:
+        if self.max_request_pixels < self.max_image_pixels:
+            raise ValueError(
+                f"max_request_pixels ({self.max_request_pixels}) is below max_image_pixels "
+                f"({self.max_image_pixels}): raise it, or lower max_image_pixels"
+            )
+        return self
 
     @field_validator("redis_url", mode="before")
     @classmethod

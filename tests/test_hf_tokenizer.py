@@ -80,6 +80,18 @@ def test_ids_equal_open_clips_hf_tokenizer(
         np.testing.assert_array_equal(ours.encode([text]).ids[0], row)
 
 
+@pytest.mark.parametrize("style", STYLES)
+def test_texts_far_past_the_context_give_open_clips_ids(tokenizer_dirs, style: str) -> None:
+    folder = tokenizer_dirs[style]
+    theirs = _open_clip(folder, 64, "whitespace")
+    ours = HFTextTokenizer(folder / "tokenizer.json", 64, pad_token_id=theirs.tokenizer.pad_token_id)
+    long_texts = [" ".join(corpus(300, seed=seed)) for seed in range(3)] + ["a photo of a {}. " * 2000]
+    assert all(len(text) > ours.max_chars for text in long_texts)
+    batch = ours.encode(long_texts)
+    np.testing.assert_array_equal(batch.ids, theirs(long_texts).numpy())
+    assert batch.truncated == [True] * len(long_texts)
+
+
 def test_lengths_and_truncation_flags(tokenizer_dirs) -> None:
     folder = tokenizer_dirs["t5"]
     ours = HFTextTokenizer(folder / "tokenizer.json", 8, clean="canonicalize")

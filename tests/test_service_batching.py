@@ -182,3 +182,50 @@ def test_announced_rows_are_waited_for_and_batched_together() -> None:
 
     run_async(scenario())
     assert recorder.batches == [2]
+
+
+def test_closing_mid_batch_answers_that_batch_at_once_and_refuses_the_queue() -> None:
+    recorder = Recorder()
+    recorder.release.clear()  # the model holds its first batch until released
+
+    async def scenario():
+        batcher = make(recorder, max_batch=2, timeout_s=30.0)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(rows(1, 2)))
+        while not batcher._running:  # the first batch is in the inference thread
+            await asyncio.sleep(0.005)
+        queued = asyncio.ensure_future(batcher.submit(rows(3)))
+        await asyncio.sleep(0.02)
+        started = time.monotonic()
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.1)
+        recorder.release.set()
+        result = await running
+        answered_s = time.monotonic() - started
+        await closing
+        with pytest.raises(Exception) as refused:
+            await queued
+        return result, answered_s, refused.value
+
+    result, answered_s, refused = run_async(scenario())
+    np.testing.assert_array_equal(result, np.array([[2.0], [4.0]], dtype=np.float32))
+    assert answered_s < 5, f"the closing batcher's running batch answered after {answered_s:.1f} s"
+    assert type(refused).__name__ == "Unavailable"
+
+
+def test_a_full_queue_is_refused_before_rows_are_prepared() -> None:
+    recorder = Recorder()
+
+    async def scenario():
+        batcher = make(recorder, max_queue=4)
+        batcher.start()
+        batcher.announce(3)  # three rows being decoded for another request
+        with pytest.raises(Overloaded) as refused:
+            batcher.admit(2)
+        batcher.admit(1)
+        batcher.withdraw(3)
+        await batcher.close()
+        return refused.value
+
+    refused = run_async(scenario())
+    assert "3 being prepared" in refused.message and refused.retry_after_s >= 1

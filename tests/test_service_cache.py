@@ -212,3 +212,18 @@ def test_a_served_model_caches_text_vectors_where_configured(make_client, servic
     client.__exit__(None, None, None)  # shut down: the writes behind the requests are flushed
     written = set(redis_client.keys(pattern)) - before
     assert len(written) == (1 if mode == "shared" else 0)
+
+
+def test_blobs_kept_in_process_stay_within_their_bytes_oldest_first_out() -> None:
+    from clipserve.service.inference.cache import BlobLRU
+
+    lru = BlobLRU(capacity=100)
+    for key in "abc":
+        lru.set(key, bytes(40), shared=False)
+    assert list(lru) == ["b", "c"] and lru.nbytes == 80
+    assert lru.get("b") is not None  # used: now the newest
+    lru.set("d", bytes(40), shared=True)
+    assert list(lru) == ["b", "d"]
+    lru.set("big", bytes(500), shared=True)  # larger than the whole budget: kept alone
+    assert list(lru) == ["big"] and lru.nbytes == 500
+    assert lru.pop("big") and not lru.pop("big") and lru.nbytes == 0

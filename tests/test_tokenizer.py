@@ -15,11 +15,13 @@ import pytest
 
 from clipserve.contract.bundle import BundleError, TokenizerSpec
 from clipserve.contract.tokenizer import (
+    RAW_CHARS_PER_CLEAN_CHAR,
     VOCAB_FILENAME,
     ClipTokenizer,
     TokenizedBatch,
     TokenizerError,
     VocabularyNotFoundError,
+    bounded_text,
     open_clip_vocab_path,
 )
 
@@ -292,6 +294,41 @@ def test_shared_between_threads_with_a_small_cache(vocab_path: Path) -> None:
         results = list(pool.map(lambda chunk: shared.encode(chunk).ids, chunks))
     for index, ids in enumerate(results):
         assert np.array_equal(ids, expected[index % 4 :: 4])
+
+
+def test_texts_far_past_the_context_give_open_clips_ids(tokenizer: ClipTokenizer) -> None:
+    rng = random.Random(SEED + 1)
+    long_texts = [" ".join(rng.choice(CORPUS) for _ in range(400)) for _ in range(6)]
+    long_texts += ["a photo of a {}. " * 3000, "word " * 20_000, "😀 " * 5000]
+    assert all(len(text) > tokenizer.max_chars for text in long_texts)
+    for clean in ("lower", "canonicalize"):
+        ours = ClipTokenizer(tokenizer.vocab_path, clean=clean)
+        _assert_parity(ours.encode(long_texts), long_texts, 77, clean)
+
+
+def test_only_as_much_text_as_can_reach_the_context_is_cleaned(tokenizer: ClipTokenizer) -> None:
+    seen: list[int] = []
+
+    def clean(text: str) -> str:
+        seen.append(len(text))
+        return " ".join(text.split())
+
+    limit = tokenizer.max_chars
+    assert bounded_text("x " * 5_000_000, clean, limit) == (("x " * limit)[:limit], True)
+    assert seen == [RAW_CHARS_PER_CLEAN_CHAR * limit]
+    assert bounded_text("a dog", clean, limit) == ("a dog", False)
+    batch = tokenizer.encode(["dog " * 5_000_000])
+    assert batch.truncated == [True] and batch.lengths.tolist() == [77]
+
+
+def test_long_words_merge_as_open_clips_bpe_does(tokenizer: ClipTokenizer) -> None:
+    rng = random.Random(SEED + 2)
+    alphabets = ["abcdefghijklmnopqrstuvwxyz", "ab", "aab", "éàüß", "あいうえおかきく", "😀👍", "!?.-"]
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(100, 700))) for alphabet in alphabets]
+    words += ["a" * 1000, "photograph" * 60]
+    reference = open_clip_tokenizer.SimpleTokenizer()
+    for word in words:
+        assert list(tokenizer._word_ids(word.lower())) == reference.encode(word.lower()), word[:40]
 
 
 def test_import_pulls_in_neither_torch_nor_open_clip() -> None:

@@ -16,6 +16,11 @@ library, numpy, ftfy and regex. Its steps, in order:
    symbol pairs in the order of the merges file.
 4. Wrap in start/end tokens, cut to the context length keeping the end token last, pad with 0.
 
+The cost of a text is bounded by the context length, not by the text (`max_chars`): only as many
+characters as can reach the context are cleaned and split (see `bounded_text`), and merging runs
+in O(n log n) per word (a heap of pair ranks), not O(n^2), so a word of thousands of letters costs
+milliseconds.
+
 One instance is safe to share between threads: after construction everything is read-only,
 except the per-word cache, a bounded `functools.lru_cache`, which is thread-safe.
 """
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import heapq
 import html
 import importlib.util
 import itertools
@@ -49,6 +55,9 @@ END_OF_WORD = "</w>"
 _VOCAB_SIZE = 49408
 _MERGE_COUNT = _VOCAB_SIZE - 2 * 256 - 2
 _DEFAULT_CACHE_WORDS = 1 << 16
+# Characters of raw text cleaned per character that can reach the context: cleaning shrinks a text only
+# where it collapses whitespace, unescapes entities or drops punctuation, never this much in real text
+RAW_CHARS_PER_CLEAN_CHAR = 4
 
 # Texts made only of these characters are left unchanged by ftfy.fix_text and html.unescape
 # (no entity, no control or terminal escape, nothing to normalize), so both are skipped for them.
@@ -124,6 +133,30 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return [(first, second) for first, second in rows]
 
 
+def context_chars(context_length: int, longest_token_chars: int) -> int:
+    """Characters of cleaned text past which no token reaches the context of `context_length` ids.
+
+    Each token stands for at most `longest_token_chars` characters of one word, and words are apart by
+    at most one character (a space) once whitespace is collapsed: n characters give at least
+    n / (longest_token_chars + 1) tokens, so a text longer than this has more tokens of its own than
+    the context holds, whatever special tokens are added."""
+    return context_length * (longest_token_chars + 1)
+
+
+def bounded_text(text: str, clean: Callable[[str], str], max_chars: int) -> tuple[str, bool]:
+    """`text` cleaned, then cut to `max_chars` characters; and whether it was cut.
+
+    Only the first `RAW_CHARS_PER_CLEAN_CHAR * max_chars` raw characters are cleaned, so a text of
+    megabytes costs what one of a few kilobytes does. A text that was cut has more tokens than the
+    context holds (see `context_chars`), and every token kept is the one the whole text gives, except
+    when a single word of dozens of characters runs across the cut."""
+    raw_cut = len(text) > RAW_CHARS_PER_CLEAN_CHAR * max_chars
+    cleaned = clean(text[: RAW_CHARS_PER_CLEAN_CHAR * max_chars] if raw_cut else text)
+    if len(cleaned) > max_chars:
+        return cleaned[:max_chars], True
+    return cleaned, raw_cut
+
+
 def _fix_and_unescape(text: str) -> str:
     if _NEEDS_FIXING.search(text) is not None:
         text = html.unescape(html.unescape(ftfy.fix_text(text)))
@@ -183,9 +216,15 @@ class ClipTokenizer:
         self._ids = {token: index for index, token in enumerate(vocab)}
         self._merge_rank = {pair: rank for rank, pair in enumerate(merges)}
         self._bytes_to_symbols = str.maketrans({chr(b): s for b, s in byte_symbol.items()})
+        self._merged = {rank: first + second for (first, second), rank in self._merge_rank.items()}
+        self._pair = {rank: pair for pair, rank in self._merge_rank.items()}
         self.sot_token_id = self._ids[SOT_TOKEN]
         self.eot_token_id = self._ids[EOT_TOKEN]
         self._specials = {SOT_TOKEN: self.sot_token_id, EOT_TOKEN: self.eot_token_id}
+        # a vocabulary symbol is one byte, so no token stands for more characters than its symbols
+        longest = max(len(token.removesuffix(END_OF_WORD)) for token in self._ids)
+        self.max_chars = context_chars(context_length, longest)
+        """Characters of a cleaned text that are tokenized; the rest cannot reach the context."""
         self._words = regex.compile(
             "|".join(regex.escape(t) for t in self._specials)
             + r"|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+",
@@ -229,29 +268,48 @@ class ClipTokenizer:
         )
 
     def _merge(self, symbols: list[str]) -> list[str]:
-        """Apply merges, lowest rank first, each to all its non-overlapping pairs left to right."""
+        """Apply merges, lowest rank first, each to all its non-overlapping pairs left to right.
+
+        The pairs wait in a heap by (rank, position) over a linked list of symbols: every pass takes
+        all the entries of the lowest rank, left to right, and merges those still standing (a merge
+        never makes a new pair of its own rank, so the pass sees exactly the pairs it began with)."""
+        count = len(symbols)
+        if count < 2:
+            return symbols
         rank = self._merge_rank
-        while len(symbols) > 1:
-            best: tuple[str, str] | None = None
-            best_rank = len(rank)
-            for pair in itertools.pairwise(symbols):
-                pair_rank = rank.get(pair, best_rank)
-                if pair_rank < best_rank:
-                    best, best_rank = pair, pair_rank
-            if best is None:
-                break
-            first, second = best
-            merged: list[str] = []
-            i, last = 0, len(symbols) - 1
-            while i <= last:
-                if i < last and symbols[i] == first and symbols[i + 1] == second:
-                    merged.append(first + second)
-                    i += 2
-                else:
-                    merged.append(symbols[i])
-                    i += 1
-            symbols = merged
-        return symbols
+        following = [*range(1, count), -1]
+        preceding = list(range(-1, count - 1))
+        current = list(symbols)  # "" where a symbol was merged into the one before it
+        heap = [
+            (r, i) for i, pair in enumerate(itertools.pairwise(symbols)) if (r := rank.get(pair)) is not None
+        ]
+        heapq.heapify(heap)
+        while heap:
+            lowest = heap[0][0]
+            positions = []
+            while heap and heap[0][0] == lowest:
+                positions.append(heapq.heappop(heap)[1])
+            first, second = self._pair[lowest]
+            merged = self._merged[lowest]
+            for i in sorted(positions):
+                j = following[i]
+                if j < 0 or current[i] != first or current[j] != second:
+                    continue  # merged away earlier in this pass, or since the entry was made
+                current[i], current[j] = merged, ""
+                k = following[i] = following[j]
+                if k >= 0:
+                    preceding[k] = i
+                    if (r := rank.get((merged, current[k]))) is not None:
+                        heapq.heappush(heap, (r, i))
+                h = preceding[i]
+                if h >= 0 and (r := rank.get((current[h], merged))) is not None:
+                    heapq.heappush(heap, (r, h))
+        out: list[str] = []
+        i = 0
+        while i >= 0:
+            out.append(current[i])
+            i = following[i]
+        return out
 
     def _word_ids_uncached(self, word: str) -> tuple[int, ...]:
         special = self._specials.get(word)
@@ -261,15 +319,15 @@ class ClipTokenizer:
         symbols[-1] += END_OF_WORD
         return tuple(self._ids[s] for s in self._merge(symbols))
 
-    def _text_ids(self, text: str) -> list[int]:
+    def _cleaned_ids(self, cleaned: str) -> list[int]:
         ids: list[int] = []
-        for word in self._words.findall(self._clean_text(text)):
+        for word in self._words.findall(cleaned):
             ids.extend(self._word_ids(word))
         return ids
 
     def count_tokens(self, text: str) -> int:
         """Tokens of `text` without truncation, start and end tokens included."""
-        return len(self._text_ids(text)) + 2
+        return len(self._cleaned_ids(self._clean_text(text))) + 2
 
     def encode(self, texts: Sequence[str]) -> TokenizedBatch:
         """Tokenize a batch; rows are padded to `context_length` (see `TokenizedBatch.trimmed`)."""
@@ -281,8 +339,9 @@ class ClipTokenizer:
         for row, text in enumerate(texts):
             if not isinstance(text, str):
                 raise TypeError(f"text {row} is a {type(text).__name__}, expected str")
-            tokens = [self.sot_token_id, *self._text_ids(text), self.eot_token_id]
-            cut = len(tokens) > self.context_length
+            cleaned, shortened = bounded_text(text, self._clean_text, self.max_chars)
+            tokens = [self.sot_token_id, *self._cleaned_ids(cleaned), self.eot_token_id]
+            cut = shortened or len(tokens) > self.context_length
             if cut:
                 tokens = [*tokens[: self.context_length - 1], self.eot_token_id]
             ids[row, : len(tokens)] = tokens
@@ -315,7 +374,12 @@ class HFTextTokenizer:
     with `max_length=context_length, padding="max_length", truncation=True`: the file's normalizer,
     pre-tokenizer, model and template, the template's special tokens kept when a text is cut. This
     runs the same `tokenizers` (Rust) pipeline with the same truncation and padding, so rows always
-    have `context_length` ids. With `strip_sep_token_id`, that id becomes 0 afterwards (CLIPA)."""
+    have `context_length` ids. With `strip_sep_token_id`, that id becomes 0 afterwards (CLIPA).
+
+    As for CLIP-BPE, only `max_chars` characters of a cleaned text are tokenized (`bounded_text`), from
+    the longest token of the vocabulary (or WordPiece's longest word, which becomes one unknown token).
+    A normalizer that drops characters, or a model that fuses a run of unknown characters into one
+    token, can make a cut text end differently: texts far past the context, made for it."""
 
     def __init__(
         self,
@@ -351,6 +415,10 @@ class HFTextTokenizer:
         self.pad_token_id = pad_token_id
         self.strip_sep_token_id = strip_sep_token_id
         self._clean_text = _CLEANERS[clean]
+        longest = max(map(len, tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        longest = max(longest, getattr(tokenizer.model, "max_input_chars_per_word", 0))
+        self.max_chars = context_chars(context_length, longest)
+        """Characters of a cleaned text that are tokenized; the rest cannot reach the context."""
         tokenizer.enable_truncation(max_length=context_length, direction=truncation_side)
         tokenizer.enable_padding(
             direction=padding_side,
@@ -397,13 +465,14 @@ class HFTextTokenizer:
 
     def encode(self, texts: Sequence[str]) -> TokenizedBatch:
         """Tokenize a batch: int64 [B, context_length], padded as the tokenizer pads."""
-        cleaned = [self._clean_text(text) for text in _check_texts(texts)]
+        bounded = [bounded_text(text, self._clean_text, self.max_chars) for text in _check_texts(texts)]
+        cleaned = [text for text, _ in bounded]
         encodings = self._tokenizer.encode_batch(cleaned) if cleaned else []
         ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(cleaned), self.context_length)
         if self.strip_sep_token_id is not None:
             ids[ids == self.strip_sep_token_id] = 0
         lengths = np.array([sum(e.attention_mask) for e in encodings], dtype=np.int64)
-        truncated = [bool(e.overflowing) for e in encodings]
+        truncated = [bool(e.overflowing) or cut for e, (_, cut) in zip(encodings, bounded, strict=True)]
         return TokenizedBatch(ids=ids, lengths=lengths, truncated=truncated)
 
 

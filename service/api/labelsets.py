@@ -25,6 +25,7 @@ def _info(state: LabelSetStatus) -> LabelSetInfo:
         templates=list(labelset.templates),
         status=state.status,
         progress=state.progress,
+        queue_position=state.queue_position,
         error=state.error,
         created_at=labelset.created_at,
     )
@@ -39,7 +40,8 @@ def _info(state: LabelSetStatus) -> LabelSetInfo:
 async def put_labelset(
     name: str, body: LabelSetRequest, response: Response, labelsets: LabelSetsDep
 ) -> LabelSetInfo:
-    """200 when the class matrix is ready; 202 while a large set builds in the background."""
+    """200 when the class matrix is ready; 202 while a large set builds (or waits to) in the background.
+    Replacing a set stops the build of its previous labels."""
     check_definition(body.labels, body.templates if isinstance(body.templates, list) else [])
     state = await labelsets.put(name, body.labels, body.templates, body.model)
     response.status_code = 200 if state.status == "ready" else 202
@@ -60,6 +62,6 @@ async def get_labelset(name: str, labelsets: LabelSetsDep) -> LabelSetInfo:
 
 @router.delete("/v1/labelsets/{name}", status_code=204, responses=_ERRORS, summary="Delete a label set")
 async def delete_labelset(name: str, labelsets: LabelSetsDep) -> Response:
-    """Delete the label set and its cached class matrix; 204 when done."""
+    """Delete the label set, stop its builds and remove its class matrices; 204 when done."""
     await labelsets.delete(name)
     return Response(status_code=204)

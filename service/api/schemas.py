@@ -231,8 +231,11 @@ class LabelSetInfo(BaseModel):
     labels: list[str] = Field(description="its labels, as they were given")
     label_count: int = Field(description="how many labels")
     templates: list[str] = Field(description="the prompt templates its class vectors were made with")
-    status: Literal["ready", "building", "failed"] = Field(description="whether it can classify yet")
+    status: Literal["ready", "queued", "building", "failed"] = Field(
+        description="whether it can classify yet: queued while other builds take this replica's build slots"
+    )
     progress: float = Field(description="share of the class matrix computed, 0..1")
+    queue_position: int | None = Field(None, description="while queued: its place in line (1: it runs next)")
     error: str | None = Field(None, description="why the build failed, when it did")
     created_at: str = Field(description="when it was stored (ISO 8601)")
 

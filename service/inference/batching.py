@@ -14,9 +14,12 @@ It waits for a fuller batch (at most `max_wait_ms` after the oldest row) only wh
 announced (`announce` / `withdraw`: images being decoded right now); otherwise it runs what it has
 at once. Under load, rows pile up while the model is busy, so batches fill without waiting.
 
-- a full queue raises `Overloaded` with a retry-after estimate;
+- a full queue raises `Overloaded` with a retry-after estimate; `admit(count)` asks the same before
+  the rows are prepared, so a request refused pays for no decoding;
 - a request waiting longer than `timeout_s` raises `TimedOut`; a closed batcher `Unavailable`;
 - a batch the model fails on fails its requests with `InferenceFailed`, never the loop;
+- closing answers every caller at once: queued rows get `Unavailable`, the batch in the inference
+  thread its vectors as soon as the thread is done with it;
 - rows of a cancelled request (client gone, timed out) are dropped before they reach the model.
 """
 
@@ -99,6 +102,8 @@ class Batcher:
         return len(self._queue)
 
     async def close(self) -> None:
+        """Stop the loop: the batch running in the thread answers its callers when it ends (see
+        `_loop`), the rows still queued are refused at once with `Unavailable`."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -120,6 +125,17 @@ class Batcher:
     def withdraw(self, count: int) -> None:
         self._announced -= count
         self._arrived.set()
+
+    def admit(self, count: int) -> None:
+        """Refuse `count` more rows (`Overloaded`) when the queue, with the rows being prepared for
+        it, has no room for them: asked before preparing them."""
+        if len(self._queue) + self._announced + count > self.max_queue:
+            self.metrics.rejected.labels(reason="queue_full", **self._labels).inc(count)
+            raise Overloaded(
+                f"the {self.tower} queue of {self.model} is full ({len(self._queue)} items waiting, "
+                f"{self._announced} being prepared); retry later",
+                retry_after_s=self.retry_after_s(),
+            )
 
     def retry_after_s(self) -> int:
         return max(1, math.ceil(len(self._queue) / self.max_batch * self._last_batch_s))
@@ -238,21 +254,36 @@ class Batcher:
                 continue
             started = time.perf_counter()
             self._running += 1
+            work = loop.run_in_executor(self.executor, self.run_batch, [i.row for i in batch])
             try:
-                output = await loop.run_in_executor(self.executor, self.run_batch, [i.row for i in batch])
-            except Exception as exc:  # a failing model must fail its requests, never the loop
-                log.exception("%s %s batch of %d failed", self.model, self.tower, len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(
-                            InferenceFailed(f"the {self.tower} encoder failed: {type(exc).__name__}")
-                        )
+                await asyncio.shield(work)
+            except asyncio.CancelledError:
+                # closed mid-batch: its callers get its outcome the moment the thread has it
+                work.add_done_callback(lambda done, batch=batch: self._settle(batch, done))
+                raise
+            except Exception:  # a failing model must fail its requests, never the loop
+                self._settle(batch, work)
                 continue
             finally:
                 self._running -= 1
             self._last_batch_s = time.perf_counter() - started
             self._batch_size.observe(len(batch))
             self._inference_seconds.observe(self._last_batch_s)
-            for item, vector in zip(batch, output, strict=True):
-                if not item.future.done():
-                    item.future.set_result(vector)
+            self._settle(batch, work)
+
+    def _settle(self, batch: list[_Item], work: asyncio.Future) -> None:
+        """Hand each caller of a finished batch its vector, or the model's failure."""
+        failure = None if work.cancelled() else work.exception()
+        if failure is not None:
+            log.error("%s %s batch of %d failed", self.model, self.tower, len(batch), exc_info=failure)
+        for index, item in enumerate(batch):
+            if item.future.done():
+                continue
+            if work.cancelled():
+                item.future.set_exception(Unavailable("the model was unloaded; retry", retry_after_s=1))
+            elif failure is not None:
+                item.future.set_exception(
+                    InferenceFailed(f"the {self.tower} encoder failed: {type(failure).__name__}")
+                )
+            else:
+                item.future.set_result(work.result()[index])

@@ -8,8 +8,12 @@ Keys are built by the callers from the bundle's content hash, never the model na
   them). A caller whose vectors cost less to compute than a Redis round trip passes `shared=False`
   and keeps them in the in-process LRU of `cache_lru_size` entries, which also stands in for Redis
   while it is down (`round_trip_ms` is what `ModelEngine` weighs against);
-- blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices of stored label sets, no
-  TTL; the stand-in is a plain dict. (Label-set definitions are data: `clipserve.service.stores.labelset_store`.)
+- blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices. Each is kept in this process
+  too, in one LRU of at most `matrix_bytes` for every model (so the matrices of a model version no
+  longer served age out), which also stands in for Redis while it is down. In Redis a blob has the
+  TTL of the vectors, renewed when it is read there (GETEX) and, while this process serves it from
+  its own copy, every `ttl / 8` (at most hourly) behind the request. (Label-set definitions are
+  data: `clipserve.service.stores.labelset_store`.)
 
 When Redis fails, the cache logs one warning, counts the error, sets the fallback gauge and
 serves from the stand-in; it tries Redis again after `redis_retry_s` and logs when it is back.
@@ -23,10 +27,12 @@ import collections
 import logging
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 import redis.asyncio as aioredis
+from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
 from clipserve.service.metrics import Metrics
@@ -36,6 +42,8 @@ T = TypeVar("T")
 KEY_PREFIX = "clipserve:v1"
 # vector writes waiting for Redis beyond this many are dropped (a cache: the next miss recomputes)
 _MAX_PENDING = 4096
+# how often a blob served from this process has its TTL in Redis renewed, at most
+_RENEW_EVERY_S = 3600.0
 
 
 class LRU:
@@ -61,6 +69,56 @@ class LRU:
         return len(self._data)
 
 
+@dataclass
+class _Blob:
+    value: bytes
+    shared: bool  # also in Redis, whose TTL is renewed while it is used here
+    renewed: float
+
+
+class BlobLRU:
+    """Blobs by key, at most `capacity` bytes together, the least recently used evicted first. The
+    newest blob stays even when alone it is larger: the caller uses it right away."""
+
+    def __init__(self, capacity: int, gauge: Gauge | None = None):
+        self.capacity = capacity
+        self.nbytes = 0
+        self._gauge = gauge
+        self._data: collections.OrderedDict[str, _Blob] = collections.OrderedDict()
+
+    def get(self, key: str) -> _Blob | None:
+        blob = self._data.get(key)
+        if blob is not None:
+            self._data.move_to_end(key)
+        return blob
+
+    def set(self, key: str, value: bytes, shared: bool) -> None:
+        self.pop(key)
+        self._data[key] = _Blob(value, shared, time.monotonic())
+        self.nbytes += len(value)
+        while self.nbytes > self.capacity and len(self._data) > 1:
+            _, oldest = self._data.popitem(last=False)
+            self.nbytes -= len(oldest.value)
+        self._measured()
+
+    def pop(self, key: str) -> bool:
+        blob = self._data.pop(key, None)
+        if blob is not None:
+            self.nbytes -= len(blob.value)
+            self._measured()
+        return blob is not None
+
+    def _measured(self) -> None:
+        if self._gauge is not None:
+            self._gauge.set(self.nbytes)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._data))
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
 class VectorCache:
     def __init__(
         self,
@@ -70,6 +128,7 @@ class VectorCache:
         ttl_s: int,
         retry_s: float,
         metrics: Metrics,
+        matrix_bytes: int = 256 * 1024 * 1024,
     ):
         self.metrics = metrics
         self.ttl_s = ttl_s or None
@@ -86,7 +145,10 @@ class VectorCache:
         self._writing: dict[str, bytes] = {}  # in the writer's pipeline now
         self._writer: asyncio.Task | None = None
         self.round_trip_ms: float | None = None
-        self._blobs: dict[str, bytes] = {}
+        self._blobs = BlobLRU(matrix_bytes, metrics.class_matrix_bytes)
+        self._renewing: set[str] = set()
+        self._renewer: asyncio.Task | None = None
+        self._renew_every_s = min(_RENEW_EVERY_S, ttl_s / 8) if ttl_s else None
         self._lookups: dict[str, list[int]] = {}
         self._down_until = 0.0
         self._down = not redis_url
@@ -103,6 +165,8 @@ class VectorCache:
 
     async def aclose(self) -> None:
         await self.flush()
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self._redis is not None:
             await self._redis.aclose()
 
@@ -211,22 +275,71 @@ class VectorCache:
         if self._writer is not None and not self._writer.done():
             await asyncio.shield(self._writer)
 
-    async def get_blob(self, key: str, kind: str = "blob") -> bytes | None:
-        ok, value = await self._try(lambda r: r.get(key))
-        if not ok:
-            value = self._blobs.get(key)
+    async def get_blob(self, key: str, kind: str = "blob", keep: bool = True) -> bytes | None:
+        """This process's copy, else Redis's (its TTL renewed); one found in Redis is kept here
+        when `keep`."""
+        local = self._blobs.get(key)
+        if local is not None:
+            if local.shared:
+                self._renew_later(key, local)
+            self._count(kind, [local.value])
+            return local.value
+        ttl = self.ttl_s
+        ok, value = await self._try(lambda r: r.getex(key, ex=ttl) if ttl else r.get(key))
+        if ok and value is not None and keep:
+            self._blobs.set(key, value, shared=True)
         self._count(kind, [value])
         return value
 
-    async def set_blob(self, key: str, value: bytes) -> None:
-        ok, _ = await self._try(lambda r: r.set(key, value))
-        if not ok:
-            self._blobs[key] = value
+    async def set_blob(self, key: str, value: bytes, shared: bool = True, keep: bool = True) -> None:
+        """Kept in this process (unless not `keep`); when `shared`, written to Redis too, with the TTL."""
+        if keep:
+            self._blobs.set(key, value, shared)
+        if shared:
+            await self._try(lambda r: r.set(key, value, ex=self.ttl_s))
+
+    def _renew_later(self, key: str, blob: _Blob) -> None:
+        if self._renew_every_s is None or self._redis is None:
+            return
+        now = time.monotonic()
+        if now - blob.renewed < self._renew_every_s:
+            return
+        blob.renewed = now
+        self._renewing.add(key)
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.get_running_loop().create_task(self._renew(), name="cache-renewals")
+
+    async def _renew(self) -> None:
+        while self._renewing:
+            keys, self._renewing = self._renewing, set()
+
+            async def expire(r: aioredis.Redis, keys: set[str] = keys) -> None:
+                async with r.pipeline(transaction=False) as pipe:
+                    for key in keys:
+                        pipe.expire(key, self.ttl_s)
+                    await pipe.execute()
+
+            await self._try(expire)
+
+    def forget(self, prefix: str) -> int:
+        """Drop this process's copies of the blobs under `prefix` (Redis keeps its own)."""
+        keys = [key for key in self._blobs if key.startswith(prefix)]
+        for key in keys:
+            self._blobs.pop(key)
+        return len(keys)
+
+    @property
+    def blob_bytes(self) -> int:
+        """Bytes of the blobs kept in this process."""
+        return self._blobs.nbytes
 
     async def delete(self, *keys: str) -> int:
+        """Delete from Redis and from this process; how many existed (in either)."""
+        if not keys:
+            return 0
         ok, count = await self._try(lambda r: r.delete(*keys))
-        local = sum(self._blobs.pop(k, None) is not None for k in keys)
-        return int(count or 0) + local if ok else local
+        local = sum(self._blobs.pop(k) for k in keys)
+        return max(int(count or 0), local) if ok else local
 
     async def scan(self, prefix: str) -> list[str]:
         async def collect(r: aioredis.Redis) -> list[str]:

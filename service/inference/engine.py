@@ -21,7 +21,6 @@ in-flight call ends (`using()`).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hashlib
 import json
@@ -37,7 +36,7 @@ import numpy as np
 from clipserve.contract.bundle import Manifest
 from clipserve.contract.scoring import Scoring, class_vectors, normalize, prompts, top_k
 from clipserve.contract.tokenizer import TokenizedBatch
-from clipserve.service.errors import InvalidInput
+from clipserve.service.errors import InvalidInput, TooLarge
 from clipserve.service.inference.batching import Batcher
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
 from clipserve.service.inference.loading import LoadedBundle
@@ -46,8 +45,9 @@ from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
 
 log = logging.getLogger("clipserve.engine")
+# Texts tokenized on the event loop rather than in the pool: a millisecond at most (uncached words)
 _INLINE_TOKENIZE = 16
-_LOCAL_MATRICES = 32
+_INLINE_CHARS = 512
 # a Redis look-up's cost when it could not be measured at start (Redis down then)
 _UNMEASURED_ROUND_TRIP_MS = 1.0
 # how many look-ups one encoding must be worth before text vectors go through Redis
@@ -84,6 +84,13 @@ def token_rows(batch: TokenizedBatch, dynamic_length: bool) -> list[np.ndarray]:
     if dynamic_length:
         return [batch.ids[i, : int(n)] for i, n in enumerate(batch.lengths)]
     return list(batch.ids)
+
+
+def prompt_chars(labels: Sequence[str], templates: Sequence[str]) -> int:
+    """Characters of all the prompts of `labels` x `templates`, counted without building them."""
+    slots = [template.count("{}") for template in templates]
+    fixed = sum(len(template) for template in templates) - 2 * sum(slots)
+    return len(labels) * fixed + sum(map(len, labels)) * sum(slots)
 
 
 def classes_digest(labels: Sequence[str], templates: Sequence[str]) -> str:
@@ -139,7 +146,7 @@ class ModelEngine:
         self.scoring: Scoring = self.manifest.scorer
         self._tokenizer = loaded.tokenizer
         self._preprocessor = ImagePreprocessor(
-            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin
+            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin, settings.image_formats
         )
         self._settings, self._metrics, self._cache, self._pool = settings, metrics, cache, pool
         self.text_stats, self.image_stats = TowerStats(), TowerStats()
@@ -152,7 +159,6 @@ class ModelEngine:
         self.space_id = f"{self.content_hash}{variant}"
         self._text_key_prefix = f"{KEY_PREFIX}:{self.space_id}:text:"
         self.shares_text_vectors = shares_text_vectors(settings.text_cache, cache, loaded.text_encode_ms)
-        self._matrices: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         common = dict(
             max_wait_ms=settings.max_wait_ms,
             max_queue=settings.max_queue,
@@ -244,10 +250,21 @@ class ModelEngine:
             self.in_flight -= 1
 
     async def _tokenize(self, texts: Sequence[str]) -> TokenizedBatch:
-        if len(texts) <= _INLINE_TOKENIZE:
+        if len(texts) <= _INLINE_TOKENIZE and sum(map(len, texts)) <= _INLINE_CHARS:
             return self._tokenizer.encode(list(texts))
         return await asyncio.get_running_loop().run_in_executor(
             self._pool, self._tokenizer.encode, list(texts)
+        )
+
+    async def _tokenize_prompts(self, labels: Sequence[str], templates: Sequence[str]) -> TokenizedBatch:
+        """The prompts of `labels` x `templates`, built and tokenized in the pool unless trivially small."""
+        if (
+            len(labels) * len(templates) <= _INLINE_TOKENIZE
+            and prompt_chars(labels, templates) <= _INLINE_CHARS
+        ):
+            return self._tokenizer.encode(prompts(labels, templates))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: self._tokenizer.encode(prompts(labels, templates))
         )
 
     def _token_rows(self, batch: TokenizedBatch) -> list[np.ndarray]:
@@ -303,16 +320,22 @@ class ModelEngine:
     # Images -----------------------------------------------------------------------------------------
 
     async def encode_images(self, images: Sequence[bytes]) -> np.ndarray:
-        """Unit vectors of encoded images (decoded and preprocessed in the pool, then batched)."""
+        """Unit vectors of encoded images (decoded and preprocessed in the pool, then batched).
+
+        Before anything is decoded: the queue's room for them (`Overloaded`, a 429), then, for more
+        than one image, their pixels together from their headers (`max_request_pixels`)."""
         with self.using():
             if len(images) == 1:
                 direct = await self.image_batcher.run_if_idle(lambda: self._prepare_one(images[0]))
                 if direct is not None:
                     return direct
+            self.image_batcher.admit(len(images))
             loop = asyncio.get_running_loop()
             started = time.perf_counter()
             self.image_batcher.announce(len(images))
             try:
+                if len(images) > 1:
+                    await self._check_pixels(images)
                 rows = await asyncio.gather(
                     *(
                         loop.run_in_executor(self._pool, self._preprocessor, data, i)
@@ -325,6 +348,26 @@ class ModelEngine:
                 per_item = (time.perf_counter() - started) / len(images)
                 self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)
             return await self.image_batcher.submit(rows)
+
+    def admit_images(self, count: int) -> None:
+        """Refuse `count` images now (`Overloaded`) when the image queue has no room for them."""
+        if not self.image_batcher.idle:
+            self.image_batcher.admit(count)
+
+    async def _check_pixels(self, images: Sequence[bytes]) -> None:
+        """The images' pixels together, read from their headers in the pool, within the budget of
+        one request (one image is within it by `max_image_pixels`, which is never larger)."""
+        read = self._preprocessor.size
+        sizes = await asyncio.get_running_loop().run_in_executor(
+            self._pool, lambda: [read(data, i) for i, data in enumerate(images)]
+        )
+        total, budget = sum(width * height for width, height in sizes), self._settings.max_request_pixels
+        if total > budget:
+            raise TooLarge(
+                f"images: {len(images)} images of {total} pixels together, at most {budget} per request "
+                "(max_request_pixels); send them in several requests",
+                code="too_many_pixels",
+            )
 
     def _prepare_one(self, data: bytes) -> list[np.ndarray]:
         """One image decoded and preprocessed on the inference thread (the idle tower's direct path)."""
@@ -356,27 +399,21 @@ class ModelEngine:
 
     # Classes and scores -----------------------------------------------------------------------------
 
-    def _remember(self, digest: str, matrix: np.ndarray) -> None:
-        self._matrices[digest] = matrix
-        self._matrices.move_to_end(digest)
-        while len(self._matrices) > _LOCAL_MATRICES:
-            self._matrices.popitem(last=False)
+    @property
+    def matrix_prefix(self) -> str:
+        """Cache keys of this space's class matrices start with this."""
+        return f"{KEY_PREFIX}:{self.space_id}:classes:"
 
-    def _matrix_key(self, digest: str) -> str:
-        return f"{KEY_PREFIX}:{self.space_id}:classes:{digest}"
+    def matrix_key(self, digest: str) -> str:
+        return self.matrix_prefix + digest
 
     async def cached_class_matrix(self, digest: str) -> np.ndarray | None:
-        """A class matrix already computed for this space: this replica's copy, else the shared cache."""
-        matrix = self._matrices.get(digest)
-        if matrix is not None:
-            self._matrices.move_to_end(digest)
-            return matrix
-        raw = await self._cache.get_blob(self._matrix_key(digest), kind="class_matrix")
+        """A class matrix already computed for this space: this replica's copy (kept in the cache's
+        LRU of class matrices, by bytes, for every model), else the shared cache's."""
+        raw = await self._cache.get_blob(self.matrix_key(digest), kind="class_matrix")
         if raw is None or len(raw) % (4 * self.dim):
             return None
-        matrix = np.frombuffer(raw, dtype=np.float32).reshape(-1, self.dim)
-        self._remember(digest, matrix)
-        return matrix
+        return np.frombuffer(raw, dtype=np.float32).reshape(-1, self.dim)
 
     async def class_matrix(
         self,
@@ -393,16 +430,15 @@ class ModelEngine:
         each chunk. The caching policy, in one place: a `stored` label set's matrix is
         shared through the cache for every replica (and its prompts are not cached one by one); an
         ad-hoc label list keeps its matrix in this replica and caches each prompt's vector, since the
-        same labels come back in other combinations."""
+        same labels come back in other combinations. Prompts are built and tokenized a chunk at a
+        time, off the event loop."""
         digest = classes_digest(labels, templates)
         matrix = await self.cached_class_matrix(digest)
         if matrix is not None:
             return matrix
         with self.using():
             matrix = await self._compute_classes(list(labels), list(templates), not stored, progress)
-        if stored:
-            await self._cache.set_blob(self._matrix_key(digest), matrix.tobytes())
-        self._remember(digest, matrix)
+        await self._cache.set_blob(self.matrix_key(digest), matrix.tobytes(), shared=stored)
         return matrix
 
     async def _compute_classes(
@@ -416,7 +452,7 @@ class ModelEngine:
         matrix = np.empty((len(labels), self.dim), dtype=np.float32)
         for start in range(0, len(labels), per_chunk):
             chunk = labels[start : start + per_chunk]
-            rows = self._token_rows(await self._tokenize(prompts(chunk, templates)))
+            rows = self._token_rows(await self._tokenize_prompts(chunk, templates))
             if cache_texts:
                 vectors = await self._vectors_for_rows(rows, self._encode_bulk)
             else:

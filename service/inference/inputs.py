@@ -4,9 +4,14 @@ are bytes already.
 `ImageFetcher(settings).load(items)` returns one `bytes` per item, in order, or raises `InvalidImage`
 naming the bad item's index. URL rules, all from settings: fetching is off unless
 `url_fetch_enabled`; only hosts in `url_allowed_hosts` ('*' for any); every address the host
-resolves to must be public unless `url_allow_private`, and the connection goes to the address
-that was checked; connect and read timeouts; a byte cap while streaming; at most
-`url_max_redirects` redirects, each checked by the same rules.
+resolves to must be public unless `url_allow_private` (an IPv6 address that carries an IPv4 one,
+NAT64, 6to4, Teredo or IPv4-mapped, is as public as that IPv4 address), and the connection goes to
+the address that was checked; connect and read timeouts, and `url_fetch_timeout_s` for the whole
+fetch, redirects included, so a server that drips its bytes cannot hold a request; a byte cap while
+streaming; at most `url_max_redirects` redirects, each checked by the same rules. Each request
+fetches through its own connection pool of `url_fetch_connections`, closed when its images are in:
+slow URLs hold up the request that sent them, never the fetches of others. A URL that cannot be
+parsed (a port out of range, a broken IPv6 literal) is the caller's mistake, a 400 like the others.
 """
 
 from __future__ import annotations
@@ -14,9 +19,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import ipaddress
 import re
 import socket
+import ssl
+from collections.abc import AsyncIterator
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -28,6 +36,28 @@ _DATA_URI = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^;,]*)*?);base64,(?P<data>.*)$", re.S
 )
 _B64_CHARS = re.compile(r"^[A-Za-z0-9+/_-]*={0,2}$")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# IPv6 prefixes whose last 32 bits are an IPv4 address that the packets reach: NAT64's well-known
+# prefix (RFC 6052) and the deprecated IPv4-compatible form
+_CARRIES_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+# local-use NAT64 (RFC 8215): a site's own translator, so any IPv4 address of that site behind it
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def is_public(address: IPAddress) -> bool:
+    """Whether an address is globally reachable, and so is any IPv4 address it carries."""
+    if not address.is_global:
+        return False
+    if address.version == 4:
+        return True
+    assert isinstance(address, ipaddress.IPv6Address)
+    if address in _LOCAL_NAT64:
+        return False
+    carried: list[ipaddress.IPv4Address | None] = [address.ipv4_mapped, address.sixtofour]
+    carried += list(address.teredo or ())
+    if any(address in network for network in _CARRIES_IPV4):
+        carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return all(inner.is_global for inner in carried if inner is not None)
 
 
 def _bad(message: str, index: int) -> InvalidImage:
@@ -63,44 +93,85 @@ def is_url(text: str | bytes) -> bool:
 class ImageFetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self._client: httpx.AsyncClient | None = None
+        self._tls: ssl.SSLContext | None = None  # loading the CA bundle costs ms: once, shared
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
+        """Nothing outlives a request: each one's connections are closed with it."""
 
     async def load(self, items: list[str | bytes]) -> list[bytes]:
         """The bytes of each image: API strings decoded or fetched, uploaded bytes as they are."""
-        for index, item in enumerate(items):
-            if is_url(item) and not self.settings.url_fetch_enabled:
-                raise _bad(
-                    f"image {index} is a URL, but fetching URLs is turned off on this server "
-                    "(send base64 or a data URI instead)",
-                    index,
-                )
-        return list(await asyncio.gather(*(self._one(item, i) for i, item in enumerate(items))))
+        urls = [index for index, item in enumerate(items) if is_url(item)]
+        if urls and not self.settings.url_fetch_enabled:
+            raise _bad(
+                f"image {urls[0]} is a URL, but fetching URLs is turned off on this server "
+                "(send base64 or a data URI instead)",
+                urls[0],
+            )
+        async with self._client(bool(urls)) as client:
+            if client is None:
+                return [await self._one(item, i, None) for i, item in enumerate(items)]
+            loop = asyncio.get_running_loop()
+            fetches = [loop.create_task(self._one(item, i, client)) for i, item in enumerate(items)]
+            try:
+                return list(await asyncio.gather(*fetches))
+            finally:  # the first failure answers the request: the other fetches stop with it
+                for fetch in fetches:
+                    fetch.cancel()
 
     async def load_each(self, items: list[str | bytes]) -> list[bytes | InvalidImage]:
         """Like `load`, for bulk work: an item that cannot be had is its `InvalidImage`, in its place,
         and the others are still loaded."""
-        return list(await asyncio.gather(*(self._or_error(item, i) for i, item in enumerate(items))))
+        fetching = self.settings.url_fetch_enabled and any(is_url(item) for item in items)
+        async with self._client(fetching) as client:
+            return list(
+                await asyncio.gather(*(self._or_error(item, i, client) for i, item in enumerate(items)))
+            )
 
-    async def _or_error(self, item: str | bytes, index: int) -> bytes | InvalidImage:
+    async def _or_error(
+        self, item: str | bytes, index: int, client: httpx.AsyncClient | None
+    ) -> bytes | InvalidImage:
         try:
             if is_url(item) and not self.settings.url_fetch_enabled:
                 raise _bad(f"image {index} is a URL, but fetching URLs is turned off", index)
-            return await self._one(item, index)
+            return await self._one(item, index, client)
         except InvalidImage as exc:
             return exc
 
-    async def _one(self, item: str | bytes, index: int) -> bytes:
+    @contextlib.asynccontextmanager
+    async def _client(self, needed: bool) -> AsyncIterator[httpx.AsyncClient | None]:
+        """This request's own connection pool (none when it has no URL), closed when it is done."""
+        if not needed:
+            yield None
+            return
+        s = self.settings
+        if self._tls is None:
+            self._tls = httpx.create_ssl_context()
+        async with httpx.AsyncClient(
+            timeout=httpx.Timeout(s.url_read_timeout_s, connect=s.url_connect_timeout_s),
+            limits=httpx.Limits(max_connections=s.url_fetch_connections),
+            follow_redirects=False,
+            trust_env=False,
+            verify=self._tls,
+        ) as client:
+            yield client
+
+    async def _one(self, item: str | bytes, index: int, client: httpx.AsyncClient | None) -> bytes:
         if isinstance(item, bytes):
             if not item:
                 raise _bad(f"image {index} is an empty file", index)
             return item
         text = item.strip()
         if is_url(text):
-            return await self._fetch(text, index)
+            assert client is not None
+            deadline = self.settings.url_fetch_timeout_s
+            try:
+                async with asyncio.timeout(deadline):
+                    return await self._fetch(client, text, index)
+            except TimeoutError as exc:
+                raise _bad(
+                    f"image {index}: fetching the URL took longer than {deadline:g} s (url_fetch_timeout_s)",
+                    index,
+                ) from exc
         if text[:5].lower() == "data:":
             match = _DATA_URI.match(text)
             if match is None:
@@ -108,15 +179,7 @@ class ImageFetcher:
             return decode_base64(match.group("data"), index)
         return decode_base64(text, index)
 
-    def _client_for_fetch(self) -> httpx.AsyncClient:
-        if self._client is None:
-            s = self.settings
-            timeout = httpx.Timeout(s.url_read_timeout_s, connect=s.url_connect_timeout_s)
-            self._client = httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False)
-        return self._client
-
-    async def _fetch(self, url: str, index: int) -> bytes:
-        client = self._client_for_fetch()
+    async def _fetch(self, client: httpx.AsyncClient, url: str, index: int) -> bytes:
         for _hop in range(self.settings.url_max_redirects + 1):
             pinned, headers, sni = await self._pin(url, index)
             try:
@@ -134,7 +197,7 @@ class ImageFetcher:
                     return await self._read_capped(response, index)
             except httpx.TimeoutException as exc:
                 raise _bad(f"image {index}: fetching the URL timed out", index) from exc
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 raise _bad(f"image {index}: fetching the URL failed ({type(exc).__name__})", index) from exc
         raise _bad(f"image {index}: more than {self.settings.url_max_redirects} redirects", index)
 
@@ -157,7 +220,11 @@ class ImageFetcher:
         Connecting to the checked address (with the original Host header and TLS server name)
         leaves no window for DNS to answer differently between the check and the connection.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:  # a port out of range or not a number, a broken IPv6 literal
+            raise _bad(f"image {index}: the URL is malformed ({exc})", index) from exc
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise _bad(f"image {index}: only http(s) URLs with a host are accepted", index)
         if "@" in parts.netloc:
@@ -166,17 +233,17 @@ class ImageFetcher:
         allowed = [h.lower() for h in self.settings.url_allowed_hosts]
         if "*" not in allowed and host not in allowed:
             raise _bad(f"image {index}: host {host!r} is not in this server's allowed hosts", index)
-        addresses = await _resolve(host, parts.port or (443 if parts.scheme == "https" else 80), index)
-        if not self.settings.url_allow_private and not all(a.is_global for a in addresses):
+        addresses = await _resolve(host, port or (443 if parts.scheme == "https" else 80), index)
+        if not self.settings.url_allow_private and not all(is_public(a) for a in addresses):
             raise _bad(f"image {index}: host {host!r} resolves to a private or loopback address", index)
         address = min(addresses, key=lambda a: a.version)  # IPv4 first: IPv6 routes are more often broken
         netloc = f"[{address}]" if address.version == 6 else str(address)
-        if parts.port:
-            netloc += f":{parts.port}"
+        if port:
+            netloc += f":{port}"
         return parts._replace(netloc=netloc).geturl(), {"Host": parts.netloc}, host
 
 
-async def _resolve(host: str, port: int, index: int) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+async def _resolve(host: str, port: int, index: int) -> list[IPAddress]:
     try:
         return [ipaddress.ip_address(host)]
     except ValueError:
@@ -184,6 +251,6 @@ async def _resolve(host: str, port: int, index: int) -> list[ipaddress.IPv4Addre
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError as exc:
+    except (OSError, UnicodeError) as exc:  # UnicodeError: a name that is no valid IDNA (a label too long)
         raise _bad(f"image {index}: cannot resolve host {host!r}", index) from exc
     return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]

@@ -1,12 +1,14 @@
 """Image decoding and preprocessing without torch, as the bundle's manifest says.
 
-`ImagePreprocessor(spec, max_pixels).__call__(data, index) -> float32 [3, H, W]` reproduces
+`ImagePreprocessor(spec, max_pixels, formats=...).__call__(data, index) -> float32 [3, H, W]` reproduces
 open_clip's inference transforms (torchvision Resize / CenterCrop / ResizeKeepRatio /
 CenterCropOrPad on PIL images, ToTensor, Normalize): the same PIL resampling, the same output
 size rounding, the same crop offsets. On top of that, for robustness and speed:
-EXIF orientation is applied, every mode is converted to RGB, an animation gives its first frame,
-images above `max_pixels` are refused before decoding, and JPEGs decode in draft mode (DCT
-scaling) while the decoded size stays at least `draft_margin` (default 2) times the size the
+EXIF orientation is applied, every mode is converted to RGB (transparency over white, in one
+new image: no full-size copies on the way), an animation gives its first frame, only the `formats`
+given are parsed at all (`Image.open(formats=...)`), images above `max_pixels` are refused before
+decoding (`size` reads just the header, for a request's pixel budget), and JPEGs decode in draft mode
+(DCT scaling) while the decoded size stays at least `draft_margin` (default 2) times the size the
 resize needs.
 
 Any failure raises `InvalidImage` (or `TooLarge` for pixels over the limit) naming the image index.
@@ -14,16 +16,20 @@ Any failure raises `InvalidImage` (or `TooLarge` for pixels over the limit) nami
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import warnings
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipserve.contract.bundle import ImagePreprocess
 from clipserve.service.errors import InvalidImage, TooLarge
+from clipserve.service.settings import IMAGE_FORMATS
 
+_WHITE = (255, 255, 255)
 _RESAMPLE = {
     "bicubic": Image.Resampling.BICUBIC,
     "bilinear": Image.Resampling.BILINEAR,
@@ -46,10 +52,17 @@ def _keep_ratio_size(width: int, height: int, target_hw: tuple[int, int], longes
 
 
 class ImagePreprocessor:
-    def __init__(self, spec: ImagePreprocess, max_pixels: int, draft_margin: float = 2.0):
+    def __init__(
+        self,
+        spec: ImagePreprocess,
+        max_pixels: int,
+        draft_margin: float = 2.0,
+        formats: Sequence[str] = IMAGE_FORMATS,
+    ):
         self.spec = spec
         self.max_pixels = max_pixels
         self.draft_margin = draft_margin
+        self.formats = tuple(formats)
         self.height, self.width = spec.size
         self._mean = np.asarray(spec.mean, dtype=np.float32).reshape(3, 1, 1)
         self._inv_std = (1.0 / np.asarray(spec.std, dtype=np.float32)).reshape(3, 1, 1)
@@ -73,28 +86,32 @@ class ImagePreprocessor:
             return Image.Resampling.BICUBIC
         return _RESAMPLE[self.spec.interpolation]
 
-    def open(self, data: bytes, index: int) -> Image.Image:
-        """Decode to an RGB PIL image, applying every guard."""
+    def size(self, data: bytes, index: int) -> tuple[int, int]:
+        """(width, height) from the header alone, within `max_pixels`; nothing is decoded."""
+        with self._guarded(index):
+            return self._header(data, index).size
+
+    def _header(self, data: bytes, index: int) -> Image.Image:
         if not data:
             raise InvalidImage(f"image {index} is empty", index=index)
+        image = Image.open(io.BytesIO(data), formats=self.formats)
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise TooLarge(
+                f"image {index} is too large: {width}x{height} pixels, more than this server's limit of "
+                f"{self.max_pixels} pixels (max_image_pixels)",
+                code="image_too_large",
+                index=index,
+            )
+        return image
+
+    @contextlib.contextmanager
+    def _guarded(self, index: int) -> Iterator[None]:
+        """Pillow's failures as the service's: what was wrong with image `index`."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-                width, height = image.size
-                if width * height > self.max_pixels:
-                    raise TooLarge(
-                        f"image {index} is too large: {width}x{height} pixels, more than this server's limit of "
-                        f"{self.max_pixels} pixels",
-                        code="image_too_large",
-                        index=index,
-                    )
-                if getattr(image, "n_frames", 1) > 1:
-                    image.seek(0)
-                self._draft(image)
-                image.load()
-                image = ImageOps.exif_transpose(image)
-                return self._to_rgb(image)
+                yield
         except (InvalidImage, TooLarge):
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -102,9 +119,23 @@ class ImagePreprocessor:
                 f"image {index} is too large to decode: {exc}", code="image_too_large", index=index
             ) from exc
         except UnidentifiedImageError as exc:
-            raise InvalidImage(f"image {index} is not an image in a known format", index=index) from exc
+            raise InvalidImage(
+                f"image {index} is not an image in a format this server decodes ({', '.join(self.formats)})",
+                index=index,
+            ) from exc
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InvalidImage(f"image {index} cannot be decoded: {exc}", index=index) from exc
+
+    def open(self, data: bytes, index: int) -> Image.Image:
+        """Decode to an RGB PIL image, applying every guard."""
+        with self._guarded(index):
+            image = self._header(data, index)
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)
+            self._draft(image)
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return self._to_rgb(image)
 
     def _draft(self, image: Image.Image) -> None:
         if image.format != "JPEG" or self.draft_margin <= 0:
@@ -117,10 +148,13 @@ class ImagePreprocessor:
     def _to_rgb(self, image: Image.Image) -> Image.Image:
         if image.mode == "RGB":
             return image
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            rgba = image.convert("RGBA")
-            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, rgba).convert("RGB")
+        if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+            image = image.convert("RGBA")  # a palette holds no colors to blend with
+        if image.mode in ("RGBA", "LA"):
+            # blended straight onto a white canvas through the image's own alpha: the one new image
+            flat = Image.new("RGB", image.size, _WHITE)
+            flat.paste(image, mask=image)
+            return flat
         return image.convert("RGB")
 
     def transform(self, image: Image.Image) -> np.ndarray:

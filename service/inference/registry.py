@@ -269,6 +269,9 @@ class ModelRegistry:
         while old.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await old.close()
+        if all(m.space_id != old.space_id for m in self._served.values()):
+            # its class matrices would only age out of the cache's LRU: make room for the new space now
+            self.cache.forget(old.matrix_prefix)
         log.info("retired %s", old.ref)
 
     async def poll_forever(self) -> None:
