@@ -24,9 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.fixtures.service import ServiceProcess, b64, image_bytes, spawn_clip_serve
-from tests.test_labelsets_durable import Load, encoder_calls
-from tests.test_service_preprocess import png_claiming
+from tests.fixtures.load import Load, encoder_calls
+from tests.fixtures.service import ServiceProcess, b64, image_bytes, png_claiming, spawn_clip_serve
 
 IMAGE = b64(image_bytes(seed=5))
 # Limits of the shared server below, small where a test must reach them quickly.

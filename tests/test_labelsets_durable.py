@@ -5,16 +5,15 @@ its replica dies. Real Redis servers, a real PostgreSQL, real clip-serve process
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 
 import httpx
 import pytest
 
+from tests.fixtures.load import Load, encoder_calls
 from tests.fixtures.retrieval import pgvector_problem, started_pgserver
 from tests.fixtures.service import b64, image_bytes
 
@@ -25,11 +24,6 @@ OTHER_LABELS = ["red", "green", "blue"]
 
 def unique(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
-
-
-def encoder_calls(metrics: str, tower: str) -> float:
-    pattern = rf'clipserve_encoder_calls_total{{model="[^"]+",tower="{tower}"}} ([0-9.e+]+)'
-    return sum(float(v) for v in re.findall(pattern, metrics))
 
 
 def top_labels(response: httpx.Response | object) -> list[str]:
@@ -186,44 +180,6 @@ def test_a_replica_killed_mid_build_is_taken_over_after_its_lease(
     assert encoder_calls(httpx.get(f"{other.base}/metrics").text, "text") > 0
     response = httpx.post(f"{other.base}/v1/classify", json={"images": IMAGES, "labelset": name}, timeout=30)
     assert response.status_code == 200 and len(response.json()["results"]) == 2
-
-
-class Load:
-    """Several clients sending mixed requests until stopped; every answer is recorded by kind."""
-
-    def __init__(
-        self, base: str, requests: dict[str, Callable[[httpx.Client], httpx.Response]], clients: int
-    ):
-        self.base, self.requests = base, requests
-        self.results: list[tuple[float, str, int, str]] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def _run(self, worker: int) -> None:
-        kinds = list(self.requests)
-        with httpx.Client(base_url=self.base, timeout=30) as client:
-            turn = worker
-            while not self._stop.is_set():
-                kind = kinds[turn % len(kinds)]
-                turn += 1
-                try:
-                    response = self.requests[kind](client)
-                    entry = (time.monotonic(), kind, response.status_code, response.text)
-                except httpx.HTTPError as exc:
-                    entry = (time.monotonic(), kind, 0, repr(exc))
-                with self._lock:
-                    self.results.append(entry)
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
 
 
 @pytest.mark.slow
