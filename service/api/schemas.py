@@ -282,7 +282,10 @@ class EmbeddingsResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    id: str = Field(description="the model name, as requests give it (`name@version` also works)")
+    id: str = Field(
+        description="the model name, as requests give it (`name@version` also works); `name@version` for a "
+        "version kept loaded beside the served one"
+    )
     object: Literal["model"] = "model"
     created: int = Field(description="publish time of the served version, seconds since the epoch")
     owned_by: str = "clipserve"
@@ -303,6 +306,13 @@ class ModelInfo(BaseModel):
     )
     source: dict
     default: bool
+    status: Literal["serving", "kept"] = Field(
+        description="serving: the version a request naming the model gets; kept: an older version still "
+        "loaded because collections are bound to it (or a re-embed job moves one to it)"
+    )
+    kept_for: list[str] = Field(
+        default_factory=list, description="what needs this version loaded: collections and re-embed jobs"
+    )
 
 
 class ModelList(BaseModel):
