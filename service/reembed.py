@@ -118,6 +118,7 @@ class JobRun:
     async def _move(self) -> None:
         self._encoder = await self._load_encoder()
         await self.call("begin_space", self.job.id, self.owner)
+        self._started = time.monotonic()  # the rate: items moved over the time spent moving them
         log.info(
             "%s: started at %s (%d items)", self.name, self.job.cursor or "the first item", self.job.total
         )
@@ -142,7 +143,10 @@ class JobRun:
                     blockers.errored,
                 )
                 await asyncio.sleep(self.settings.reembed_poll_s)
-                cursor = ""
+                job = await self.call("heartbeat_job", self.job.id, self.owner)
+                if job is None:
+                    raise LeaseLostError(f"job {self.job.id} is no longer run by this replica")
+                self.job, cursor = job, ""
                 continue
             await self.call("prepare_switch", self.job.id, self.settings.reembed_threads)
             if await self.call("switch", self.job.id, self.owner, self.settings.reembed_grace_s):

@@ -327,3 +327,91 @@ def test_hnsw_collections_switch_to_an_index_of_the_new_space(store):
     assert store.switch(job.id, OWNER, grace_s=60)
     for text, item in (("text 17", "t17"), ("after prepare", "after-prepare")):
         assert store.search("c", new_space(text), content_hash=V2.content_hash, top_k=1)[0].id == item
+
+
+FIRST_RELEASE_SCHEMA = """
+CREATE TABLE collections (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE,
+    model TEXT NOT NULL, version INTEGER NOT NULL, content_hash TEXT NOT NULL, dim INTEGER NOT NULL,
+    index_params TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE items (label INTEGER PRIMARY KEY AUTOINCREMENT,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE, item_id TEXT NOT NULL,
+    vector BLOB NOT NULL, metadata TEXT NOT NULL, source_kind TEXT, source TEXT, UNIQUE (collection_id, item_id));
+"""
+
+
+def test_a_data_dir_made_before_refreshes_opens_and_moves(tmp_path):
+    """The embedded store adds its new columns to an existing data dir in place."""
+    import sqlite3
+
+    from clipserve.service.stores.embedded import EmbeddedStore
+
+    folder = tmp_path / "collections"
+    folder.mkdir()
+    db = sqlite3.connect(folder / "collections.sqlite3")
+    db.executescript(FIRST_RELEASE_SCHEMA)
+    db.execute(
+        "INSERT INTO collections (name, model, version, content_hash, dim, index_params, created_at) "
+        "VALUES ('c', 'tiny', 1, ?, 32, ?, '2026-11-01T10:00:00+00:00')",
+        (V1.content_hash, IndexParams().model_dump_json()),
+    )
+    old = vectors(3, 32, seed=1)
+    db.executemany(
+        "INSERT INTO items (collection_id, item_id, vector, metadata, source_kind, source) "
+        "VALUES (1, ?, ?, '{}', 'text', ?)",
+        [(f"t{i}", old[i].tobytes(), f"text {i}") for i in range(3)],
+    )
+    db.commit()
+    db.close()
+    store = EmbeddedStore(folder)
+    try:
+        assert store.spaces("c").bound == V1 and store.spaces("c").policy == "reembed"
+        assert store.search("c", old[1], content_hash=V1.content_hash, top_k=1)[0].id == "t1"
+        job = started(store)
+        run_job(store, job.id)
+        assert store.switch(job.id, OWNER, grace_s=60)
+        assert store.search("c", new_space("text 2"), content_hash=V2.content_hash, top_k=1)[0].id == "t2"
+    finally:
+        store.close()
+
+
+def test_a_postgres_schema_made_before_refreshes_opens_and_moves(postgres_schema_dsn):
+    """The pgvector store adds its new catalog columns in place; a job adds its column beside the old one."""
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    from clipserve.service.stores.pgvector import PgVectorStore
+
+    old = vectors(3, 32, seed=1)
+    with psycopg.connect(postgres_schema_dsn, autocommit=True) as conn:
+        register_vector(conn)
+        conn.execute(
+            "CREATE TABLE clipserve_collections (id BIGSERIAL PRIMARY KEY, name TEXT NOT NULL UNIQUE, "
+            "model TEXT NOT NULL, version INTEGER NOT NULL, content_hash TEXT NOT NULL, dim INTEGER NOT NULL, "
+            "index_params JSONB NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO clipserve_collections (name, model, version, content_hash, dim, index_params) "
+            "VALUES ('c', 'tiny', 1, %s, 32, %s)",
+            (V1.content_hash, IndexParams().model_dump_json()),
+        )
+        conn.execute(
+            "CREATE TABLE clipserve_items_1 (item_id TEXT PRIMARY KEY, embedding vector(32) NOT NULL, "
+            "metadata JSONB NOT NULL, source_kind TEXT, source TEXT)"
+        )
+        for i in range(3):
+            conn.execute(
+                "INSERT INTO clipserve_items_1 VALUES (%s, %s, '{}', 'text', %s)",
+                (f"t{i}", old[i], f"text {i}"),
+            )
+    store = PgVectorStore(postgres_schema_dsn)
+    try:
+        assert store.spaces("c").bound == V1 and store.spaces("c").policy == "reembed"
+        job = started(store)
+        run_job(store, job.id)
+        assert store.switch(job.id, OWNER, grace_s=60)
+        assert store.search("c", new_space("text 2"), content_hash=V2.content_hash, top_k=1)[0].id == "t2"
+        # a bare vector during the grace period: the old column (once NOT NULL) takes the row without one
+        store.upsert("c", ["bare"], vectors(1, 16, seed=3), content_hash=V2.content_hash)
+        assert store.describe("c").count == 4
+    finally:
+        store.close()
