@@ -185,9 +185,16 @@ class Collections:
                     code="invalid_vector",
                     index=position,
                 )
-        # the bytes of every image to embed, and of every inline image (kept as its item's source)
+        # the bytes of every image to embed (an item's vector given for one space is embedded for the
+        # other), and of every inline image (kept as its item's source)
+        every_image = len(spaces.written) > 1 or given != spaces.bound.content_hash
         data = await self.embedder.load_images(
-            {i: image for i, image in images.items() if items[i].vector is None or not is_url(image)}, "items"
+            {
+                i: image
+                for i, image in images.items()
+                if items[i].vector is None or not is_url(image) or every_image
+            },
+            "items",
         )
         sources = [_source(item, data.get(position)) for position, item in enumerate(items)]
         for attempt in range(_ATTEMPTS):
@@ -225,10 +232,10 @@ class Collections:
         for position, item in enumerate(items):
             if item.vector is not None and space.content_hash == given:
                 vectors[position] = np.asarray(item.vector, dtype=np.float32)
-            elif item.vector is not None and not item.precomputed:
-                present[position] = False
-            else:
+            elif item.text is not None or position in data:
                 to_embed.append(position)
+            else:  # a bare vector, or an image not fetched (the spaces changed meanwhile): the job's
+                present[position] = False
         if to_embed:
             engine = await self._engine_for(name, space)
             embedded = await self.embedder.encode_items(

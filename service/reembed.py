@@ -124,11 +124,7 @@ class JobRun:
         )
         cursor = self.job.cursor if self.job.state == "running" else ""
         while True:
-            items = await self.call("job_chunk", self.job.id, cursor, self.settings.reembed_chunk)
-            if items:
-                await self._chunk(items)
-                cursor = items[-1].key
-                continue
+            await self._pass(cursor)
             blockers, total = await self.call("job_blockers", self.job.id)
             if blockers.embeddable:  # written since its pass began without this space's vectors
                 cursor = ""
@@ -181,9 +177,34 @@ class JobRun:
             )
         return encoder
 
-    async def _chunk(self, items: list[ChunkItem]) -> None:
-        await self._pace(len(items))
-        vectors, ok, errors = await self._embed(items)
+    async def _pass(self, cursor: str) -> None:
+        """Every item after the cursor that still lacks the target's vector, chunk by chunk. The store's
+        work overlaps the encoding: the next chunk is read, and the last one committed, while this one
+        is embedded on the job's thread (commits stay in order, so the cursor only moves forward)."""
+        size = self.settings.reembed_chunk
+        items = await self.call("job_chunk", self.job.id, cursor, size)
+        embedding: asyncio.Future | None = None
+        committing: asyncio.Future | None = None
+        try:
+            while items:
+                await self._pace(len(items))
+                embedding = asyncio.ensure_future(self._embed(items))
+                following = await self.call("job_chunk", self.job.id, items[-1].key, size)
+                embedded = await embedding
+                if committing is not None:
+                    await committing
+                committing = asyncio.ensure_future(self._commit(items, *embedded))
+                items = following
+            if committing is not None:
+                await committing
+        finally:
+            for pending in (embedding, committing):
+                if pending is not None and not pending.done():
+                    pending.cancel()
+
+    async def _commit(
+        self, items: list[ChunkItem], vectors: np.ndarray, ok: list[int], errors: list[ItemError]
+    ) -> None:
         elapsed = max(1e-6, time.monotonic() - self._started)
         self._moved += len(items)
         rate = self._moved / elapsed

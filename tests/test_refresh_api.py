@@ -285,3 +285,27 @@ def test_image_urls_move_and_one_that_is_gone_is_an_error_of_the_job(
     moved = api.get("/v1/collections/web/items/b").json()["vector"]
     direct = api.post("/v1/embed", json={"images": [b64(image_bytes(2))]}).json()["image_embeddings"][0]
     assert float(np.dot(moved, direct)) >= 0.9999
+
+
+def test_the_old_version_is_unloaded_once_nothing_needs_it(make_client, tmp_path, repo, tiny_retrained_repo):
+    api = make_client(
+        models_dir=repo,
+        admin_key="admin",
+        data_dir=tmp_path / "data",
+        reembed_poll_s=0.2,
+        reembed_grace_s=0.5,
+        retire_grace_s=0.1,
+    )
+    for name, model in (("moving", "tiny"), ("pinned", "tiny@1")):
+        api.post("/v1/collections", json={"name": name, "model": model})
+        add_texts(api, name)
+    publish_and_reload(api, repo, tiny_retrained_repo)
+    wait_for(api, job_of(api, "moving")["id"], "completed")
+    assert loaded(api) == {"tiny@2": ["serving", "collection moving"], "tiny@1": ["collection pinned"]}
+    assert api.delete("/v1/collections/pinned").status_code == 200
+    deadline = time.monotonic() + 10
+    while "tiny@1" in loaded(api):
+        assert time.monotonic() < deadline, loaded(api)
+        time.sleep(0.1)
+    assert [m["id"] for m in api.get("/v1/models").json()["data"]] == ["tiny"]
+    assert 'clipserve_model_loaded{content_hash="' in api.get("/metrics").text

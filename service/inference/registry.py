@@ -130,6 +130,10 @@ class ModelRegistry:
         loaded = await self._try_load(name, version)
         if isinstance(loaded, str):
             raise NotFound(f"model {name}@{version} cannot be loaded here: {loaded}", code="model_not_found")
+        served = self._served.get(name)
+        if served is not None and served.ref == loaded.ref:  # a reload made it the served one meanwhile
+            self._retire_later(loaded)
+            return served
         self._kept[loaded.ref] = loaded
         log.info("keeping %s loaded beside %s", loaded.ref, self._served[name].ref)
         return loaded
@@ -249,7 +253,9 @@ class ModelRegistry:
         """The atomic swap: one dict assignment on the event loop."""
         previous = self._served.get(served.name)
         self._served[served.name] = served
-        self._kept.pop(served.ref, None)
+        displaced = self._kept.pop(served.ref, None)
+        if displaced is not None and displaced is not served:  # loaded on demand meanwhile: one copy
+            self._retire_later(displaced)
         self._left_out.pop(str(served.bundle.path), None)
         self.metrics.reloads.labels(model=served.name, result="loaded").inc()
         return previous
