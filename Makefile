@@ -52,6 +52,7 @@ bench: venv redis
 	$(PY) bench/serve.py
 	$(PY) bench/retrieval.py
 	$(PY) bench/distill_shapes.py
+	$(PY) bench/refresh.py
 
 venv-gpu:
 	$(MAKE) venv VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS)

@@ -20,6 +20,7 @@ cancel); when the job is no longer this replica's, the run stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from clipserve.contract.scoring import normalize
-from clipserve.service.errors import InvalidImage, ServiceError
+from clipserve.service.errors import InvalidImage, ServiceError, Unavailable
 from clipserve.service.inference.bulk import BulkEncoder
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.metrics import Metrics
@@ -78,6 +79,10 @@ class JobRun:
             await self._move()
         except LeaseLostError:
             log.info("%s: no longer run here (cancelled, or taken over)", self.name)
+        except Unavailable as exc:  # the store, for a while: the job goes on from its cursor later
+            log.warning("%s: paused: %s", self.name, exc.message)
+            with contextlib.suppress(ServiceError):
+                await self.call("release_job", self.job.id, self.owner)
         except ServiceError as exc:
             await self._fail(exc.message)
         except Exception as exc:  # a job must end in a state people can read, whatever broke

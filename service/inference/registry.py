@@ -110,8 +110,9 @@ class ModelRegistry:
         return ", ".join(m.ref for m, _ in self.loaded()) or "none"
 
     async def version(self, name: str, version: int) -> ModelEngine:
-        """That exact version of a served model: the served one, a kept one, or loaded now (once, for
-        every caller at the same time) and kept until the next look at what is needed."""
+        """That exact version of a served model: the served one, a kept one, or loaded now and kept
+        until the next look at what is needed. A version is loaded once, whoever asks for it at the
+        same time (requests, a reload)."""
         ref = f"{name}@{version}"
         with contextlib.suppress(NotFound):
             return self.resolve(ref)
@@ -119,24 +120,24 @@ class ModelRegistry:
             raise NotFound(
                 f"model {name!r} is not served here; served: {self._listing()}", code="model_not_found"
             )
+        loaded = await asyncio.shield(self._load_once(name, version))
+        if isinstance(loaded, str):
+            raise NotFound(f"model {ref} cannot be loaded here: {loaded}", code="model_not_found")
+        with contextlib.suppress(NotFound):
+            return self.resolve(ref)  # a reload made it the served one meanwhile, or another caller kept it
+        self._kept[ref] = loaded
+        log.info("keeping %s loaded beside %s", ref, self._served[name].ref)
+        return loaded
+
+    def _load_once(self, name: str, version: int) -> asyncio.Task[ModelEngine | str]:
+        """The one load of a version in progress, started if there is none."""
+        ref = f"{name}@{version}"
         task = self._loading.get(ref)
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._load_kept(name, version), name=f"load-{ref}")
+            task = asyncio.get_running_loop().create_task(self._try_load(name, version), name=f"load-{ref}")
             self._loading[ref] = task
             task.add_done_callback(lambda _done: self._loading.pop(ref, None))
-        return await asyncio.shield(task)
-
-    async def _load_kept(self, name: str, version: int) -> ModelEngine:
-        loaded = await self._try_load(name, version)
-        if isinstance(loaded, str):
-            raise NotFound(f"model {name}@{version} cannot be loaded here: {loaded}", code="model_not_found")
-        served = self._served.get(name)
-        if served is not None and served.ref == loaded.ref:  # a reload made it the served one meanwhile
-            self._retire_later(loaded)
-            return served
-        self._kept[loaded.ref] = loaded
-        log.info("keeping %s loaded beside %s", loaded.ref, self._served[name].ref)
-        return loaded
+        return task
 
     def loaded(self) -> list[tuple[ModelEngine, list[str]]]:
         """Every loaded version and why: served ones first (`serving`), then those kept for data."""
@@ -253,9 +254,7 @@ class ModelRegistry:
         """The atomic swap: one dict assignment on the event loop."""
         previous = self._served.get(served.name)
         self._served[served.name] = served
-        displaced = self._kept.pop(served.ref, None)
-        if displaced is not None and displaced is not served:  # loaded on demand meanwhile: one copy
-            self._retire_later(displaced)
+        self._kept.pop(served.ref, None)
         self._left_out.pop(str(served.bundle.path), None)
         self.metrics.reloads.labels(model=served.name, result="loaded").inc()
         return previous
@@ -331,7 +330,7 @@ class ModelRegistry:
 
     async def _replace(self, name: str, version: int, report: ReloadReport) -> None:
         kept = self._kept.get(f"{name}@{version}")
-        served = kept if kept is not None else await self._try_load(name, version)
+        served = kept if kept is not None else await asyncio.shield(self._load_once(name, version))
         if isinstance(served, str):
             report.failed.append({"model": f"{name}@{version}", "error": served})
             return
