@@ -36,6 +36,8 @@ class Load:
         self.statuses: Counter[str] = Counter()
         self.failures: list[str] = []
         self.written: dict[str, str] = {}
+        # writes in flight to a replica as it was killed: committed or not, the client cannot know
+        self.unknown: dict[str, str] = {}
         self.versions: Counter[int] = Counter()
         self.lock = threading.Lock()
         self._ids = itertools.count()
@@ -69,6 +71,8 @@ class Load:
                     with self.lock:
                         if base in self.bases:  # a replica that is up did not answer
                             self.failures.append(f"{kind}: no answer from {base}")
+                        elif kind == "write":
+                            self.unknown[item_id] = text
                     continue
                 with self.lock:
                     self.statuses[kind] += 1
@@ -121,9 +125,16 @@ def wait_until(base: str, job_id: str, ready, timeout_s: float = 120) -> dict:
         time.sleep(0.1)
 
 
-def check_every_item_moved(base: str, written: dict[str, str]) -> None:
-    """Every item once, each with the vector the new version gives its source."""
+def check_every_item_moved(base: str, written: dict[str, str], unknown: dict[str, str] | None = None) -> None:
+    """Every item once, each with the vector the new version gives its source; a write whose answer
+    was lost with its replica counts if it was committed."""
     with httpx.Client(base_url=base, timeout=60) as client:
+        committed = {
+            i: t
+            for i, t in (unknown or {}).items()
+            if client.get(f"/v1/collections/things/items/{i}").status_code == 200
+        }
+        written = written | committed
         info = client.get("/v1/collections/things").json()
         assert (info["version"], info["count"]) == (2, len(TEXTS) + len(PHOTOS) + len(written))
         texts = {f"t{i}": t for i, t in enumerate(TEXTS)} | written
@@ -197,7 +208,7 @@ def test_replicas_keep_answering_and_another_takes_the_job_of_one_killed(
     assert done["done"] == done["total"]
     log = survivor.log()
     assert f"re-embed {job['id']}" in log and "switched" in log  # finished by the survivor
-    check_every_item_moved(restarted.base, load.written)
+    check_every_item_moved(restarted.base, load.written, load.unknown)
 
 
 def test_the_job_resumes_when_its_only_replica_is_killed_and_restarted(
