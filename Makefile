@@ -74,6 +74,7 @@ bench: venv redis
 	$(PY) bench/abuse.py
 	$(PY) bench/distill_shapes.py
 	$(PY) bench/index.py
+	$(PY) bench/refresh.py
 
 venv-gpu:
 	$(MAKE) venv VENV=$(GPU_VENV) EXTRAS=$(GPU_EXTRAS)

@@ -1,7 +1,7 @@
 """`create_app(settings)`: builds every piece of state in the lifespan, wires the HTTP layer, nothing else.
 
 State on `app.state`, given to the routes by `clipserve.service.api.deps`: settings, metrics, cache, registry,
-fetcher, labelsets, classifier, embedder, collections.
+fetcher, labelsets, classifier, embedder, collections, jobs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.loading import return_memory_when_idle, serve_from_the_heap
 from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.jobs import Jobs
 from clipserve.service.keys import KeyRing
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.metrics import Metrics
@@ -63,11 +64,15 @@ def _lifespan(settings: Settings):
         state.classifier = Classifier(registry, state.labelsets, state.fetcher, settings)
         state.embedder = Embedder(registry, state.fetcher, settings)
         state.collections = Collections(registry, state.embedder, settings, state.metrics)
+        state.jobs = Jobs(registry, state.collections, state.fetcher, settings, state.metrics)
+        registry.needs = state.collections.versions_in_use
         poller: asyncio.Task | None = None
         trimmer: asyncio.Task | None = None
         try:
             await registry.start()
+            await registry.keep_needed()  # the versions collections are bound to, before the first request
             await state.labelsets.start()
+            await state.jobs.start()
             if settings.reload_poll_s > 0:
                 poller = asyncio.get_running_loop().create_task(
                     registry.poll_forever(), name="repository-poll"
@@ -81,6 +86,7 @@ def _lifespan(settings: Settings):
             for task in (poller, trimmer):
                 if task is not None:
                     task.cancel()
+            await state.jobs.close()
             await state.labelsets.close()
             await state.collections.close()
             await registry.close()

@@ -1,13 +1,19 @@
 """Persistent collections searchable by text, image or vector: the operations behind /v1/collections.
 
-A collection is bound to the embedding space (bundle content hash) of the model it was created with.
-Writes and searches use the model now served under that name; when it is a different space, they are
-refused with `model_mismatch` until `reembed` re-embeds the items from their stored sources. Every
-item keeps its source: its text, its image URL, or its inline image's original bytes (in the store,
-by sha256, each once per collection, up to `max_collection_image_bytes`); only items given as bare
-vectors cannot be re-embedded. An item may bring its vector together with its text or image (bulk
-indexers compute vectors themselves) when the request names the bundle that made it (`content_hash`,
-which must be the collection's); the source is kept as for any item.
+A collection is bound to the embedding space (bundle content hash) of the model version it was made
+with, and that version serves it, kept loaded beside newer ones (`ModelRegistry.version`), until a
+re-embed job moves it (clipserve.service.jobs): a newer version never turns its searches into errors.
+While a job moves it, and for the grace period after the switch, the collection holds a second space:
+every write embeds its items with both versions and writes both in one transaction, so nothing
+written meanwhile is lost or stale; searches answer from the bound space alone. The spaces are read
+from the store on every request, so every replica follows a switch at once; a request that meets a
+switch half-way reads them again and retries.
+
+Every item keeps its source: its text, its image URL, or its inline image's original bytes (in the
+store, by sha256, each once per collection, up to `max_collection_image_bytes`); only items given as
+bare vectors cannot be re-embedded. An item may bring its vector together with its text or image
+(bulk indexers compute vectors themselves) when the request names the bundle that made it
+(`content_hash`, which must be one of the collection's spaces); the source is kept as for any item.
 
 Conventions: upsert by id, the last of duplicate ids in one call wins; a filter is an equality test on
 top-level metadata fields, and a field no item has matches nothing (empty results, not an error).
@@ -28,12 +34,15 @@ import anyio.to_thread
 import numpy as np
 from pydantic import ValidationError
 
+from clipserve.contract.bundle import BundleError, parse_model_ref
 from clipserve.service.api.schemas import (
     CollectionDescription,
     CreateCollection,
     Hit,
     Item,
     ItemView,
+    JobSummary,
+    PreviousSpace,
     SearchRequest,
     StoredSource,
     UpsertItems,
@@ -42,7 +51,7 @@ from clipserve.service.embedding import Embedder
 from clipserve.service.errors import Conflict, InvalidInput, NotFound, TooLarge
 from clipserve.service.inference.engine import ModelEngine
 from clipserve.service.inference.inputs import is_url
-from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.inference.registry import ModelRegistry, Needs
 from clipserve.service.limits import check_images, check_item_texts, check_top_k
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
@@ -52,12 +61,18 @@ from clipserve.service.stores import (
     CollectionStore,
     IndexParams,
     ModelBinding,
+    ModelMismatchError,
     Source,
     open_store,
 )
+from clipserve.service.stores.collection_store import CollectionSpaces, SpaceVectors
+from clipserve.service.stores.jobs import JobRecord
 
 log = logging.getLogger("clipserve.collections")
 T = TypeVar("T")
+# a request that meets a switch (or a job starting) between reading the spaces and writing reads
+# them again; a few times is plenty, switches are rare
+_ATTEMPTS = 3
 
 
 class Collections:
@@ -98,74 +113,142 @@ class Collections:
             await anyio.to_thread.run_sync(self._store.close)
             self._store = None
 
+    def store_exists(self) -> bool:
+        """Whether there is a store to look into: PostgreSQL is configured, or the embedded one was made
+        (an app that never touched collections creates no files for background work either)."""
+        if self._store is not None or self.settings.collections_backend == "pgvector":
+            return True
+        return (self.settings.data_dir / "collections" / "collections.sqlite3").is_file()
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """A store method, off the event loop (the job runner's way in)."""
+        return await self._call(method, *args, **kwargs)
+
+    async def versions_in_use(self) -> Needs:
+        """What the registry must keep loaded for the collections and their jobs (nothing, without a store)."""
+        if not self.store_exists():
+            return {}
+        return await self._call("versions_in_use")
+
     # Operations -------------------------------------------------------------------------------------
 
     async def create(self, request: CreateCollection) -> CollectionDescription:
-        """Bind a new collection to a served model's embedding space, with a flat, HNSW or IVF index."""
+        """Bind a new collection to a served model's embedding space, with a flat, HNSW or IVF index. A
+        model named with its version (`tiny@2`) pins the collection to it unless `on_model_update` says."""
         params = _index_params(request)
-        engine = self.registry.resolve(request.model)
+        engine = await self._engine_named(request.model)
         dim = engine.output_dim(request.dimensions)
         binding = ModelBinding(engine.name, engine.version, engine.content_hash, dim)
-        return self._describe(await self._call("create_collection", request.name, binding, params))
+        policy = request.on_model_update or ("pin" if request.model and "@" in request.model else "reembed")
+        info = await self._call("create_collection", request.name, binding, params, policy)
+        return await self._describe(info)
+
+    async def _engine_named(self, model: str | None) -> ModelEngine:
+        """The engine a request names: a served model, or an exact version (loaded if it must be)."""
+        if model is None:
+            return self.registry.resolve(None)
+        try:
+            name, version = parse_model_ref(model)
+        except BundleError as exc:
+            raise InvalidInput(f"model: {exc}") from exc
+        return self.registry.resolve(name) if version is None else await self.registry.version(name, version)
 
     async def list_all(self) -> list[CollectionDescription]:
-        return [self._describe(info) for info in await self._call("list_collections")]
+        return [await self._describe(info) for info in await self._call("list_collections")]
 
     async def describe(self, name: str) -> CollectionDescription:
-        return self._describe(await self._call("describe", name))
+        return await self._describe(await self._call("describe", name))
+
+    async def spaces(self, name: str) -> CollectionSpaces:
+        return await self._call("spaces", name)
 
     async def drop(self, name: str) -> None:
         await self._call("drop_collection", name)
 
     async def upsert(self, name: str, request: UpsertItems) -> int:
         """Upsert by id (the last of duplicate ids wins). Texts and images are embedded through the
-        batchers, except where an item brings its vector with its source; every item keeps its source."""
-        binding = await self._call("binding", name)
+        batchers by every space the collection holds, except where an item brings its vector with its
+        source; every item keeps its source."""
+        spaces = await self._call("spaces", name)
         items = request.items
-        _check_precomputed(name, request, binding)
+        _check_precomputed(name, request, spaces)
         texts = {i: item.text for i, item in enumerate(items) if item.text is not None}
         images = {i: item.image for i, item in enumerate(items) if item.image is not None}
         check_item_texts(texts, self.settings, field="items")
         check_images(len(images), self.settings, field="items (images)")
         check_metadata(items, self.settings.max_metadata_bytes)
+        given = request.content_hash or spaces.bound.content_hash
+        given_dim = next(s.dim for s in spaces.written if s.content_hash == given)
         for position, item in enumerate(items):
-            if item.vector is not None and len(item.vector) != binding.dim:
+            if item.vector is not None and len(item.vector) != given_dim:
                 raise InvalidInput(
                     f"items[{position}].vector has {len(item.vector)} dimensions, "
-                    f"the collection's space has {binding.dim}",
+                    f"the collection's space has {given_dim}",
                     code="invalid_vector",
                     index=position,
                 )
-        # the bytes of every image to embed, and of every inline image (kept as its item's source)
+        # the bytes of every image to embed (an item's vector given for one space is embedded for the
+        # other), and of every inline image (kept as its item's source)
+        every_image = len(spaces.written) > 1 or given != spaces.bound.content_hash
         data = await self.embedder.load_images(
-            {i: image for i, image in images.items() if items[i].vector is None or not is_url(image)}, "items"
+            {
+                i: image
+                for i, image in images.items()
+                if items[i].vector is None or not is_url(image) or every_image
+            },
+            "items",
         )
-        to_embed = [i for i, item in enumerate(items) if item.vector is None]
-        content_hash = request.content_hash
-        vectors = np.zeros((len(items), binding.dim), dtype=np.float32)
-        if content_hash is None or to_embed:
-            engine = self._engine_for(name, binding)
-            content_hash = engine.content_hash
+        sources = [_source(item, data.get(position)) for position, item in enumerate(items)]
+        for attempt in range(_ATTEMPTS):
+            written = await asyncio.gather(
+                *(self._space_vectors(name, space, request, data, given) for space in spaces.written)
+            )
+            bound, *other = written
+            try:
+                return await self._call(
+                    "upsert",
+                    name,
+                    [str(item.id) for item in items],
+                    bound.vectors,
+                    content_hash=bound.content_hash,
+                    metadata=[item.metadata for item in items],
+                    sources=sources,
+                    also=other[0] if other else None,
+                )
+            except ModelMismatchError:
+                if attempt == _ATTEMPTS - 1:
+                    raise
+                spaces = await self._call("spaces", name)
+                _check_precomputed(name, request, spaces)
+        raise AssertionError("unreachable")
+
+    async def _space_vectors(
+        self, name: str, space: ModelBinding, request: UpsertItems, data: dict[int, bytes], given: str
+    ) -> SpaceVectors:
+        """The items' vectors in one of the collection's spaces: given ones where they are of this space,
+        the rest embedded from their sources by its version; a bare vector has none in another space."""
+        items = request.items
+        vectors = np.zeros((len(items), space.dim), dtype=np.float32)
+        present = np.ones(len(items), dtype=bool)
+        to_embed = []
+        for position, item in enumerate(items):
+            if item.vector is not None and space.content_hash == given:
+                vectors[position] = np.asarray(item.vector, dtype=np.float32)
+            elif item.text is not None or position in data:
+                to_embed.append(position)
+            else:  # a bare vector, or an image not fetched (the spaces changed meanwhile): the job's
+                present[position] = False
+        if to_embed:
+            engine = await self._engine_for(name, space)
             embedded = await self.embedder.encode_items(
                 engine,
-                {i: texts[i] for i in to_embed if i in texts},
+                {i: items[i].text for i in to_embed if items[i].text is not None},
                 {i: data[i] for i in to_embed if i in data},
                 len(items),
                 "items",
             )
-            vectors = engine.reduce(embedded, binding.dim)
-        for position, item in enumerate(items):
-            if item.vector is not None:
-                vectors[position] = np.asarray(item.vector, dtype=np.float32)
-        return await self._call(
-            "upsert",
-            name,
-            [str(item.id) for item in items],
-            vectors,
-            content_hash=content_hash,
-            metadata=[item.metadata for item in items],
-            sources=[_source(item, data.get(position)) for position, item in enumerate(items)],
-        )
+            vectors[to_embed] = engine.reduce(embedded, space.dim)[to_embed]
+        return SpaceVectors(space.content_hash, vectors, present)
 
     async def get_item(self, name: str, item_id: str) -> ItemView:
         item = await self._call("get", name, item_id)
@@ -178,17 +261,23 @@ class Collections:
     async def search(self, name: str, request: SearchRequest) -> tuple[ModelEngine, list[Hit]]:
         """Nearest items by cosine to a text, an image or a vector, optionally filtered on metadata."""
         check_top_k(request.top_k, self.settings)
-        binding = await self._call("binding", name)
-        engine = self._engine_for(name, binding)
-        query = await self.embedder.query(engine, request, binding.dim)
-        hits = await self._call(
-            "search",
-            name,
-            query,
-            content_hash=engine.content_hash,
-            top_k=request.top_k,
-            filter=request.filter,
-        )
+        for attempt in range(_ATTEMPTS):
+            binding = (await self._call("spaces", name)).bound
+            engine = await self._engine_for(name, binding)
+            query = await self.embedder.query(engine, request, binding.dim)
+            try:
+                hits = await self._call(
+                    "search",
+                    name,
+                    query,
+                    content_hash=engine.content_hash,
+                    top_k=request.top_k,
+                    filter=request.filter,
+                )
+                break
+            except ModelMismatchError:  # switched between reading the binding and searching
+                if attempt == _ATTEMPTS - 1:
+                    raise
         floor = request.min_score
         return engine, [
             Hit(id=hit.id, score=hit.score, metadata=hit.metadata)
@@ -196,51 +285,12 @@ class Collections:
             if floor is None or hit.score >= floor
         ]
 
-    async def reembed(self, name: str, model: str | None) -> tuple[ModelEngine, int]:
-        """Move the collection to the served model's space, embedding every item again from its source."""
-        info = await self._call("describe", name)
-        engine = self.registry.resolve(model or info.binding.model)
-        if engine.content_hash == info.binding.content_hash:
-            return engine, 0
-        store = await self.store()
-        pairs = await self._blocking(lambda: [pair for page in store.iter_sources(name) for pair in page])
-        missing = [item_id for item_id, source in pairs if source is None]
-        if missing:
-            raise Conflict(
-                f"{len(missing)} of {len(pairs)} items of {name!r} have no stored source "
-                f"(e.g. {missing[0]!r}: added as a bare vector); re-add them or recreate the collection",
-                code="cannot_reembed",
-            )
-        dim = min(info.binding.dim, engine.dim)  # a collection keeps the dimensions it was made with
-        vectors = engine.reduce(await self._embed_sources(name, engine, [s for _, s in pairs]), dim)
-        binding = ModelBinding(engine.name, engine.version, engine.content_hash, dim)
-        await self._call("rebind", name, binding, [item_id for item_id, _ in pairs], vectors)
-        return engine, len(pairs)
-
     # Helpers ----------------------------------------------------------------------------------------
 
-    async def _embed_sources(
-        self, name: str, engine: ModelEngine, sources: list[Source | None]
-    ) -> np.ndarray:
-        """Every source embedded in chunks the size of one request, through the same batchers; inline
-        images are read back from the store."""
-        out = np.zeros((len(sources), engine.dim), dtype=np.float32)
-        chunk = min(self.settings.max_texts_per_request, self.settings.max_images_per_request)
-        for start in range(0, len(sources), chunk):
-            part = sources[start : start + chunk]
-            texts = {i: s.value for i, s in enumerate(part) if s is not None and s.kind == "text"}
-            digests = [s.stored_image for s in part if s is not None and s.stored_image is not None]
-            stored = await self._call("images", name, digests) if digests else {}
-            images: dict[int, str | bytes] = {}
-            for i, s in enumerate(part):
-                if s is not None and s.kind == "image":
-                    images[i] = s.value if s.stored_image is None else stored.get(s.stored_image, b"")
-            out[start : start + len(part)] = await self.embedder.items(
-                engine, texts, images, len(part), "stored sources"
-            )
-        return out
-
-    def _describe(self, info: CollectionInfo) -> CollectionDescription:
+    async def _describe(self, info: CollectionInfo) -> CollectionDescription:
+        jobs = await self._call("list_jobs", info.name, 1)
+        job = jobs[0] if jobs and jobs[0].state in ("pending", "running", "waiting", "switched") else None
+        previous = info.other if info.other is not None and info.other.role == "previous" else None
         return CollectionDescription(
             name=info.name,
             count=info.count,
@@ -251,6 +301,13 @@ class Collections:
             index=info.index,
             created_at=info.created_at,
             model_status=self._model_status(info),
+            on_model_update=info.policy,
+            job=None if job is None else job_summary(job),
+            previous=None
+            if previous is None or job is None
+            else PreviousSpace(
+                model=previous.binding.model, version=previous.binding.version, until=job.keep_until
+            ),
         )
 
     def _model_status(self, info: CollectionInfo) -> Literal["current", "stale", "not_served"]:
@@ -259,21 +316,20 @@ class Collections:
             return "not_served"
         return "current" if served.content_hash == info.binding.content_hash else "stale"
 
-    def _engine_for(self, name: str, binding: ModelBinding) -> ModelEngine:
-        """The engine serving this collection's space, or a conflict saying how to get back to it."""
+    async def _engine_for(self, name: str, binding: ModelBinding) -> ModelEngine:
+        """The engine of this exact space: its version, served or kept loaded (loaded now if need be)."""
         try:
-            engine = self.registry.resolve(binding.model)
+            engine = await self.registry.version(binding.model, binding.version)
         except NotFound as exc:
             raise Conflict(
-                f"collection {name!r} was built with {binding.model}@{binding.version}, "
-                "which is not served here",
+                f"collection {name!r} was built with {binding.ref}, which is not served here ({exc.message})",
                 code="model_not_served",
             ) from exc
         if engine.content_hash != binding.content_hash:
             raise Conflict(
-                f"collection {name!r} holds vectors of {binding.model}@{binding.version}, but "
-                f"{engine.ref} is served now, a different embedding space; POST "
-                f"/v1/collections/{name}/reembed re-embeds it from its stored texts and image URLs",
+                f"collection {name!r} holds vectors of {binding.ref} (bundle {binding.content_hash[:12]}), but "
+                f"the bundle published as {engine.ref} now is {engine.content_hash[:12]}, another embedding "
+                "space: the version was replaced in place. Publish it again as a new version",
                 code="model_mismatch",
             )
         return engine
@@ -297,6 +353,17 @@ def check_metadata(items: list[Item], limit: int) -> None:
             )
 
 
+def job_summary(job: JobRecord) -> JobSummary:
+    return JobSummary(
+        id=job.id,
+        state=job.state,
+        model=job.target.model,
+        version=job.target.version,
+        done=min(job.done, job.total),
+        total=job.total,
+    )
+
+
 def _source(item: Item, image_bytes: bytes | None) -> Source | None:
     """What the item keeps to be re-embedded: its text, its image URL, or its inline image's bytes."""
     if item.text is not None:
@@ -308,14 +375,27 @@ def _source(item: Item, image_bytes: bytes | None) -> Source | None:
     return None
 
 
-def _check_precomputed(name: str, request: UpsertItems, binding: ModelBinding) -> None:
-    """Vectors given with their sources must say which embedding space they are in: the collection's."""
-    if request.content_hash is not None and request.content_hash != binding.content_hash:
+def _check_precomputed(name: str, request: UpsertItems, spaces: CollectionSpaces) -> None:
+    """Vectors given with their sources must say which embedding space they are in: one the collection
+    holds (its bound one, or the one it is moving to or from)."""
+    binding = spaces.bound
+    if request.content_hash is not None and request.content_hash not in {
+        s.content_hash for s in spaces.written
+    }:
         raise Conflict(
             f"content_hash {request.content_hash[:12]} names another embedding space than collection "
             f"{name!r}'s, {binding.model}@{binding.version} (bundle {binding.content_hash[:12]}); "
             "embed the items with that model",
             code="model_mismatch",
+        )
+    bare = next(
+        (i for i, item in enumerate(request.items) if item.vector is not None and not item.precomputed), None
+    )
+    if bare is not None and request.content_hash not in (None, binding.content_hash):
+        raise InvalidInput(
+            f"items[{bare}] is a bare vector of {request.content_hash[:12]}, not of the space collection "
+            f"{name!r} is bound to ({binding.ref}): give it with its text or image",
+            index=bare,
         )
     position = next((i for i, item in enumerate(request.items) if item.precomputed), None)
     if position is not None and request.content_hash is None:

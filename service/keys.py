@@ -40,7 +40,7 @@ SCOPES: tuple[Scope, ...] = get_args(Scope)
 DATA_SCOPES: frozenset[Scope] = frozenset({"read", "write"})
 MIN_FILE_KEY_CHARS = 16
 MAX_KEY_FILE_BYTES = 1 << 20
-WRITE_PREFIXES = ("/v1/collections", "/v1/labelsets")
+WRITE_PREFIXES = ("/v1/collections", "/v1/labelsets", "/v1/jobs")
 ADMIN_PREFIX = "/v1/admin/"
 CHECK_EVERY_S = 1.0
 

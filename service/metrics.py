@@ -111,10 +111,31 @@ class Metrics:
         self.reloads = Counter("clipserve_reloads_total", "model (re)loads", ["model", "result"], registry=r)
         self.model_info = Gauge(
             "clipserve_model_loaded",
-            "served model versions",
+            "loaded model versions: served, or kept for the collections bound to them",
             ["model", "version", "content_hash"],
             registry=r,
             multiprocess_mode="livemax",
+        )
+        self.model_memory = Gauge(
+            "clipserve_model_memory_bytes",
+            "memory of each loaded model version: its graphs' bytes (kind=graphs) and the resident memory "
+            "its load added (kind=rss_at_load; other work at the same time blurs it); summed over workers",
+            ["model", "version", "kind"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.jobs = Gauge(
+            "clipserve_reembed_jobs",
+            "re-embed jobs this process runs, by state",
+            ["state"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reembedded = Counter(
+            "clipserve_reembedded_items_total",
+            "items re-embedded by background jobs, by result (moved, failed)",
+            ["result"],
+            registry=r,
         )
 
     def render(self) -> bytes:

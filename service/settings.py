@@ -240,6 +240,42 @@ class Settings(CliSettings):
         "once), so they can be re-embedded; an upsert that would pass it answers 413",
     )
 
+    # Re-embed jobs (a collection moving to a newer model version, in the background)
+    reembed_threads: int = Field(
+        1,
+        ge=1,
+        description="ONNX Runtime threads of a re-embed job's own sessions; the job decodes, preprocesses and "
+        "infers on one thread of its own, so it takes about this many cores beside the online requests",
+    )
+    reembed_rate: float = Field(
+        0.0, ge=0, description="most items a re-embed job embeds per second on this replica; 0: no limit"
+    )
+    reembed_chunk: int = Field(
+        256,
+        ge=1,
+        le=4096,
+        description="items a re-embed job embeds and commits at a time, with its progress: a replica killed "
+        "mid-job loses at most one chunk",
+    )
+    reembed_concurrency: int = Field(1, ge=0, description="re-embed jobs one replica runs at once; 0: none")
+    reembed_lease_s: float = Field(
+        30.0,
+        gt=0,
+        description="a re-embed job whose replica sent no heartbeat for this long is taken over by another",
+    )
+    reembed_grace_s: float = Field(
+        3600.0,
+        ge=0,
+        description="how long a collection keeps its previous space after a re-embed switched it, still "
+        "written by every write, so that POST /v1/collections/{name}/rollback goes back",
+    )
+    reembed_poll_s: float = Field(
+        5.0,
+        gt=0,
+        description="how often a replica looks for re-embed jobs to run, collections to move to a new model "
+        "version (their policy permitting) and model versions to load or unload for them",
+    )
+
     # Logs
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         "INFO", description="least severe log level written"

@@ -85,6 +85,8 @@ def test_every_route_needs_the_scope_its_kind_of_work_needs() -> None:
         ("POST", "/v1/collections/{name}/items"): "write",
         ("DELETE", "/v1/collections/{name}/items/{item_id:path}"): "write",
         ("POST", "/v1/collections/{name}/reembed"): "write",
+        ("POST", "/v1/collections/{name}/rollback"): "write",
+        ("DELETE", "/v1/jobs/{job_id}"): "write",
         ("PUT", "/v1/labelsets/{name}"): "write",
         ("DELETE", "/v1/labelsets/{name}"): "write",
     }

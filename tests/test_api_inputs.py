@@ -191,7 +191,7 @@ TRY_ORDER = [
     ("post", "/v1/collections/{name}/search"),
     ("get", "/v1/collections/{name}"),
     ("get", "/v1/collections"),
-    ("post", "/v1/collections/{name}/reembed"),
+    ("get", "/v1/jobs"),
     ("delete", "/v1/collections/{name}/items/{item_id}"),
     ("delete", "/v1/collections/{name}"),
     ("delete", "/v1/labelsets/{name}"),
@@ -202,10 +202,20 @@ TRY_ORDER = [
 ]
 
 
+# A refresh moves a collection to another model version; a fresh service serves one
+# (tests/test_refresh_api.py runs these).
+NEED_A_SECOND_VERSION = {
+    ("post", "/v1/collections/{name}/reembed"),
+    ("post", "/v1/collections/{name}/rollback"),
+    ("get", "/v1/jobs/{job_id}"),
+    ("delete", "/v1/jobs/{job_id}"),
+}
+
+
 def test_each_routes_example_answers_2xx_on_a_fresh_service(client) -> None:
     schema = client.get("/openapi.json").json()
     listed = {(m, p) for p, ops in schema["paths"].items() for m in ops} - {("post", "/v1/admin/reload")}
-    assert listed == set(TRY_ORDER)
+    assert listed - NEED_A_SECOND_VERSION == set(TRY_ORDER)
     for method, path in TRY_ORDER:
         operation = schema["paths"][path][method]
         url = path

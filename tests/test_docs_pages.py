@@ -170,3 +170,11 @@ def test_slugs_follow_the_forges_rules() -> None:
     assert slug("A 5-minute tour") == "a-5-minute-tour"
     assert slug("The GPU image, without a GPU") == "the-gpu-image-without-a-gpu"
     assert slug("Collections: retrieval, and how it scales") == "collections-retrieval-and-how-it-scales"
+
+
+def test_every_setting_of_clip_serve_is_in_the_configuration_page() -> None:
+    from clipserve.service.settings import Settings
+
+    text = (DOCS / "configuration.md").read_text()
+    missing = [name for name in Settings.model_fields if Settings.flag(name) not in text]
+    assert missing == [], f"docs/configuration.md does not name {missing}"

@@ -15,6 +15,7 @@ from clipserve.service.api import (
     demo,
     embed,
     health,
+    jobs,
     labelsets,
     models,
     openai,
@@ -32,4 +33,5 @@ ROUTERS: list[APIRouter] = [
     demo.router,
     rank.router,
     collections.router,
+    jobs.router,
 ]

@@ -16,8 +16,6 @@ from clipserve.service.api.schemas import (
     CreateCollection,
     ItemDeleted,
     ItemView,
-    Reembedded,
-    ReembedRequest,
     SearchRequest,
     SearchResponse,
     Upserted,
@@ -100,14 +98,3 @@ async def search(
     metadata; `top_k` of them, or fewer with `min_score`. JSON, or a form with the image as a file."""
     engine, hits = await unless_disconnected(request, collections.search(name, body))
     return SearchResponse(model=engine.name, version=engine.version, dim=engine.dim, results=hits)
-
-
-@router.post("/v1/collections/{name}/reembed", responses=_ERRORS, summary="Re-embed a collection")
-async def reembed(
-    name: str, request: Request, collections: CollectionsDep, body: ReembedRequest | None = None
-) -> Reembedded:
-    """Move the collection to the served model's space, embedding every item again from its stored source."""
-    engine, count = await unless_disconnected(
-        request, collections.reembed(name, body.model if body else None)
-    )
-    return Reembedded(name=name, reembedded=count, model=engine.name, version=engine.version)

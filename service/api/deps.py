@@ -11,6 +11,7 @@ from clipserve.service.classification import Classifier
 from clipserve.service.collections import Collections
 from clipserve.service.embedding import Embedder
 from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.jobs import Jobs
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
@@ -32,3 +33,4 @@ EmbedderDep = Annotated[Embedder, Depends(_state("embedder"))]
 ClassifierDep = Annotated[Classifier, Depends(_state("classifier"))]
 LabelSetsDep = Annotated[LabelSets, Depends(_state("labelsets"))]
 CollectionsDep = Annotated[Collections, Depends(_state("collections"))]
+JobsDep = Annotated[Jobs, Depends(_state("jobs"))]

@@ -1,5 +1,5 @@
-"""Health and metrics: /livez (batch loops alive), /readyz (models loaded and warm, and the
-bundles left out as broken), /metrics."""
+"""Health and metrics: /livez (batch loops alive), /readyz (models loaded and warm, why each version
+is loaded, and the bundles left out as broken), /metrics."""
 
 from __future__ import annotations
 
@@ -22,10 +22,16 @@ async def livez(registry: RegistryDep) -> Response:
 
 @router.get("/readyz", summary="Readiness: models loaded and warmed up")
 async def readyz(registry: RegistryDep) -> Response:
-    """200 with the served models and the bundles left out as broken; 503 while models load."""
+    """200 with the served models, every loaded version and why (serving; kept for which collections or
+    jobs), and the bundles left out as broken; 503 while models load."""
     if not registry.ready:
         return error_response(503, "not_ready", "models are still loading", headers={"Retry-After": "2"})
-    body = {"status": "ready", "models": [m.ref for m in registry.models()], "left_out": registry.left_out}
+    body = {
+        "status": "ready",
+        "models": [m.ref for m in registry.models()],
+        "loaded": [{"model": m.ref, "why": why} for m, why in registry.loaded()],
+        "left_out": registry.left_out,
+    }
     return JSONResponse(body)
 
 

@@ -285,7 +285,10 @@ class EmbeddingsResponse(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    id: str = Field(description="the model name, as requests give it (`name@version` also works)")
+    id: str = Field(
+        description="the model name, as requests give it (`name@version` also works); `name@version` for a "
+        "version kept loaded beside the served one"
+    )
     object: Literal["model"] = "model"
     created: int = Field(description="publish time of the served version, seconds since the epoch")
     owned_by: str = "clipserve"
@@ -306,6 +309,13 @@ class ModelInfo(BaseModel):
     )
     source: dict
     default: bool
+    status: Literal["serving", "kept"] = Field(
+        description="serving: the version a request naming the model gets; kept: an older version still "
+        "loaded because collections are bound to it (or a re-embed job moves one to it)"
+    )
+    kept_for: list[str] = Field(
+        default_factory=list, description="what needs this version loaded: collections and re-embed jobs"
+    )
 
 
 class ModelList(BaseModel):
@@ -442,6 +452,14 @@ class CreateCollection(_Request):
         description="parameters of the index (none needed for flat)",
         json_schema_extra={"examples": [{}]},
     )
+    on_model_update: Literal["reembed", "pin"] | None = Field(
+        None,
+        description="what a newly published version of the model does to the collection: reembed (a job "
+        "moves it in the background, searches answering meanwhile) or pin (it stays on its version until "
+        "POST /v1/collections/{name}/reembed); default: pin when `model` names a version (tiny@2), "
+        "else reembed",
+        examples=[None],
+    )
 
 
 class Item(_Request):
@@ -535,14 +553,49 @@ class SearchRequest(Query):
 
 
 class ReembedRequest(_Request):
-    """Which model to move the collection to."""
+    """Which model version to move the collection to, and what to do with items that cannot move."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
     model: str | None = Field(
         None,
-        description="model to move to; the one now served under the collection's name",
+        description="model to move to, as name (its served version) or name@version; default: the version "
+        "now served of the model the collection is bound to",
         examples=["shapes-demo"],
     )
+    drop_unembeddable: bool = Field(
+        False,
+        description="items that cannot be embedded again (added as bare vectors, or whose source no longer "
+        "embeds) are deleted at the switch; without it the switch waits for them to be re-added. Asked "
+        "again for a running job, it updates that job (and its failed items are tried again)",
+        examples=[False],
+    )
+
+
+class RollbackRequest(_Request):
+    """How to go back to the space a collection was moved from."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{}]})
+    drop_unembeddable: bool = Field(
+        False,
+        description="items added since the switch as bare vectors of the new space have no vector of the "
+        "previous one: deleted with this, else the rollback is refused naming them",
+        examples=[False],
+    )
+
+
+class JobSummary(BaseModel):
+    id: str
+    state: str
+    model: str = Field(description="the model the job moves the collection to")
+    version: int
+    done: int
+    total: int
+
+
+class PreviousSpace(BaseModel):
+    model: str
+    version: int
+    until: str | None = Field(description="when it is given up; POST .../rollback goes back to it before")
 
 
 class CollectionDescription(BaseModel):
@@ -555,8 +608,17 @@ class CollectionDescription(BaseModel):
     index: IndexParams
     created_at: str
     model_status: Literal["current", "stale", "not_served"] = Field(
-        description="current: the served model shares the collection's space; stale: search is refused "
-        "until re-embedded; not_served: no model of that name is served"
+        description="current: the collection is bound to the version served under its model's name; stale: "
+        "a newer version is served, and the collection's own version (kept loaded) answers until a re-embed "
+        "moves it; not_served: no model of that name is served"
+    )
+    on_model_update: Literal["reembed", "pin"] = Field(
+        description="reembed: a newly published version starts a re-embed job; pin: the collection stays on "
+        "its version until asked"
+    )
+    job: JobSummary | None = Field(None, description="the re-embed job moving the collection, if any")
+    previous: PreviousSpace | None = Field(
+        None, description="the space the last switch moved from, kept (and written) for a rollback"
     )
 
 
@@ -603,8 +665,48 @@ class SearchResponse(BaseModel):
     results: list[Hit]
 
 
-class Reembedded(BaseModel):
-    name: str
-    reembedded: int
-    model: str
-    version: int
+class JobItemError(BaseModel):
+    id: str = Field(description="the item's id")
+    type: str = Field(description="why, as the API names errors: invalid_image, text_too_long, ...")
+    message: str
+
+
+class Job(BaseModel):
+    """A background re-embed of a collection: where it is, how fast it goes, what could not move."""
+
+    id: str
+    object: Literal["job"] = "job"
+    kind: Literal["reembed"] = "reembed"
+    collection: str
+    state: Literal[
+        "pending", "running", "waiting", "switched", "completed", "cancelled", "rolled_back", "failed"
+    ] = Field(
+        description="pending: not started yet; running: embedding; waiting: every item that can move has, "
+        "the switch waits for the others (re-add them, or ask again with drop_unembeddable); switched: the "
+        "collection answers from the new space, the old one kept for rollback until keep_until; completed; "
+        "cancelled; rolled_back; failed (see message)"
+    )
+    model: str = Field(description="the model version it moves the collection to, name@version")
+    from_model: str = Field(description="the version the collection was bound to, name@version")
+    auto: bool = Field(description="started by the collection's policy when the version was published")
+    drop_unembeddable: bool
+    done: int = Field(description="items moved (or failed) so far")
+    total: int = Field(description="items in the collection")
+    rate: float | None = Field(description="items per second since it (re)started")
+    eta_s: float | None = Field(description="seconds to go at that rate")
+    errors: int = Field(description="items whose source did not embed")
+    error_samples: list[JobItemError] = Field(description="the first of them, with why")
+    unembeddable: int = Field(description="items added as bare vectors, which cannot be embedded again")
+    unembeddable_ids: list[str] = Field(description="the first of them")
+    owner: str | None = Field(description="the replica running it")
+    created_at: str
+    started_at: str | None
+    switched_at: str | None
+    finished_at: str | None
+    keep_until: str | None = Field(description="until when POST /v1/collections/{name}/rollback goes back")
+    message: str | None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Job]

@@ -1,19 +1,29 @@
-"""The served models: discover them in the repository, load, verify, warm up, hot-swap, retire.
+"""The served models: discover them in the repository, load, verify, warm up, hot-swap, keep, retire.
 
     registry.resolve(None | "name" | "name@version") -> ModelEngine   (the default model for None)
+    await registry.version("tiny", 1)                                 (loaded now if it must be)
 
 Start-up serves each configured model at its newest loadable version (a broken newest version is
 refused and the last good one serves; a model with none is left out), so one corrupt bundle never
 keeps a replica down. `reload()` (polled, or `POST /v1/admin/reload`) loads new versions off the
 event loop and swaps each in with one dict assignment; the replaced engine keeps serving the calls
 that hold it and is closed after `retire_grace_s`.
+
+Data outlives models: a version that a collection is still bound to (or that a re-embed job moves a
+collection to) stays loaded beside the newest one, addressable as `name@version`, and is unloaded
+once nothing needs it. What is needed comes from the data store (`needs`, read at start, on each
+reload and by the job loop), so every replica keeps the same versions; a version asked for before
+this replica read the store (a collection made on another replica) is loaded on first use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,15 +35,26 @@ from clipserve.contract.bundle import (
     parse_model_ref,
 )
 from clipserve.contract.tokenizer import TokenizerError
-from clipserve.service.errors import InvalidInput, NotFound, Unavailable
+from clipserve.service.errors import InvalidInput, NotFound, ServiceError, Unavailable
 from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.engine import ModelEngine
-from clipserve.service.inference.loading import load_version
+from clipserve.service.inference.loading import LoadedBundle, load_version, tower_file
 from clipserve.service.metrics import Metrics
 from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError
 from clipserve.service.settings import Settings
 
 log = logging.getLogger("clipserve.registry")
+Needs = dict[str, list[str]]
+"""Model versions something needs loaded, with why: `{"tiny@1": ["collection photos"]}`."""
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident memory (Linux), to weigh what loading a version added."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -77,6 +98,11 @@ class ModelRegistry:
             max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
         )
         self._served: dict[str, ModelEngine] = {}
+        # older versions kept loaded for what is bound to them, by name@version
+        self._kept: dict[str, ModelEngine] = {}
+        self._needed: Needs = {}
+        self._loading: dict[str, asyncio.Task[ModelEngine]] = {}
+        self.needs: Callable[[], Awaitable[Needs]] | None = None
         self._pinned: dict[str, int | None] = {}
         self._refused: dict[tuple[str, int | None], str] = {}
         self._left_out: dict[str, LeftOut] = {}
@@ -104,14 +130,81 @@ class ModelRegistry:
         except BundleError as exc:
             raise InvalidInput(f"model: {exc}") from exc
         served = self._served.get(name)
-        if served is None or (version is not None and version != served.version):
+        if served is not None and (version is None or version == served.version):
+            return served
+        kept = self._kept.get(f"{name}@{version}")
+        if kept is None:
             raise NotFound(
                 f"model {ref!r} is not served here; served: {self._listing()}", code="model_not_found"
             )
-        return served
+        return kept
 
     def _listing(self) -> str:
-        return ", ".join(m.ref for m in self.models()) or "none"
+        return ", ".join(m.ref for m, _ in self.loaded()) or "none"
+
+    async def version(self, name: str, version: int) -> ModelEngine:
+        """That exact version of a served model: the served one, a kept one, or loaded now and kept
+        until the next look at what is needed. A version is loaded once, whoever asks for it at the
+        same time (requests, a reload)."""
+        ref = f"{name}@{version}"
+        with contextlib.suppress(NotFound):
+            return self.resolve(ref)
+        if name not in self._served:
+            raise NotFound(
+                f"model {name!r} is not served here; served: {self._listing()}", code="model_not_found"
+            )
+        loaded = await asyncio.shield(self._load_once(name, version))
+        if isinstance(loaded, str):
+            raise NotFound(f"model {ref} cannot be loaded here: {loaded}", code="model_not_found")
+        with contextlib.suppress(NotFound):
+            return self.resolve(ref)  # a reload made it the served one meanwhile, or another caller kept it
+        self._kept[ref] = loaded
+        log.info("keeping %s loaded beside %s", ref, self._served[name].ref)
+        return loaded
+
+    def _load_once(self, name: str, version: int) -> asyncio.Task[ModelEngine | str]:
+        """The one load of a version in progress, started if there is none."""
+        ref = f"{name}@{version}"
+        task = self._loading.get(ref)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._try_load(name, version), name=f"load-{ref}")
+            self._loading[ref] = task
+            task.add_done_callback(lambda _done: self._loading.pop(ref, None))
+        return task
+
+    def loaded(self) -> list[tuple[ModelEngine, list[str]]]:
+        """Every loaded version and why: served ones first (`serving`), then those kept for data."""
+        served = [(m, ["serving", *self._needed.get(m.ref, [])]) for m in self.models()]
+        kept = [(self._kept[ref], self._needed.get(ref, ["asked for"])) for ref in sorted(self._kept)]
+        return served + kept
+
+    async def keep_needed(self) -> None:
+        """Load what the data store says is needed, unload kept versions nothing needs any more. The
+        store unreachable: everything stays as it is."""
+        async with self._reload_lock:
+            await self._keep_needed()
+
+    async def _keep_needed(self) -> None:
+        if self.needs is None:
+            return
+        try:
+            self._needed = await self.needs()
+        except ServiceError as exc:
+            log.warning(
+                "cannot tell which model versions collections need (%s); keeping them all", exc.message
+            )
+            return
+        for ref in self._needed:
+            name, version = parse_model_ref(ref)
+            if name in self._served and version is not None:
+                try:
+                    await self.version(name, version)
+                except ServiceError as exc:
+                    log.error(
+                        "%s is needed (%s) but cannot be loaded: %s", ref, ", ".join(self._needed[ref]), exc
+                    )
+        for ref in [ref for ref in self._kept if ref not in self._needed]:
+            self._retire_later(self._kept.pop(ref))
 
     # Loading ----------------------------------------------------------------------------------------
 
@@ -152,12 +245,19 @@ class ModelRegistry:
             raise BundleError(f"default model {self.settings.default_model!r} is not among the served models")
         self.ready = True
 
+    def _load_measured(self, name: str, version: int | None) -> tuple[LoadedBundle, int | None]:
+        before = _resident_bytes()
+        loaded = load_version(self.repository, name, version, self.settings)
+        after = _resident_bytes()
+        return loaded, None if before is None or after is None else max(0, after - before)
+
     async def _load(self, name: str, version: int | None) -> ModelEngine:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        loaded = await loop.run_in_executor(None, load_version, self.repository, name, version, self.settings)
+        loaded, added = await loop.run_in_executor(None, self._load_measured, name, version)
         served = ModelEngine(loaded, self.settings, self.metrics, self.cache, self.pool)
         served.start()
+        self._count_memory(served, added)
         log.info(
             "loaded %s (%s, providers %s) in %.2f s",
             served.ref,
@@ -167,18 +267,33 @@ class ModelRegistry:
         )
         return served
 
+    def _count_memory(self, engine: ModelEngine, added: int | None) -> None:
+        """/metrics: the bytes of a loaded version's graphs, and the resident memory its load added
+        (measured around the load: other work at the same time blurs it)."""
+        graphs = sum(
+            tower_file(engine.bundle, tower, self.settings)[0].stat().st_size for tower in ("image", "text")
+        )
+        memory = self.metrics.model_memory
+        memory.labels(model=engine.name, version=str(engine.version), kind="graphs").set(graphs)
+        if added is not None:
+            memory.labels(model=engine.name, version=str(engine.version), kind="rss_at_load").set(added)
+        self.metrics.model_info.labels(
+            model=engine.name, version=str(engine.version), content_hash=engine.content_hash
+        ).set(1)
+
+    def _uncount(self, engine: ModelEngine) -> None:
+        for kind in ("graphs", "rss_at_load"):
+            self.metrics.model_memory.labels(model=engine.name, version=str(engine.version), kind=kind).set(0)
+        self.metrics.model_info.labels(
+            model=engine.name, version=str(engine.version), content_hash=engine.content_hash
+        ).set(0)
+
     def _install(self, served: ModelEngine) -> ModelEngine | None:
         """The atomic swap: one dict assignment on the event loop."""
         previous = self._served.get(served.name)
         self._served[served.name] = served
+        self._kept.pop(served.ref, None)
         self._left_out.pop(str(served.bundle.path), None)
-        self.metrics.model_info.labels(
-            model=served.name, version=str(served.version), content_hash=served.content_hash
-        ).set(1)
-        if previous is not None:
-            self.metrics.model_info.labels(
-                model=previous.name, version=str(previous.version), content_hash=previous.content_hash
-            ).set(0)
         self.metrics.reloads.labels(model=served.name, result="loaded").inc()
         return previous
 
@@ -187,26 +302,31 @@ class ModelRegistry:
         repository); a failing version is refused and logged, and the previous one keeps serving."""
         report = ReloadReport()
         async with self._reload_lock:
-            if not self.settings.models:  # serving the whole repository: new models join too
-                for name in self.repository.models():
-                    self._pinned.setdefault(name, None)
-            for name, pinned in self._pinned.items():
-                current = self._served.get(name)
-                try:
-                    latest = pinned or self.repository.latest(name)
-                except BundleError as exc:
-                    report.failed.append({"model": name, "error": str(exc)})
-                    continue
-                if current is not None and current.version == latest:
-                    report.unchanged.append(current.ref)
-                    continue
-                if (name, latest) in self._refused and not force:
-                    report.failed.append(
-                        {"model": f"{name}@{latest}", "error": self._refused[(name, latest)]}
-                    )
-                    continue
-                await self._replace(name, latest, report)
+            await self._reload(force, report)
+            await self._keep_needed()
         return report
+
+    async def _reload(self, force: bool, report: ReloadReport) -> None:
+        if self.needs is not None:
+            with contextlib.suppress(ServiceError):  # what is needed as of now decides what is kept
+                self._needed = await self.needs()
+        if not self.settings.models:  # serving the whole repository: new models join too
+            for name in self.repository.models():
+                self._pinned.setdefault(name, None)
+        for name, pinned in self._pinned.items():
+            current = self._served.get(name)
+            try:
+                latest = pinned or self.repository.latest(name)
+            except BundleError as exc:
+                report.failed.append({"model": name, "error": str(exc)})
+                continue
+            if current is not None and current.version == latest:
+                report.unchanged.append(current.ref)
+                continue
+            if (name, latest) in self._refused and not force:
+                report.failed.append({"model": f"{name}@{latest}", "error": self._refused[(name, latest)]})
+                continue
+            await self._replace(name, latest, report)
 
     async def _try_load(self, name: str, version: int | None) -> ModelEngine | str:
         """The loaded model, or why the version was refused (remembered, logged, counted)."""
@@ -251,17 +371,26 @@ class ModelRegistry:
         return None
 
     async def _replace(self, name: str, version: int, report: ReloadReport) -> None:
-        served = await self._try_load(name, version)
+        kept = self._kept.get(f"{name}@{version}")
+        served = kept if kept is not None else await asyncio.shield(self._load_once(name, version))
         if isinstance(served, str):
             report.failed.append({"model": f"{name}@{version}", "error": served})
             return
         previous = self._install(served)
         report.loaded.append(served.ref)
         log.info("now serving %s%s", served.ref, f" (was {previous.ref})" if previous else "")
-        if previous is not None:
-            task = asyncio.get_running_loop().create_task(self._retire(previous))
-            self._retiring[task] = previous
-            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        if previous is None:
+            return
+        if previous.ref in self._needed:
+            self._kept[previous.ref] = previous
+            log.info("keeping %s loaded for %s", previous.ref, ", ".join(self._needed[previous.ref]))
+        else:
+            self._retire_later(previous)
+
+    def _retire_later(self, old: ModelEngine) -> None:
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring[task] = old
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
 
     async def _retire(self, old: ModelEngine) -> None:
         await asyncio.sleep(self.settings.retire_grace_s)
@@ -269,7 +398,8 @@ class ModelRegistry:
         while old.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await old.close()
-        if all(m.space_id != old.space_id for m in self._served.values()):
+        self._uncount(old)
+        if all(m.space_id != old.space_id for m in [*self._served.values(), *self._kept.values()]):
             # its class matrices would only age out of the cache's LRU: make room for the new space now
             self.cache.forget(old.matrix_prefix)
         log.info("retired %s", old.ref)
@@ -284,18 +414,21 @@ class ModelRegistry:
 
     @property
     def alive(self) -> bool:
-        return bool(self._served) and all(m.alive for m in self._served.values())
+        return bool(self._served) and all(m.alive for m in [*self._served.values(), *self._kept.values()])
 
     @property
     def idle(self) -> bool:
-        """No served or retiring version has work in hand."""
-        return all(m.idle for m in [*self._served.values(), *self._retiring.values()])
+        """No served, kept or retiring version has work in hand."""
+        return all(m.idle for m in [*self._served.values(), *self._kept.values(), *self._retiring.values()])
 
     async def close(self) -> None:
         retiring = list(self._retiring.items())
         for task, _ in retiring:
             task.cancel()
-        for served in [*self._served.values(), *(model for _, model in retiring)]:
+        for loading in list(self._loading.values()):
+            loading.cancel()
+        for served in [*self._served.values(), *self._kept.values(), *(model for _, model in retiring)]:
             await served.close()
         self._served.clear()
+        self._kept.clear()
         self.pool.shutdown(wait=False, cancel_futures=True)

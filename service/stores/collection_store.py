@@ -2,6 +2,9 @@
 
 A collection is bound to one embedding space: the bundle content hash of the model that made its
 vectors. Every write and every search names the hash it expects, so vectors of two spaces never mix.
+While it moves to another space (a re-embed job, clipserve.service.stores.jobs) it holds a second,
+`other` space beside the bound one: the job's target being filled, then, after the switch, the
+previous space kept for rollback. Writes give vectors of both; searches use the bound one only.
 
 Conventions both backends follow (the behaviour tests check them):
 - vectors are L2-normalized on the way in; scores are cosine similarities (inner products);
@@ -25,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,8 +36,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from clipserve.contract.bundle import NAME_RULE, is_valid_name
 from clipserve.service.errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge, Unavailable
 
+if TYPE_CHECKING:
+    from .jobs import Blockers, ChunkItem, ItemError, JobRecord, JobState
+
 IndexKind = Literal["flat", "hnsw", "ivf"]
 SourceKind = Literal["text", "image"]
+SpaceRole = Literal["target", "previous"]
+RefreshPolicy = Literal["reembed", "pin"]
 FilterValue = str | int | float | bool | None
 
 _MAX_ITEM_ID_CHARS = 256
@@ -121,6 +129,67 @@ class ModelBinding:
     content_hash: str
     dim: int
 
+    @property
+    def ref(self) -> str:
+        return f"{self.model}@{self.version}"
+
+    def json(self) -> str:
+        return json.dumps(
+            {"model": self.model, "version": self.version, "content_hash": self.content_hash, "dim": self.dim}
+        )
+
+    @classmethod
+    def of(cls, value: str | dict[str, Any]) -> ModelBinding:
+        data = json.loads(value) if isinstance(value, str) else value
+        return cls(data["model"], int(data["version"]), data["content_hash"], int(data["dim"]))
+
+
+@dataclass(frozen=True)
+class OtherSpace:
+    """The embedding space a collection holds besides its bound one: a job's `target` being filled,
+    or the `previous` space kept for rollback after a switch. `tag` marks its vectors (embedded store)."""
+
+    binding: ModelBinding
+    role: SpaceRole
+    job: str
+    tag: int = 0
+
+    def json(self) -> str:
+        return json.dumps(
+            {**json.loads(self.binding.json()), "role": self.role, "job": self.job, "tag": self.tag}
+        )
+
+    @classmethod
+    def of(cls, value: str | dict[str, Any] | None) -> OtherSpace | None:
+        if value is None:
+            return None
+        data = json.loads(value) if isinstance(value, str) else value
+        return cls(ModelBinding.of(data), data["role"], data["job"], int(data.get("tag", 0)))
+
+
+@dataclass(frozen=True)
+class CollectionSpaces:
+    """What a request needs to know of a collection's spaces: the one it is bound to (searched, and
+    written by every write), the other one if any (written too), and its refresh policy."""
+
+    bound: ModelBinding
+    other: OtherSpace | None = None
+    policy: RefreshPolicy = "reembed"
+
+    @property
+    def written(self) -> list[ModelBinding]:
+        """Every space a write must give vectors of: the bound one first."""
+        return [self.bound] + ([self.other.binding] if self.other is not None else [])
+
+
+@dataclass(frozen=True)
+class SpaceVectors:
+    """Vectors of one more space for an upsert: `vectors[i]` is item i's where `present[i]`."""
+
+    content_hash: str
+    vectors: np.ndarray
+    present: np.ndarray
+
 
 @dataclass(frozen=True)
 class CollectionInfo:
@@ -129,6 +198,8 @@ class CollectionInfo:
     index: IndexParams
     count: int
     created_at: str
+    other: OtherSpace | None = None
+    policy: RefreshPolicy = "reembed"
 
 
 STORED_IMAGE_PREFIX = "sha256:"
@@ -201,7 +272,12 @@ class CollectionStore(Protocol):
         metadata: Sequence[dict[str, Any]] | None = None,
         sources: Sequence[Source | None] | None = None,
         progress: ProgressCallback | None = None,
-    ) -> int: ...
+        also: SpaceVectors | None = None,
+    ) -> int:
+        """`vectors` are of the space `content_hash`, `also` of one more: whichever of the two are the
+        collection's bound and other spaces are written (`ModelMismatchError` without the bound one);
+        the other space of items given none is left empty, for its job to fill."""
+        ...
 
     def get(self, name: str, item_id: str) -> StoredItem: ...
 
@@ -219,15 +295,97 @@ class CollectionStore(Protocol):
         filter: dict[str, FilterValue] | None = None,
     ) -> list[SearchHit]: ...
 
-    def iter_sources(
-        self, name: str, batch_size: int = 1000
-    ) -> Iterator[list[tuple[str, Source | None]]]: ...
-
-    def images(self, name: str, digests: Sequence[str]) -> dict[str, bytes]:
-        """The bytes of the collection's stored inline images, by sha256 hex digest (those it has)."""
+    def spaces(self, name: str) -> CollectionSpaces:
+        """The bound space, the other space held if any, and the policy (cheap, for every request)."""
         ...
 
-    def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None: ...
+    def all_spaces(self) -> dict[str, CollectionSpaces]:
+        """Every collection's spaces, without counting items."""
+        ...
+
+    def versions_in_use(self) -> dict[str, list[str]]:
+        """Model versions (`name@version`) that collections and active jobs need loaded, with why."""
+        ...
+
+    # Re-embed jobs (their records: clipserve.service.stores.jobs) ---------------------------------
+
+    def create_job(
+        self, name: str, target: ModelBinding, *, auto: bool, drop_unembeddable: bool
+    ) -> JobRecord | None:
+        """Start moving `name` to `target` (one transaction): the active job for the same target is
+        updated instead (`drop_unembeddable`, failed items retried); one for another target is
+        superseded; a previous space kept for rollback is given up. `auto`: only if no job for this
+        collection and target ever existed (None otherwise)."""
+        ...
+
+    def get_job(self, job_id: str) -> JobRecord: ...
+
+    def list_jobs(self, collection: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+
+    def job_errors(self, job_id: str, limit: int) -> list[ItemError]: ...
+
+    def cancel_job(self, job_id: str) -> JobRecord: ...
+
+    def claim_job(self, owner: str, lease_s: float) -> JobRecord | None:
+        """Take the lease of one job needing an owner (active without a live one, or switched with
+        its grace over), or None."""
+        ...
+
+    def heartbeat_job(self, job_id: str, owner: str) -> JobRecord | None:
+        """Refresh our lease; the job as it stands, or None once it is no longer ours to run."""
+        ...
+
+    def release_job(self, job_id: str, owner: str) -> None: ...
+
+    def begin_space(self, job_id: str, owner: str) -> None:
+        """Make the job's target the collection's other space (writes fill it from now on)."""
+        ...
+
+    def job_chunk(self, job_id: str, after: str, limit: int) -> list[ChunkItem]:
+        """Items after the cursor, in a stable order, that lack a vector of the job's target and have a
+        source not failed in this job."""
+        ...
+
+    def write_job_chunk(
+        self,
+        job_id: str,
+        owner: str,
+        items: Sequence[ChunkItem],
+        vectors: np.ndarray,
+        errors: Sequence[ItemError],
+        cursor: str,
+        rate: float | None,
+    ) -> None:
+        """The target's vectors of `items` (those not changed since they were read) and the chunk's
+        errors, with the job's progress, in one transaction (`LeaseLostError` if not ours)."""
+        ...
+
+    def job_blockers(self, job_id: str) -> tuple[Blockers, int]:
+        """What still lacks a vector of the target, and the collection's item count."""
+        ...
+
+    def set_job_state(
+        self, job_id: str, owner: str, state: JobState, blockers: Blockers, total: int
+    ) -> None: ...
+
+    def prepare_switch(self, job_id: str) -> None:
+        """Build the target space's ANN index, before the switch (blocking, can be long)."""
+        ...
+
+    def switch(self, job_id: str, owner: str, grace_s: float) -> bool:
+        """Bind the collection to the job's target in one transaction, keeping the previous space for
+        `grace_s`; False when items still lack target vectors (and may not be dropped)."""
+        ...
+
+    def finish_job(self, job_id: str, owner: str) -> None:
+        """The grace period is over: drop the previous space; the job is completed."""
+        ...
+
+    def fail_job(self, job_id: str, owner: str, message: str) -> None: ...
+
+    def rollback(self, name: str, drop_unembeddable: bool) -> JobRecord:
+        """Bind the collection back to the previous space kept by its last switch."""
+        ...
 
     def close(self) -> None: ...
 
@@ -266,20 +424,6 @@ def normalize_rows(vectors: np.ndarray, dim: int, what: str = "vector") -> np.nd
         bad = int(np.argmin(norms))
         raise InvalidInputError(f"{what} {bad} is all zeros and has no direction", index=bad)
     return np.ascontiguousarray(array / norms[:, None], dtype=np.float32)
-
-
-def rebind_rows(name: str, stored: set[str], ids: Sequence[str], vectors: np.ndarray, dim: int) -> np.ndarray:
-    """Checks shared by both backends before a re-embedding: one valid vector per id, and the ids
-    cover exactly the collection's stored items. Returns the normalized rows."""
-    normalized = normalize_rows(vectors, dim) if len(ids) else np.zeros((0, dim), np.float32)
-    if len(normalized) != len(ids):
-        raise InvalidInputError(f"{len(ids)} ids but {len(normalized)} vectors")
-    if stored != set(ids):
-        raise InvalidInputError(
-            f"re-embedding of {name!r} must cover exactly its {len(stored)} items; "
-            f"got {len(set(ids))} ids, of which {len(set(ids) - stored)} unknown"
-        )
-    return normalized
 
 
 def unstorable(text: str) -> str | None:
@@ -358,17 +502,61 @@ def validate_item_id(item_id: str) -> None:
     check_storable(item_id, "item id")
 
 
+@dataclass
+class PreparedUpsert:
+    """An upsert validated, normalized and with the last of duplicate ids kept: the bound space's
+    vectors of every item, and the other space's where given (`other_present`; zero rows elsewhere)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    metadata: list[dict[str, Any]]
+    sources: list[Source | None]
+    other_vectors: np.ndarray
+    other_present: np.ndarray
+
+    def part(self, rows: slice) -> PreparedUpsert:
+        return PreparedUpsert(
+            self.ids[rows],
+            self.vectors[rows],
+            self.metadata[rows],
+            self.sources[rows],
+            self.other_vectors[rows],
+            self.other_present[rows],
+        )
+
+
+def vectors_by_space(
+    name: str, spaces: CollectionSpaces, content_hash: str, vectors: np.ndarray, also: SpaceVectors | None
+) -> tuple[np.ndarray, SpaceVectors | None]:
+    """From what an upsert gives (`vectors` of `content_hash`, maybe `also` of one more space): the
+    bound space's vectors, which every item needs, and the other space's, if given."""
+    given = {content_hash: SpaceVectors(content_hash, vectors, np.ones(len(vectors), dtype=bool))}
+    if also is not None:
+        given.setdefault(also.content_hash, also)
+    bound = given.get(spaces.bound.content_hash)
+    if bound is None:
+        check_binding(name, spaces.bound, content_hash)
+    assert bound is not None
+    if not np.all(bound.present):
+        raise InvalidInputError(f"every item needs a vector of collection {name!r}'s bound space")
+    other = given.get(spaces.other.binding.content_hash) if spaces.other is not None else None
+    return bound.vectors, other
+
+
 def prepare_upsert(
     ids: Sequence[str],
     vectors: np.ndarray,
     dim: int,
     metadata: Sequence[dict[str, Any]] | None,
     sources: Sequence[Source | None] | None,
-) -> tuple[list[str], np.ndarray, list[dict[str, Any]], list[Source | None]]:
+    other: SpaceVectors | None = None,
+    other_dim: int = 0,
+) -> PreparedUpsert:
     """Validate a whole upsert before anything is written, then keep the last of duplicate ids."""
     count = len(ids)
     if count == 0:
-        return [], np.zeros((0, dim), dtype=np.float32), [], []
+        empty = np.zeros((0, dim), dtype=np.float32)
+        return PreparedUpsert([], empty, [], [], np.zeros((0, other_dim), np.float32), np.zeros(0, bool))
     for what, column in (("metadata", metadata), ("sources", sources)):
         if column is not None and len(column) != count:
             raise InvalidInputError(f"{len(ids)} ids but {len(column)} {what} entries")
@@ -390,14 +578,24 @@ def prepare_upsert(
         if source is not None:
             check_storable(source.value, f"item {position}: {source.kind}", index=position)
     normalized = normalize_rows(vectors, dim)
+    other_vectors = np.zeros((count, other_dim), dtype=np.float32)
+    present = np.zeros(count, dtype=bool)
+    if other is not None:
+        present = np.asarray(other.present, dtype=bool)
+        if len(other.vectors) != count or len(present) != count:
+            raise InvalidInputError(f"{count} ids but {len(other.vectors)} vectors of the other space")
+        if present.any():
+            other_vectors[present] = normalize_rows(np.asarray(other.vectors)[present], other_dim)
     last_position = {item_id: position for position, item_id in enumerate(ids)}
     keep = sorted(last_position.values())
     source_list = list(sources) if sources is not None else [None] * count
-    return (
+    return PreparedUpsert(
         [ids[p] for p in keep],
         normalized[keep] if len(keep) != count else normalized,
         [metadata[p] for p in keep],
         [source_list[p] for p in keep],
+        other_vectors[keep],
+        present[keep],
     )
 
 

@@ -1,8 +1,9 @@
 """The embedded backend: FAISS for the vectors, SQLite (WAL, synchronous=FULL) as the durable truth.
 
 Layout under the data dir:
-    collections.sqlite3      catalog + every item (id, vector, metadata, source) + inline images'
-                             bytes (table `images`, by collection and sha256), the durable state
+    collections.sqlite3      catalog + every item (id, vectors, metadata, source) + inline images'
+                             bytes (table `images`, by collection and sha256) + re-embed jobs (tables
+                             `jobs`, `job_errors`), the durable state
     hnsw/<collection>.npz    optional HNSW snapshots, so a restart need not rebuild the graph
     LOCK                     held while a process has the store open (one writer process per data dir)
 
@@ -14,6 +15,13 @@ moment loses no acknowledged item.
 Each item row has a `label`, an AUTOINCREMENT integer never reused; FAISS holds vectors by position
 and `_LiveIndex.labels` maps position -> label. Replacing or deleting an item marks its old position
 dead (a tombstone, skipped by an ID selector) and the index is compacted when too many are dead.
+
+Two spaces at once: an item row has two vector slots, (`vector`, `vector_tag`) and (`alt_vector`,
+`alt_tag`). The catalog says which slot holds the bound space (`bound_slot`, `bound_tag`) and, in
+`other`, which space the other slot holds and under which tag. A vector counts for a space only when
+its slot's tag is that space's, so a new job (a new tag) starts on an empty slot without rewriting a
+row, a switch only flips the catalog, and the vectors a cancelled job left behind are simply ignored.
+Tags are job numbers (0 for the space a collection was created in).
 """
 
 from __future__ import annotations
@@ -40,15 +48,21 @@ from .collection_store import (
     CollectionExistsError,
     CollectionInfo,
     CollectionNotFoundError,
+    CollectionSpaces,
     FilterValue,
     ImageRefs,
     IndexParams,
     ItemNotFoundError,
     ModelBinding,
+    ModelMismatchError,
+    OtherSpace,
+    PreparedUpsert,
     ProgressCallback,
     ReadWriteLock,
+    RefreshPolicy,
     SearchHit,
     Source,
+    SpaceVectors,
     StoredItem,
     batches,
     check_binding,
@@ -56,12 +70,35 @@ from .collection_store import (
     encode_metadata,
     normalize_rows,
     prepare_upsert,
-    rebind_rows,
     released_images,
     validate_collection_name,
     validate_filter,
     validate_item_id,
     validate_top_k,
+    vectors_by_space,
+)
+from .jobs import (
+    ACTIVE_STATES,
+    FIRST_IDS,
+    MAX_STORED_ERRORS,
+    AlreadyCurrentError,
+    Blockers,
+    ChunkItem,
+    ItemError,
+    JobNotFoundError,
+    JobRecord,
+    JobState,
+    JobStateError,
+    LeaseLostError,
+    already_current,
+    cannot_cancel_switched,
+    dropped_message,
+    new_job_id,
+    nothing_to_roll_back,
+    rollback_blocked,
+    rolled_back,
+    superseded,
+    versions_in_use,
 )
 
 log = logging.getLogger(__name__)
@@ -96,12 +133,98 @@ CREATE TABLE IF NOT EXISTS images (
     PRIMARY KEY (collection_id, digest)
 );
 CREATE INDEX IF NOT EXISTS images_size ON images (collection_id, size);
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    state TEXT NOT NULL,
+    target TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    auto INTEGER NOT NULL,
+    drop_unembeddable INTEGER NOT NULL,
+    cursor TEXT NOT NULL DEFAULT '',
+    done INTEGER NOT NULL DEFAULT 0,
+    total INTEGER NOT NULL DEFAULT 0,
+    errors INTEGER NOT NULL DEFAULT 0,
+    unembeddable INTEGER NOT NULL DEFAULT 0,
+    unembeddable_ids TEXT NOT NULL DEFAULT '[]',
+    rate REAL,
+    owner TEXT,
+    heartbeat REAL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    switched_at REAL,
+    finished_at REAL,
+    keep_until REAL,
+    message TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active ON jobs (collection_id)
+    WHERE state IN ('pending', 'running', 'waiting');
+CREATE TABLE IF NOT EXISTS job_errors (
+    job_seq INTEGER NOT NULL REFERENCES jobs(seq) ON DELETE CASCADE,
+    item_id TEXT NOT NULL,
+    code TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (job_seq, item_id)
+);
 """
+# Columns added after the first release: added in place to a data dir made before them.
+_ADDED_COLUMNS = (
+    ("collections", "policy", "TEXT NOT NULL DEFAULT 'reembed'"),
+    ("collections", "bound_slot", "INTEGER NOT NULL DEFAULT 0"),
+    ("collections", "bound_tag", "INTEGER NOT NULL DEFAULT 0"),
+    ("collections", "other", "TEXT"),
+    ("items", "vector_tag", "INTEGER NOT NULL DEFAULT 0"),
+    ("items", "alt_vector", "BLOB"),
+    ("items", "alt_tag", "INTEGER NOT NULL DEFAULT -1"),
+)
+_SLOTS = (("vector", "vector_tag"), ("alt_vector", "alt_tag"))
+_NO_TAG = -1
+# Seconds since the epoch with a fraction, in SQLite before 3.42 (which adds unixepoch('subsec')).
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 _SQLITE_VARIABLES = 900
 _COMPACT_MIN_DEAD = 1000
 _COMPACT_DEAD_FRACTION = 0.25
 _SNAPSHOT_MIN_NEW = 10_000
 _IVF_TRAIN_POINTS_PER_LIST_CAP = 64
+
+
+_JOB_SELECT = (
+    f"SELECT j.*, c.name AS collection_name, {_NOW} - j.heartbeat AS age "
+    "FROM jobs j JOIN collections c ON c.id = j.collection_id "
+)
+
+
+def _iso(seconds: float | None) -> str | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
+
+
+def _job_record(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        id=row["id"],
+        collection=row["collection_name"],
+        state=row["state"],
+        target=ModelBinding.of(row["target"]),
+        origin=ModelBinding.of(row["origin"]),
+        auto=bool(row["auto"]),
+        drop_unembeddable=bool(row["drop_unembeddable"]),
+        done=row["done"],
+        total=row["total"],
+        errors=row["errors"],
+        unembeddable=row["unembeddable"],
+        unembeddable_ids=json.loads(row["unembeddable_ids"]),
+        rate=row["rate"],
+        owner=row["owner"],
+        heartbeat_age_s=row["age"],
+        created_at=_iso(row["created_at"]) or "",
+        started_at=_iso(row["started_at"]),
+        switched_at=_iso(row["switched_at"]),
+        finished_at=_iso(row["finished_at"]),
+        keep_until=_iso(row["keep_until"]),
+        message=row["message"],
+        cursor=row["cursor"],
+        seq=row["seq"],
+    )
 
 
 class _Catalog:
@@ -113,6 +236,33 @@ class _Catalog:
         self.binding = ModelBinding(row["model"], row["version"], row["content_hash"], row["dim"])
         self.params = IndexParams.model_validate_json(row["index_params"])
         self.created_at: str = row["created_at"]
+        self.policy: RefreshPolicy = row["policy"]
+        self.bound_slot: int = row["bound_slot"]
+        self.bound_tag: int = row["bound_tag"]
+        self.other = OtherSpace.of(row["other"])
+
+    @property
+    def bound_columns(self) -> tuple[str, str]:
+        """(vector column, tag column) of the bound space."""
+        return _SLOTS[self.bound_slot]
+
+    @property
+    def other_columns(self) -> tuple[str, str]:
+        return _SLOTS[1 - self.bound_slot]
+
+    @property
+    def spaces(self) -> CollectionSpaces:
+        return CollectionSpaces(self.binding, self.other, self.policy)
+
+    @property
+    def bound_state(self) -> tuple:
+        """What the bound space's index depends on."""
+        return (self.id, self.binding, self.bound_slot, self.bound_tag)
+
+    @property
+    def state(self) -> tuple:
+        """What a write depends on: both spaces and where they live."""
+        return (*self.bound_state, self.other)
 
 
 def _new_faiss_index(params: IndexParams, vectors: np.ndarray, dim: int) -> tuple[faiss.Index, str]:
@@ -290,12 +440,22 @@ class EmbeddedStore:
         self._db_path = self.data_dir / "collections.sqlite3"
         self._writer = self._connect()
         self._writer.executescript(_SCHEMA)
+        self._add_columns()
         self._write_mutex = threading.RLock()
         self._readers = threading.local()
         self._reader_connections: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._live: dict[int, _LiveIndex] = {}
+        # the bound space's index of each collection, by (collection id, tag)
+        self._live: dict[tuple[int, int], _LiveIndex] = {}
+        # a job's target index, built before its switch, by (collection id, tag)
+        self._prepared: dict[tuple[int, int], _LiveIndex] = {}
         self._closed = False
+
+    def _add_columns(self) -> None:
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {row[1] for row in self._writer.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._writer.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def _acquire_dir_lock(self) -> Any:
         handle = open(self.data_dir / "LOCK", "a+")  # noqa: SIM115 - held for the store's lifetime
@@ -339,16 +499,33 @@ class EmbeddedStore:
         count = conn.execute("SELECT count(*) FROM items WHERE collection_id = ?", (catalog.id,)).fetchone()[
             0
         ]
-        return CollectionInfo(catalog.name, catalog.binding, catalog.params, count, catalog.created_at)
+        return CollectionInfo(
+            catalog.name,
+            catalog.binding,
+            catalog.params,
+            count,
+            catalog.created_at,
+            catalog.other,
+            catalog.policy,
+        )
 
-    def create_collection(self, name: str, binding: ModelBinding, index: IndexParams) -> CollectionInfo:
+    @contextmanager
+    def _write_transaction(self) -> Iterator[sqlite3.Connection]:
+        """The writer connection in one IMMEDIATE transaction (`_committed`); the caller holds the
+        write mutex."""
+        with _committed(self._writer):
+            yield self._writer
+
+    def create_collection(
+        self, name: str, binding: ModelBinding, index: IndexParams, policy: RefreshPolicy = "reembed"
+    ) -> CollectionInfo:
         validate_collection_name(name)
         created_at = datetime.now(UTC).isoformat(timespec="seconds")
         with self._write_mutex:
             try:
                 self._writer.execute(
-                    "INSERT INTO collections (name, model, version, content_hash, dim, index_params, created_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO collections (name, model, version, content_hash, dim, index_params, "
+                    "created_at, policy) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         name,
                         binding.model,
@@ -357,21 +534,27 @@ class EmbeddedStore:
                         binding.dim,
                         index.model_dump_json(),
                         created_at,
+                        policy,
                     ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise CollectionExistsError(f"collection {name!r} already exists") from exc
-        return CollectionInfo(name, binding, index, 0, created_at)
+        return CollectionInfo(name, binding, index, 0, created_at, policy=policy)
 
     def drop_collection(self, name: str) -> None:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
-            with _write_transaction(self._writer):
-                self._writer.execute("DELETE FROM items WHERE collection_id = ?", (catalog.id,))
-                self._writer.execute("DELETE FROM images WHERE collection_id = ?", (catalog.id,))
-                self._writer.execute("DELETE FROM collections WHERE id = ?", (catalog.id,))
-            self._live.pop(catalog.id, None)
+            with self._write_transaction() as conn:
+                conn.execute("DELETE FROM items WHERE collection_id = ?", (catalog.id,))
+                conn.execute("DELETE FROM images WHERE collection_id = ?", (catalog.id,))
+                conn.execute("DELETE FROM collections WHERE id = ?", (catalog.id,))
+            self._forget_indexes(catalog.id)
             self._snapshot_path(catalog.id).unlink(missing_ok=True)
+
+    def _forget_indexes(self, collection_id: int, keep: tuple[int, int] | None = None) -> None:
+        for indexes in (self._live, self._prepared):
+            for key in [key for key in indexes if key[0] == collection_id and key != keep]:
+                del indexes[key]
 
     def list_collections(self) -> list[CollectionInfo]:
         conn = self._reader()
@@ -385,6 +568,13 @@ class EmbeddedStore:
     def binding(self, name: str) -> ModelBinding:
         return self._catalog(self._reader(), name).binding
 
+    def spaces(self, name: str) -> CollectionSpaces:
+        return self._catalog(self._reader(), name).spaces
+
+    def all_spaces(self) -> dict[str, CollectionSpaces]:
+        rows = self._reader().execute("SELECT * FROM collections ORDER BY name").fetchall()
+        return {catalog.name: catalog.spaces for catalog in map(_Catalog, rows)}
+
     def count(self, name: str) -> int:
         return self.describe(name).count
 
@@ -393,9 +583,14 @@ class EmbeddedStore:
     def _snapshot_path(self, collection_id: int) -> Path:
         return self.data_dir / "hnsw" / f"{collection_id}.npz"
 
-    def _load_rows(self, collection_id: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = self._writer.execute(
-            "SELECT label, vector FROM items WHERE collection_id = ? ORDER BY label", (collection_id,)
+    def _load_rows(
+        self, conn: sqlite3.Connection, collection_id: int, columns: tuple[str, str], tag: int, dim: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, vectors) of the items that have a vector of space `tag` in the slot `columns`."""
+        vector, tag_column = columns
+        rows = conn.execute(
+            f"SELECT label, {vector} FROM items WHERE collection_id = ? AND {tag_column} = ? ORDER BY label",
+            (collection_id, tag),
         ).fetchall()
         labels = np.array([row[0] for row in rows], dtype=np.int64)
         vectors = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.float32).reshape(len(rows), dim)
@@ -431,47 +626,69 @@ class EmbeddedStore:
         live = _LiveIndex(catalog.binding, catalog.params, labels, index, "hnsw", unsaved=0)
         live.dead.update(np.flatnonzero(~np.isin(labels, live_labels)).tolist())
         if len(missing):
-            live.apply(np.zeros(0, dtype=np.int64), missing, self._vectors_of(missing, catalog.binding.dim))
+            live.apply(
+                np.zeros(0, dtype=np.int64),
+                missing,
+                self._vectors_of(missing, catalog.bound_columns[0], catalog.binding.dim),
+            )
         return live
 
-    def _vectors_of(self, labels: np.ndarray, dim: int) -> np.ndarray:
+    def _vectors_of(
+        self, labels: np.ndarray, column: str, dim: int, conn: sqlite3.Connection | None = None
+    ) -> np.ndarray:
         blobs: dict[int, bytes] = {}
         for chunk in batches(len(labels), _SQLITE_VARIABLES):
             part = labels[chunk].tolist()
             marks = ",".join("?" * len(part))
             blobs.update(
-                self._writer.execute(f"SELECT label, vector FROM items WHERE label IN ({marks})", part)
+                (conn or self._writer).execute(
+                    f"SELECT label, {column} FROM items WHERE label IN ({marks})", part
+                )
             )
         return np.frombuffer(b"".join(blobs[int(label)] for label in labels), dtype=np.float32).reshape(
             -1, dim
         )
 
     def _live_index(self, catalog: _Catalog) -> _LiveIndex:
-        live = self._live.get(catalog.id)
+        """The bound space's index, built on first use; a catalog read before a switch gets
+        `ModelMismatchError` (the caller reads the binding again) rather than an index of the old space."""
+        live = self._live.get((catalog.id, catalog.bound_tag))
         if live is not None:
             return live
         with self._write_mutex:
-            live = self._live.get(catalog.id)
+            if self._catalog(self._writer, catalog.name).bound_state != catalog.bound_state:
+                raise ModelMismatchError(f"collection {catalog.name!r} moved to another space meanwhile")
+            key = (catalog.id, catalog.bound_tag)
+            live = self._live.get(key)
             if live is None:
                 faiss.omp_set_num_threads(self.build_threads)
                 live = self._restore_snapshot(catalog)
                 if live is None:
-                    live = _LiveIndex.build(
-                        catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim)
+                    live = self._build(
+                        self._writer, catalog, catalog.bound_columns, catalog.bound_tag, catalog.binding
                     )
-                self._live[catalog.id] = live
+                self._live[key] = live
             return live
 
+    def _build(
+        self,
+        conn: sqlite3.Connection,
+        catalog: _Catalog,
+        columns: tuple[str, str],
+        tag: int,
+        binding: ModelBinding,
+    ) -> _LiveIndex:
+        labels, vectors = self._load_rows(conn, catalog.id, columns, tag, binding.dim)
+        return _LiveIndex.build(binding, catalog.params, labels, vectors)
+
     def _rebuild(self, catalog: _Catalog) -> None:
-        live = _LiveIndex.build(
-            catalog.binding, catalog.params, *self._load_rows(catalog.id, catalog.binding.dim)
-        )
-        self._live[catalog.id] = live
+        live = self._build(self._writer, catalog, catalog.bound_columns, catalog.bound_tag, catalog.binding)
+        self._live[(catalog.id, catalog.bound_tag)] = live
 
     def snapshot(self) -> None:
         """Write HNSW graphs to disk so the next start need not rebuild them (done on close too)."""
         with self._write_mutex:
-            for collection_id, live in list(self._live.items()):
+            for (collection_id, _tag), live in list(self._live.items()):
                 live.snapshot_to(self._snapshot_path(collection_id))
 
     # items
@@ -486,42 +703,33 @@ class EmbeddedStore:
         metadata: Sequence[dict[str, Any]] | None = None,
         sources: Sequence[Source | None] | None = None,
         progress: ProgressCallback | None = None,
+        also: SpaceVectors | None = None,
     ) -> int:
         with self._write_mutex:
             faiss.omp_set_num_threads(self.build_threads)
             catalog = self._catalog(self._writer, name)
-            check_binding(name, catalog.binding, content_hash)
-            ids, vectors, metadata, sources = prepare_upsert(
-                ids, vectors, catalog.binding.dim, metadata, sources
-            )
-            encoded = [encode_metadata(entry, position) for position, entry in enumerate(metadata)]
+            bound, other = vectors_by_space(name, catalog.spaces, content_hash, vectors, also)
+            other_dim = catalog.other.binding.dim if catalog.other is not None else 0
+            prepared = prepare_upsert(ids, bound, catalog.binding.dim, metadata, sources, other, other_dim)
+            encoded = [encode_metadata(entry, position) for position, entry in enumerate(prepared.metadata)]
             live = self._live_index(catalog)
-            for chunk in batches(len(ids), self.batch_size):
-                removed, labels = self._write_batch(
-                    catalog, ids[chunk], vectors[chunk], encoded[chunk], sources[chunk]
-                )
-                live.apply(removed, labels, vectors[chunk])
+            for chunk in batches(len(prepared.ids), self.batch_size):
+                part = prepared.part(chunk)
+                removed, labels = self._write_batch(catalog, part, encoded[chunk])
+                live.apply(removed, labels, part.vectors)
                 if progress is not None:
-                    progress(chunk.stop, len(ids))
+                    progress(chunk.stop, len(prepared.ids))
             self._maintain(catalog, live)
-            return len(ids)
+            return len(prepared.ids)
 
     def _write_batch(
-        self,
-        catalog: _Catalog,
-        ids: list[str],
-        vectors: np.ndarray,
-        metadata: list[str],
-        sources: list[Source | None],
+        self, catalog: _Catalog, batch: PreparedUpsert, metadata: list[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Commit one batch durably; returns (labels replaced, labels assigned)."""
-        conn = self._writer
-        with _write_transaction(conn):
-            current = self._catalog(conn, catalog.name)
-            if current.id != catalog.id or current.binding != catalog.binding:
-                raise CollectionNotFoundError(
-                    f"collection {catalog.name!r} was dropped or re-bound during the write"
-                )
+        """Commit one batch durably, both spaces; returns (labels replaced, labels assigned)."""
+        ids, sources = batch.ids, batch.sources
+        with self._write_transaction() as conn:
+            if self._catalog(conn, catalog.name).state != catalog.state:
+                raise ModelMismatchError(f"collection {catalog.name!r} changed spaces during the write")
             removed: list[int] = []
             removed_sources: list[tuple[str | None, str | None]] = []
             for chunk in batches(len(ids), _SQLITE_VARIABLES):
@@ -537,25 +745,38 @@ class EmbeddedStore:
             row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
             first = (row[0] if row else 0) + 1
             labels = np.arange(first, first + len(ids), dtype=np.int64)
+            (vector, tag), (other_vector, other_tag) = catalog.bound_columns, catalog.other_columns
+            other_space = catalog.other.tag if catalog.other is not None else _NO_TAG
             conn.executemany(
-                "INSERT INTO items (label, collection_id, item_id, vector, metadata, source_kind, source) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO items (label, collection_id, item_id, {vector}, {tag}, {other_vector}, "
+                f"{other_tag}, metadata, source_kind, source) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     (
                         int(label),
                         catalog.id,
                         item_id,
-                        vector.tobytes(),
+                        bound.tobytes(),
+                        catalog.bound_tag,
+                        other.tobytes() if present else b"",
+                        other_space if present else _NO_TAG,
                         meta,
                         source.kind if source else None,
                         source.value if source else None,
                     )
-                    for label, item_id, vector, meta, source in zip(
-                        labels, ids, vectors, metadata, sources, strict=True
+                    for label, item_id, bound, other, present, meta, source in zip(
+                        labels,
+                        ids,
+                        batch.vectors,
+                        batch.other_vectors,
+                        batch.other_present,
+                        metadata,
+                        sources,
+                        strict=True,
                     )
                 ),
             )
             self._count_images(conn, catalog, ImageRefs.of(sources), released_images(removed_sources))
+            self._forget_item_errors(conn, catalog, ids)
         return np.array(removed, dtype=np.int64), labels
 
     def _count_images(
@@ -605,18 +826,20 @@ class EmbeddedStore:
         """Compact tombstones, train IVF once there is enough data, snapshot a grown HNSW graph."""
         if live.needs_rebuild():
             self._rebuild(catalog)
-            live = self._live[catalog.id]
+            live = self._live[(catalog.id, catalog.bound_tag)]
         if live.built == "hnsw" and live.added_since_snapshot >= _SNAPSHOT_MIN_NEW:
             live.snapshot_to(self._snapshot_path(catalog.id))
 
     def get(self, name: str, item_id: str) -> StoredItem:
         validate_item_id(item_id)
         conn = self._reader()
-        catalog = self._catalog(conn, name)
-        row = conn.execute(
-            "SELECT item_id, vector, metadata, source_kind, source FROM items WHERE collection_id = ? AND item_id = ?",
-            (catalog.id, item_id),
-        ).fetchone()
+        with _read_transaction(conn):
+            catalog = self._catalog(conn, name)
+            row = conn.execute(
+                f"SELECT item_id, {catalog.bound_columns[0]} AS vector, metadata, source_kind, source "
+                "FROM items WHERE collection_id = ? AND item_id = ?",
+                (catalog.id, item_id),
+            ).fetchone()
         if row is None:
             raise ItemNotFoundError(f"collection {name!r} has no item {item_id!r}")
         source = Source(row["source_kind"], row["source"]) if row["source_kind"] else None
@@ -632,8 +855,7 @@ class EmbeddedStore:
         with self._write_mutex:
             catalog = self._catalog(self._writer, name)
             live = self._live_index(catalog)
-            conn = self._writer
-            with _write_transaction(conn):
+            with self._write_transaction() as conn:
                 row = conn.execute(
                     "DELETE FROM items WHERE collection_id = ? AND item_id = ? RETURNING label, source_kind, source",
                     (catalog.id, item_id),
@@ -694,7 +916,8 @@ class EmbeddedStore:
             part = labels[chunk].tolist()
             marks = ",".join("?" * len(part))
             rows += conn.execute(
-                f"SELECT item_id, vector, metadata FROM items WHERE label IN ({marks})", part
+                f"SELECT item_id, {catalog.bound_columns[0]}, metadata FROM items WHERE label IN ({marks})",
+                part,
             ).fetchall()
         if not rows:
             return []
@@ -721,50 +944,473 @@ class EmbeddedStore:
             if label in rows
         ]
 
-    # re-embedding
+    # Spaces and re-embed jobs ----------------------------------------------------------------------
 
-    def iter_sources(self, name: str, batch_size: int = 1000) -> Iterator[list[tuple[str, Source | None]]]:
+    def versions_in_use(self) -> dict[str, list[str]]:
         conn = self._reader()
-        catalog = self._catalog(conn, name)
-        last = 0
-        while True:
-            rows = conn.execute(
-                "SELECT label, item_id, source_kind, source FROM items WHERE collection_id = ? AND label > ? "
-                "ORDER BY label LIMIT ?",
-                (catalog.id, last, batch_size),
-            ).fetchall()
-            if not rows:
-                return
-            last = rows[-1][0]
-            yield [(row[1], Source(row[2], row[3]) if row[2] else None) for row in rows]
+        with _read_transaction(conn):
+            catalog = [
+                (c.name, c.binding, c.other)
+                for c in map(_Catalog, conn.execute("SELECT * FROM collections ORDER BY name"))
+            ]
+            active = [
+                (row[0], row[1], ModelBinding.of(row[2]))
+                for row in conn.execute(
+                    "SELECT j.id, c.name, j.target FROM jobs j JOIN collections c ON c.id = j.collection_id "
+                    "WHERE j.state IN ('pending', 'running', 'waiting')"
+                )
+            ]
+        return versions_in_use(catalog, active)
 
-    def rebind(self, name: str, binding: ModelBinding, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Move the collection to another embedding space: new vectors for every item, in one transaction."""
-        with self._write_mutex:
-            catalog = self._catalog(self._writer, name)
-            conn = self._writer
-            with _write_transaction(conn):
-                stored = {
-                    row[0]
-                    for row in conn.execute(
-                        "SELECT item_id FROM items WHERE collection_id = ?", (catalog.id,)
-                    )
-                }
-                normalized = rebind_rows(name, stored, ids, vectors, binding.dim)
-                conn.executemany(
-                    "UPDATE items SET vector = ? WHERE collection_id = ? AND item_id = ?",
+    def _job_row(self, conn: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = conn.execute(_JOB_SELECT + "WHERE j.id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFoundError(f"no job {job_id!r}")
+        return row
+
+    def _fenced(
+        self, conn: sqlite3.Connection, job_id: str, owner: str, states: Sequence[str]
+    ) -> tuple[sqlite3.Row, _Catalog]:
+        """The job, if it is still ours and in one of `states`, and its collection's catalog."""
+        row = conn.execute(_JOB_SELECT + "WHERE j.id = ?", (job_id,)).fetchone()
+        if row is None or row["owner"] != owner or row["state"] not in states:
+            raise LeaseLostError(f"job {job_id} is no longer run by this replica")
+        return row, self._catalog_by_id(conn, row["collection_id"])
+
+    def _catalog_by_id(self, conn: sqlite3.Connection, collection_id: int) -> _Catalog:
+        return _Catalog(conn.execute("SELECT * FROM collections WHERE id = ?", (collection_id,)).fetchone())
+
+    @staticmethod
+    def _target_space(row: sqlite3.Row, catalog: _Catalog) -> OtherSpace:
+        """The other space, which must be this job's target."""
+        if catalog.other is None or catalog.other.job != row["id"] or catalog.other.role != "target":
+            raise LeaseLostError(f"collection {catalog.name!r} no longer holds job {row['id']}'s space")
+        return catalog.other
+
+    def get_job(self, job_id: str) -> JobRecord:
+        return _job_record(self._job_row(self._reader(), job_id))
+
+    def list_jobs(self, collection: str | None = None, limit: int = 100) -> list[JobRecord]:
+        conn = self._reader()
+        if collection is None:
+            rows = conn.execute(_JOB_SELECT + "ORDER BY j.seq DESC LIMIT ?", (limit,))
+        else:
+            catalog = self._catalog(conn, collection)
+            rows = conn.execute(
+                _JOB_SELECT + "WHERE j.collection_id = ? ORDER BY j.seq DESC LIMIT ?", (catalog.id, limit)
+            )
+        return [_job_record(row) for row in rows]
+
+    def job_errors(self, job_id: str, limit: int) -> list[ItemError]:
+        conn = self._reader()
+        seq = self._job_row(conn, job_id)["seq"]
+        rows = conn.execute(
+            "SELECT item_id, code, message FROM job_errors WHERE job_seq = ? ORDER BY item_id LIMIT ?",
+            (seq, limit),
+        )
+        return [ItemError(*row) for row in rows]
+
+    def create_job(
+        self, name: str, target: ModelBinding, *, auto: bool, drop_unembeddable: bool
+    ) -> JobRecord | None:
+        with self._write_mutex, self._write_transaction() as conn:
+            catalog = self._catalog(conn, name)
+            if target.content_hash == catalog.binding.content_hash:
+                if auto:
+                    return None
+                raise AlreadyCurrentError(already_current(name, catalog.binding))
+            active = conn.execute(
+                _JOB_SELECT + "WHERE j.collection_id = ? AND j.state IN ('pending', 'running', 'waiting')",
+                (catalog.id,),
+            ).fetchone()
+            if active is not None and ModelBinding.of(active["target"]).content_hash == target.content_hash:
+                if auto:
+                    return None
+                conn.execute(
+                    "UPDATE jobs SET drop_unembeddable = max(drop_unembeddable, ?), errors = 0, "
+                    "cursor = CASE state WHEN 'waiting' THEN '' ELSE cursor END, "
+                    "state = CASE state WHEN 'waiting' THEN 'running' ELSE state END WHERE seq = ?",
+                    (int(drop_unembeddable), active["seq"]),
+                )
+                conn.execute("DELETE FROM job_errors WHERE job_seq = ?", (active["seq"],))
+                return _job_record(self._job_row(conn, active["id"]))
+            if (
+                auto
+                and conn.execute(
+                    "SELECT 1 FROM jobs WHERE collection_id = ? AND json_extract(target, '$.content_hash') = ?",
+                    (catalog.id, target.content_hash),
+                ).fetchone()
+            ):
+                return None
+            job_id = new_job_id()
+            if active is not None:
+                conn.execute(
+                    f"UPDATE jobs SET state = 'cancelled', owner = NULL, finished_at = {_NOW}, message = ? "
+                    "WHERE seq = ?",
+                    (superseded(job_id, target), active["seq"]),
+                )
+            self._end_other_space(conn, catalog, f"the previous space was given up: job {job_id} started")
+            total = conn.execute(
+                "SELECT count(*) FROM items WHERE collection_id = ?", (catalog.id,)
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT INTO jobs (id, collection_id, state, target, origin, auto, drop_unembeddable, total, "
+                f"created_at) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, {_NOW})",
+                (
+                    job_id,
+                    catalog.id,
+                    target.json(),
+                    catalog.binding.json(),
+                    int(auto),
+                    int(drop_unembeddable),
+                    total,
+                ),
+            )
+            return _job_record(self._job_row(conn, job_id))
+
+    def _end_other_space(self, conn: sqlite3.Connection, catalog: _Catalog, message: str) -> None:
+        """Inside a write transaction: the collection holds its bound space only from now on."""
+        if catalog.other is None:
+            return
+        if catalog.other.role == "previous":
+            conn.execute(
+                f"UPDATE jobs SET state = 'completed', owner = NULL, finished_at = {_NOW}, message = ? "
+                "WHERE id = ? AND state = 'switched'",
+                (message, catalog.other.job),
+            )
+        conn.execute("UPDATE collections SET other = NULL WHERE id = ?", (catalog.id,))
+        self._prepared.pop((catalog.id, catalog.other.tag), None)
+
+    def cancel_job(self, job_id: str) -> JobRecord:
+        with self._write_mutex, self._write_transaction() as conn:
+            row = self._job_row(conn, job_id)
+            if row["state"] == "switched":
+                raise JobStateError(cannot_cancel_switched(_job_record(row)))
+            if row["state"] in ACTIVE_STATES:
+                conn.execute(
+                    f"UPDATE jobs SET state = 'cancelled', owner = NULL, finished_at = {_NOW}, "
+                    "message = 'cancelled' WHERE seq = ?",
+                    (row["seq"],),
+                )
+                catalog = self._catalog_by_id(conn, row["collection_id"])
+                if catalog.other is not None and catalog.other.job == job_id:
+                    self._end_other_space(conn, catalog, "cancelled")
+            return _job_record(self._job_row(conn, job_id))
+
+    def claim_job(self, owner: str, lease_s: float) -> JobRecord | None:
+        """The data dir belongs to this process alone, so a job of another owner is one of a process that
+        died: taken at once, whatever its heartbeat says."""
+        with self._write_mutex, self._write_transaction() as conn:
+            row = conn.execute(
+                "SELECT id FROM jobs WHERE (state IN ('pending', 'running', 'waiting') "
+                f"OR (state = 'switched' AND keep_until <= {_NOW})) AND (owner IS NULL OR owner != ?) "
+                "ORDER BY seq LIMIT 1",
+                (owner,),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                f"UPDATE jobs SET owner = ?, heartbeat = {_NOW}, started_at = coalesce(started_at, {_NOW}), "
+                "state = CASE state WHEN 'pending' THEN 'running' ELSE state END WHERE id = ?",
+                (owner, row[0]),
+            )
+            return _job_record(self._job_row(conn, row[0]))
+
+    def heartbeat_job(self, job_id: str, owner: str) -> JobRecord | None:
+        with self._write_mutex, self._write_transaction() as conn:
+            beat = conn.execute(
+                f"UPDATE jobs SET heartbeat = {_NOW} WHERE id = ? AND owner = ? "
+                "AND state IN ('running', 'waiting', 'switched')",
+                (job_id, owner),
+            )
+            return _job_record(self._job_row(conn, job_id)) if beat.rowcount else None
+
+    def release_job(self, job_id: str, owner: str) -> None:
+        with self._write_mutex, self._write_transaction() as conn:
+            conn.execute("UPDATE jobs SET owner = NULL WHERE id = ? AND owner = ?", (job_id, owner))
+
+    def begin_space(self, job_id: str, owner: str) -> None:
+        with self._write_mutex, self._write_transaction() as conn:
+            row, catalog = self._fenced(conn, job_id, owner, ("running", "waiting"))
+            if catalog.other is not None and catalog.other.job == job_id:
+                return
+            self._end_other_space(conn, catalog, f"the previous space was given up: job {job_id} started")
+            # the job's number tags its vectors: whatever an earlier space left in the slot does not count
+            space = OtherSpace(ModelBinding.of(row["target"]), "target", job_id, tag=row["seq"])
+            conn.execute("UPDATE collections SET other = ? WHERE id = ?", (space.json(), catalog.id))
+
+    def job_chunk(self, job_id: str, after: str, limit: int) -> list[ChunkItem]:
+        conn = self._reader()
+        with _read_transaction(conn):
+            row = self._job_row(conn, job_id)
+            catalog = self._catalog_by_id(conn, row["collection_id"])
+            space = self._target_space(row, catalog)
+            tag = catalog.other_columns[1]
+            rows = conn.execute(
+                f"SELECT label, item_id, source_kind, source FROM items i WHERE collection_id = ? AND label > ? "
+                f"AND {tag} != ? AND source_kind IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM job_errors e WHERE e.job_seq = ? AND e.item_id = i.item_id) ORDER BY label LIMIT ?",
+                (catalog.id, int(after or 0), space.tag, row["seq"], limit),
+            ).fetchall()
+        return [ChunkItem(str(r[0]), r[1], Source(r[2], r[3])) for r in rows]
+
+    def write_job_chunk(
+        self,
+        job_id: str,
+        owner: str,
+        items: Sequence[ChunkItem],
+        vectors: np.ndarray,
+        errors: Sequence[ItemError],
+        cursor: str,
+        rate: float | None,
+    ) -> None:
+        with self._write_mutex, self._write_transaction() as conn:
+            row, catalog = self._fenced(conn, job_id, owner, ("running", "waiting"))
+            space = self._target_space(row, catalog)
+            vector, tag = catalog.other_columns
+            normalized = normalize_rows(vectors, space.binding.dim) if len(items) else vectors
+            # an item replaced or re-sourced since it was read has a new label or source: left alone,
+            # its write gave it its vector (or the next pass will)
+            conn.executemany(
+                f"UPDATE items SET {vector} = ?, {tag} = ? WHERE label = ? AND item_id = ? AND source_kind = ? "
+                f"AND source = ? AND {tag} != ?",
+                (
                     (
-                        (vector.tobytes(), catalog.id, item_id)
-                        for item_id, vector in zip(ids, normalized, strict=True)
+                        v.tobytes(),
+                        space.tag,
+                        int(item.key),
+                        item.item_id,
+                        item.source.kind,
+                        item.source.value,
+                        space.tag,
+                    )
+                    for item, v in zip(items, normalized, strict=True)
+                ),
+            )
+            stored = conn.execute(
+                "SELECT count(*) FROM job_errors WHERE job_seq = ?", (row["seq"],)
+            ).fetchone()[0]
+            conn.executemany(
+                "INSERT OR REPLACE INTO job_errors (job_seq, item_id, code, message) VALUES (?, ?, ?, ?)",
+                (
+                    (row["seq"], e.item_id, e.code, e.message)
+                    for e in errors[: max(0, MAX_STORED_ERRORS - stored)]
+                ),
+            )
+            conn.execute(
+                f"UPDATE jobs SET state = 'running', cursor = ?, done = done + ?, errors = errors + ?, rate = ?, "
+                f"heartbeat = {_NOW} "
+                "WHERE seq = ?",
+                (cursor, len(items) + len(errors), len(errors), rate, row["seq"]),
+            )
+
+    def _blockers(
+        self, conn: sqlite3.Connection, row: sqlite3.Row, catalog: _Catalog
+    ) -> tuple[Blockers, int]:
+        space = self._target_space(row, catalog)
+        tag = catalog.other_columns[1]
+        failed = "item_id IN (SELECT item_id FROM job_errors WHERE job_seq = :seq)"
+        counts = conn.execute(
+            f"SELECT count(*), coalesce(sum({tag} != :tag AND source_kind IS NOT NULL AND NOT {failed}), 0), "
+            f"coalesce(sum({tag} != :tag AND source_kind IS NULL), 0), "
+            f"coalesce(sum({tag} != :tag AND source_kind IS NOT NULL AND {failed}), 0) "
+            "FROM items WHERE collection_id = :id",
+            {"tag": space.tag, "seq": row["seq"], "id": catalog.id},
+        ).fetchone()
+        first = conn.execute(
+            f"SELECT item_id FROM items WHERE collection_id = ? AND {tag} != ? AND source_kind IS NULL "
+            "ORDER BY label LIMIT ?",
+            (catalog.id, space.tag, FIRST_IDS),
+        ).fetchall()
+        return Blockers(counts[1], counts[2], counts[3], [r[0] for r in first]), counts[0]
+
+    def job_blockers(self, job_id: str) -> tuple[Blockers, int]:
+        conn = self._reader()
+        with _read_transaction(conn):
+            row = self._job_row(conn, job_id)
+            return self._blockers(conn, row, self._catalog_by_id(conn, row["collection_id"]))
+
+    def set_job_state(self, job_id: str, owner: str, state: JobState, blockers: Blockers, total: int) -> None:
+        with self._write_mutex, self._write_transaction() as conn:
+            row, _ = self._fenced(conn, job_id, owner, ("running", "waiting"))
+            conn.execute(
+                f"UPDATE jobs SET state = ?, unembeddable = ?, unembeddable_ids = ?, total = ?, done = ?, "
+                f"heartbeat = {_NOW} WHERE seq = ?",
+                (
+                    state,
+                    blockers.unembeddable,
+                    json.dumps(blockers.first_ids),
+                    total,
+                    total - blockers.embeddable - blockers.blocking,
+                    row["seq"],
+                ),
+            )
+
+    def prepare_switch(self, job_id: str, threads: int | None = None) -> None:
+        conn = self._reader()
+        with _read_transaction(conn):
+            row = self._job_row(conn, job_id)
+            catalog = self._catalog_by_id(conn, row["collection_id"])
+            space = self._target_space(row, catalog)
+            labels, vectors = self._load_rows(
+                conn, catalog.id, catalog.other_columns, space.tag, space.binding.dim
+            )
+        faiss.omp_set_num_threads(threads or self.build_threads)
+        self._prepared[(catalog.id, space.tag)] = _LiveIndex.build(
+            space.binding, catalog.params, labels, vectors
+        )
+
+    def _caught_up(self, catalog: _Catalog, slot: tuple[str, str], space: OtherSpace) -> _LiveIndex:
+        """The index of `space` prepared before, brought up to the rows committed since (under the write
+        mutex); built afresh when there is none, or when rows older than its newest were filled since."""
+        key = (catalog.id, space.tag)
+        live = self._prepared.pop(key, None)
+        if live is None:
+            return self._build(self._writer, catalog, slot, space.tag, space.binding)
+        now = np.array(
+            [
+                r[0]
+                for r in self._writer.execute(
+                    f"SELECT label FROM items WHERE collection_id = ? AND {slot[1]} = ? ORDER BY label",
+                    (catalog.id, space.tag),
+                )
+            ],
+            dtype=np.int64,
+        )
+        added = np.setdiff1d(now, live.labels)
+        if len(added) and len(live.labels) and added.min() < live.labels.max():
+            return self._build(self._writer, catalog, slot, space.tag, space.binding)
+        live.apply(np.setdiff1d(live.labels, now), added, self._vectors_of(added, slot[0], space.binding.dim))
+        return live
+
+    def switch(self, job_id: str, owner: str, grace_s: float) -> bool:
+        with self._write_mutex:
+            row = self._job_row(self._writer, job_id)
+            catalog = self._catalog_by_id(self._writer, row["collection_id"])
+            space = self._target_space(row, catalog)
+            live = self._caught_up(catalog, catalog.other_columns, space)
+            with self._write_transaction() as conn:
+                row, catalog = self._fenced(conn, job_id, owner, ("running", "waiting"))
+                blockers, _total = self._blockers(conn, row, catalog)
+                if blockers.embeddable or (blockers.blocking and not row["drop_unembeddable"]):
+                    self._prepared[(catalog.id, space.tag)] = live
+                    return False
+                dropped = self._drop_lacking(conn, catalog, catalog.other_columns[1], space.tag)
+                previous = OtherSpace(catalog.binding, "previous", job_id, tag=catalog.bound_tag)
+                target = space.binding
+                conn.execute(
+                    "UPDATE collections SET model = ?, version = ?, content_hash = ?, dim = ?, bound_slot = ?, "
+                    "bound_tag = ?, other = ? WHERE id = ?",
+                    (
+                        target.model,
+                        target.version,
+                        target.content_hash,
+                        target.dim,
+                        1 - catalog.bound_slot,
+                        space.tag,
+                        previous.json(),
+                        catalog.id,
                     ),
                 )
                 conn.execute(
-                    "UPDATE collections SET model = ?, version = ?, content_hash = ?, dim = ? WHERE id = ?",
-                    (binding.model, binding.version, binding.content_hash, binding.dim, catalog.id),
+                    f"UPDATE jobs SET state = 'switched', switched_at = {_NOW}, keep_until = {_NOW} + ?, "
+                    "owner = NULL, done = total, unembeddable = 0, unembeddable_ids = '[]', message = ? WHERE seq = ?",
+                    (grace_s, dropped_message(len(dropped)), row["seq"]),
                 )
-            self._snapshot_path(catalog.id).unlink(missing_ok=True)
-            faiss.omp_set_num_threads(self.build_threads)
-            self._rebuild(self._catalog(conn, name))
+            self._install(catalog, live, dropped, space.tag)
+            return True
+
+    def _install(self, catalog: _Catalog, live: _LiveIndex, dropped: np.ndarray, tag: int) -> None:
+        """After a switch or rollback committed: the new bound space's index serves, the old one goes."""
+        if len(dropped):
+            live.apply(dropped, np.zeros(0, dtype=np.int64), np.zeros((0, live.binding.dim), np.float32))
+        key = (catalog.id, tag)
+        self._live[key] = live
+        self._forget_indexes(catalog.id, keep=key)
+        self._snapshot_path(catalog.id).unlink(missing_ok=True)
+        self._maintain(self._catalog_by_id(self._writer, catalog.id), live)
+
+    def _drop_lacking(
+        self, conn: sqlite3.Connection, catalog: _Catalog, tag_column: str, tag: int
+    ) -> np.ndarray:
+        """Delete the items with no vector of space `tag` (asked for with drop_unembeddable)."""
+        rows = conn.execute(
+            f"DELETE FROM items WHERE collection_id = ? AND {tag_column} != ? RETURNING label, source_kind, source",
+            (catalog.id, tag),
+        ).fetchall()
+        if rows:
+            self._count_images(conn, catalog, ImageRefs(), released_images([(r[1], r[2]) for r in rows]))
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def finish_job(self, job_id: str, owner: str) -> None:
+        with self._write_mutex, self._write_transaction() as conn:
+            row, catalog = self._fenced(conn, job_id, owner, ("switched",))
+            if catalog.other is not None and catalog.other.job == job_id and catalog.other.role == "previous":
+                conn.execute("UPDATE collections SET other = NULL WHERE id = ?", (catalog.id,))
+            conn.execute(
+                f"UPDATE jobs SET state = 'completed', owner = NULL, finished_at = {_NOW} WHERE seq = ?",
+                (row["seq"],),
+            )
+
+    def fail_job(self, job_id: str, owner: str, message: str) -> None:
+        with self._write_mutex, self._write_transaction() as conn:
+            row, catalog = self._fenced(conn, job_id, owner, ACTIVE_STATES)
+            conn.execute(
+                f"UPDATE jobs SET state = 'failed', owner = NULL, finished_at = {_NOW}, message = ? WHERE seq = ?",
+                (message, row["seq"]),
+            )
+            if catalog.other is not None and catalog.other.job == job_id:
+                self._end_other_space(conn, catalog, message)
+
+    def rollback(self, name: str, drop_unembeddable: bool) -> JobRecord:
+        with self._write_mutex:
+            catalog = self._catalog(self._writer, name)
+            previous = catalog.other
+            if previous is None or previous.role != "previous":
+                raise JobStateError(nothing_to_roll_back(name))
+            slot = catalog.other_columns
+            live = self._build(self._writer, catalog, slot, previous.tag, previous.binding)
+            with self._write_transaction() as conn:
+                lacking = conn.execute(
+                    f"SELECT item_id FROM items WHERE collection_id = ? AND {slot[1]} != ? ORDER BY label",
+                    (catalog.id, previous.tag),
+                ).fetchall()
+                if lacking and not drop_unembeddable:
+                    raise JobStateError(rollback_blocked(name, previous.binding, [r[0] for r in lacking]))
+                dropped = self._drop_lacking(conn, catalog, slot[1], previous.tag)
+                target = previous.binding
+                conn.execute(
+                    "UPDATE collections SET model = ?, version = ?, content_hash = ?, dim = ?, bound_slot = ?, "
+                    "bound_tag = ?, other = NULL WHERE id = ?",
+                    (
+                        target.model,
+                        target.version,
+                        target.content_hash,
+                        target.dim,
+                        1 - catalog.bound_slot,
+                        previous.tag,
+                        catalog.id,
+                    ),
+                )
+                conn.execute(
+                    f"UPDATE jobs SET state = 'rolled_back', owner = NULL, finished_at = {_NOW}, message = ? "
+                    "WHERE id = ?",
+                    (rolled_back(target, len(dropped)), previous.job),
+                )
+                record = _job_record(self._job_row(conn, previous.job))
+            self._install(catalog, live, dropped, previous.tag)
+            return record
+
+    def _forget_item_errors(self, conn: sqlite3.Connection, catalog: _Catalog, ids: Sequence[str]) -> None:
+        """Items written again are tried again by the collection's running job."""
+        if catalog.other is None or catalog.other.role != "target":
+            return
+        for chunk in batches(len(ids), _SQLITE_VARIABLES):
+            part = ids[chunk]
+            conn.execute(
+                f"DELETE FROM job_errors WHERE job_seq = ? AND item_id IN ({','.join('?' * len(part))})",
+                (catalog.other.tag, *part),
+            )
 
     def close(self) -> None:
         """Snapshot HNSW graphs and release the data dir; closing twice is harmless."""
@@ -783,7 +1429,7 @@ class EmbeddedStore:
 
 
 @contextmanager
-def _write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+def _committed(conn: sqlite3.Connection) -> Iterator[None]:
     """BEGIN IMMEDIATE ... COMMIT, rolled back on any error, the COMMIT's own included: a
     transaction left open would make every later write of this connection fail ("cannot start a
     transaction within a transaction"). Some errors (a full disk) have rolled back already. What
