@@ -58,8 +58,8 @@ from clipserve.service.settings import Settings
 from clipserve.service.stores import (
     BackendUnavailableError,
     CollectionInfo,
-    CollectionStore,
     IndexParams,
+    JobStore,
     ModelBinding,
     ModelMismatchError,
     Source,
@@ -78,10 +78,10 @@ _ATTEMPTS = 3
 class Collections:
     def __init__(self, registry: ModelRegistry, embedder: Embedder, settings: Settings, metrics: Metrics):
         self.registry, self.embedder, self.settings, self.metrics = registry, embedder, settings, metrics
-        self._store: CollectionStore | None = None
+        self._store: JobStore | None = None
         self._opening = asyncio.Lock()
 
-    async def store(self) -> CollectionStore:
+    async def store(self) -> JobStore:
         if self._store is None:
             async with self._opening:
                 if self._store is None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from clipserve.service.app import create_app
+from tests.fixtures.collections import TEXTS, add_texts, embed_texts, post_json, search_ids
 from tests.fixtures.service import LOCAL_URL, b64, image_bytes
-
-TEXTS = ["a red car", "a blue boat", "a green tree", "a yellow sun", "a black cat", "a white cloud"]
 
 
 @pytest.fixture(params=["embedded", "pgvector"])
@@ -27,32 +25,6 @@ def backend_settings(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str
 @pytest.fixture
 def api(make_client, backend_settings):
     return make_client(**backend_settings)
-
-
-def post_json(client, url: str, body: dict):
-    """Sends the body as written by json.dumps, so NaN and Infinity reach the server as clients send them."""
-    return client.post(url, content=json.dumps(body), headers={"content-type": "application/json"})
-
-
-def embed_texts(client, texts: list[str]) -> np.ndarray:
-    response = client.post("/v1/embed", json={"texts": texts})
-    assert response.status_code == 200, response.text
-    return np.array(response.json()["text_embeddings"], dtype=np.float32)
-
-
-def add_texts(client, name: str, texts: list[str] = TEXTS) -> None:
-    items = [
-        {"id": f"t{i}", "text": t, "metadata": {"n": i, "even": i % 2 == 0}} for i, t in enumerate(texts)
-    ]
-    response = client.post(f"/v1/collections/{name}/items", json={"items": items})
-    assert response.status_code == 200, response.text
-    assert response.json() == {"upserted": len(texts)}
-
-
-def search_ids(client, name: str, body: dict) -> list[str]:
-    response = post_json(client, f"/v1/collections/{name}/search", body)
-    assert response.status_code == 200, response.text
-    return [r["id"] for r in response.json()["results"]]
 
 
 def test_collection_crud(api):

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.fixtures.collections import TEXTS, add_texts, embed_texts, post_json, search_ids
 from tests.fixtures.models import publish_copy
 from tests.fixtures.service import b64, image_bytes
-from tests.test_collections_api import TEXTS, add_texts, embed_texts, post_json, search_ids
 
 ADMIN = {"authorization": "Bearer admin"}
 

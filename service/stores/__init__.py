@@ -26,6 +26,7 @@ from .collection_store import (
     Source,
     StoredItem,
 )
+from .jobs import JobStore
 
 BackendName = Literal["embedded", "pgvector"]
 
@@ -41,6 +42,7 @@ __all__ = [
     "IndexStoreError",
     "InvalidInputError",
     "ItemNotFoundError",
+    "JobStore",
     "ModelBinding",
     "ModelMismatchError",
     "SearchHit",
@@ -56,7 +58,7 @@ def open_store(
     data_dir: Path | str | None = None,
     dsn: str | None = None,
     max_image_bytes: int | None = None,
-) -> CollectionStore:
+) -> JobStore:
     """The configured backend; imports only what that backend needs. `max_image_bytes`: inline images'
     bytes kept per collection (None: no limit)."""
     if backend == "embedded":

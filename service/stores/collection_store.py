@@ -28,16 +28,13 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from clipserve.contract.bundle import NAME_RULE, is_valid_name
 from clipserve.service.errors import Conflict, InvalidInput, NotFound, ServiceError, TooLarge, Unavailable
-
-if TYPE_CHECKING:
-    from .jobs import Blockers, ChunkItem, ItemError, JobRecord, JobState
 
 IndexKind = Literal["flat", "hnsw", "ivf"]
 SourceKind = Literal["text", "image"]
@@ -305,86 +302,6 @@ class CollectionStore(Protocol):
 
     def versions_in_use(self) -> dict[str, list[str]]:
         """Model versions (`name@version`) that collections and active jobs need loaded, with why."""
-        ...
-
-    # Re-embed jobs (their records: clipserve.service.stores.jobs) ---------------------------------
-
-    def create_job(
-        self, name: str, target: ModelBinding, *, auto: bool, drop_unembeddable: bool
-    ) -> JobRecord | None:
-        """Start moving `name` to `target` (one transaction): the active job for the same target is
-        updated instead (`drop_unembeddable`, failed items retried); one for another target is
-        superseded; a previous space kept for rollback is given up. `auto`: only if no job for this
-        collection and target ever existed (None otherwise)."""
-        ...
-
-    def get_job(self, job_id: str) -> JobRecord: ...
-
-    def list_jobs(self, collection: str | None = None, limit: int = 100) -> list[JobRecord]: ...
-
-    def job_errors(self, job_id: str, limit: int) -> list[ItemError]: ...
-
-    def cancel_job(self, job_id: str) -> JobRecord: ...
-
-    def claim_job(self, owner: str, lease_s: float) -> JobRecord | None:
-        """Take the lease of one job needing an owner (active without a live one, or switched with
-        its grace over), or None."""
-        ...
-
-    def heartbeat_job(self, job_id: str, owner: str) -> JobRecord | None:
-        """Refresh our lease; the job as it stands, or None once it is no longer ours to run."""
-        ...
-
-    def release_job(self, job_id: str, owner: str) -> None: ...
-
-    def begin_space(self, job_id: str, owner: str) -> None:
-        """Make the job's target the collection's other space (writes fill it from now on)."""
-        ...
-
-    def job_chunk(self, job_id: str, after: str, limit: int) -> list[ChunkItem]:
-        """Items after the cursor, in a stable order, that lack a vector of the job's target and have a
-        source not failed in this job."""
-        ...
-
-    def write_job_chunk(
-        self,
-        job_id: str,
-        owner: str,
-        items: Sequence[ChunkItem],
-        vectors: np.ndarray,
-        errors: Sequence[ItemError],
-        cursor: str,
-        rate: float | None,
-    ) -> None:
-        """The target's vectors of `items` (those not changed since they were read) and the chunk's
-        errors, with the job's progress, in one transaction (`LeaseLostError` if not ours)."""
-        ...
-
-    def job_blockers(self, job_id: str) -> tuple[Blockers, int]:
-        """What still lacks a vector of the target, and the collection's item count."""
-        ...
-
-    def set_job_state(
-        self, job_id: str, owner: str, state: JobState, blockers: Blockers, total: int
-    ) -> None: ...
-
-    def prepare_switch(self, job_id: str) -> None:
-        """Build the target space's ANN index, before the switch (blocking, can be long)."""
-        ...
-
-    def switch(self, job_id: str, owner: str, grace_s: float) -> bool:
-        """Bind the collection to the job's target in one transaction, keeping the previous space for
-        `grace_s`; False when items still lack target vectors (and may not be dropped)."""
-        ...
-
-    def finish_job(self, job_id: str, owner: str) -> None:
-        """The grace period is over: drop the previous space; the job is completed."""
-        ...
-
-    def fail_job(self, job_id: str, owner: str, message: str) -> None: ...
-
-    def rollback(self, name: str, drop_unembeddable: bool) -> JobRecord:
-        """Bind the collection back to the previous space kept by its last switch."""
         ...
 
     def close(self) -> None: ...

@@ -26,12 +26,15 @@ try and exactly one job exists.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
+
+import numpy as np
 
 from clipserve.service.errors import Conflict, NotFound
 
-from .collection_store import IndexStoreError, ModelBinding, OtherSpace, Source
+from .collection_store import CollectionStore, IndexStoreError, ModelBinding, OtherSpace, Source
 
 JobState = Literal[
     "pending", "running", "waiting", "switched", "completed", "cancelled", "rolled_back", "failed"
@@ -131,6 +134,89 @@ class Blockers:
     @property
     def blocking(self) -> int:
         return self.unembeddable + self.errored
+
+
+class JobStore(CollectionStore, Protocol):
+    """A collection store with its re-embed jobs: what both backends implement, and what the service
+    opens. The jobs' records are the types above; the collection half is `CollectionStore`."""
+
+    def create_job(
+        self, name: str, target: ModelBinding, *, auto: bool, drop_unembeddable: bool
+    ) -> JobRecord | None:
+        """Start moving `name` to `target` (one transaction): the active job for the same target is
+        updated instead (`drop_unembeddable`, failed items retried); one for another target is
+        superseded; a previous space kept for rollback is given up. `auto`: only if no job for this
+        collection and target ever existed (None otherwise)."""
+        ...
+
+    def get_job(self, job_id: str) -> JobRecord: ...
+
+    def list_jobs(self, collection: str | None = None, limit: int = 100) -> list[JobRecord]: ...
+
+    def job_errors(self, job_id: str, limit: int) -> list[ItemError]: ...
+
+    def cancel_job(self, job_id: str) -> JobRecord: ...
+
+    def claim_job(self, owner: str, lease_s: float) -> JobRecord | None:
+        """Take the lease of one job needing an owner (active without a live one, or switched with
+        its grace over), or None."""
+        ...
+
+    def heartbeat_job(self, job_id: str, owner: str) -> JobRecord | None:
+        """Refresh our lease; the job as it stands, or None once it is no longer ours to run."""
+        ...
+
+    def release_job(self, job_id: str, owner: str) -> None: ...
+
+    def begin_space(self, job_id: str, owner: str) -> None:
+        """Make the job's target the collection's other space (writes fill it from now on)."""
+        ...
+
+    def job_chunk(self, job_id: str, after: str, limit: int) -> list[ChunkItem]:
+        """Items after the cursor, in a stable order, that lack a vector of the job's target and have a
+        source not failed in this job."""
+        ...
+
+    def write_job_chunk(
+        self,
+        job_id: str,
+        owner: str,
+        items: Sequence[ChunkItem],
+        vectors: np.ndarray,
+        errors: Sequence[ItemError],
+        cursor: str,
+        rate: float | None,
+    ) -> None:
+        """The target's vectors of `items` (those not changed since they were read) and the chunk's
+        errors, with the job's progress, in one transaction (`LeaseLostError` if not ours)."""
+        ...
+
+    def job_blockers(self, job_id: str) -> tuple[Blockers, int]:
+        """What still lacks a vector of the target, and the collection's item count."""
+        ...
+
+    def set_job_state(
+        self, job_id: str, owner: str, state: JobState, blockers: Blockers, total: int
+    ) -> None: ...
+
+    def prepare_switch(self, job_id: str) -> None:
+        """Build the target space's ANN index, before the switch (blocking, can be long)."""
+        ...
+
+    def switch(self, job_id: str, owner: str, grace_s: float) -> bool:
+        """Bind the collection to the job's target in one transaction, keeping the previous space for
+        `grace_s`; False when items still lack target vectors (and may not be dropped)."""
+        ...
+
+    def finish_job(self, job_id: str, owner: str) -> None:
+        """The grace period is over: drop the previous space; the job is completed."""
+        ...
+
+    def fail_job(self, job_id: str, owner: str, message: str) -> None: ...
+
+    def rollback(self, name: str, drop_unembeddable: bool) -> JobRecord:
+        """Bind the collection back to the previous space kept by its last switch."""
+        ...
 
 
 def reasons_add(needs: dict[str, list[str]], binding: ModelBinding, why: str) -> None:
