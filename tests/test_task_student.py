@@ -4,6 +4,7 @@ head alone; the task bundle's ONNX probabilities equal the torch model's; the co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -228,3 +229,49 @@ def test_mistakes_are_one_line_and_status_2(
     )
     assert main(["--labels", str(labels)]) == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_help_lists_every_option_with_its_default_and_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    from clipserve.training.cli import main as clip_distill
+    from clipserve.training.task import TaskSettings
+
+    with pytest.raises(SystemExit) as exited:
+        clip_distill(["task", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name in TaskSettings.model_fields:
+        assert re.search(rf"{re.escape(TaskSettings.flag(name))}[ ,]", text), name
+        assert f"env {TaskSettings.env_name(name)}]" in text, name
+    assert text.count("[default: ") + text.count("[required; ") == len(TaskSettings.model_fields)
+
+
+def test_a_bundle_teacher_and_labels_from_a_csv(
+    tiny_repo: Path, tiny_task_folders: Path, tiny_student_config: Path, tmp_path: Path
+) -> None:
+    from clipserve.training.task import run_task
+
+    # image paths relative to the CSV's folder, or absolute
+    rows = ["image,label"] + [
+        f"{path},{path.parent.name}" for path in sorted((tiny_task_folders / "labeled").rglob("*.png"))
+    ]
+    (tmp_path / "labeled.csv").write_text("\n".join(rows) + "\n")
+    run = run_task(
+        {
+            # a model folder of a repository: its latest version
+            "teacher": str(tiny_repo / "tiny"),
+            "labels": str(tiny_task_folders / "labels.txt"),
+            "unlabeled_data": str(tiny_task_folders / "unlabeled"),
+            "labeled_data": str(tmp_path / "labeled.csv"),
+            "student": str(tiny_student_config),
+            "steps": 3,
+            "batch_size": 8,
+            "mix_weight": 0.25,
+            "out": str(tmp_path / "run"),
+            "progress": False,
+        }
+    )
+    assert run.task.teacher == "tiny@1" and run.task.teacher_source.architecture == "tiny-clip"
+    assert (run.task.labeled_images, run.task.unlabeled_images) == (16, 48)
+    assert (run.task.mix_weight, run.task.mix_weight_from) == (0.25, "fixed")
+    # the teacher's probabilities are the bundle's zero-shot classifier, as the service scores it
+    assert run.task.held_out_accuracy["teacher"] >= 0
