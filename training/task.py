@@ -425,7 +425,7 @@ def _evaluate(
         figures["held-out ce"] = accuracy(ce, data.held_out_labels)
         figures["held-out kd"] = accuracy(kd, data.held_out_labels)
         figures["held-out mix"] = top1
-        figures["mix weight"] = weight
+        figures["mix weight"] = weight  # moved out of the accuracies by the caller
         if data.teacher_held_out_accuracy is not None:
             figures["held-out teacher"] = data.teacher_held_out_accuracy
     return figures
@@ -511,7 +511,14 @@ def train_dho(
             bar.set_postfix({name: f"{value:.3f}" for name, value in entry["parts"].items()}, refresh=False)
             if step % eval_every == 0 or step == config.steps:
                 figures = _evaluate(student, data, probe, probe_teacher)
-                record({"step": step, "eval": figures})
+                weight_then = figures.pop("mix weight", None)
+                record(
+                    {
+                        "step": step,
+                        "eval": figures,
+                        **({"mix_weight": weight_then} if weight_then is not None else {}),
+                    }
+                )
     finally:
         bar.close()
         if log is not None:
