@@ -113,33 +113,6 @@ def test_without_labels_the_mix_is_kd_alone(tiny_student_config: Path) -> None:
     assert torch.equal(probabilities, kd)
 
 
-@pytest.fixture(scope="module")
-def task_run(
-    tiny_teacher_run: Path, tiny_task_folders: Path, tiny_student_config: Path, tmp_path_factory
-) -> Path:
-    """The documented `clip-distill task` invocation, quick: a run folder and a published task bundle."""
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("task-run")
-    argv = ["task", "--teacher", str(tiny_teacher_run), "--labels", str(tiny_task_folders / "labels.txt")]
-    argv += ["--unlabeled-data", str(tiny_task_folders / "unlabeled")]
-    argv += ["--labeled-data", str(tiny_task_folders / "labeled"), "--student", str(tiny_student_config)]
-    argv += ["--steps", "12", "--batch-size", "16", "--out", str(root / "run")]
-    argv += ["--models-dir", str(root / "models"), "--name", "colours", "--no-progress"]
-    from clipserve.training.cli import main as clip_distill
-
-    assert clip_distill(argv) == 0
-    return root
-
-
-@pytest.fixture(scope="module")
-def tiny_student_config(tmp_path_factory) -> Path:  # module scope for task_run; the same config
-    from tests.fixtures.training import TINY_STUDENT
-
-    path = tmp_path_factory.mktemp("task-student") / "tiny-student.json"
-    path.write_text(json.dumps(TINY_STUDENT))
-    return path
-
-
 def test_the_command_writes_curves_and_publishes_a_task_bundle(
     task_run: Path, tiny_teacher_run: Path
 ) -> None:

@@ -63,7 +63,7 @@ def load_version(
     if bundle.manifest.task is not None:
         raise BundleError(
             f"{bundle.ref} is a task model (class probabilities over {len(bundle.manifest.task.labels)} "
-            "labels, no text tower); this service serves embedding models only"
+            "labels, no text tower): the registry serves it as one (TaskEngine), not as an embedding model"
         )
     image_path, image_precision = tower_file(bundle, "image", settings)
     text_path, text_precision = tower_file(bundle, "text", settings)
