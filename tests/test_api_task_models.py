@@ -81,3 +81,19 @@ def test_models_lists_the_task_model_with_its_labels_count(task_client) -> None:
     assert listed["colours"]["task"] is True and listed["colours"]["labels"] == len(TASK_LABELS)
     assert listed["colours"]["context_length"] is None
     assert listed["tiny"]["task"] is False and listed["tiny"]["labels"] is None
+
+
+def test_a_new_version_of_a_task_model_is_picked_up_by_a_reload(
+    make_client: Callable[..., object], tiny_repo: Path, task_run: Path, tmp_path: Path
+) -> None:
+    from tests.fixtures.models import publish_copy
+
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_repo / "tiny", repo / "tiny")
+    shutil.copytree(task_run / "models" / "colours", repo / "colours")
+    client = make_client(models_dir=repo, admin_key="admin-k")
+    assert publish_copy(repo, name="colours") == 2
+    report = client.post("/v1/admin/reload", headers={"Authorization": "Bearer admin-k"}).json()
+    assert report["loaded"] == ["colours@2"] and report["unchanged"] == ["tiny@1"]
+    response = client.post("/v1/classify", json={"model": "colours", "images": [b64(image_bytes())]})
+    assert response.status_code == 200 and response.json()["version"] == 2
