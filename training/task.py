@@ -117,7 +117,7 @@ class TaskSettings(CliSettings):
         ge=0,
         le=1,
         description="weight of the CE head in the mix; none: chosen on the held-out labeled images (0, KD "
-        "alone, without labels)",
+        "alone, without labels; 0.5 with labels but none held out)",
     )
     # optimisation
     out: Path = Field(

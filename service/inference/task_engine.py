@@ -1,6 +1,7 @@
 """Task models (bundle format 3, `clip-distill task`): an image graph that ends in class probabilities
 over the model's own labels; no text tower and no embedding space. They answer /v1/classify over
-their labels (or a subset of them, renormalized) and nothing else."""
+their labels (or a subset of them, renormalized) and nothing else. Images are decoded in the
+preprocessing pool and run as one batch per request, without the embedding models' batcher."""
 
 from __future__ import annotations
 
