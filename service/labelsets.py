@@ -24,6 +24,13 @@ heartbeat); a build that runs past `labelset_build_timeout_s` stops, releases it
 the set `failed` with the reason, for every replica (a marker beside the matrix in the cache), until
 the set is `PUT` again.
 
+A newly published version never makes a set answer `labelset_building`: before it replaces the
+served one, every set whose class matrix the served version holds starts building on the new one in
+the background (`warm`), and classification by the set keeps using the previous version, which the
+registry keeps loaded for it, until the new matrix is ready (here or on any replica, through the
+shared cache); then the set moves and the previous version is let go. A request naming a version
+(`tiny@3`) gets that version, as ever; ad-hoc labels use the served version.
+
 Sets written to Redis by earlier versions (`clipserve:v1:labelset:<name>`) are moved into the store
 on start, once (retried until Redis answers), with the count in the log.
 """
@@ -63,6 +70,7 @@ LEGACY_DEF_PREFIX = f"{KEY_PREFIX}:labelset:"
 LEGACY_DIGEST_PREFIX = f"{KEY_PREFIX}:labelset-digest:"
 SYNC_BUILD_TEXTS = 4096
 _KNOWN_DEFINITIONS = 64
+_WARM_POLL_S = 0.5  # how often the sets moving to a new version look for their new matrix
 _FAILED_BUILDS = 64  # failed builds remembered, with their reasons, for the status of their sets
 T = TypeVar("T")
 Restart = Literal["any", "transient", "none"]
@@ -105,6 +113,20 @@ class LabelSetStatus:
     progress: float
     error: str | None = None
     queue_position: int | None = None
+    serving: str | None = None  # name@version classifying by this set now, once it is ready
+    warming: LabelSetStatus | None = None  # its build on a newly served version, while it moves
+    version: str | None = None  # of a warming status: the name@version it builds on
+
+
+@dataclass
+class Warming:
+    """A stored set moving to a newly served version: it classifies with `previous`, whose class
+    matrix is built, until `target`'s is."""
+
+    name: str
+    digest: str
+    previous: str  # name@version
+    target: str  # name@version
 
 
 @dataclass(eq=False)
@@ -167,6 +189,9 @@ class LabelSets:
         self.slots = BuildSlots(settings.labelset_builds)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._migration: asyncio.Task | None = None
+        self._warming: dict[str, Warming] = {}
+        self._watcher: asyncio.Task | None = None
+        self._let_go: set[asyncio.Task] = set()
 
     # The store ----------------------------------------------------------------------------------
 
@@ -309,9 +334,120 @@ class LabelSets:
             )
 
     async def bound(self, name: str, model: str | None) -> tuple[ModelEngine, LabelSet]:
-        """A stored set and the engine to classify with: the request's model, else the set's."""
+        """A stored set and the engine to classify with: the request's model, else the set's; while the
+        set moves to a newly served version, the previous one (unless the request names a version)."""
         labelset = await self._definition(name)
-        return self.registry.resolve(model or labelset.model), labelset
+        engine = self.registry.resolve(model or labelset.model)
+        if model is None or "@" not in model:
+            engine = await self._while_warming(engine, labelset)
+        return engine, labelset
+
+    # A new version ------------------------------------------------------------------------------
+
+    async def warm(self, previous: ModelEngine, new: ModelEngine) -> None:
+        """Called by the registry before `new` replaces `previous`: each stored set of that model whose
+        matrix `previous` holds and `new` lacks starts building on `new` in the background and keeps
+        classifying with `previous` until it is ready."""
+        if previous.space_id == new.space_id:
+            return
+        try:
+            names = await self._call("names")
+        except BackendUnavailableError as exc:
+            log.warning(
+                "label sets cannot warm up on %s (%s): they build when first used", new.ref, exc.message
+            )
+            return
+        for name in names:
+            try:
+                labelset = await self._definition(name)
+            except NotFound:
+                continue
+            if labelset.model.partition("@")[0] != new.name:
+                continue
+            if await new.cached_class_matrix(labelset.digest) is not None:
+                continue
+            if await previous.cached_class_matrix(labelset.digest) is None:
+                continue  # built nowhere yet: nothing to keep serving, it builds as any set does
+            self._warming[name] = Warming(name, labelset.digest, previous.ref, new.ref)
+            await self._background(new, labelset, restart="transient")
+            log.info(
+                "label set %s: building on %s, classifying with %s until then", name, new.ref, previous.ref
+            )
+        if self._warming and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch_warming(), name="labelset-warming"
+            )
+
+    def versions_in_use(self) -> dict[str, list[str]]:
+        """The versions sets still classify with while they move (for the registry to keep loaded)."""
+        needs: dict[str, list[str]] = {}
+        for warming in self._warming.values():
+            needs.setdefault(warming.previous, []).append(f"label set {warming.name} until {warming.target}")
+        return needs
+
+    def _warm(self, engine: ModelEngine, labelset: LabelSet) -> Warming | None:
+        """The set's move to `engine`, if it is moving there."""
+        warming = self._warming.get(labelset.name)
+        if warming is None or warming.target != engine.ref or warming.digest != labelset.digest:
+            return None
+        return warming
+
+    async def _while_warming(self, engine: ModelEngine, labelset: LabelSet) -> ModelEngine:
+        """`engine`, or the previous version while the set's matrix on `engine` is not built yet."""
+        warming = self._warm(engine, labelset)
+        if warming is None:
+            return engine
+        if await engine.cached_class_matrix(labelset.digest) is not None:
+            await self._moved([warming])
+            return engine
+        try:
+            return self.registry.resolve(warming.previous)
+        except ServiceError:  # let go meanwhile: the set moves now
+            await self._moved([warming])
+            return engine
+
+    async def _watch_warming(self) -> None:
+        """Until every moving set has moved: move those whose new matrix is ready (built here or on
+        another replica), whose build failed for good, or that were changed or deleted; keep their
+        builds going (a replica that held the lease and died is taken over)."""
+        while self._warming:
+            await asyncio.sleep(_WARM_POLL_S)
+            done = []
+            for warming in list(self._warming.values()):
+                try:
+                    target = self.registry.resolve(warming.target)
+                    labelset = await self._definition(warming.name)
+                except NotFound:
+                    done.append(warming)
+                    continue
+                except ServiceError:
+                    continue  # the store is down: look again later
+                if labelset.digest != warming.digest:
+                    done.append(warming)
+                    continue
+                if await target.cached_class_matrix(labelset.digest) is not None:
+                    done.append(warming)
+                    continue
+                try:
+                    state = await self._background(target, labelset, restart="transient")
+                except ServiceError:
+                    continue
+                if state.status == "failed":
+                    done.append(warming)
+            if done:
+                await self._moved(done)
+
+    async def _moved(self, moved: list[Warming]) -> None:
+        """These sets classify with their new version from now on; versions nothing needs any more
+        are let go."""
+        gone = [w for w in moved if self._warming.get(w.name) is w]
+        for warming in gone:
+            del self._warming[warming.name]
+            log.info("label set %s: now classifying with %s", warming.name, warming.target)
+        if gone:
+            task = asyncio.get_running_loop().create_task(self.registry.keep_needed(), name="labelset-moved")
+            self._let_go.add(task)
+            task.add_done_callback(self._let_go.discard)
 
     async def matrix(self, engine: ModelEngine, labelset: LabelSet) -> np.ndarray:
         """The set's classes on this engine, built here when its embedding space has none yet."""
@@ -592,15 +728,23 @@ class LabelSets:
         except ServiceError:
             return LabelSetStatus(labelset, "failed", 0.0, f"model {labelset.model!r} is not served here")
         if await engine.cached_class_matrix(labelset.digest) is not None:
-            return LabelSetStatus(labelset, "ready", 1.0)
+            return LabelSetStatus(labelset, "ready", 1.0, serving=engine.ref)
+        warming = self._warm(engine, labelset)
+        if warming is not None:
+            serving = await self._while_warming(engine, labelset)
+            if serving is not engine:
+                next_state = await self._background(engine, labelset, restart="transient")
+                next_state.version = engine.ref
+                return LabelSetStatus(labelset, "ready", 1.0, serving=serving.ref, warming=next_state)
         # Built nowhere here: make sure some replica builds it, so no set stays `building` forever.
         return await self._background(engine, labelset)
 
     async def close(self) -> None:
         """Stop the migration and every build (their leases released, so another replica need not
         wait for them to expire), then close the store."""
-        if self._migration is not None:
-            self._migration.cancel()
+        for task in (self._migration, self._watcher):
+            if task is not None:
+                task.cancel()
         tasks = [b.task for b in self.builds.values() if b.task is not None and not b.task.done()]
         for task in tasks:
             task.cancel()
