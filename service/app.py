@@ -82,7 +82,6 @@ def _lifespan(settings: Settings):
         try:
             await registry.start()
             await registry.keep_needed()  # the versions collections are bound to, before the first request
-            await state.labelsets.start()
             await state.jobs.start()
             if settings.reload_poll_s > 0:
                 poller = asyncio.get_running_loop().create_task(

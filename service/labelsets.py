@@ -30,17 +30,12 @@ the background (`warm`), and classification by the set keeps using the previous 
 registry keeps loaded for it, until the new matrix is ready (here or on any replica, through the
 shared cache); then the set moves and the previous version is let go. A request naming a version
 (`tiny@3`) gets that version, as ever; ad-hoc labels use the served version.
-
-Sets written to Redis by earlier versions (`clipserve:v1:labelset:<name>`) are moved into the store
-on start, once (retried until Redis answers), with the count in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import json
 import logging
 import os
 import socket
@@ -62,48 +57,16 @@ from clipserve.service.limits import check_labels, check_name, check_prompts
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
 from clipserve.service.stores import BackendUnavailableError
-from clipserve.service.stores.labelset_store import LabelSetRecord, LabelSetStore, open_labelsets
+from clipserve.service.stores.labelset_store import LabelSet, LabelSetStore, open_labelsets
 from clipserve.service.templates import resolve_templates
 
 log = logging.getLogger("clipserve.labelsets")
-LEGACY_DEF_PREFIX = f"{KEY_PREFIX}:labelset:"
-LEGACY_DIGEST_PREFIX = f"{KEY_PREFIX}:labelset-digest:"
 SYNC_BUILD_TEXTS = 4096
 _KNOWN_DEFINITIONS = 64
 _WARM_POLL_S = 0.5  # how often the sets moving to a new version look for their new matrix
 _FAILED_BUILDS = 64  # failed builds remembered, with their reasons, for the status of their sets
 T = TypeVar("T")
 Restart = Literal["any", "transient", "none"]
-
-
-@dataclass(frozen=True)
-class LabelSet:
-    name: str
-    model: str
-    labels: list[str]
-    templates: tuple[str, ...]
-    created_at: str
-    updated_at: str
-
-    @functools.cached_property
-    def digest(self) -> str:
-        # once per definition: a set of 20,000 long labels is megabytes to hash, asked for by every call
-        return classes_digest(self.labels, self.templates)
-
-    @property
-    def prompts(self) -> int:
-        return len(self.labels) * len(self.templates)
-
-    @classmethod
-    def from_record(cls, record: LabelSetRecord) -> LabelSet:
-        return cls(
-            record.name, record.model, record.labels, record.templates, record.created_at, record.updated_at
-        )
-
-    def record(self) -> LabelSetRecord:
-        return LabelSetRecord(
-            self.name, self.model, self.labels, self.templates, self.digest, self.created_at, self.updated_at
-        )
 
 
 @dataclass
@@ -188,19 +151,14 @@ class LabelSets:
         self.builds: dict[tuple[str, str], Build] = {}
         self.slots = BuildSlots(settings.labelset_builds)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._migration: asyncio.Task | None = None
         self._warming: dict[str, Warming] = {}
         self._watcher: asyncio.Task | None = None
         self._let_go: set[asyncio.Task] = set()
 
     # The store ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Move sets of the legacy Redis layout into the store, in the background. The store itself
-        opens on first use (an app that never touches label sets creates no files)."""
-        self._migration = asyncio.get_running_loop().create_task(self._migrate(), name="labelset-migration")
-
     async def _get_store(self) -> LabelSetStore:
+        """Opened on first use: an app that never touches label sets creates no files."""
         if self._store is None:
             async with self._opening:
                 if self._store is None:
@@ -218,56 +176,6 @@ class LabelSets:
         store = await self._get_store()
         return await self._blocking(getattr(store, method), *args)
 
-    async def _migrate(self) -> None:
-        """Move sets of the Redis layout into the store: retried until both answer, then done."""
-        while True:
-            try:
-                moved, total = await self._migrate_once()
-            except BackendUnavailableError:
-                moved = None
-            if moved is not None:
-                if total:
-                    log.info(
-                        "moved %d label set(s) from Redis into the label-set store (%d already there)",
-                        moved,
-                        total - moved,
-                    )
-                return
-            await asyncio.sleep(max(1.0, self.settings.redis_retry_s))
-
-    async def _migrate_once(self) -> tuple[int | None, int]:
-        if not self.cache.configured:
-            return 0, 0
-        keys = await self.cache.scan(LEGACY_DEF_PREFIX)
-        if not self.cache.using_redis:
-            return None, 0  # Redis is down: try again later
-        records = []
-        for key in keys:
-            raw = await self.cache.get_blob(key, kind="labelset")
-            if raw is None:
-                continue
-            data = json.loads(raw)
-            templates = tuple(data["templates"])
-            records.append(
-                LabelSetRecord(
-                    data["name"],
-                    data["model"],
-                    list(data["labels"]),
-                    templates,
-                    classes_digest(data["labels"], templates),
-                    data["created_at"],
-                    data["created_at"],
-                )
-            )
-        if not records:
-            return 0, 0
-        moved = await self._call("put_missing", records)
-        names = [r.name for r in records]
-        await self.cache.delete(
-            *(LEGACY_DEF_PREFIX + n for n in names), *(LEGACY_DIGEST_PREFIX + n for n in names)
-        )
-        return moved, len(records)
-
     async def _definition(self, name: str) -> LabelSet:
         check_name(name, "label set")
         head = await self._call("head", name)
@@ -275,10 +183,9 @@ class LabelSets:
         if known is not None and (head is None or head[0] != known.digest):
             self._forget_matrices(known.digest)  # changed or deleted on another replica
         if head is None or known is None or (known.digest, known.model) != head:
-            record = await self._call("get", name) if head is not None else None
-            if record is None:
+            known = await self._call("get", name) if head is not None else None
+            if known is None:
                 raise NotFound(f"label set {name!r} does not exist", code="labelset_not_found")
-            known = LabelSet.from_record(record)
         self._known[name] = known
         self._known.move_to_end(name)
         while len(self._known) > _KNOWN_DEFINITIONS:
@@ -297,8 +204,9 @@ class LabelSets:
         resolved = resolve_templates(templates, self.settings)
         check_prompts(len(labels), len(resolved), self.settings.max_labelset_prompts, "max_labelset_prompts")
         engine = self.registry.resolve(model)
-        record = LabelSetRecord(name, engine.name, labels, resolved, classes_digest(labels, resolved), "", "")
-        labelset = LabelSet.from_record(await self._call("put", record))
+        labelset = await self._call(
+            "put", LabelSet(name, engine.name, labels, resolved, classes_digest(labels, resolved))
+        )
         self._known[name] = labelset
         self._stop_builds(name, keep=labelset.digest)
         await self._forget_failure(engine, labelset)  # a PUT is how a failed set is tried again
@@ -740,11 +648,10 @@ class LabelSets:
         return await self._background(engine, labelset)
 
     async def close(self) -> None:
-        """Stop the migration and every build (their leases released, so another replica need not
-        wait for them to expire), then close the store."""
-        for task in (self._migration, self._watcher):
-            if task is not None:
-                task.cancel()
+        """Stop the warming watcher and every build (their leases released, so another replica need
+        not wait for them to expire), then close the store."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         tasks = [b.task for b in self.builds.values() if b.task is not None and not b.task.done()]
         for task in tasks:
             task.cancel()
