@@ -56,6 +56,11 @@ class ExportSettings(CliSettings):
     tensorrt: bool = Field(
         False, description="add TensorRT fp16 engines for this GPU (needs CUDA and tensorrt)"
     )
+    timing_cache_dir: Path | None = Field(
+        None,
+        description="with --tensorrt: folder where TensorRT's layer timing cache is kept between builds; "
+        "none: the user cache folder ($XDG_CACHE_HOME or ~/.cache, then clipserve/tensorrt)",
+    )
     min_cosine: float | None = Field(None, description="fp32 parity threshold; none: 0.9999")
     min_cosine_int8: float | None = Field(None, description="int8 parity threshold; none: 0.99")
     min_cosine_fp16: float | None = Field(None, description="fp16 and TensorRT parity threshold; none: 0.999")
@@ -170,6 +175,7 @@ def run(args: ExportSettings) -> Bundle:
         version=args.version,
         progress=not args.quiet,
         tokenizer=tokenizer,
+        timing_cache_dir=args.timing_cache_dir,
     )
 
 

@@ -504,13 +504,14 @@ class _BundleWriter:
         ]
         self.verify("fp16", "image.fp16.onnx", "text.fp16.onnx")
 
-    def add_tensorrt(self) -> None:
+    def add_tensorrt(self, timing_cache_dir: Path | None = None) -> None:
         with self.progress.step("building TensorRT fp16 engines (timing cache reused)"):
             engines = build_engines(
                 self.staging.path,
                 self.towers.images.shape[2:],
                 self.towers.text.context_length,
                 self.length_free,
+                timing_cache_dir,
             )
         for engine in engines:
             self.files.append(
@@ -591,6 +592,7 @@ def export_bundle(
     version: int | None = None,
     progress: bool = True,
     tokenizer: str | Path | HFTokenizer | None = None,
+    timing_cache_dir: Path | None = None,
 ) -> Bundle:
     """Export both towers of `model`, verify them against it, and publish the bundle as `name`.
 
@@ -598,6 +600,8 @@ def export_bundle(
     sets any of them. Below its threshold, a graph is refused and nothing is published.
     `tokenizer`: for a model with a Hugging Face tokenizer, where it comes from (an open_clip
     HFTokenizer, a folder or a hub name); by default the one `source.config` names.
+    `timing_cache_dir`: with `tensorrt`, where TensorRT's layer timing cache is kept between builds;
+    None: the user cache folder.
     """
     repository = repo if isinstance(repo, ModelRepository) else ModelRepository(repo)
     check_can_publish(repository, name, version, tensorrt)
@@ -616,6 +620,7 @@ def export_bundle(
             version,
             Progress(progress),
             tokenizer,
+            timing_cache_dir,
         )
     finally:
         model.train(was_training)
@@ -645,6 +650,7 @@ def _export(
     version: int | None,
     steps: Progress,
     tokenizer_given: str | Path | HFTokenizer | None,
+    timing_cache_dir: Path | None,
 ) -> Bundle:
     preprocess = preprocess or preprocess_from_model(model)
     if source.open_clip_version is None:
@@ -666,7 +672,7 @@ def _export(
         if fp16:
             writer.add_fp16()
         if tensorrt:
-            writer.add_tensorrt()
+            writer.add_tensorrt(timing_cache_dir)
         manifest = Manifest(
             name=name,
             embed_dim=int(towers.image_reference.shape[1]),

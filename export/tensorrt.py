@@ -5,7 +5,8 @@ manifest entry carry both. Engines are built as strongly typed networks from the
 (`clipserve.export.quantize.convert_fp16`: fp16 weights and compute, fp32 inputs, outputs and the layers
 whose accuracy needs it): every tensor keeps the type the graph gives it. That is the only mode
 TensorRT 11 has; the weak-typing builder flags and per-layer precisions are deprecated since
-TensorRT 10.12 and removed in 11, so none is used. The layer timing cache is kept between builds.
+TensorRT 10.12 and removed in 11, so none is used. The layer timing cache is kept between builds,
+in the folder the caller names (`clip-export --timing-cache-dir`) or the user cache folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import numpy as np
 from clipserve.contract.shapes import ShapeRange, image_shapes, slug, text_shapes
 from clipserve.export.errors import ExportError
 
-TIMING_CACHE_ENV = "CLIPSERVE_TENSORRT_CACHE"
 WORKSPACE_BYTES = 4 << 30
 
 
@@ -53,12 +53,16 @@ def engine_filename(tower: str, gpu: str, tensorrt_version: str) -> str:
     return f"{tower}.{slug(gpu)}.trt{tensorrt_version}.plan"
 
 
-def timing_cache_path(gpu: str, tensorrt_version: str) -> Path:
-    """Outside the bundle (it is a build aid, not part of the model): $CLIPSERVE_TENSORRT_CACHE or
-    the user cache folder."""
-    default_root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clipserve" / "tensorrt"
-    root = Path(os.environ.get(TIMING_CACHE_ENV) or default_root)
-    return root / f"timing-{slug(gpu)}-trt{tensorrt_version}.cache"
+def default_timing_cache_dir() -> Path:
+    """The user cache folder: XDG_CACHE_HOME is the XDG base directory specification's variable, not
+    one of ours, read as every tool that keeps a cache there reads it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipserve" / "tensorrt"
+
+
+def timing_cache_path(gpu: str, tensorrt_version: str, folder: Path | None = None) -> Path:
+    """Outside the bundle (it is a build aid, not part of the model): in `folder`, or the user cache
+    folder when None."""
+    return (folder or default_timing_cache_dir()) / f"timing-{slug(gpu)}-trt{tensorrt_version}.cache"
 
 
 def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:
@@ -71,9 +75,12 @@ def _parse(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> Any:
     return network
 
 
-def build_engine(onnx_path: Path, engine_path: Path, shapes: ShapeRange) -> None:
+def build_engine(
+    onnx_path: Path, engine_path: Path, shapes: ShapeRange, timing_cache_dir: Path | None = None
+) -> None:
     """Build and serialize one engine from `onnx_path` with the types its graph gives (so an fp16
-    graph makes an fp16 engine); the timing cache is read before and written after."""
+    graph makes an fp16 engine); the timing cache (in `timing_cache_dir`, or the user cache folder)
+    is read before and written after."""
     trt, _ = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -83,7 +90,7 @@ def build_engine(onnx_path: Path, engine_path: Path, shapes: ShapeRange) -> None
     profile = builder.create_optimization_profile()
     profile.set_shape(shapes.input_name, shapes.minimum, shapes.optimum, shapes.maximum)
     config.add_optimization_profile(profile)
-    cache_path = timing_cache_path(gpu_name(), trt.__version__)
+    cache_path = timing_cache_path(gpu_name(), trt.__version__, timing_cache_dir)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=True)
     serialized = builder.build_serialized_network(network, config)
@@ -129,10 +136,15 @@ class EngineFile:
 
 
 def build_engines(
-    bundle_dir: Path, image_size: tuple[int, int], context_length: int, dynamic_length: bool
+    bundle_dir: Path,
+    image_size: tuple[int, int],
+    context_length: int,
+    dynamic_length: bool,
+    timing_cache_dir: Path | None = None,
 ) -> list[EngineFile]:
     """fp16 engines for both towers, from the fp16 graphs in `bundle_dir` (converted from its fp32
-    graphs into a scratch folder when the bundle has none)."""
+    graphs into a scratch folder when the bundle has none); the timing cache is kept in
+    `timing_cache_dir`, or the user cache folder when None."""
     trt, _ = require_tensorrt()
     gpu = gpu_name()
     engines = []
@@ -142,7 +154,8 @@ def build_engines(
             ("text", text_shapes(context_length, dynamic_length)),
         ):
             name = engine_filename(tower, gpu, trt.__version__)
-            build_engine(fp16_graph(bundle_dir, tower, Path(scratch)), bundle_dir / name, shapes)
+            graph = fp16_graph(bundle_dir, tower, Path(scratch))
+            build_engine(graph, bundle_dir / name, shapes, timing_cache_dir)
             engines.append(EngineFile(name, tower, gpu, trt.__version__))
     return engines
 

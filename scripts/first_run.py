@@ -10,11 +10,12 @@
    the service's own start-up policy (each model's newest loadable version; broken bundles are
    named in its log and in /readyz, and left out).
 
-Configuration, all optional: CLIPSERVE_MODELS_DIR (the repository; default `models/`;
-CLIPSERVE_MODELS naming a directory, its old spelling, still works for one release), CLIPSERVE_HOST
-(127.0.0.1), CLIPSERVE_PORT (8000), CLIPSERVE_REDIS_URL, CLIPSERVE_DEMO_STEPS (a shorter demo
-training, for tests and slow machines), CLIPSERVE_BUILD_DEMO=1 (build the demo model into a
-repository other than `models/`), and any other CLIPSERVE_* setting of the service.
+Configuration, all optional, with clip-serve's prefix: its own two options (`--help` lists them),
+CLIPSERVE_BUILD_DEMO (build the demo model into a repository other than `models/`) and
+CLIPSERVE_DEMO_STEPS (a shorter demo training, for tests and slow machines); every other CLIPSERVE_*
+variable is a setting of the service (`clip-serve --help`), read here as clip-serve reads it:
+CLIPSERVE_MODELS_DIR (the repository; default `models/`), CLIPSERVE_HOST (127.0.0.1),
+CLIPSERVE_PORT (8000), CLIPSERVE_REDIS_URL, CLIPSERVE_MODELS ...
 """
 
 from __future__ import annotations
@@ -32,14 +33,23 @@ import urllib.request
 from pathlib import Path
 from typing import IO, TextIO
 
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_ref  # noqa: E402
+from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings, validated  # noqa: E402
 from clipserve.service.server.listen import PortUnavailable, check_port  # noqa: E402
 from clipserve.service.server.startup import hidden_password  # noqa: E402
+from clipserve.service.settings import Settings  # noqa: E402
 
+PROG = "scripts/serve.sh"
 DEMO_MODEL = "shapes-demo"
+# The command line of the child that builds the demo model (`--build-demo-into DIR NAME [STEPS]`):
+# between this script and itself, not an option of `make serve`.
+BUILD_CHILD = "--build-demo-into"
 DEFAULT_MODELS_DIR = ROOT / "models"
 # A progress bar written to a file or a pipe: one line of its state this often, not every redraw.
 PROGRESS_EVERY_S = 10.0
@@ -50,16 +60,25 @@ class FirstRunError(Exception):
     """A problem the user can fix; the message says how."""
 
 
-def models_dir_from_env(env: dict[str, str]) -> Path:
-    """The repository: CLIPSERVE_MODELS_DIR, else models/."""
-    return Path(env.get("CLIPSERVE_MODELS_DIR") or "models")
+class FirstRunSettings(CliSettings):
+    """`make serve`: serve the models of a repository, building the demo model first when `models/`
+    holds none. These are its own options; every other CLIPSERVE_* variable is a setting of the
+    service it starts (clip-serve --help), and CLIPSERVE_MODELS_DIR, CLIPSERVE_HOST, CLIPSERVE_PORT
+    and CLIPSERVE_REDIS_URL decide what it checks first."""
+
+    model_config = SettingsConfigDict(env_prefix="CLIPSERVE_")
+
+    build_demo: bool = Field(
+        False,
+        description="build the demo model into a repository other than models/ when that holds no "
+        "published bundle (models/ is filled without asking)",
+    )
+    demo_steps: int | None = Field(
+        None, ge=1, description="a shorter demo training (tests, slow machines); none: the full recipe"
+    )
 
 
-def asked_for_demo(env: dict[str, str]) -> bool:
-    return env.get("CLIPSERVE_BUILD_DEMO", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def check_models_dir(repo_dir: Path, env: dict[str, str]) -> bool:
+def check_models_dir(repo_dir: Path, build_demo: bool) -> bool:
     """Whether the demo model is to be built into `repo_dir`: only into the default models/ or
     when CLIPSERVE_BUILD_DEMO=1 asks, so a mistyped CLIPSERVE_MODELS_DIR is named, not filled."""
     default = repo_dir.resolve() == DEFAULT_MODELS_DIR.resolve()
@@ -68,7 +87,7 @@ def check_models_dir(repo_dir: Path, env: dict[str, str]) -> bool:
         raise FirstRunError(f"model repository {repo_dir} is a file, not a directory (check {where})")
     if repo_dir.is_dir() and ModelRepository(repo_dir).models():
         return False
-    if default or asked_for_demo(env):
+    if default or build_demo:
         return True
     if not repo_dir.exists():
         raise FirstRunError(
@@ -83,7 +102,7 @@ def check_models_dir(repo_dir: Path, env: dict[str, str]) -> bool:
 
 def ensure_training_installed() -> None:
     """The demo build needs the train extra (torch, open_clip: several GB); install it only now."""
-    if all(importlib.util.find_spec(name) for name in ("torch", "open_clip", "training")):
+    if all(importlib.util.find_spec(name) for name in ("torch", "open_clip", "clipserve.training")):
         return
     venv = Path(sys.executable).parent.parent
     print(
@@ -125,7 +144,7 @@ def relay_progress(source: IO[bytes], out: TextIO, every_s: float = PROGRESS_EVE
         out.flush()
 
 
-def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
+def build_demo(repo_dir: Path, name: str, env: dict[str, str], steps: int | None = None) -> None:
     """Build in a child process, so the service later runs without torch in memory."""
     print(
         f"clipserve: no published bundle in {repo_dir}; building the demo model once "
@@ -134,7 +153,8 @@ def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
     )
     ensure_training_installed()
     started = time.monotonic()
-    command = [sys.executable, str(Path(__file__).resolve()), "--build-demo", str(repo_dir), name]
+    command = [sys.executable, str(Path(__file__).resolve()), BUILD_CHILD, str(repo_dir), name]
+    command += [str(steps)] if steps else []
     if sys.stdout.isatty():
         result = subprocess.run(command, cwd=ROOT, env=env)
         code = result.returncode
@@ -152,12 +172,11 @@ def build_demo(repo_dir: Path, name: str, env: dict[str, str]) -> None:
     )
 
 
-def build_demo_here(repo_dir: Path, name: str, env: dict[str, str]) -> None:
-    """The demo recipe of training/; CLIPSERVE_DEMO_STEPS shortens it (tests, slow machines)."""
+def build_demo_here(repo_dir: Path, name: str, steps: int | None = None) -> None:
+    """The demo recipe of training/; `steps` shortens it (tests, slow machines)."""
     from clipserve.training.recipes import ShapesBudget, build_demo_bundle
 
-    steps = env.get("CLIPSERVE_DEMO_STEPS")
-    budget = ShapesBudget(steps=int(steps)) if steps else None
+    budget = ShapesBudget(steps=steps) if steps else None
     bundle = build_demo_bundle(repo_dir, name, progress=True, budget=budget)
     print(f"clipserve: published {bundle.ref} in {repo_dir}", flush=True)
 
@@ -177,9 +196,8 @@ def wait_ready(base: str, server: subprocess.Popen, timeout_s: float) -> str:
     raise FirstRunError(f"clip-serve was not ready after {timeout_s:.0f} s")
 
 
-def auth_line(env: dict[str, str]) -> str:
-    keys = [key for key in re.split(r"[,\s]+", env.get("CLIPSERVE_API_KEYS", "").strip("[]")) if key]
-    key_file = env.get("CLIPSERVE_API_KEYS_FILE", "").strip()
+def auth_line(service: Settings) -> str:
+    keys, key_file = service.api_keys, service.api_keys_file
     if not keys and not key_file:
         return "off: no key needed (set CLIPSERVE_API_KEYS or CLIPSERVE_API_KEYS_FILE to require one)"
     where = ", ".join(
@@ -204,45 +222,49 @@ def banner(base: str, ready: dict, cache: str, auth: str) -> str:
     return "\n".join(lines)
 
 
-def prepare(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def uses_redis(service: Settings) -> bool:
+    """Only when CLIPSERVE_REDIS_URL names one: the service's default is a local Redis, this script's
+    the in-process cache."""
+    return service.redis_url is not None and "redis_url" in service.model_fields_set
+
+
+def prepare(
+    options: FirstRunSettings, service: Settings, env: dict[str, str]
+) -> tuple[list[str], dict[str, str]]:
     """Everything before the start: port, demo build when nothing is published; returns argv and env."""
-    host = env.get("CLIPSERVE_HOST") or "127.0.0.1"
-    port = int(env.get("CLIPSERVE_PORT") or 8000)
+    host, port, repo_dir = service.host, service.port, service.models_dir
     try:
         check_port(host, port, "CLIPSERVE_PORT={port} make serve")
     except PortUnavailable as exc:
         raise FirstRunError(str(exc)) from None
-    repo_dir = models_dir_from_env(env)
     child_env = dict(env)
     repo = ModelRepository(repo_dir)
-    if env.get("CLIPSERVE_MODELS"):
+    if service.models:
         try:
-            wanted = [
-                parse_model_ref(ref.strip())[0] for ref in env["CLIPSERVE_MODELS"].split(",") if ref.strip()
-            ]
+            wanted = [parse_model_ref(ref)[0] for ref in service.models]
         except BundleError as exc:
             raise FirstRunError(f"CLIPSERVE_MODELS: {exc}") from exc
         if not any(repo.versions(name) for name in wanted):
             raise FirstRunError(
                 f"none of the models in CLIPSERVE_MODELS ({', '.join(wanted)}) is published in {repo_dir}"
             )
-    elif check_models_dir(repo_dir, env):
-        build_demo(repo_dir, DEMO_MODEL, env)
+    elif check_models_dir(repo_dir, options.build_demo):
+        build_demo(repo_dir, DEMO_MODEL, env, options.demo_steps)
     argv = ["clip-serve", "--models-dir", str(repo_dir), "--host", host, "--port", str(port)]
-    if not env.get("CLIPSERVE_REDIS_URL"):
+    if not uses_redis(service):
         # The service's default is a local Redis; an empty URL means the in-process cache only.
         child_env["CLIPSERVE_REDIS_URL"] = ""
         argv += ["--redis-url", "none"]
     return argv, child_env
 
 
-def run(env: dict[str, str]) -> int:
-    argv, child_env = prepare(env)
-    base = f"http://{argv[argv.index('--host') + 1]}:{argv[argv.index('--port') + 1]}"
+def run(options: FirstRunSettings, service: Settings, env: dict[str, str]) -> int:
+    argv, child_env = prepare(options, service, env)
+    base = f"http://{service.host}:{service.port}"
     cache = (
-        "in-process (set CLIPSERVE_REDIS_URL to share one Redis)"
-        if "--redis-url" in argv
-        else f"Redis at {hidden_password(env['CLIPSERVE_REDIS_URL'])}"
+        f"Redis at {hidden_password(service.redis_url)}"
+        if uses_redis(service) and service.redis_url
+        else "in-process (set CLIPSERVE_REDIS_URL to share one Redis)"
     )
     print(f"clipserve: starting {' '.join(argv)}", flush=True)
     executable = str(Path(sys.executable).parent / argv[0])
@@ -265,7 +287,7 @@ def run(env: dict[str, str]) -> int:
             server.terminate()
             server.wait(timeout=30)
         raise
-    print(banner(base, json.loads(ready), cache, auth_line(env)), flush=True)
+    print(banner(base, json.loads(ready), cache, auth_line(service)), flush=True)
     code = server.wait()
     # uvicorn ends with the signal it was stopped by, after a graceful shutdown: that is a clean stop.
     return 0 if stopping and code in (0, -signal.SIGTERM) else code
@@ -273,11 +295,14 @@ def run(env: dict[str, str]) -> int:
 
 def main(argv: list[str]) -> int:
     try:
-        if argv[:1] == ["--build-demo"] and len(argv) == 3:
-            build_demo_here(Path(argv[1]), argv[2], dict(os.environ))
+        if argv[:1] == [BUILD_CHILD] and len(argv) in (3, 4):
+            build_demo_here(Path(argv[1]), argv[2], int(argv[3]) if len(argv) == 4 else None)
             return 0
-        return run(dict(os.environ))
-    except FirstRunError as exc:
+        options = load_settings(FirstRunSettings, argv, PROG, description=FirstRunSettings.__doc__)
+        # the service's settings, from the environment as clip-serve will read them: a bad one is told now
+        service = validated(Settings, {})
+        return run(options, service, dict(os.environ))
+    except (FirstRunError, SettingsError) as exc:
         print(f"clipserve: {exc}", file=sys.stderr)
         return 1
 

@@ -11,4 +11,4 @@ if [ ! -x "$VENV/bin/clip-serve" ] || [ ! -x "$VENV/bin/python" ] || ! compgen -
   echo "clipserve: setting up $VENV (once)" >&2
   make --no-print-directory venv VENV="$VENV" EXTRAS="${EXTRAS:-serve}"
 fi
-exec "$VENV/bin/python" scripts/first_run.py
+exec "$VENV/bin/python" scripts/first_run.py "$@"

@@ -27,6 +27,7 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # prometheus_client's variable, set by the parent of the workers: its contract, not a setting
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         # The autoscaling signal (deploy/helm/clipserve): requests being served now, from the first
         # byte in to the last byte out, decode and queue included. For a small model the queue stays

@@ -322,11 +322,11 @@ def test_models_from_a_volume_read_only_in_the_api_written_by_the_training_job(
     assert not next(m for m in train["volumeMounts"] if m["name"] == "models").get("readOnly", False)
     assert train["command"] == ["clip-distill"]
     options = result.one("ConfigMap", "-train")["data"]
-    assert options["CLIP_DISTILL_TRAIN_MODELS_DIR"] == "/models"
-    assert options["CLIP_DISTILL_TRAIN_NAME"] == "shapes-demo"
+    assert options["CLIP_DISTILL_MODELS_DIR"] == "/models"
+    assert options["CLIP_DISTILL_NAME"] == "shapes-demo"
     from clipserve.training.settings import TrainSettings
 
-    fields = {k.removeprefix("CLIP_DISTILL_TRAIN_").lower() for k in options}
+    fields = {k.removeprefix("CLIP_DISTILL_").lower() for k in options}
     assert fields <= set(TrainSettings.model_fields), "options clip-distill does not have"
     cron = result.one("CronJob")
     assert cron["spec"]["suspend"] is True and cron["spec"]["concurrencyPolicy"] == "Forbid"

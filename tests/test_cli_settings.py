@@ -70,7 +70,53 @@ def test_every_cli_names_the_model_repository_models_dir() -> None:
     assert "torch_threads" in ExportSettings.model_fields and "torch_threads" in TrainSettings.model_fields
     assert Settings.env_name("models_dir") == "CLIPSERVE_MODELS_DIR"
     assert ExportSettings.env_name("models_dir") == "CLIP_EXPORT_MODELS_DIR"
-    assert TrainSettings.env_name("models_dir") == "CLIP_DISTILL_TRAIN_MODELS_DIR"
+    assert TrainSettings.env_name("models_dir") == "CLIP_DISTILL_MODELS_DIR"
+
+
+# Names that several clip-distill commands share: one variable CLIP_DISTILL_<NAME> for all of them, so
+# each means the same in every command that has it (read and checked, one by one).
+SHARED_DISTILL_OPTIONS = {
+    "teacher",
+    "teacher_pretrained",
+    "data",
+    "eval_data",
+    "templates",
+    "class_names",
+    "on_bad_image",
+    "device",
+    "seed",
+    "augment",
+    "batch_size",
+}
+
+
+def test_one_prefix_per_tool() -> None:
+    prefixes = {
+        "CLIPSERVE_": [Settings],
+        "CLIP_EXPORT_": [ExportSettings],
+        "CLIP_INDEX_": [IndexSettings],
+        "CLIP_DISTILL_": [TrainSettings, EvalSettings, TargetsSettings],
+    }
+    for prefix, classes in prefixes.items():
+        for cls in classes:
+            assert cls.env_name("") == prefix, cls
+    assert TrainSettings.env_name("batch_size") == "CLIP_DISTILL_BATCH_SIZE"
+
+
+def test_a_name_the_distill_commands_share_means_the_same_in_each() -> None:
+    """A name two commands share is one variable for both: where the meanings differ, the names do."""
+    commands: dict[str, list[str]] = {}
+    for cls in (TrainSettings, EvalSettings, TargetsSettings):
+        for name in cls.model_fields:
+            commands.setdefault(name, []).append(cls.__name__)
+    shared = {name for name, where in commands.items() if len(where) > 1}
+    assert shared <= SHARED_DISTILL_OPTIONS, (
+        f"{sorted(shared - SHARED_DISTILL_OPTIONS)} would be one CLIP_DISTILL_ variable for "
+        f"{[commands[name] for name in sorted(shared - SHARED_DISTILL_OPTIONS)]}: name it for what it "
+        "is in each, or add it to SHARED_DISTILL_OPTIONS once it means the same everywhere"
+    )
+    for name in ("out", "targets_dir", "report_dir"):
+        assert len(commands[name]) == 1, name
 
 
 def test_host_and_port_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -85,8 +131,8 @@ def test_defaults_then_file_then_environment_then_flags(
 ) -> None:
     options = tmp_path / "run.yaml"
     options.write_text("student: s.json\ndata: synthetic:shapes\nsteps: 5\nlr: 0.1\nbatch-size: 8\n")
-    monkeypatch.setenv("CLIP_DISTILL_TRAIN_STEPS", "6")
-    monkeypatch.setenv("CLIP_DISTILL_TRAIN_LR", "0.2")
+    monkeypatch.setenv("CLIP_DISTILL_STEPS", "6")
+    monkeypatch.setenv("CLIP_DISTILL_LR", "0.2")
     settings = load_settings(TrainSettings, ["--config", str(options), "--steps", "7"], "clip-distill")
     assert settings.steps == 7  # flag over environment and file
     assert settings.lr == 0.2  # environment over file
@@ -126,9 +172,17 @@ def test_pre_release_spellings_are_unknown_flags_in_one_line(cls, prog: str, arg
         (serve_main, ["--model-dir", "x"], {}, "unrecognized arguments: --model-dir x"),
         (export_main, ["--version", "0"], {}, "--version: Input should be greater than or equal to 1"),
         (distill_main, ["--student", "s", "--data", "d", "--steps", "0"], {}, "--steps: Input should be"),
-        (distill_main, ["eval", "--data", "d"], {}, "--model is required"),
-        (distill_main, ["targets", "--data", "d", "--out", "o"], {}, "--teacher is required"),
+        (distill_main, ["eval", "--eval-data", "d"], {}, "--model is required"),
+        (distill_main, ["targets", "--data", "d", "--targets-dir", "o"], {}, "--teacher is required"),
         (distill_main, ["--config", "nowhere.yaml"], {}, "options file nowhere.yaml does not exist"),
+        # one prefix for every command: the training run's folder is not where targets or a report go
+        (
+            distill_main,
+            ["targets", "--teacher", "t", "--data", "d"],
+            {"CLIP_DISTILL_OUT": "o"},
+            "--targets-dir is",
+        ),
+        (distill_main, ["eval", "--model", "m"], {"CLIP_DISTILL_DATA": "d"}, "--eval-data is required"),
     ],
 )
 def test_a_bad_setting_is_one_line_and_exit_2(

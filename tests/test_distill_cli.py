@@ -115,7 +115,7 @@ def test_stored_targets_command_feeds_training_without_the_teacher(
         str(tiny_teacher_run),
         "--data",
         TINY_DATA,
-        "--out",
+        "--targets-dir",
         str(targets),
         "--views",
         "2",
@@ -142,7 +142,15 @@ def test_stored_targets_command_feeds_training_without_the_teacher(
     unlabeled = "synthetic:shapes?size=32&image_size=32&seed=5&held_out=none"
     assert (
         main(
-            ["targets", "--teacher", str(tiny_teacher_run), "--data", unlabeled, "--out", str(tmp_path / "u")]
+            [
+                "targets",
+                "--teacher",
+                str(tiny_teacher_run),
+                "--data",
+                unlabeled,
+                "--targets-dir",
+                str(tmp_path / "u"),
+            ]
         )
         == 0
     )
@@ -163,7 +171,12 @@ def test_eval_reports_teacher_beside_student(
     tiny_teacher_run: Path, tiny_student_config: Path, tmp_path: Path
 ) -> None:
     argv = ["eval", "--model", str(tiny_student_config), "--teacher", str(tiny_teacher_run)]
-    assert main([*argv, "--data", "synthetic:shapes?image_size=32", "--out", str(tmp_path / "report")]) == 0
+    assert (
+        main(
+            [*argv, "--eval-data", "synthetic:shapes?image_size=32", "--report-dir", str(tmp_path / "report")]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [r["role"] for r in report] == ["teacher", "student"]
     teacher, student = report
@@ -209,8 +222,8 @@ def test_eval_retrieval_on_a_captions_file(tiny_student_config: Path, tmp_path: 
         synthetic.draw_single(colour, shape, size=32).save(tmp_path / f"{i}.png")
         rows.append(f"{i}.png,a {colour} {shape}")
     (tmp_path / "pairs.csv").write_text("\n".join(rows) + "\n")
-    argv = ["eval", "--model", str(tiny_student_config), "--data", str(tmp_path / "pairs.csv")]
-    assert main([*argv, "--out", str(tmp_path / "report"), "--no-latency"]) == 0
+    argv = ["eval", "--model", str(tiny_student_config), "--eval-data", str(tmp_path / "pairs.csv")]
+    assert main([*argv, "--report-dir", str(tmp_path / "report"), "--no-latency"]) == 0
     accuracy = json.loads((tmp_path / "report" / "report.json").read_text())[0]["accuracy"]
     assert accuracy["image_to_text_R@10"] == 1.0 and "text_to_image_R@1" in accuracy
 
@@ -304,7 +317,7 @@ def test_a_folder_of_images_is_unlabeled_data_not_training_pairs(
         str(images),
         "--views",
         "1",
-        "--out",
+        "--targets-dir",
         str(tmp_path / "u"),
     ]
     assert main(targets) == 0

@@ -126,9 +126,9 @@ def test_eval_reports_a_siglip_family_model(family_config, tmp_path: Path, torch
         "eval",
         "--model",
         str(family_config("siglip2")),
-        "--data",
+        "--eval-data",
         TINY_DATA,
-        "--out",
+        "--report-dir",
         str(out),
         "--no-latency",
     ]

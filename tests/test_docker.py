@@ -352,6 +352,27 @@ def run_healthcheck(command: list[str], port: int) -> subprocess.CompletedProces
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30)
 
 
+def test_healthcheck_options_follow_the_services_convention_and_prefix(tmp_path: Path) -> None:
+    """CLIPSERVE_PORT and CLIPSERVE_HEALTH_TIMEOUT_S are its settings: listed in --help, a bad value told
+    in one line (and the probe fails), the port read from the variable the image sets."""
+    script = str(DOCKER / "healthcheck.py")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("CLIPSERVE_")}
+    shown = subprocess.run(
+        [sys.executable, script, "--help"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert shown.returncode == 0
+    text = " ".join(shown.stdout.split())
+    assert "--port N" in text and "env CLIPSERVE_PORT]" in text
+    assert "--health-timeout-s NUMBER" in text and "env CLIPSERVE_HEALTH_TIMEOUT_S]" in text
+    bad = env | {"CLIPSERVE_HEALTH_TIMEOUT_S": "soon"}
+    result = subprocess.run([sys.executable, script], env=bad, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "CLIPSERVE_HEALTH_TIMEOUT_S: Input should be a valid number" in result.stderr
+    port = free_port()
+    result = run_healthcheck(["python", HEALTHCHECK_IN_IMAGE], port)
+    assert result.returncode == 1 and f"127.0.0.1:{port}/readyz" in result.stderr
+
+
 def test_serve_image_cmd_starts_the_service_and_its_healthcheck_passes(
     tiny_repo: Path, tmp_path: Path
 ) -> None:

@@ -185,3 +185,24 @@ def test_list_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--list-models"]) == 0
     names = capsys.readouterr().out.split()
     assert "ViT-B-32" in names and "MobileCLIP2-S0" in names
+
+
+def test_the_tensorrt_timing_cache_is_a_setting_passed_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--timing-cache-dir` (CLIP_EXPORT_TIMING_CACHE_DIR) names the folder; without it, the user cache
+    folder. No other variable of ours moves it."""
+    from clipserve.contract.cli_settings import load_settings
+    from clipserve.export.cli import ExportSettings
+    from clipserve.export.tensorrt import timing_cache_path
+
+    monkeypatch.setenv("CLIP_EXPORT_TIMING_CACHE_DIR", str(tmp_path / "env"))
+    assert load_settings(ExportSettings, [], "clip-export").timing_cache_dir == tmp_path / "env"
+    flagged = load_settings(ExportSettings, ["--timing-cache-dir", str(tmp_path / "flag")], "clip-export")
+    assert flagged.timing_cache_dir == tmp_path / "flag"
+    path = timing_cache_path("NVIDIA H200", "10.16.1.11", flagged.timing_cache_dir)
+    assert path == tmp_path / "flag" / "timing-nvidia-h200-trt10.16.1.11.cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CLIPSERVE_TENSORRT_CACHE", str(tmp_path / "old"))
+    default = timing_cache_path("NVIDIA H200", "10.16.1.11")
+    assert default.parent == tmp_path / "xdg" / "clipserve" / "tensorrt"

@@ -68,26 +68,21 @@ def test_fp16_graphs_keep_fp32_io_and_accuracy_layers(
 
 @pytest.mark.gpu
 def test_tensorrt_engines_are_keyed_by_gpu_and_match_torch(
-    tiny_bundle, tiny_model, images, token_ids, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_bundle, tiny_model, images, token_ids, tmp_path: Path
 ) -> None:
     trt = pytest.importorskip("tensorrt")
-    from clipserve.export.tensorrt import (
-        TIMING_CACHE_ENV,
-        build_engines,
-        gpu_name,
-        run_engine,
-        timing_cache_path,
-    )
+    from clipserve.export.tensorrt import build_engines, gpu_name, run_engine, timing_cache_path
 
-    monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "cache"))
     for tower in ("image", "text"):
         shutil.copyfile(tiny_bundle.file_path(tower), tmp_path / f"{tower}.onnx")
-    engines = build_engines(tmp_path, (32, 32), 77, dynamic_length=True)
+    cache = tmp_path / "cache"
+    engines = build_engines(tmp_path, (32, 32), 77, dynamic_length=True, timing_cache_dir=cache)
     assert [e.tower for e in engines] == ["image", "text"]
     for engine in engines:
         assert engine.tensorrt_version == trt.__version__ and engine.gpu == gpu_name()
         assert f"trt{trt.__version__}" in engine.path and engine.path.endswith(".plan")
-    assert timing_cache_path(gpu_name(), trt.__version__).is_file()
+    assert timing_cache_path(gpu_name(), trt.__version__, cache).is_file()
+    assert timing_cache_path(gpu_name(), trt.__version__, cache).parent == cache
     expected_image, expected_text = _expected(tiny_model, images, token_ids.ids)
     image = run_engine(tmp_path / engines[0].path, images)
     text = run_engine(tmp_path / engines[1].path, token_ids.trimmed())
@@ -98,13 +93,8 @@ def test_tensorrt_engines_are_keyed_by_gpu_and_match_torch(
 
 
 @pytest.mark.gpu
-def test_export_with_tensorrt_and_fp16_publishes_checked_engines(
-    tiny_model, tmp_path: Path, monkeypatch
-) -> None:
+def test_export_with_tensorrt_and_fp16_publishes_checked_engines(tiny_model, tmp_path: Path) -> None:
     pytest.importorskip("tensorrt")
-    from clipserve.export.tensorrt import TIMING_CACHE_ENV
-
-    monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "cache"))
     bundle = export_bundle(
         tiny_model,
         tmp_path / "models",
@@ -113,6 +103,7 @@ def test_export_with_tensorrt_and_fp16_publishes_checked_engines(
         fp16=True,
         tensorrt=True,
         progress=False,
+        timing_cache_dir=tmp_path / "cache",
     )
     engines = [f for f in bundle.manifest.files if f.role == "engine"]
     assert len(engines) == 2 and all(f.gpu and f.tensorrt_version and f.precision == "fp16" for f in engines)

@@ -195,6 +195,33 @@ def test_a_taken_port_gives_a_clear_message_at_once(serve, tiny_repo: Path) -> N
     assert "Traceback" not in out
 
 
+def test_its_options_are_settings_in_help_and_a_bad_one_is_one_line(tmp_path: Path) -> None:
+    """CLIPSERVE_BUILD_DEMO and CLIPSERVE_DEMO_STEPS are its own settings (flags of scripts/serve.sh,
+    listed in --help); the service's CLIPSERVE_* settings are read as clip-serve reads them, so a bad
+    one stops it in one line before anything is checked or built."""
+    env = serve_env(tmp_path / "absent", free_port())
+    shown = subprocess.run(
+        ["bash", str(SERVE_SH), "--help"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    text = " ".join(shown.stdout.split())
+    assert "--build-demo, --no-build-demo" in text and "env CLIPSERVE_BUILD_DEMO]" in text
+    assert "--demo-steps N" in text and "env CLIPSERVE_DEMO_STEPS]" in text
+    for name, value, told in (
+        ("CLIPSERVE_DEMO_STEPS", "few", "CLIPSERVE_DEMO_STEPS: Input should be a valid integer"),
+        ("CLIPSERVE_REDIS_RETRY_S", "soon", "CLIPSERVE_REDIS_RETRY_S: Input should be a valid number"),
+    ):
+        result = subprocess.run(
+            ["bash", str(SERVE_SH)], env=env | {name: value}, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 1 and told in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    missing = subprocess.run(["bash", str(SERVE_SH)], env=env, capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert f"model repository {tmp_path / 'absent'} does not exist" in missing.stderr
+    assert "CLIPSERVE_BUILD_DEMO=1 make serve" in missing.stderr
+
+
 def time_wait_sockets(port: int) -> int:
     """TCP connections of this machine in TIME-WAIT (state 06) on local port `port`."""
     count = 0

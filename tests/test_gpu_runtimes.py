@@ -44,17 +44,19 @@ def test_tensorrt_provider_reuses_its_cached_engines(tiny_bundle, tmp_path: Path
 @pytest.fixture(scope="module")
 def image_engine(tiny_bundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("tensorrt")
-    from clipserve.export.tensorrt import TIMING_CACHE_ENV, build_engines
+    from clipserve.export.tensorrt import build_engines
 
     folder = tmp_path_factory.mktemp("engine")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(TIMING_CACHE_ENV, str(folder / "timing-cache"))
-        for tower in ("image", "text"):
-            shutil.copyfile(tiny_bundle.file_path(tower), folder / f"{tower}.onnx")
-        manifest = tiny_bundle.manifest
-        engines = build_engines(
-            folder, manifest.image.size, manifest.tokenizer.context_length, manifest.text.dynamic_length
-        )
+    for tower in ("image", "text"):
+        shutil.copyfile(tiny_bundle.file_path(tower), folder / f"{tower}.onnx")
+    manifest = tiny_bundle.manifest
+    engines = build_engines(
+        folder,
+        manifest.image.size,
+        manifest.tokenizer.context_length,
+        manifest.text.dynamic_length,
+        timing_cache_dir=folder / "timing-cache",
+    )
     return folder / engines[0].path
 
 

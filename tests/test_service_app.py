@@ -194,17 +194,12 @@ def test_default_model_among_several(make_client, tiny_repo: Path, tmp_path: Pat
 
 
 @pytest.mark.gpu
-def test_tensorrt_engines_serve_close_to_onnx(
-    tiny_model, tmp_path: Path, make_client, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_tensorrt_engines_serve_close_to_onnx(tiny_model, tmp_path: Path, make_client) -> None:
     pytest.importorskip("tensorrt")
     import numpy as np
 
     from clipserve.contract.bundle import ModelSource
     from clipserve.export.exporter import export_bundle
-    from clipserve.export.tensorrt import TIMING_CACHE_ENV
-
-    monkeypatch.setenv(TIMING_CACHE_ENV, str(tmp_path / "timing-cache"))
 
     export_bundle(
         tiny_model,
@@ -213,6 +208,7 @@ def test_tensorrt_engines_serve_close_to_onnx(
         source=ModelSource(architecture="tiny-clip"),
         tensorrt=True,
         progress=False,
+        timing_cache_dir=tmp_path / "timing-cache",
     )
     onnx_client = make_client(models_dir=tmp_path / "models", providers=["cuda"])
     engine_client = make_client(models_dir=tmp_path / "models", providers=["cuda"], engine="tensorrt")

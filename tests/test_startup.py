@@ -164,28 +164,35 @@ def test_clip_serve_names_a_missing_repository(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("exists", [False, True])
 def test_make_serve_names_a_mistyped_models_dir_and_builds_nothing_there(
-    tmp_path: Path, exists: bool
+    tmp_path: Path, exists: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import first_run
 
     mistyped = tmp_path / "modles"
     if exists:
         mistyped.mkdir()
-    env = {"CLIPSERVE_MODELS_DIR": str(mistyped)}
+    monkeypatch.delenv("CLIPSERVE_BUILD_DEMO", raising=False)
+    monkeypatch.setenv("CLIPSERVE_MODELS_DIR", str(mistyped))
+    options = first_run.load_settings(first_run.FirstRunSettings, [], first_run.PROG)
+    service = first_run.validated(first_run.Settings, {})
+    assert service.models_dir == mistyped and options.build_demo is False
     with pytest.raises(first_run.FirstRunError) as refused:
-        first_run.check_models_dir(mistyped, env)
+        first_run.check_models_dir(service.models_dir, options.build_demo)
     message = str(refused.value)
     expected = "does not exist" if not exists else "no published bundle in"
     assert expected in message and "CLIPSERVE_BUILD_DEMO=1 make serve" in message
     assert not exists or list(mistyped.iterdir()) == []
     # asked for, or the default models/: the demo is to be built
-    assert first_run.check_models_dir(mistyped, env | {"CLIPSERVE_BUILD_DEMO": "1"}) is True
+    monkeypatch.setenv("CLIPSERVE_BUILD_DEMO", "1")
+    options = first_run.load_settings(first_run.FirstRunSettings, [], first_run.PROG)
+    assert first_run.check_models_dir(service.models_dir, options.build_demo) is True
 
 
 def test_make_serve_keeps_a_repository_that_holds_a_bundle(tiny_repo: Path) -> None:
     import first_run
 
-    assert first_run.check_models_dir(tiny_repo, {"CLIPSERVE_MODELS_DIR": str(tiny_repo)}) is False
+    assert first_run.check_models_dir(tiny_repo, build_demo=True) is False
+    assert first_run.check_models_dir(tiny_repo, build_demo=False) is False
 
 
 def test_progress_redraws_become_a_few_lines_in_a_file() -> None:

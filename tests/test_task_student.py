@@ -248,3 +248,39 @@ def test_a_bundle_teacher_and_labels_from_a_csv(
     assert (run.task.mix_weight, run.task.mix_weight_from) == (0.25, "fixed")
     # the teacher's probabilities are the bundle's zero-shot classifier, as the service scores it
     assert run.task.held_out_accuracy["teacher"] >= 0
+
+
+# Names `task` shares with train, eval or targets: one CLIP_DISTILL_ variable for both, so each means the
+# same in both (read and checked, one by one): a training run's sources, loop, run folder and publishing.
+SHARED_WITH_THE_OTHER_COMMANDS = {
+    "config",
+    "teacher",
+    "teacher_pretrained",
+    "student",
+    "student_pretrained",
+    "templates",
+    "unlabeled_data",
+    "on_bad_image",
+    "out",
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "warmup_steps",
+    "eval_every",
+    "seed",
+    "torch_threads",
+    "progress",
+    "models_dir",
+    "name",
+    "int8",
+}
+
+
+def test_task_options_share_the_tools_prefix_and_a_shared_name_means_the_same() -> None:
+    from clipserve.training.settings import EvalSettings, TargetsSettings, TrainSettings
+    from clipserve.training.task import TaskSettings
+
+    assert TaskSettings.env_name("steps") == TrainSettings.env_name("steps") == "CLIP_DISTILL_STEPS"
+    others = {name for cls in (TrainSettings, EvalSettings, TargetsSettings) for name in cls.model_fields}
+    assert set(TaskSettings.model_fields) & others == SHARED_WITH_THE_OTHER_COMMANDS

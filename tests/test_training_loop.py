@@ -385,7 +385,7 @@ def test_image_side_losses_learn_from_the_unlabeled_images_when_given(tiny_stude
 
     student = load_clip(str(tiny_student_config))
     vectors = [torch.nn.functional.normalize(torch.randn(5, 32), dim=-1)]
-    distiller = Distiller(student, LossSettings(LossWeights.parse("class_kd,feature")), [32], vectors)
+    distiller = Distiller(student, LossSettings(weights=LossWeights.parse("class_kd,feature")), [32], vectors)
     distiller.eval()
     images = {student.image_key: torch.randn(4, 3, 32, 32)}
     tokens = {student.text_key: student.tokenizer(["a red circle", "a cat", "a dog", "two squares"])}

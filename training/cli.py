@@ -2,7 +2,7 @@
 
 The options of each command are the fields of its class in training/settings.py. For `train` they
 come from the fields' defaults, then a YAML/JSON `--config` file (keys are the option names, with
-dashes or underscores), then the environment (CLIP_DISTILL_TRAIN_*), then the flags, which win.
+dashes or underscores), then the environment (CLIP_DISTILL_*), then the flags, which win.
 """
 
 from __future__ import annotations
@@ -149,16 +149,7 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
         torch.set_num_threads(options.torch_threads)
     has_teacher = bool(options.teacher) or bool(options.teacher_targets)
     losses = LossWeights.parse(options.losses or ("clip=1,logit_kd=1" if has_teacher else "clip"))
-    settings = LossSettings(
-        weights=losses,
-        student_temperature=options.student_temperature,
-        teacher_temperature=options.teacher_temperature,
-        feature_kind=options.feature_kind,
-        class_kd_temperature=options.class_kd_temperature,
-        projection=options.projection,
-        fixed_temperature=options.fixed_temperature,
-        label_head=options.label_head,
-    )
+    settings = LossSettings(weights=losses, **options.loss_options())
     if options.teacher and options.teacher_targets:
         raise UsageError("give --teacher or --teacher-targets, not both")
     # the student and the data first: a mistake is told in a second, not after the teacher has loaded
@@ -191,10 +182,7 @@ def run_training(options: TrainSettings | Mapping[str, Any]) -> TrainResult:
     if unlabeled is not None and options.unlabeled_targets:
         unlabeled_targets = OfflineTargets.open(options.unlabeled_targets)
         unlabeled_targets.check_covers(unlabeled)
-    given = options.model_dump()
-    config = TrainConfig(
-        **{key: given[key] for key in TrainConfig.__dataclass_fields__ if given.get(key) is not None}
-    )
+    config = TrainConfig(**options.loop())
     result = train(
         student,
         dataset,
@@ -258,7 +246,7 @@ def targets_main(argv: Sequence[str]) -> None:
     out = store_targets(
         teacher,
         dataset,
-        options.out,
+        options.targets_dir,
         options.data,
         views=options.views,
         augment=options.augment,
@@ -278,14 +266,16 @@ def eval_main(argv: Sequence[str]) -> None:
     options = load_settings(EvalSettings, argv, f"{PROG} eval", description=EvalSettings.__doc__)
     from clipserve.training.evaluate import describe_model, write_report
 
-    measure = _eval_measure(options.data, _templates(options.templates))
+    measure = _eval_measure(options.eval_data, _templates(options.templates))
     entries = []
     if options.teacher:
         teacher = load_clip(options.teacher, options.teacher_pretrained)
         entries.append(describe_model("teacher", teacher, measure(teacher), latency=options.latency))
     student = load_clip(options.model, options.pretrained)
     entries.append(describe_model("student", student, measure(student), latency=options.latency))
-    json_path, md_path = write_report(entries, options.out, title=f"{PROG} eval on {options.data}")
+    json_path, md_path = write_report(
+        entries, options.report_dir, title=f"{PROG} eval on {options.eval_data}"
+    )
     print(md_path.read_text())
     print(f"report: {json_path}, {md_path}")
 

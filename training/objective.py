@@ -4,11 +4,12 @@ sum of the selected losses. One module, so that DDP sees every trainable paramet
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from pydantic import ConfigDict, Field
 from torch import nn
 
 from clipserve.training.data import Batch
@@ -23,18 +24,15 @@ from clipserve.training.losses import (
     TeacherProjection,
 )
 from clipserve.training.models import ClipModel, TowerOutputs
+from clipserve.training.settings import LossOptions
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    weights: LossWeights = field(default_factory=lambda: LossWeights({"clip": 1.0}))
-    student_temperature: float | None = None
-    teacher_temperature: float | None = None
-    feature_kind: str = "mse"
-    class_kd_temperature: float = 1.0
-    projection: bool = True
-    fixed_temperature: float | None = None
-    label_head: bool = False
+class LossSettings(LossOptions):
+    """The objective's options (defined once, in settings.py) and the weights of its losses."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    weights: LossWeights = Field(default_factory=lambda: LossWeights({"clip": 1.0}))
 
 
 @dataclass

@@ -10,7 +10,7 @@ import resource
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -76,40 +76,29 @@ TEACHER_CACHE_ROOT = Path("runs/teachers")
 
 
 @dataclass(frozen=True)
-class TeacherRecipe:
+class TeacherRecipe(ShapesBudget):
     """The distillation experiment's teacher: the large shapes config, trained with the CLIP loss for
     several times the students' budget, until its held-out accuracy stops rising (see its build.json,
     which records the curve). Threads are pinned: the result is deterministic for a recipe on one
-    machine; another CPU's kernels may round differently."""
+    machine; another CPU's kernels may round differently. A budget of its own (the same fields, its
+    own values), plus the config and the evaluation during the build."""
 
-    config: Path = SHAPES_LARGE_TEACHER_CONFIG
     steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
     warmup_steps: int = 100
-    image_size: int = 64
-    seed: int = 0
-    threads: int = 1
+    threads: int | None = 1
+    config: Path = SHAPES_LARGE_TEACHER_CONFIG
     eval_every: int = 400
     eval_size: int = 600
 
     def budget(self) -> ShapesBudget:
-        return ShapesBudget(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            warmup_steps=self.warmup_steps,
-            threads=self.threads,
-            image_size=self.image_size,
-            seed=self.seed,
-        )
+        return ShapesBudget(**{f.name: getattr(self, f.name) for f in fields(ShapesBudget)})
 
     def key(self) -> str:
         """A hash of everything that decides the weights: the recipe, the config's content, the version."""
-        fields = {k: v for k, v in asdict(self).items() if k != "config"}
+        recipe = {k: v for k, v in asdict(self).items() if k != "config"}
         blob = json.dumps(
             {
-                "recipe": fields,
+                "recipe": recipe,
                 "config": json.loads(Path(self.config).read_text()),
                 "version": TEACHER_CACHE_VERSION,
             },

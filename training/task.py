@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import Field
-from pydantic_settings import SettingsConfigDict
 from torch import nn
 
 from clipserve.contract.bundle import (
@@ -43,11 +42,12 @@ from clipserve.contract.bundle import (
     TaskSpec,
     load_bundle,
 )
-from clipserve.contract.cli_settings import CliSettings, SettingsError, load_settings
+from clipserve.contract.cli_settings import CommaList, SettingsError, load_settings
 from clipserve.training import synthetic
 from clipserve.training.data import IMAGE_EXTENSIONS, DataError, build_dataset
 from clipserve.training.models import ClipModel, ModelSpecError, inherit_weights, load_clip, load_teacher
 from clipserve.training.progress import progress_bar
+from clipserve.training.settings import TEACHER_HELP, TEACHER_PRETRAINED_HELP, DistillSettings
 
 PROG = "clip-distill task"
 # the mix weights tried on the held-out labeled images
@@ -58,12 +58,10 @@ class TaskError(ValueError):
     """A mistake in what `clip-distill task` was given; the message says what to do."""
 
 
-class TaskSettings(CliSettings):
+class TaskSettings(DistillSettings):
     """`clip-distill task`: a small classifier for one label set (a task student), distilled from a
     teacher on unlabeled images (KD head) and trained on a few labeled ones (CE head), the two heads
     mixed with a weight chosen on held-out labeled images (DHO); no labels: KD alone (PromptKD)."""
-
-    model_config = SettingsConfigDict(env_prefix="CLIP_DISTILL_TASK_")
 
     options_file: ClassVar[str | None] = "config"
 
@@ -71,12 +69,13 @@ class TaskSettings(CliSettings):
         None, description="YAML or JSON file of these options; the environment and flags override it"
     )
     # the teacher and the label set
-    teacher: str = Field(
-        description="a bundle folder (or a model folder of a repository: its latest version), a run folder "
-        "of ours, an open_clip name or a JSON config"
+    teacher: CommaList[str] = Field(
+        min_length=1,
+        description="a bundle folder (or a model folder of a repository: its latest version), or "
+        f"{TEACHER_HELP}",
     )
-    teacher_pretrained: str | None = Field(
-        None, description="the teacher's tag or checkpoint (not for bundles)"
+    teacher_pretrained: CommaList[str] = Field(
+        default_factory=list, description=f"{TEACHER_PRETRAINED_HELP} (not for a bundle)"
     )
     labels: Path = Field(description="file with one label per line: the classes the task student tells apart")
     templates: Path | None = Field(
@@ -101,7 +100,7 @@ class TaskSettings(CliSettings):
     # the student
     student: str = Field(description="the student's image tower: open_clip name or JSON config")
     student_pretrained: str | None = Field(None, description="tag or checkpoint for the student's start")
-    init: Literal["auto", "inherit", "random"] = Field(
+    student_init: Literal["auto", "inherit", "random"] = Field(
         "auto",
         description="inherit: weight inheritance from the teacher; auto: inherit when the teacher is a torch "
         "model of a family the student can inherit from, else random",
@@ -188,11 +187,10 @@ class TorchTeacher:
     whose logits are averaged)."""
 
     def __init__(
-        self, ref: str, pretrained: str | None, labels: list[str], templates: list[str], seed: int = 0
+        self, refs: list[str], pretrained: list[str], labels: list[str], templates: list[str], seed: int = 0
     ):
-        refs = [r.strip() for r in ref.split(",") if r.strip()]
-        self.teacher = load_teacher(refs, [pretrained] if pretrained else None, seed=seed + 1000)
-        self.ref = ref
+        self.teacher = load_teacher(refs, list(pretrained) or None, seed=seed + 1000)
+        self.ref = ",".join(refs)
         first = self.teacher.members[0]
         self.clip: ClipModel = first
         self.source = ModelSource(
@@ -266,16 +264,22 @@ class BundleTeacher:
 
 
 def load_task_teacher(
-    ref: str, pretrained: str | None, labels: list[str], templates: list[str], seed: int = 0
+    refs: Sequence[str], pretrained: Sequence[str], labels: list[str], templates: list[str], seed: int = 0
 ) -> TorchTeacher | BundleTeacher:
-    bundle_dir = _bundle_dir(ref)
+    """A bundle (alone), or the torch models clip-distill takes (several: an ensemble)."""
+    bundle_dir = _bundle_dir(refs[0]) if len(refs) == 1 else None
     if bundle_dir is not None:
         if pretrained:
             raise TaskError(
-                f"--teacher {ref} is a bundle: its weights are in it; leave out --teacher-pretrained"
+                f"--teacher {refs[0]} is a bundle: its weights are in it; leave out --teacher-pretrained"
             )
         return BundleTeacher(bundle_dir, labels, templates)
-    return TorchTeacher(ref, pretrained, labels, templates, seed)
+    bundles = [ref for ref in refs if _bundle_dir(ref) is not None]
+    if bundles:
+        raise TaskError(
+            f"a bundle teacher ({', '.join(bundles)}) cannot be part of an ensemble; give it alone"
+        )
+    return TorchTeacher(list(refs), list(pretrained), labels, templates, seed)
 
 
 def teacher_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -666,19 +670,19 @@ def held_out_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[l
 def _build_student(options: TaskSettings, teacher: TorchTeacher | BundleTeacher) -> tuple[ClipModel, bool]:
     """The student model, and whether it inherited the teacher's weights."""
     student = load_clip(options.student, options.student_pretrained, seed=options.seed)
-    if options.init == "random":
+    if options.student_init == "random":
         return student, False
     if not isinstance(teacher, TorchTeacher):
-        if options.init == "inherit":
+        if options.student_init == "inherit":
             raise TaskError(
-                "--init inherit needs a torch teacher (run folder, open_clip name or config), not a bundle"
+                "--student-init inherit needs a torch teacher (run folder, open_clip name or config), not a bundle"
             )
         print("student starts at random: a bundle teacher has no torch weights to inherit")
         return student, False
     try:
         report = inherit_weights(student, teacher.clip)
     except ModelSpecError as exc:
-        if options.init == "inherit":
+        if options.student_init == "inherit":
             raise TaskError(str(exc)) from exc
         print(f"student starts at random: {exc}")
         return student, False

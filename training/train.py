@@ -12,7 +12,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
+from pydantic import Field
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
@@ -36,6 +37,7 @@ from clipserve.training.data import (
 from clipserve.training.models import RUN_CONFIG_FILE, RUN_WEIGHTS_FILE, ClipModel, Teacher, TowerOutputs
 from clipserve.training.objective import Distiller, LossSettings
 from clipserve.training.progress import progress_bar
+from clipserve.training.settings import LoopOptions
 
 Evaluator = Callable[[ClipModel], dict[str, float]]
 
@@ -44,29 +46,11 @@ class CheckpointError(RuntimeError):
     pass
 
 
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 64
-    lr: float = 5e-4
-    weight_decay: float = 0.1
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-    accumulation: int = 1
-    amp: bool = True
-    seed: int = 0
-    checkpoint_every: int = 0
-    eval_every: int = 0
-    num_workers: int = 0
-    device: str = "cpu"
-    augment: bool = False
-    progress: bool = True
-    stop_at: int | None = None
-    # the student's text tower stays as it starts (LiT's locked tower): only the image tower learns
-    lock_text: bool = False
-    # images without captions per step, for the image-side distillation losses (None: batch_size // 2)
-    unlabeled_batch_size: int | None = None
+class TrainConfig(LoopOptions):
+    """The loop's options: the hyper-parameters of `clip-distill` (defined once, in settings.py), and
+    the floor of the cosine decay, which no command sets."""
+
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the learning rate's floor, as a share of --lr")
 
 
 @dataclass
@@ -81,7 +65,8 @@ class Distributed:
 
 
 def init_distributed(device: str) -> Distributed:
-    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo on CPU, nccl on CUDA."""
+    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo on CPU, nccl on CUDA. WORLD_SIZE
+    and LOCAL_RANK are the launcher's contract (torchrun sets them), not settings of ours."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Distributed()
@@ -412,7 +397,11 @@ def train(
     run_id = _run_id(out_dir)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        run_info = {"run_id": run_id, "student": student.architecture, "config": asdict(config)}
+        run_info = {
+            "run_id": run_id,
+            "student": student.architecture,
+            "config": config.model_dump(mode="json"),
+        }
         (out_dir / "run.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     metrics = MetricsLog(out_dir / "metrics.jsonl", start_step) if env.is_main else None
 

@@ -6,7 +6,7 @@ Everything that asks a model for vectors or scores goes through these public met
     engine.encode_images([png_bytes, ...])  -> float32 [N, D]   (bad image -> InvalidImage naming it)
     engine.encode_items(texts, images, n)   -> float32 [n, D]   (items given by position, both towers)
     engine.class_matrix(labels, templates)  -> float32 [labels, D], cached by the embedding space
-    engine.classify(images, labels, matrix, top_k) -> one ranked list of labels per image
+    engine.score(image_vectors, labels, matrix, top_k) -> one ranked list of labels per image
     engine.rank(query, candidates, top_k, probabilities) -> candidates ranked by cosine
 
 Vectors are L2-normalized. Requests go through the model's dynamic batchers (`Overloaded` when a
@@ -472,12 +472,6 @@ class ModelEngine:
             [LabelScore(labels[j], float(probs[j]), float(sims[j])) for j in order]
             for order, probs, sims in zip(top_k(probabilities, k), probabilities, similarity, strict=True)
         ]
-
-    async def classify(
-        self, images: Sequence[bytes], labels: Sequence[str], matrix: np.ndarray, k: int
-    ) -> list[list[LabelScore]]:
-        """Top-k of `labels` (whose class vectors are `matrix`) for each image."""
-        return self.score(await self.encode_images(images), labels, matrix, k)
 
     def rank(
         self, query: np.ndarray, candidates: np.ndarray, k: int | None, probabilities: bool

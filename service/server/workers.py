@@ -34,8 +34,11 @@ from clipserve.contract.cli_settings import usable_cores
 from clipserve.service.settings import Settings
 
 SMALL_MODELS_BYTES = 64 * 2**20
+# How the parent hands its settings to the workers it starts: not settings a user gives (the leading
+# underscore keeps them apart from CLIPSERVE_*, which Settings reads).
 SETTINGS_ENV = "_CLIPSERVE_WORKER_SETTINGS"
 PROBLEM_ENV = "_CLIPSERVE_WORKER_PROBLEM_FILE"
+# prometheus_client's own variable (its contract for multiprocess mode), not a setting of ours
 METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
