@@ -13,7 +13,7 @@ import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -121,10 +121,11 @@ def export_graph(
     example: torch.Tensor,
     path: Path,
     input_name: str,
-    output_name: str,
+    output_name: str | Sequence[str],
     dynamic_axes: Mapping[int, torch.export.Dim],
 ) -> None:
-    """torch.export-based ONNX export (the legacy tracer bakes the sequence length into reshapes)."""
+    """torch.export-based ONNX export (the legacy tracer bakes the sequence length into reshapes).
+    Several output names: a module returning a tuple (a task model's probabilities)."""
     with _mha_fastpath_disabled(), torch.no_grad(), quiet_logs():
         try:
             torch.onnx.export(
@@ -132,7 +133,7 @@ def export_graph(
                 (example,),
                 str(path),
                 input_names=[input_name],
-                output_names=[output_name],
+                output_names=[output_name] if isinstance(output_name, str) else list(output_name),
                 dynamo=True,
                 dynamic_shapes={input_name: dict(dynamic_axes)},
                 opset_version=ONNX_OPSET,

@@ -14,6 +14,7 @@ from clipserve.service.errors import InvalidInput
 from clipserve.service.inference.engine import LabelScore, ModelEngine
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.registry import ModelRegistry
+from clipserve.service.inference.task_engine import TaskEngine
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.limits import check_images, check_labels, check_prompts, check_top_k
 from clipserve.service.settings import Settings
@@ -22,7 +23,7 @@ from clipserve.service.templates import resolve_templates
 
 @dataclass
 class Classification:
-    engine: ModelEngine
+    engine: ModelEngine | TaskEngine
     results: list[list[LabelScore]]
 
 
@@ -36,6 +37,9 @@ class Classifier:
         """Top-k labels per image: the class matrix (cached, or built) and the image vectors are
         computed at once, then scored as the model was trained. A full image queue refuses the
         request before either starts, and when one fails the other stops."""
+        task = self.registry.task(request.model)
+        if task is not None:
+            return await self._classify_task(task, request)
         templates = self._check(request)
         images = await self.fetcher.load(request.images)
         classes: Coroutine[Any, Any, np.ndarray]
@@ -57,6 +61,25 @@ class Classifier:
             for task in work:
                 task.cancel()
         return Classification(engine, engine.score(vectors, labels, matrix, request.top_k))
+
+    async def _classify_task(self, task: TaskEngine, request: ClassifyRequest) -> Classification:
+        """A task model: its graph's probabilities over its own labels (or those asked, among them)."""
+        if not request.images:
+            raise InvalidInput("images: the list is empty; give at least one image")
+        check_images(len(request.images), self.settings)
+        check_top_k(request.top_k, self.settings)
+        if request.labelset is not None:
+            raise InvalidInput(
+                f"labelset: {task.ref} is a task model and answers over its own labels; leave out labelset"
+            )
+        if request.templates is not None:
+            raise InvalidInput(
+                f"templates: {task.ref} is a task model without a text tower; leave out templates"
+            )
+        task.columns(request.labels)  # labels not among the model's: refused before any image is decoded
+        images = await self.fetcher.load(request.images)
+        probabilities = await task.probabilities(images)
+        return Classification(task, task.score(probabilities, request.labels, request.top_k))
 
     def _check(self, request: ClassifyRequest) -> tuple[str, ...] | None:
         """Every limit, before any work; the templates of a labels request."""

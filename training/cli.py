@@ -37,6 +37,7 @@ COMMANDS = {
     "train": "distill a teacher into a student, or train one alone (the default command)",
     "eval": "a student (and a teacher beside it): accuracy, parameters, GFLOPs, ONNX Runtime latency",
     "targets": "store a teacher's embeddings of a dataset, to train without the teacher in the loop",
+    "task": "a small classifier for one label set, from a teacher and unlabeled images (DHO, PromptKD)",
 }
 COMMANDS_HELP = "commands:\n" + "\n".join(f"  {name:<8} {what}" for name, what in COMMANDS.items())
 COMMANDS_HELP += f"\n\n`{PROG} COMMAND --help` lists the options of each; these are train's."
@@ -299,6 +300,10 @@ def _eval_measure(data: str, templates: list[str]):
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
+    if command == "task":  # its own settings, errors and module: training/task.py
+        from clipserve.training.task import main as task_main
+
+        return task_main(argv)
     try:
         if command == "eval":
             eval_main(argv)

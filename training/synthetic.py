@@ -11,6 +11,7 @@ composes "red" and "circle" rather than memorising "red circle".
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -247,3 +248,19 @@ def draw_single(
         )
     obj = ShapeObject(colour, shape, (size / 2, size / 2), size * 0.3, 0.0, 2)
     return render([obj], background, size, np.random.default_rng(seed))
+
+
+def colour_task_images(
+    colours: Sequence[str], seed: int, count: int, image_size: int = 32
+) -> tuple[list[Image.Image], list[int]]:
+    """A tiny classification task: `count` images of one shape each (circle, square or triangle, any
+    background), labelled by the shape's colour (an index into `colours`)."""
+    compositions = tuple((c, s) for c in colours for s in ("circle", "square", "triangle"))
+    config = ShapesConfig(image_size=image_size, seed=seed, held_out=compositions)
+    bench = ShapesBenchmark(config, held_out_only=True, size=count)
+    images, labels = [], []
+    for index in range(count):
+        image, label = bench[index]
+        images.append(image)
+        labels.append(list(colours).index(bench.classes[label].split()[0]))
+    return images, labels

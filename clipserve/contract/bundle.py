@@ -35,8 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from clipserve.contract.scoring import Scoring, ScoringKind
 
 # 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. A format-1 manifest
-# still loads, with the same content hash.
-FORMAT_VERSION = 2
+# still loads, with the same content hash. 3: task models (`Manifest.task`): an image graph that ends
+# in class probabilities over a fixed label set, no text tower. Embedding bundles are still written
+# as format 2, so a service that understands 2 keeps loading them.
+FORMAT_VERSION = 3
+EMBEDDING_FORMAT_VERSION = 2
+TASK_FORMAT_VERSION = 3
+# The outputs of a task model's image graph, in order: the heads mixed (what the service answers
+# with), the labeled (cross-entropy) head and the teacher-distilled (KD) head; each [batch, labels].
+TASK_OUTPUTS = ("probabilities", "ce_probabilities", "kd_probabilities")
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".publish.lock"
@@ -213,8 +220,41 @@ class ParityReport(_Strict):
     )
 
 
+class TaskSpec(_Strict):
+    """What a task model classifies and how it was made: its image graph takes pixels and ends in
+    class probabilities over `labels` (TASK_OUTPUTS), DHO-style: a head trained with cross-entropy on
+    labeled images and a head distilled from the teacher's class probabilities on unlabeled ones,
+    mixed as `mix_weight` * ce + (1 - mix_weight) * kd inside the graph."""
+
+    labels: list[str] = Field(min_length=1)
+    templates: list[str] = Field(description="the prompt templates of the teacher's class vectors")
+    teacher: str = Field(
+        description="the teacher as it was given (a bundle, a run folder, an open_clip name)"
+    )
+    teacher_source: ModelSource | None = Field(None, description="the teacher's architecture and weights")
+    kd_temperature: float = Field(gt=0)
+    mix_weight: float = Field(ge=0, le=1, description="weight of the cross-entropy head in the mix")
+    mix_weight_from: Literal["held-out", "fixed"] = Field(
+        description="held-out: chosen on held-out labeled images; fixed: given (KD alone without labels)"
+    )
+    labeled_images: int = Field(0, ge=0)
+    unlabeled_images: int = Field(0, ge=0)
+    held_out_accuracy: dict[str, float] = Field(
+        default_factory=dict, description="top-1 on the held-out labeled images: ce, kd, mix, teacher"
+    )
+    outputs: list[str] = Field(default_factory=lambda: list(TASK_OUTPUTS))
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        repeated = sorted({label for label in value if value.count(label) > 1})
+        if repeated:
+            raise ValueError(f"labels must be distinct; repeated: {', '.join(repeated)}")
+        return value
+
+
 class Manifest(_Strict):
-    format_version: int = FORMAT_VERSION
+    format_version: int = EMBEDDING_FORMAT_VERSION
     name: str
     version: int = Field(0, ge=0, description="0 until published; then >= 1")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
@@ -227,11 +267,26 @@ class Manifest(_Strict):
         "sigmoid(logit_scale * cos + logit_bias) per label (SigLIP)",
     )
     image: ImagePreprocess
-    tokenizer: TokenizerSpec
-    text: TextGraph
+    tokenizer: TokenizerSpec | None = Field(None, description="an embedding model's; a task model has none")
+    text: TextGraph | None = Field(None, description="an embedding model's; a task model has none")
     files: list[BundleFile] = Field(default_factory=list)
     source: ModelSource
     parity: list[ParityReport] = Field(default_factory=list)
+    task: TaskSpec | None = Field(
+        None, description="set for a task model (format 3); None: an embedding model"
+    )
+
+    @model_validator(mode="after")
+    def _kind_complete(self) -> Manifest:
+        if self.task is None and (self.tokenizer is None or self.text is None):
+            raise ValueError("an embedding model's manifest needs tokenizer and text")
+        if self.task is not None and self.format_version < TASK_FORMAT_VERSION:
+            raise ValueError(f"a task model's manifest is format {TASK_FORMAT_VERSION} or newer")
+        return self
+
+    @property
+    def is_task(self) -> bool:
+        return self.task is not None
 
     @field_validator("format_version")
     @classmethod
@@ -267,9 +322,13 @@ class Manifest(_Strict):
             "embed_dim": self.embed_dim,
             "image": self.image.model_dump(mode="json"),
             # exclude_none: the fields format 2 added are None for clip-bpe, so old hashes hold
-            "tokenizer": self.tokenizer.model_dump(mode="json", exclude_none=True),
+            "tokenizer": self.tokenizer.model_dump(mode="json", exclude_none=True)
+            if self.tokenizer
+            else None,
             "files": sorted((f.path, f.sha256) for f in self.files),
         }
+        if self.task is not None:  # the graph's outputs mean these labels, in this order
+            payload["labels"] = self.task.labels
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
     def to_json(self) -> str:
@@ -342,8 +401,8 @@ class Bundle(BaseModel):
         file is among the hashed ones, and every listed file against its size and sha256; raise
         naming the first bad file."""
         listed = {entry.path for entry in self.manifest.files}
-        vocab = self.manifest.tokenizer.vocab_file
-        if vocab not in listed:
+        vocab = self.manifest.tokenizer.vocab_file if self.manifest.tokenizer else None
+        if vocab is not None and vocab not in listed:
             raise BundleIntegrityError(
                 f"{self.ref}: the tokenizer's file {vocab} is not among the manifest's files, so "
                 "its hash cannot be checked"
@@ -538,7 +597,10 @@ class ModelRepository:
         for entry in manifest.files:
             if not (staging.path / entry.path).is_file():
                 raise BundleError(f"manifest lists {entry.path} but the staging directory has no such file")
-        if not {"image", "text"} <= {f.role for f in manifest.files}:
+        roles = {f.role for f in manifest.files}
+        if manifest.task is not None and "image" not in roles:
+            raise BundleError("a task bundle needs an image file in its manifest")
+        if manifest.task is None and not {"image", "text"} <= roles:
             raise BundleError("a bundle needs at least an image and a text file in its manifest")
         unlisted = [
             str(p.relative_to(staging.path))

@@ -26,4 +26,5 @@ async def list_models(registry: RegistryDep) -> ModelList:
         for m, why in registry.loaded()
         if why[:1] != ["serving"]
     ]
-    return ModelList(data=served + kept)
+    tasks = [ModelInfo(**m.describe(), default=False, status="serving") for m in registry.tasks()]
+    return ModelList(data=served + tasks + kept)

@@ -187,7 +187,9 @@ class LabelScore(BaseModel):
         description="the model's probability: softmax(logit_scale * cosine) over all labels (CLIP), or "
         "sigmoid(logit_scale * cosine + logit_bias) for this label alone (SigLIP; scores do not sum to 1)"
     )
-    similarity: float = Field(description="cosine similarity")
+    similarity: float | None = Field(
+        description="cosine similarity; null from a task model, which has no embedding space"
+    )
 
 
 class ClassifyResult(BaseModel):
@@ -316,11 +318,17 @@ class ModelInfo(BaseModel):
     logit_scale: float
     logit_bias: float | None
     image_size: list[int]
-    context_length: int
-    text_cache: Literal["shared", "local"] = Field(
+    context_length: int | None = Field(description="the text tower's; null for a task model (none)")
+    text_cache: Literal["shared", "local"] | None = Field(
         description="where this model's text vectors are cached: shared (Redis, every replica) or local "
-        "(this process: its text tower is faster than a Redis look-up)"
+        "(this process: its text tower is faster than a Redis look-up); null for a task model"
     )
+    task: bool = Field(
+        False,
+        description="a task model (clip-distill task): it classifies images among its own labels through "
+        "/v1/classify only, with no text tower and no embedding space",
+    )
+    labels: int | None = Field(None, description="a task model's number of labels")
     source: dict
     default: bool
     status: Literal["serving", "kept"] = Field(

@@ -111,7 +111,7 @@ class TextVectors:
 class LabelScore:
     label: str
     score: float
-    similarity: float
+    similarity: float | None  # None from a task model: no embedding space, no cosine
 
 
 @dataclass

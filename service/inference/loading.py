@@ -60,6 +60,11 @@ def load_version(
 ) -> LoadedBundle:
     """Load, verify every hash, open both runtimes and warm them up."""
     bundle = repository.load(name, version, verify=True)
+    if bundle.manifest.task is not None:
+        raise BundleError(
+            f"{bundle.ref} is a task model (class probabilities over {len(bundle.manifest.task.labels)} "
+            "labels, no text tower): the registry serves it as one (TaskEngine), not as an embedding model"
+        )
     image_path, image_precision = tower_file(bundle, "image", settings)
     text_path, text_precision = tower_file(bundle, "text", settings)
     opened: list[Runtime] = []

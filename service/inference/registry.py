@@ -33,12 +33,14 @@ from clipserve.contract.bundle import (
     BundleNotFoundError,
     ModelRepository,
     parse_model_ref,
+    read_manifest,
 )
 from clipserve.contract.tokenizer import TokenizerError
 from clipserve.service.errors import InvalidInput, NotFound, ServiceError, Unavailable
 from clipserve.service.inference.cache import VectorCache
 from clipserve.service.inference.engine import ModelEngine
 from clipserve.service.inference.loading import LoadedBundle, load_version, tower_file
+from clipserve.service.inference.task_engine import TaskEngine, load_task
 from clipserve.service.metrics import Metrics
 from clipserve.service.runtime import ProviderUnavailableError, RuntimeConfigError
 from clipserve.service.settings import Settings
@@ -98,6 +100,8 @@ class ModelRegistry:
             max_workers=settings.preprocess_workers, thread_name_prefix="preprocess"
         )
         self._served: dict[str, ModelEngine] = {}
+        # task models (bundle format 3): /v1/classify over their own labels only
+        self._tasks: dict[str, TaskEngine] = {}
         # older versions kept loaded for what is bound to them, by name@version
         self._kept: dict[str, ModelEngine] = {}
         self._needed: Needs = {}
@@ -123,7 +127,28 @@ class ModelRegistry:
     def models(self) -> list[ModelEngine]:
         return [self._served[name] for name in sorted(self._served)]
 
+    def tasks(self) -> list[TaskEngine]:
+        return [self._tasks[name] for name in sorted(self._tasks)]
+
+    def task(self, model_ref: str | None) -> TaskEngine | None:
+        """The task model a request names (`name` or its served `name@version`), or None."""
+        if model_ref is None:
+            return None
+        try:
+            name, version = parse_model_ref(model_ref)
+        except BundleError:
+            return None
+        task = self._tasks.get(name)
+        if task is not None and version not in (None, task.version):
+            raise NotFound(
+                f"model {model_ref!r} is not served here; served: {task.ref}", code="model_not_found"
+            )
+        return task
+
     def resolve(self, model_ref: str | None) -> ModelEngine:
+        task = self.task(model_ref)
+        if task is not None:
+            raise task.refuse_embedding()
         if not self._served:
             raise Unavailable("no model is loaded yet", code="not_ready", retry_after_s=1)
         ref = model_ref if model_ref is not None else self.default_name
@@ -234,10 +259,12 @@ class ModelRegistry:
                     path.name, int(version), "no manifest.json: never published, or copied in part", detail
                 )
         for name, pinned in self._pinned.items():
+            if await self._serve_task(name, pinned):
+                continue
             served = await self._load_first_good(name, pinned)
             if served is not None:
                 self._install(served)
-        if not self._served:
+        if not self._served and not self._tasks:
             left_out = "; ".join(f"{path}: {entry.detail}" for path, entry in self._left_out.items())
             raise BundleError(f"no model in {self.repository.root} could be loaded; left out: {left_out}")
         if (
@@ -246,6 +273,44 @@ class ModelRegistry:
         ):
             raise BundleError(f"default model {self.settings.default_model!r} is not among the served models")
         self.ready = True
+
+    def _is_task(self, name: str, version: int) -> bool:
+        try:
+            return read_manifest(self.repository.bundle_dir(name, version)).task is not None
+        except BundleError:
+            return False
+
+    async def _serve_task(self, name: str, pinned: int | None, report: ReloadReport | None = None) -> bool:
+        """Serve the newest (or pinned) version of `name` when it is a task model, in place of the one
+        served (closed after `retire_grace_s`); False when it is not a task model."""
+        try:
+            latest = pinned or self.repository.latest(name)
+        except BundleError:
+            return False
+        if not self._is_task(name, latest):
+            return False
+        current = self._tasks.get(name)
+        if current is not None and current.version == latest:
+            if report is not None:
+                report.unchanged.append(current.ref)
+            return True
+        loop = asyncio.get_running_loop()
+        try:
+            engine = await loop.run_in_executor(
+                None, load_task, self.repository, name, latest, self.settings, self.pool
+            )
+        except Exception as exc:  # a broken task bundle is left out like any other
+            log.error("task model %s@%s left out: %s", name, latest, exc)
+            if report is not None:
+                report.failed.append({"model": f"{name}@{latest}", "error": refusal_reason(exc)})
+            return True
+        self._tasks[name] = engine
+        log.info("loaded task model %s (%d labels)", engine.ref, len(engine.labels))
+        if report is not None:
+            report.loaded.append(engine.ref)
+        if current is not None:
+            loop.call_later(self.settings.retire_grace_s, lambda: loop.create_task(current.close()))
+        return True
 
     def _load_measured(self, name: str, version: int | None) -> tuple[LoadedBundle, int | None]:
         before = _resident_bytes()
@@ -316,6 +381,8 @@ class ModelRegistry:
             for name in self.repository.models():
                 self._pinned.setdefault(name, None)
         for name, pinned in self._pinned.items():
+            if await self._serve_task(name, pinned, report):
+                continue
             current = self._served.get(name)
             try:
                 latest = pinned or self.repository.latest(name)
@@ -440,6 +507,9 @@ class ModelRegistry:
             loading.cancel()
         for served in [*self._served.values(), *self._kept.values(), *(model for _, model in retiring)]:
             await served.close()
+        for task in self._tasks.values():
+            await task.close()
+        self._tasks.clear()
         self._served.clear()
         self._kept.clear()
         self.pool.shutdown(wait=False, cancel_futures=True)
