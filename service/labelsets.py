@@ -39,7 +39,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -96,6 +96,16 @@ class LabelSet:
         return LabelSetRecord(
             self.name, self.model, self.labels, self.templates, self.digest, self.created_at, self.updated_at
         )
+
+
+@dataclass
+class Classes:
+    """What a stored set classifies with: the engine, the set's labels and their class matrix, or
+    the build that makes it within the request (a small set not built yet in this space)."""
+
+    engine: ModelEngine
+    labels: list[str]
+    matrix: np.ndarray | Awaitable[np.ndarray]
 
 
 @dataclass
@@ -308,16 +318,18 @@ class LabelSets:
                 *(self._failure_key(engine, head[0]) for engine in engines),
             )
 
-    async def bound(self, name: str, model: str | None) -> tuple[ModelEngine, LabelSet]:
-        """A stored set and the engine to classify with: the request's model, else the set's."""
+    async def classes(self, name: str, model: str | None) -> Classes:
+        """A stored set's classes on the engine to classify with (the request's model, else the
+        set's), looked up in the cache once: the matrix, or the build that makes it now (a set being
+        built in the background answers `labelset_building`)."""
         labelset = await self._definition(name)
-        return self.registry.resolve(model or labelset.model), labelset
-
-    async def matrix(self, engine: ModelEngine, labelset: LabelSet) -> np.ndarray:
-        """The set's classes on this engine, built here when its embedding space has none yet."""
-        matrix = await self._built(engine, labelset)
-        assert matrix is not None
-        return matrix
+        engine = self.registry.resolve(model or labelset.model)
+        matrix = await engine.cached_class_matrix(labelset.digest)
+        if matrix is None:
+            build = await self._build(engine, labelset, refuse_while_building=True)
+            assert build is not None
+            return Classes(engine, labelset.labels, build)
+        return Classes(engine, labelset.labels, matrix)
 
     # Builds -------------------------------------------------------------------------------------
 
@@ -332,8 +344,17 @@ class LabelSets:
         matrix = await engine.cached_class_matrix(labelset.digest)
         if matrix is not None:
             return matrix
+        build = await self._build(engine, labelset, refuse_while_building)
+        return None if build is None else await build
+
+    async def _build(
+        self, engine: ModelEngine, labelset: LabelSet, refuse_while_building: bool
+    ) -> Awaitable[np.ndarray] | None:
+        """For a set whose matrix the cache has not got (the caller just looked): the build to await
+        for a small one; for a large one, its background build made sure of and, as `_built` says,
+        `labelset_building` or None."""
         if labelset.prompts <= SYNC_BUILD_TEXTS:
-            return await self._built_now(engine, labelset)
+            return self._built_now(engine, labelset)
         state = await self._background(
             engine, labelset, restart="any" if not refuse_while_building else "transient"
         )
@@ -477,8 +498,8 @@ class LabelSets:
         labelset, budget = build.labelset, self.settings.labelset_build_timeout_s
         try:
             async with asyncio.timeout(budget):
-                matrix = await engine.class_matrix(
-                    labelset.labels, labelset.templates, stored=True, progress=build.advance
+                matrix = await engine.build_class_matrix(
+                    labelset.labels, labelset.templates, labelset.digest, stored=True, progress=build.advance
                 )
         except TimeoutError:
             build.error = (
