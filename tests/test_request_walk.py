@@ -1,5 +1,6 @@
 """The classify-by-set walk: a real `POST /v1/classify` with a stored label set, traced from the route
-to the ONNX session and back, enters no clipserve module more than twice.
+to the ONNX session and back, enters no clipserve module more than twice; and a set built within the
+request asks the cache for its matrix once.
 
 How it is traced: a profile hook (`sys.setprofile`), set once the app has started in the threads
 that serve a request (the event loop's, each tower's inference thread, and through
@@ -23,6 +24,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from clipserve.service.inference.engine import classes_digest
+from clipserve.service.templates import DEFAULT_TEMPLATES
 from tests.fixtures.service import b64, image_bytes
 
 PACKAGE = "clipserve."
@@ -141,3 +144,24 @@ def test_classify_by_set_enters_no_module_more_than_twice(traced_client) -> None
     print("entries per module:", dict(counts))
     assert "clipserve.service.runtime.onnx" in counts, "the walk must reach the ONNX session"
     assert max(counts.values()) <= MOST_ENTRIES, {m: n for m, n in counts.items() if n > MOST_ENTRIES}
+
+
+def test_a_set_built_within_the_request_looks_its_matrix_up_once(traced_client) -> None:
+    """A stored set whose matrix this space has lost (evicted here and in Redis) is built within the
+    classify request; the cache is asked for the matrix once, not again by the build."""
+    client, walk_tracer = traced_client
+    name = f"walk-{uuid.uuid4().hex[:8]}"
+    labels = [f"{label}-{uuid.uuid4().hex[:6]}" for label in ("cat", "dog")]
+    assert client.put(f"/v1/labelsets/{name}", json={"labels": labels}).status_code == 200
+    engine, cache = client.app.state.registry.resolve(None), client.app.state.cache
+    key = engine.matrix_key(classes_digest(labels, DEFAULT_TEMPLATES))
+    assert client.portal.call(cache.delete, key) == 1
+    calls = engine.text_stats.calls
+    body = {"images": [b64(image_bytes(seed=2))], "labelset": name}
+
+    response = traced(walk_tracer, lambda: client.post("/v1/classify", json=body))
+
+    assert response.status_code == 200, response.text
+    assert engine.text_stats.calls > calls, "the matrix was built within the request"
+    lookups = [e for e in walk_tracer.entries if e[1:] == ("clipserve.service.inference.cache", "get_blob")]
+    assert len(lookups) == 1, lookups
