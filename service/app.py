@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -33,6 +34,15 @@ from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings, resolved_allowed_hosts
 
 log = logging.getLogger("clipserve.app")
+
+
+async def _needs(collections: Collections, labelsets: LabelSets) -> dict[str, list[str]]:
+    """The versions kept loaded beside the served ones, and why: collections (and their jobs) bound
+    to them, label sets classifying with them while they move to a new version."""
+    needs = await collections.versions_in_use()
+    for ref, why in labelsets.versions_in_use().items():
+        needs.setdefault(ref, []).extend(why)
+    return needs
 
 
 def _served(registry: ModelRegistry) -> str:
@@ -65,13 +75,13 @@ def _lifespan(settings: Settings):
         state.embedder = Embedder(registry, state.fetcher, settings)
         state.collections = Collections(registry, state.embedder, settings, state.metrics)
         state.jobs = Jobs(registry, state.collections, state.fetcher, settings, state.metrics)
-        registry.needs = state.collections.versions_in_use
+        registry.needs = functools.partial(_needs, state.collections, state.labelsets)
+        registry.on_replace = state.labelsets.warm
         poller: asyncio.Task | None = None
         trimmer: asyncio.Task | None = None
         try:
             await registry.start()
             await registry.keep_needed()  # the versions collections are bound to, before the first request
-            await state.labelsets.start()
             await state.jobs.start()
             if settings.reload_poll_s > 0:
                 poller = asyncio.get_running_loop().create_task(

@@ -24,16 +24,18 @@ heartbeat); a build that runs past `labelset_build_timeout_s` stops, releases it
 the set `failed` with the reason, for every replica (a marker beside the matrix in the cache), until
 the set is `PUT` again.
 
-Sets written to Redis by earlier versions (`clipserve:v1:labelset:<name>`) are moved into the store
-on start, once (retried until Redis answers), with the count in the log.
+A newly published version never makes a set answer `labelset_building`: before it replaces the
+served one, every set whose class matrix the served version holds starts building on the new one in
+the background (`warm`), and classification by the set keeps using the previous version, which the
+registry keeps loaded for it, until the new matrix is ready (here or on any replica, through the
+shared cache); then the set moves and the previous version is let go. A request naming a version
+(`tiny@3`) gets that version, as ever; ad-hoc labels use the served version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import json
 import logging
 import os
 import socket
@@ -55,47 +57,16 @@ from clipserve.service.limits import check_labels, check_name, check_prompts
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
 from clipserve.service.stores import BackendUnavailableError
-from clipserve.service.stores.labelset_store import LabelSetRecord, LabelSetStore, open_labelsets
+from clipserve.service.stores.labelset_store import LabelSet, LabelSetStore, open_labelsets
 from clipserve.service.templates import resolve_templates
 
 log = logging.getLogger("clipserve.labelsets")
-LEGACY_DEF_PREFIX = f"{KEY_PREFIX}:labelset:"
-LEGACY_DIGEST_PREFIX = f"{KEY_PREFIX}:labelset-digest:"
 SYNC_BUILD_TEXTS = 4096
 _KNOWN_DEFINITIONS = 64
+_WARM_POLL_S = 0.5  # how often the sets moving to a new version look for their new matrix
 _FAILED_BUILDS = 64  # failed builds remembered, with their reasons, for the status of their sets
 T = TypeVar("T")
 Restart = Literal["any", "transient", "none"]
-
-
-@dataclass(frozen=True)
-class LabelSet:
-    name: str
-    model: str
-    labels: list[str]
-    templates: tuple[str, ...]
-    created_at: str
-    updated_at: str
-
-    @functools.cached_property
-    def digest(self) -> str:
-        # once per definition: a set of 20,000 long labels is megabytes to hash, asked for by every call
-        return classes_digest(self.labels, self.templates)
-
-    @property
-    def prompts(self) -> int:
-        return len(self.labels) * len(self.templates)
-
-    @classmethod
-    def from_record(cls, record: LabelSetRecord) -> LabelSet:
-        return cls(
-            record.name, record.model, record.labels, record.templates, record.created_at, record.updated_at
-        )
-
-    def record(self) -> LabelSetRecord:
-        return LabelSetRecord(
-            self.name, self.model, self.labels, self.templates, self.digest, self.created_at, self.updated_at
-        )
 
 
 @dataclass
@@ -115,6 +86,20 @@ class LabelSetStatus:
     progress: float
     error: str | None = None
     queue_position: int | None = None
+    serving: str | None = None  # name@version classifying by this set now, once it is ready
+    warming: LabelSetStatus | None = None  # its build on a newly served version, while it moves
+    version: str | None = None  # of a warming status: the name@version it builds on
+
+
+@dataclass
+class Warming:
+    """A stored set moving to a newly served version: it classifies with `previous`, whose class
+    matrix is built, until `target`'s is."""
+
+    name: str
+    digest: str
+    previous: str  # name@version
+    target: str  # name@version
 
 
 @dataclass(eq=False)
@@ -176,16 +161,14 @@ class LabelSets:
         self.builds: dict[tuple[str, str], Build] = {}
         self.slots = BuildSlots(settings.labelset_builds)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self._migration: asyncio.Task | None = None
+        self._warming: dict[str, Warming] = {}
+        self._watcher: asyncio.Task | None = None
+        self._let_go: set[asyncio.Task] = set()
 
     # The store ----------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Move sets of the legacy Redis layout into the store, in the background. The store itself
-        opens on first use (an app that never touches label sets creates no files)."""
-        self._migration = asyncio.get_running_loop().create_task(self._migrate(), name="labelset-migration")
-
     async def _get_store(self) -> LabelSetStore:
+        """Opened on first use: an app that never touches label sets creates no files."""
         if self._store is None:
             async with self._opening:
                 if self._store is None:
@@ -203,56 +186,6 @@ class LabelSets:
         store = await self._get_store()
         return await self._blocking(getattr(store, method), *args)
 
-    async def _migrate(self) -> None:
-        """Move sets of the Redis layout into the store: retried until both answer, then done."""
-        while True:
-            try:
-                moved, total = await self._migrate_once()
-            except BackendUnavailableError:
-                moved = None
-            if moved is not None:
-                if total:
-                    log.info(
-                        "moved %d label set(s) from Redis into the label-set store (%d already there)",
-                        moved,
-                        total - moved,
-                    )
-                return
-            await asyncio.sleep(max(1.0, self.settings.redis_retry_s))
-
-    async def _migrate_once(self) -> tuple[int | None, int]:
-        if not self.cache.configured:
-            return 0, 0
-        keys = await self.cache.scan(LEGACY_DEF_PREFIX)
-        if not self.cache.using_redis:
-            return None, 0  # Redis is down: try again later
-        records = []
-        for key in keys:
-            raw = await self.cache.get_blob(key, kind="labelset")
-            if raw is None:
-                continue
-            data = json.loads(raw)
-            templates = tuple(data["templates"])
-            records.append(
-                LabelSetRecord(
-                    data["name"],
-                    data["model"],
-                    list(data["labels"]),
-                    templates,
-                    classes_digest(data["labels"], templates),
-                    data["created_at"],
-                    data["created_at"],
-                )
-            )
-        if not records:
-            return 0, 0
-        moved = await self._call("put_missing", records)
-        names = [r.name for r in records]
-        await self.cache.delete(
-            *(LEGACY_DEF_PREFIX + n for n in names), *(LEGACY_DIGEST_PREFIX + n for n in names)
-        )
-        return moved, len(records)
-
     async def _definition(self, name: str) -> LabelSet:
         check_name(name, "label set")
         head = await self._call("head", name)
@@ -260,10 +193,9 @@ class LabelSets:
         if known is not None and (head is None or head[0] != known.digest):
             self._forget_matrices(known.digest)  # changed or deleted on another replica
         if head is None or known is None or (known.digest, known.model) != head:
-            record = await self._call("get", name) if head is not None else None
-            if record is None:
+            known = await self._call("get", name) if head is not None else None
+            if known is None:
                 raise NotFound(f"label set {name!r} does not exist", code="labelset_not_found")
-            known = LabelSet.from_record(record)
         self._known[name] = known
         self._known.move_to_end(name)
         while len(self._known) > _KNOWN_DEFINITIONS:
@@ -282,8 +214,9 @@ class LabelSets:
         resolved = resolve_templates(templates, self.settings)
         check_prompts(len(labels), len(resolved), self.settings.max_labelset_prompts, "max_labelset_prompts")
         engine = self.registry.resolve(model)
-        record = LabelSetRecord(name, engine.name, labels, resolved, classes_digest(labels, resolved), "", "")
-        labelset = LabelSet.from_record(await self._call("put", record))
+        labelset = await self._call(
+            "put", LabelSet(name, engine.name, labels, resolved, classes_digest(labels, resolved))
+        )
         self._known[name] = labelset
         self._stop_builds(name, keep=labelset.digest)
         await self._forget_failure(engine, labelset)  # a PUT is how a failed set is tried again
@@ -319,17 +252,133 @@ class LabelSets:
             )
 
     async def classes(self, name: str, model: str | None) -> Classes:
-        """A stored set's classes on the engine to classify with (the request's model, else the
-        set's), looked up in the cache once: the matrix, or the build that makes it now (a set being
+        """A stored set's classes on the engine to classify with (the request's model, else the set's;
+        while the set moves to a newly served version, the previous one unless the request names a
+        version), looked up in the cache once: the matrix, or the build that makes it now (a set being
         built in the background answers `labelset_building`)."""
         labelset = await self._definition(name)
         engine = self.registry.resolve(model or labelset.model)
-        matrix = await engine.cached_class_matrix(labelset.digest)
+        matrix = None
+        if model is None or "@" not in model:
+            engine, matrix = await self._while_warming(engine, labelset)
+        if matrix is None:
+            matrix = await engine.cached_class_matrix(labelset.digest)
         if matrix is None:
             build = await self._build(engine, labelset, refuse_while_building=True)
             assert build is not None
             return Classes(engine, labelset.labels, build)
         return Classes(engine, labelset.labels, matrix)
+
+    # A new version ------------------------------------------------------------------------------
+
+    async def warm(self, previous: ModelEngine, new: ModelEngine) -> None:
+        """Called by the registry before `new` replaces `previous`: each stored set of that model whose
+        matrix `previous` holds and `new` lacks starts building on `new` in the background and keeps
+        classifying with `previous` until it is ready."""
+        if previous.space_id == new.space_id:
+            return
+        try:
+            names = await self._call("names")
+        except BackendUnavailableError as exc:
+            log.warning(
+                "label sets cannot warm up on %s (%s): they build when first used", new.ref, exc.message
+            )
+            return
+        for name in names:
+            try:
+                labelset = await self._definition(name)
+            except NotFound:
+                continue
+            if labelset.model.partition("@")[0] != new.name:
+                continue
+            if await new.cached_class_matrix(labelset.digest) is not None:
+                continue
+            if await previous.cached_class_matrix(labelset.digest) is None:
+                continue  # built nowhere yet: nothing to keep serving, it builds as any set does
+            self._warming[name] = Warming(name, labelset.digest, previous.ref, new.ref)
+            await self._background(new, labelset, restart="transient")
+            log.info(
+                "label set %s: building on %s, classifying with %s until then", name, new.ref, previous.ref
+            )
+        if self._warming and (self._watcher is None or self._watcher.done()):
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch_warming(), name="labelset-warming"
+            )
+
+    def versions_in_use(self) -> dict[str, list[str]]:
+        """The versions sets still classify with while they move (for the registry to keep loaded)."""
+        needs: dict[str, list[str]] = {}
+        for warming in self._warming.values():
+            needs.setdefault(warming.previous, []).append(f"label set {warming.name} until {warming.target}")
+        return needs
+
+    def _warm(self, engine: ModelEngine, labelset: LabelSet) -> Warming | None:
+        """The set's move to `engine`, if it is moving there."""
+        warming = self._warming.get(labelset.name)
+        if warming is None or warming.target != engine.ref or warming.digest != labelset.digest:
+            return None
+        return warming
+
+    async def _while_warming(
+        self, engine: ModelEngine, labelset: LabelSet
+    ) -> tuple[ModelEngine, np.ndarray | None]:
+        """`engine`, or the previous version while the set's matrix on `engine` is not built yet; with
+        the matrix on `engine` when this had to look it up and found it (no second look-up)."""
+        warming = self._warm(engine, labelset)
+        if warming is None:
+            return engine, None
+        matrix = await engine.cached_class_matrix(labelset.digest)
+        if matrix is not None:
+            await self._moved([warming])
+            return engine, matrix
+        try:
+            return self.registry.resolve(warming.previous), None
+        except ServiceError:  # let go meanwhile: the set moves now
+            await self._moved([warming])
+            return engine, None
+
+    async def _watch_warming(self) -> None:
+        """Until every moving set has moved: move those whose new matrix is ready (built here or on
+        another replica), whose build failed for good, or that were changed or deleted; keep their
+        builds going (a replica that held the lease and died is taken over)."""
+        while self._warming:
+            await asyncio.sleep(_WARM_POLL_S)
+            done = []
+            for warming in list(self._warming.values()):
+                try:
+                    target = self.registry.resolve(warming.target)
+                    labelset = await self._definition(warming.name)
+                except NotFound:
+                    done.append(warming)
+                    continue
+                except ServiceError:
+                    continue  # the store is down: look again later
+                if labelset.digest != warming.digest:
+                    done.append(warming)
+                    continue
+                if await target.cached_class_matrix(labelset.digest) is not None:
+                    done.append(warming)
+                    continue
+                try:
+                    state = await self._background(target, labelset, restart="transient")
+                except ServiceError:
+                    continue
+                if state.status == "failed":
+                    done.append(warming)
+            if done:
+                await self._moved(done)
+
+    async def _moved(self, moved: list[Warming]) -> None:
+        """These sets classify with their new version from now on; versions nothing needs any more
+        are let go."""
+        gone = [w for w in moved if self._warming.get(w.name) is w]
+        for warming in gone:
+            del self._warming[warming.name]
+            log.info("label set %s: now classifying with %s", warming.name, warming.target)
+        if gone:
+            task = asyncio.get_running_loop().create_task(self.registry.keep_needed(), name="labelset-moved")
+            self._let_go.add(task)
+            task.add_done_callback(self._let_go.discard)
 
     # Builds -------------------------------------------------------------------------------------
 
@@ -613,15 +662,22 @@ class LabelSets:
         except ServiceError:
             return LabelSetStatus(labelset, "failed", 0.0, f"model {labelset.model!r} is not served here")
         if await engine.cached_class_matrix(labelset.digest) is not None:
-            return LabelSetStatus(labelset, "ready", 1.0)
+            return LabelSetStatus(labelset, "ready", 1.0, serving=engine.ref)
+        warming = self._warm(engine, labelset)
+        if warming is not None:
+            serving, _ = await self._while_warming(engine, labelset)
+            if serving is not engine:
+                next_state = await self._background(engine, labelset, restart="transient")
+                next_state.version = engine.ref
+                return LabelSetStatus(labelset, "ready", 1.0, serving=serving.ref, warming=next_state)
         # Built nowhere here: make sure some replica builds it, so no set stays `building` forever.
         return await self._background(engine, labelset)
 
     async def close(self) -> None:
-        """Stop the migration and every build (their leases released, so another replica need not
-        wait for them to expire), then close the store."""
-        if self._migration is not None:
-            self._migration.cancel()
+        """Stop the warming watcher and every build (their leases released, so another replica need
+        not wait for them to expire), then close the store."""
+        if self._watcher is not None:
+            self._watcher.cancel()
         tasks = [b.task for b in self.builds.values() if b.task is not None and not b.task.done()]
         for task in tasks:
             task.cancel()

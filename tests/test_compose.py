@@ -306,7 +306,7 @@ def test_postgres_init_makes_a_role_that_serves_without_being_superuser(postgres
     from psycopg.conninfo import make_conninfo
 
     from clipserve.service.stores.collection_store import IndexParams, ModelBinding
-    from clipserve.service.stores.labelset_store import LabelSetRecord, PostgresLabelSets
+    from clipserve.service.stores.labelset_store import LabelSet, open_labelsets
     from clipserve.service.stores.pgvector import PgVectorStore
     from tests.fixtures.retrieval import POSTGRES_DSN_ENV
 
@@ -356,9 +356,9 @@ def test_postgres_init_makes_a_role_that_serves_without_being_superuser(postgres
             store.drop_collection("c")
         finally:
             store.close()
-        labelsets = PostgresLabelSets(app)
+        labelsets = open_labelsets("pgvector", dsn=app)
         try:
-            labelsets.put(LabelSetRecord("s", "tiny", ["a cat"], ("{}",), "d" * 64, "", ""))
+            labelsets.put(LabelSet("s", "tiny", ["a cat"], ("{}",), "d" * 64))
             assert labelsets.names() == ["s"]
         finally:
             labelsets.close()

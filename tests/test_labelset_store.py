@@ -1,4 +1,5 @@
-"""The durable label-set store, on both backends: SQLite under a data dir, and a real PostgreSQL."""
+"""The durable label-set store: one implementation, run over both dialects (a SQLite file under a data
+dir, and a real PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,13 @@ from pathlib import Path
 import pytest
 
 from clipserve.service.inference.engine import classes_digest
-from clipserve.service.stores import BackendUnavailableError
-from clipserve.service.stores.labelset_store import (
-    LabelSetRecord,
-    PostgresLabelSets,
-    SqliteLabelSets,
-    open_labelsets,
-)
+from clipserve.service.stores import BackendUnavailableError, InvalidInputError
+from clipserve.service.stores.labelset_store import LabelSet, open_labelsets
 from tests.fixtures.service import free_port
 
 
-def record(
-    name: str, labels: list[str], templates: tuple[str, ...] = ("a photo of a {}.",)
-) -> LabelSetRecord:
-    return LabelSetRecord(name, "tiny", labels, templates, classes_digest(labels, templates), "", "")
+def record(name: str, labels: list[str], templates: tuple[str, ...] = ("a photo of a {}.",)) -> LabelSet:
+    return LabelSet(name, "tiny", labels, templates, classes_digest(labels, templates))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -31,9 +25,9 @@ def open_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
 
     def make():
         if request.param == "sqlite":
-            store = SqliteLabelSets(tmp_path / "data" / "labelsets.sqlite3")
+            store = open_labelsets("embedded", data_dir=tmp_path / "data")
         else:
-            store = PostgresLabelSets(request.getfixturevalue("plain_postgres_schema_dsn"))
+            store = open_labelsets("pgvector", dsn=request.getfixturevalue("plain_postgres_schema_dsn"))
         opened.append(store)
         return store
 
@@ -65,32 +59,24 @@ def test_a_definition_survives_closing_the_store(open_store) -> None:
     assert again.get("kept").templates == ("{}", "a {}")
 
 
-def test_migration_inserts_only_what_is_missing(open_store) -> None:
+def test_two_stores_on_one_database_share_definitions_and_leases(open_store) -> None:
+    """Two replicas (or processes on one host) see each other's sets and build leases."""
+    first, second = open_store(), open_store()
+    stored = first.put(record("shared", ["x", "y"], ("{}", "a {}")))
+    assert second.get("shared") == stored and stored.prompts == 4
+    assert first.claim_build("space", stored.digest, "replica-a", 2, lease_s=30).owner == "replica-a"
+    held = second.claim_build("space", stored.digest, "replica-b", 2, lease_s=30)
+    assert held.owner == "replica-a" and 0 <= held.age_s < 5  # the database's clock, not the replicas'
+    assert second.delete("shared") and first.head("shared") is None
+
+
+def test_a_definition_no_database_can_store_is_refused_naming_the_value(open_store) -> None:
     store = open_store()
-    store.put(record("present", ["new"]))
-    legacy = [
-        LabelSetRecord(
-            "present",
-            "tiny",
-            ["old"],
-            ("{}",),
-            classes_digest(["old"], ("{}",)),
-            "2026-01-01T00:00:00+00:00",
-            "2026-01-01T00:00:00+00:00",
-        ),
-        LabelSetRecord(
-            "absent",
-            "tiny",
-            ["a"],
-            ("{}",),
-            classes_digest(["a"], ("{}",)),
-            "2026-01-01T00:00:00+00:00",
-            "2026-01-01T00:00:00+00:00",
-        ),
-    ]
-    assert store.put_missing(legacy) == 1
-    assert store.get("present").labels == ["new"]
-    assert store.get("absent").created_at.startswith("2026-01-01T00:00:00")
+    with pytest.raises(InvalidInputError, match=r"labels\[1\]"):
+        store.put(record("bad", ["fine", "with a NUL\x00"]))
+    with pytest.raises(InvalidInputError, match=r"templates\[0\]"):
+        store.put(LabelSet("bad", "tiny", ["fine"], ("lone \ud800 {}",), "0" * 64))
+    assert store.names() == []
 
 
 def test_a_build_lease_is_exclusive_until_its_heartbeat_is_older_than_the_lease(open_store) -> None:
@@ -112,7 +98,9 @@ def test_a_build_lease_is_exclusive_until_its_heartbeat_is_older_than_the_lease(
 
 def test_an_unreachable_postgres_is_unavailable_never_missing() -> None:
     with pytest.raises(BackendUnavailableError) as err:
-        PostgresLabelSets(f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=2")
+        open_labelsets(
+            "pgvector", dsn=f"postgresql://postgres@127.0.0.1:{free_port()}/none?connect_timeout=2"
+        )
     assert err.value.code == "labelsets_unavailable" and "cannot connect to PostgreSQL" in err.value.message
 
 
@@ -123,3 +111,7 @@ def test_the_store_follows_the_collections_backend(tmp_path: Path) -> None:
     store.close()
     with pytest.raises(BackendUnavailableError, match="needs a PostgreSQL DSN"):
         open_labelsets("pgvector", dsn=None)
+    (tmp_path / "taken").write_text("a file where the data dir should be")
+    with pytest.raises(BackendUnavailableError, match="cannot open") as err:
+        open_labelsets("embedded", data_dir=tmp_path / "taken")
+    assert err.value.code == "labelsets_unavailable"

@@ -46,40 +46,6 @@ def test_a_set_made_while_redis_is_down_classifies_on_another_replica_once_redis
     assert second.get(f"/v1/labelsets/{name}").json()["labels"] == LABELS
 
 
-def test_sets_of_the_redis_layout_are_moved_into_the_store_once(make_client, private_redis, caplog) -> None:
-    import redis
-
-    private_redis.start()
-    legacy = redis.Redis.from_url(private_redis.url())
-    for name, labels in (("old-animals", ["cat", "dog"]), ("old-cars", ["sedan", "truck", "van"])):
-        definition = {
-            "name": name,
-            "model": "tiny",
-            "labels": labels,
-            "templates": ["a photo of a {}."],
-            "created_at": "2026-11-01T10:00:00+00:00",
-        }
-        legacy.set(f"clipserve:v1:labelset:{name}", json.dumps(definition))
-        legacy.set(f"clipserve:v1:labelset-digest:{name}", "whatever")
-    with caplog.at_level("INFO", logger="clipserve.labelsets"):
-        client = make_client(redis_url=private_redis.url())
-        deadline = time.monotonic() + 20
-        while legacy.exists("clipserve:v1:labelset:old-cars"):
-            assert time.monotonic() < deadline, "the migration did not run"
-            time.sleep(0.1)
-    assert any("moved 2 label set(s) from Redis" in r.message for r in caplog.records)
-    info = client.get("/v1/labelsets/old-cars").json()
-    assert info["labels"] == ["sedan", "truck", "van"] and info["created_at"].startswith(
-        "2026-11-01T10:00:00"
-    )
-    assert legacy.keys("clipserve:v1:labelset*") == []
-    caplog.clear()
-    with caplog.at_level("INFO", logger="clipserve.labelsets"):
-        again = make_client(redis_url=private_redis.url())
-        assert again.get("/v1/labelsets/old-animals").json()["labels"] == ["cat", "dog"]
-    assert not any("moved" in r.message for r in caplog.records)
-
-
 def test_a_missing_set_is_404_and_an_unreachable_store_is_503_with_retry_after(make_client) -> None:
     from tests.fixtures.service import free_port
 

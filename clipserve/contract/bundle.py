@@ -573,20 +573,6 @@ class ModelRepository:
             _fsync_dir(model_dir)
         return Bundle(manifest=final, path=target)
 
-    def clean_stale_staging(self, name: str, older_than_s: float = 3600.0) -> int:
-        """Remove staging directories left by crashed publishers; returns how many were removed."""
-        import time
-
-        removed = 0
-        model_dir = self.root / name
-        if not model_dir.is_dir():
-            return 0
-        for path in model_dir.glob(f"{STAGING_PREFIX}*"):
-            if time.time() - path.stat().st_mtime > older_than_s:
-                shutil.rmtree(path, ignore_errors=True)
-                removed += 1
-        return removed
-
 
 def parse_model_ref(ref: str) -> tuple[str, int | None]:
     """'name' -> (name, None); 'name@3' -> (name, 3)."""

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response
 
 from clipserve.service.api.common import error_responses
 from clipserve.service.api.deps import LabelSetsDep
-from clipserve.service.api.schemas import LabelSetInfo, LabelSetList, LabelSetRequest
+from clipserve.service.api.schemas import LabelSetInfo, LabelSetList, LabelSetRequest, LabelSetWarming
 from clipserve.service.labelsets import LabelSetStatus
 from clipserve.service.stores.labelset_store import check_definition
 
@@ -27,6 +27,12 @@ def _info(state: LabelSetStatus) -> LabelSetInfo:
         progress=state.progress,
         queue_position=state.queue_position,
         error=state.error,
+        serving=state.serving,
+        warming=None
+        if state.warming is None
+        else LabelSetWarming(
+            model=state.warming.version or "", status=state.warming.status, progress=state.warming.progress
+        ),
         created_at=labelset.created_at,
     )
 

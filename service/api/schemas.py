@@ -228,6 +228,12 @@ class LabelSetRequest(_Request):
     model: str | None = MODEL_FIELD
 
 
+class LabelSetWarming(BaseModel):
+    model: str = Field(description="the newly served version (name@version) the set moves to")
+    status: Literal["queued", "building", "failed"] = Field(description="its build on that version")
+    progress: float = Field(description="share of that class matrix computed, 0..1")
+
+
 class LabelSetInfo(BaseModel):
     name: str = Field(description="the label set's name")
     model: str = Field(description="the model whose space its class matrix is in")
@@ -240,6 +246,14 @@ class LabelSetInfo(BaseModel):
     progress: float = Field(description="share of the class matrix computed, 0..1")
     queue_position: int | None = Field(None, description="while queued: its place in line (1: it runs next)")
     error: str | None = Field(None, description="why the build failed, when it did")
+    serving: str | None = Field(
+        None, description="once ready: the model version (name@version) classification by this set uses now"
+    )
+    warming: LabelSetWarming | None = Field(
+        None,
+        description="while the set moves to a newly served version: its build there (until it is done, "
+        "`serving` names the previous version)",
+    )
     created_at: str = Field(description="when it was stored (ISO 8601)")
 
 

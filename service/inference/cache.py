@@ -8,7 +8,7 @@ Keys are built by the callers from the bundle's content hash, never the model na
   them). A caller whose vectors cost less to compute than a Redis round trip passes `shared=False`
   and keeps them in the in-process LRU of `cache_lru_size` entries, which also stands in for Redis
   while it is down (`round_trip_ms` is what `ModelEngine` weighs against);
-- blobs (`get_blob` / `set_blob` / `delete` / `scan`): class matrices. Each is kept in this process
+- blobs (`get_blob` / `set_blob` / `delete`): class matrices. Each is kept in this process
   too, in one LRU of at most `matrix_bytes` for every model (so the matrices of a model version no
   longer served age out), which also stands in for Redis while it is down. In Redis a blob has the
   TTL of the vectors, renewed when it is read there (GETEX) and, while this process serves it from
@@ -340,12 +340,3 @@ class VectorCache:
         ok, count = await self._try(lambda r: r.delete(*keys))
         local = sum(self._blobs.pop(k) for k in keys)
         return max(int(count or 0), local) if ok else local
-
-    async def scan(self, prefix: str) -> list[str]:
-        async def collect(r: aioredis.Redis) -> list[str]:
-            return [k.decode() async for k in r.scan_iter(match=f"{prefix}*", count=500)]
-
-        ok, keys = await self._try(collect)
-        found = set(keys or []) if ok else set()
-        found.update(k for k in self._blobs if k.startswith(prefix))
-        return sorted(found)

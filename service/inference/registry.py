@@ -103,6 +103,8 @@ class ModelRegistry:
         self._needed: Needs = {}
         self._loading: dict[str, asyncio.Task[ModelEngine]] = {}
         self.needs: Callable[[], Awaitable[Needs]] | None = None
+        # told of each new version before it replaces the served one (label sets warm up on it)
+        self.on_replace: Callable[[ModelEngine, ModelEngine], Awaitable[None]] | None = None
         self._pinned: dict[str, int | None] = {}
         self._refused: dict[tuple[str, int | None], str] = {}
         self._left_out: dict[str, LeftOut] = {}
@@ -376,11 +378,20 @@ class ModelRegistry:
         if isinstance(served, str):
             report.failed.append({"model": f"{name}@{version}", "error": served})
             return
+        current = self._served.get(name)
+        if current is not None and self.on_replace is not None and current.ref != served.ref:
+            try:
+                await self.on_replace(current, served)
+            except Exception:  # warming is a courtesy: a failure of it never stops a new version
+                log.exception("preparing %s to replace %s failed", served.ref, current.ref)
         previous = self._install(served)
         report.loaded.append(served.ref)
         log.info("now serving %s%s", served.ref, f" (was {previous.ref})" if previous else "")
         if previous is None:
             return
+        if self.needs is not None:
+            with contextlib.suppress(ServiceError):  # the hook above may have added needs
+                self._needed = await self.needs()
         if previous.ref in self._needed:
             self._kept[previous.ref] = previous
             log.info("keeping %s loaded for %s", previous.ref, ", ".join(self._needed[previous.ref]))

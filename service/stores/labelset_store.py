@@ -1,11 +1,13 @@
 """Label-set definitions are data: a durable home beside the collections, and build leases.
 
-Two backends behind one small interface (`LabelSetStore`), chosen with the collections backend:
+One store (`LabelSetStore`) holds the SQL and the logic, over a `Dialect` (what each database spells
+its own way: placeholders, the clock, the schema) and a connection that gives it transactions. Both
+follow the collections backend:
 
-- `SqliteLabelSets`: one SQLite file under the data dir (WAL, `synchronous=FULL`): a definition is
-  acknowledged only once committed. Several processes on one host may share the file.
-- `PostgresLabelSets`: a table in the collections' PostgreSQL (`clipserve_labelsets`), so every
-  replica sees the same sets.
+- SQLite (`SQLITE`, `SqliteFile`): one file under the data dir (WAL, `synchronous=FULL`): a
+  definition is acknowledged only once committed. Several processes on one host may share the file.
+- PostgreSQL (`POSTGRES`, the stores' `ConnectionPool`): tables in the collections' PostgreSQL
+  (`clipserve_labelsets`), so every replica sees the same sets.
 
 Besides the definitions, the store holds the **build leases** of large sets: a replica that builds a
 class matrix in the background records itself as the owner with a heartbeat; the others report the
@@ -25,9 +27,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
-
-import psycopg
+from typing import Any, Protocol
 
 from .collection_store import BackendUnavailableError, check_storable
 from .postgres import ConnectionPool
@@ -40,14 +40,22 @@ def unavailable(detail: str) -> BackendUnavailableError:
 
 
 @dataclass(frozen=True)
-class LabelSetRecord:
+class LabelSet:
+    """A label set's definition: a name, its labels and templates, the model it is bound to, and the
+    digest of its labels and templates (what its class matrices are keyed by). The store stamps
+    `created_at` and `updated_at` when it commits one."""
+
     name: str
     model: str
     labels: list[str]
     templates: tuple[str, ...]
     digest: str
-    created_at: str
-    updated_at: str
+    created_at: str = ""
+    updated_at: str = ""
+
+    @property
+    def prompts(self) -> int:
+        return len(self.labels) * len(self.templates)
 
 
 @dataclass(frozen=True)
@@ -62,40 +70,6 @@ class BuildLease:
     age_s: float
 
 
-class LabelSetStore(Protocol):
-    def head(self, name: str) -> tuple[str, str] | None:
-        """(digest, model) of a set: what a classify reads when it already knows the labels."""
-        ...
-
-    def get(self, name: str) -> LabelSetRecord | None: ...
-
-    def put(self, record: LabelSetRecord) -> LabelSetRecord:
-        """Create or replace in one commit; a replaced set keeps its `created_at`."""
-        ...
-
-    def put_missing(self, records: Sequence[LabelSetRecord]) -> int:
-        """Insert the sets not stored yet (a migration); returns how many were added."""
-        ...
-
-    def delete(self, name: str) -> bool: ...
-
-    def names(self) -> list[str]: ...
-
-    def claim_build(self, space: str, digest: str, owner: str, total: int, lease_s: float) -> BuildLease:
-        """Take the build lease when it is free, ours, or expired; returns whoever holds it now."""
-        ...
-
-    def heartbeat(self, space: str, digest: str, owner: str, done: int) -> bool:
-        """Refresh our lease with our progress; False when another replica has taken it over."""
-        ...
-
-    def release_build(self, space: str, digest: str, owner: str) -> None: ...
-
-    def build(self, space: str, digest: str) -> BuildLease | None: ...
-
-    def close(self) -> None: ...
-
-
 def check_definition(labels: Sequence[str], templates: Sequence[str]) -> None:
     """Refuse what no backend can store (a NUL, a lone surrogate) naming the label or template;
     the API asks before anything is computed from them, each store again before it writes."""
@@ -104,26 +78,102 @@ def check_definition(labels: Sequence[str], templates: Sequence[str]) -> None:
             check_storable(value, f"{field}[{position}]", index=position)
 
 
-def _stamp(value: object) -> str:
-    return value if isinstance(value, str) else value.isoformat(timespec="seconds")  # type: ignore[attr-defined]
+@dataclass(frozen=True)
+class Dialect:
+    """What one database spells its own way. The store's SQL is written once, with `?` placeholders
+    and `{slot}` names that `sql()` fills from these fields."""
+
+    placeholder: str
+    sets: str  # the definitions' table
+    builds: str  # the build leases' table
+    stamp: str  # now, as the definitions' created_at / updated_at hold it
+    clock: str  # now, as a lease's heartbeat holds it
+    age: str  # seconds since a lease's heartbeat
+    since: str  # the clock `?` seconds ago
+    schema: tuple[str, ...]  # run in one transaction when the store opens
+
+    def sql(self, statement: str) -> str:
+        slots = {
+            "sets": self.sets,
+            "builds": self.builds,
+            "stamp": self.stamp,
+            "clock": self.clock,
+            "age": self.age,
+            "since": self.since,
+        }
+        return statement.format(**slots).replace("?", self.placeholder)
 
 
-def _record(row: Sequence) -> LabelSetRecord:
-    name, model, labels, templates, digest, created, updated = row
-    labels = json.loads(labels) if isinstance(labels, str) else labels
-    templates = json.loads(templates) if isinstance(templates, str) else templates
-    return LabelSetRecord(
-        name, model, list(labels), tuple(templates), digest, _stamp(created), _stamp(updated)
-    )
-
-
-_COLUMNS = "name, model, labels, templates, digest, created_at, updated_at"
 # Seconds since the epoch with a fraction, in SQLite before 3.42 (which adds unixepoch('subsec')).
 _SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
+SQLITE = Dialect(
+    placeholder="?",
+    sets="labelsets",
+    builds="labelset_builds",
+    stamp="strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now')",
+    clock=_SQLITE_NOW,
+    age=f"{_SQLITE_NOW} - heartbeat",
+    since=f"{_SQLITE_NOW} - ?",
+    schema=(
+        "CREATE TABLE IF NOT EXISTS labelsets ("
+        " name TEXT PRIMARY KEY, model TEXT NOT NULL, labels TEXT NOT NULL,"
+        " templates TEXT NOT NULL, digest TEXT NOT NULL,"
+        " created_at TEXT NOT NULL, updated_at TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS labelset_builds ("
+        " space TEXT NOT NULL, digest TEXT NOT NULL, owner TEXT NOT NULL,"
+        " done INTEGER NOT NULL, total INTEGER NOT NULL, heartbeat REAL NOT NULL,"
+        " PRIMARY KEY (space, digest))",
+    ),
+)
 
-class SqliteLabelSets:
-    """Definitions and leases in one SQLite file; one connection, serialized by a lock."""
+_SCHEMA_LOCK_KEY = 0x6C61626C  # any constant shared by every replica
+
+POSTGRES = Dialect(
+    placeholder="%s",
+    sets="clipserve_labelsets",
+    builds="clipserve_labelset_builds",
+    stamp="now()",
+    clock="now()",
+    age="extract(epoch FROM now() - heartbeat)::float8",
+    since="now() - make_interval(secs => ?)",
+    schema=(
+        f"SELECT pg_advisory_xact_lock({_SCHEMA_LOCK_KEY})",  # replicas starting together
+        """CREATE TABLE IF NOT EXISTS clipserve_labelsets (
+            name TEXT PRIMARY KEY,
+            model TEXT NOT NULL,
+            labels JSONB NOT NULL,
+            templates JSONB NOT NULL,
+            digest TEXT NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+            updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+        )""",
+        """CREATE TABLE IF NOT EXISTS clipserve_labelset_builds (
+            space TEXT NOT NULL,
+            digest TEXT NOT NULL,
+            owner TEXT NOT NULL,
+            done INTEGER NOT NULL,
+            total INTEGER NOT NULL,
+            heartbeat TIMESTAMPTZ NOT NULL DEFAULT now(),
+            PRIMARY KEY (space, digest)
+        )""",
+    ),
+)
+
+
+class Connection(Protocol):
+    """Where the store's transactions come from: `SqliteFile`, or PostgreSQL's `ConnectionPool`."""
+
+    def transaction(self) -> AbstractContextManager[Any]:
+        """A connection in a transaction: committed on leaving, rolled back on any error; an outage
+        raises the store's "unavailable" error."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SqliteFile:
+    """One SQLite file; one connection, its transactions serialized by a lock."""
 
     def __init__(self, path: Path | str, busy_timeout_s: float = 10.0):
         self.path = Path(path)
@@ -134,24 +184,12 @@ class SqliteLabelSets:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS labelsets (
-                    name TEXT PRIMARY KEY, model TEXT NOT NULL, labels TEXT NOT NULL,
-                    templates TEXT NOT NULL, digest TEXT NOT NULL,
-                    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
-                CREATE TABLE IF NOT EXISTS labelset_builds (
-                    space TEXT NOT NULL, digest TEXT NOT NULL, owner TEXT NOT NULL,
-                    done INTEGER NOT NULL, total INTEGER NOT NULL, heartbeat REAL NOT NULL,
-                    PRIMARY KEY (space, digest));
-                """
-            )
         except (OSError, sqlite3.Error) as exc:
             raise unavailable(f"cannot open {self.path}: {exc}") from exc
         self._lock = threading.Lock()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -165,251 +203,119 @@ class SqliteLabelSets:
             except sqlite3.Error as exc:
                 raise unavailable(f"{self.path}: {exc}") from exc
 
-    def head(self, name: str) -> tuple[str, str] | None:
-        with self._transaction() as db:
-            row = db.execute("SELECT digest, model FROM labelsets WHERE name = ?", (name,)).fetchone()
-        return None if row is None else (row[0], row[1])
-
-    def get(self, name: str) -> LabelSetRecord | None:
-        with self._transaction() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM labelsets WHERE name = ?", (name,)).fetchone()
-        return None if row is None else _record(row)
-
-    def put(self, record: LabelSetRecord) -> LabelSetRecord:
-        check_definition(record.labels, record.templates)
-        with self._transaction() as db:
-            row = db.execute(
-                f"INSERT INTO labelsets ({_COLUMNS}) "
-                "VALUES (?, ?, ?, ?, ?, strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now'), "
-                "strftime('%Y-%m-%dT%H:%M:%S+00:00', 'now')) "
-                "ON CONFLICT (name) DO UPDATE SET model = excluded.model, labels = excluded.labels, "
-                "templates = excluded.templates, digest = excluded.digest, updated_at = excluded.updated_at "
-                f"RETURNING {_COLUMNS}",
-                (
-                    record.name,
-                    record.model,
-                    json.dumps(record.labels),
-                    json.dumps(record.templates),
-                    record.digest,
-                ),
-            ).fetchone()
-        return _record(row)
-
-    def put_missing(self, records: Sequence[LabelSetRecord]) -> int:
-        with self._transaction() as db:
-            before = db.total_changes
-            db.executemany(
-                f"INSERT INTO labelsets ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
-                [
-                    (
-                        r.name,
-                        r.model,
-                        json.dumps(r.labels),
-                        json.dumps(r.templates),
-                        r.digest,
-                        r.created_at,
-                        r.updated_at,
-                    )
-                    for r in records
-                ],
-            )
-            return db.total_changes - before
-
-    def delete(self, name: str) -> bool:
-        with self._transaction() as db:
-            return db.execute("DELETE FROM labelsets WHERE name = ?", (name,)).rowcount > 0
-
-    def names(self) -> list[str]:
-        with self._transaction() as db:
-            return [row[0] for row in db.execute("SELECT name FROM labelsets ORDER BY name")]
-
-    def claim_build(self, space: str, digest: str, owner: str, total: int, lease_s: float) -> BuildLease:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO labelset_builds (space, digest, owner, done, total, heartbeat) "
-                f"VALUES (?, ?, ?, 0, ?, {_SQLITE_NOW}) "
-                "ON CONFLICT (space, digest) DO UPDATE SET owner = excluded.owner, done = 0, "
-                "total = excluded.total, heartbeat = excluded.heartbeat "
-                f"WHERE labelset_builds.owner = excluded.owner OR labelset_builds.heartbeat < {_SQLITE_NOW} - ?",
-                (space, digest, owner, total, lease_s),
-            )
-            return self._lease(db, space, digest)  # type: ignore[return-value]
-
-    def heartbeat(self, space: str, digest: str, owner: str, done: int) -> bool:
-        with self._transaction() as db:
-            return (
-                db.execute(
-                    f"UPDATE labelset_builds SET done = ?, heartbeat = {_SQLITE_NOW} "
-                    "WHERE space = ? AND digest = ? AND owner = ?",
-                    (done, space, digest, owner),
-                ).rowcount
-                > 0
-            )
-
-    def release_build(self, space: str, digest: str, owner: str) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "DELETE FROM labelset_builds WHERE space = ? AND digest = ? AND owner = ?",
-                (space, digest, owner),
-            )
-
-    def build(self, space: str, digest: str) -> BuildLease | None:
-        with self._transaction() as db:
-            return self._lease(db, space, digest)
-
-    @staticmethod
-    def _lease(db: sqlite3.Connection, space: str, digest: str) -> BuildLease | None:
-        row = db.execute(
-            f"SELECT space, digest, owner, done, total, {_SQLITE_NOW} - heartbeat "
-            "FROM labelset_builds WHERE space = ? AND digest = ?",
-            (space, digest),
-        ).fetchone()
-        return None if row is None else BuildLease(*row)
-
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
 
-_PG_SCHEMA = """
-CREATE TABLE IF NOT EXISTS clipserve_labelsets (
-    name TEXT PRIMARY KEY,
-    model TEXT NOT NULL,
-    labels JSONB NOT NULL,
-    templates JSONB NOT NULL,
-    digest TEXT NOT NULL,
-    created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-    updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
-);
-CREATE TABLE IF NOT EXISTS clipserve_labelset_builds (
-    space TEXT NOT NULL,
-    digest TEXT NOT NULL,
-    owner TEXT NOT NULL,
-    done INTEGER NOT NULL,
-    total INTEGER NOT NULL,
-    heartbeat TIMESTAMPTZ NOT NULL DEFAULT now(),
-    PRIMARY KEY (space, digest)
-);
-"""
-_SCHEMA_LOCK_KEY = 0x6C61626C  # any constant shared by every replica
+def _stamp(value: object) -> str:
+    return value if isinstance(value, str) else value.isoformat(timespec="seconds")  # type: ignore[attr-defined]
 
 
-class PostgresLabelSets:
-    """Definitions and leases in PostgreSQL, shared by every replica."""
+def _labelset(row: Sequence) -> LabelSet:
+    name, model, labels, templates, digest, created, updated = row
+    labels = json.loads(labels) if isinstance(labels, str) else labels  # SQLite: text; PostgreSQL: JSONB
+    templates = json.loads(templates) if isinstance(templates, str) else templates
+    return LabelSet(name, model, list(labels), tuple(templates), digest, _stamp(created), _stamp(updated))
 
-    def __init__(self, dsn: str, pool_size: int = 4):
-        self._pool = ConnectionPool(dsn, pool_size, unavailable)
-        with self._transaction() as conn:
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-            conn.execute(_PG_SCHEMA)
 
-    def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
-        return self._pool.transaction()
+_COLUMNS = "name, model, labels, templates, digest, created_at, updated_at"
+
+
+class LabelSetStore:
+    """Label-set definitions and build leases: the one implementation, over either database."""
+
+    def __init__(self, dialect: Dialect, connection: Connection):
+        self.dialect, self.connection = dialect, connection
+        sql = dialect.sql
+        self._head = sql("SELECT digest, model FROM {sets} WHERE name = ?")
+        self._get = sql(f"SELECT {_COLUMNS} FROM {{sets}} WHERE name = ?")
+        self._put = sql(
+            f"INSERT INTO {{sets}} ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, {{stamp}}, {{stamp}}) "
+            "ON CONFLICT (name) DO UPDATE SET model = excluded.model, labels = excluded.labels, "
+            "templates = excluded.templates, digest = excluded.digest, updated_at = excluded.updated_at "
+            f"RETURNING {_COLUMNS}"
+        )
+        self._delete = sql("DELETE FROM {sets} WHERE name = ?")
+        self._names = sql("SELECT name FROM {sets} ORDER BY name")
+        self._claim = sql(
+            "INSERT INTO {builds} (space, digest, owner, done, total, heartbeat) "
+            "VALUES (?, ?, ?, 0, ?, {clock}) "
+            "ON CONFLICT (space, digest) DO UPDATE SET owner = excluded.owner, done = 0, "
+            "total = excluded.total, heartbeat = excluded.heartbeat "
+            "WHERE {builds}.owner = excluded.owner OR {builds}.heartbeat < {since}"
+        )
+        self._heartbeat = sql(
+            "UPDATE {builds} SET done = ?, heartbeat = {clock} WHERE space = ? AND digest = ? AND owner = ?"
+        )
+        self._release = sql("DELETE FROM {builds} WHERE space = ? AND digest = ? AND owner = ?")
+        self._lease = sql(
+            "SELECT space, digest, owner, done, total, {age} FROM {builds} WHERE space = ? AND digest = ?"
+        )
+        try:
+            with connection.transaction() as db:
+                for statement in dialect.schema:
+                    db.execute(statement)
+        except BaseException:
+            connection.close()
+            raise
 
     def head(self, name: str) -> tuple[str, str] | None:
-        with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT digest, model FROM clipserve_labelsets WHERE name = %s", (name,)
-            ).fetchone()
+        """(digest, model) of a set: what a classify reads when it already knows the labels."""
+        with self.connection.transaction() as db:
+            row = db.execute(self._head, (name,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def get(self, name: str) -> LabelSetRecord | None:
-        with self._transaction() as conn:
-            row = conn.execute(
-                f"SELECT {_COLUMNS} FROM clipserve_labelsets WHERE name = %s", (name,)
-            ).fetchone()
-        return None if row is None else _record(row)
+    def get(self, name: str) -> LabelSet | None:
+        with self.connection.transaction() as db:
+            row = db.execute(self._get, (name,)).fetchone()
+        return None if row is None else _labelset(row)
 
-    def put(self, record: LabelSetRecord) -> LabelSetRecord:
-        check_definition(record.labels, record.templates)
-        with self._transaction() as conn:
-            row = conn.execute(
-                f"INSERT INTO clipserve_labelsets ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, now(), now()) "
-                "ON CONFLICT (name) DO UPDATE SET model = excluded.model, labels = excluded.labels, "
-                "templates = excluded.templates, digest = excluded.digest, updated_at = now() "
-                f"RETURNING {_COLUMNS}",
-                (
-                    record.name,
-                    record.model,
-                    json.dumps(record.labels),
-                    json.dumps(record.templates),
-                    record.digest,
-                ),
-            ).fetchone()
-        return _record(row)
-
-    def put_missing(self, records: Sequence[LabelSetRecord]) -> int:
-        added = 0
-        with self._transaction() as conn:
-            for r in records:
-                cursor = conn.execute(
-                    f"INSERT INTO clipserve_labelsets ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s) "
-                    "ON CONFLICT (name) DO NOTHING",
-                    (
-                        r.name,
-                        r.model,
-                        json.dumps(r.labels),
-                        json.dumps(r.templates),
-                        r.digest,
-                        r.created_at,
-                        r.updated_at,
-                    ),
-                )
-                added += cursor.rowcount
-        return added
+    def put(self, labelset: LabelSet) -> LabelSet:
+        """Create or replace in one commit; a replaced set keeps its `created_at`. Returns the set as
+        committed (with its times)."""
+        check_definition(labelset.labels, labelset.templates)
+        values = (
+            labelset.name,
+            labelset.model,
+            json.dumps(labelset.labels),
+            json.dumps(labelset.templates),
+            labelset.digest,
+        )
+        with self.connection.transaction() as db:
+            row = db.execute(self._put, values).fetchone()
+        return _labelset(row)
 
     def delete(self, name: str) -> bool:
-        with self._transaction() as conn:
-            return conn.execute("DELETE FROM clipserve_labelsets WHERE name = %s", (name,)).rowcount > 0
+        with self.connection.transaction() as db:
+            return db.execute(self._delete, (name,)).rowcount > 0
 
     def names(self) -> list[str]:
-        with self._transaction() as conn:
-            return [row[0] for row in conn.execute("SELECT name FROM clipserve_labelsets ORDER BY name")]
+        with self.connection.transaction() as db:
+            return [row[0] for row in db.execute(self._names)]
 
     def claim_build(self, space: str, digest: str, owner: str, total: int, lease_s: float) -> BuildLease:
-        with self._transaction() as conn:
-            conn.execute(
-                "INSERT INTO clipserve_labelset_builds (space, digest, owner, done, total) "
-                "VALUES (%s, %s, %s, 0, %s) "
-                "ON CONFLICT (space, digest) DO UPDATE SET owner = excluded.owner, done = 0, "
-                "total = excluded.total, heartbeat = now() "
-                "WHERE clipserve_labelset_builds.owner = excluded.owner "
-                "OR clipserve_labelset_builds.heartbeat < now() - make_interval(secs => %s)",
-                (space, digest, owner, total, lease_s),
-            )
-            return self._lease(conn, space, digest)  # type: ignore[return-value]
+        """Take the build lease when it is free, ours, or expired; returns whoever holds it now."""
+        with self.connection.transaction() as db:
+            db.execute(self._claim, (space, digest, owner, total, lease_s))
+            return BuildLease(*db.execute(self._lease, (space, digest)).fetchone())
 
     def heartbeat(self, space: str, digest: str, owner: str, done: int) -> bool:
-        with self._transaction() as conn:
-            cursor = conn.execute(
-                "UPDATE clipserve_labelset_builds SET done = %s, heartbeat = now() "
-                "WHERE space = %s AND digest = %s AND owner = %s",
-                (done, space, digest, owner),
-            )
-            return cursor.rowcount > 0
+        """Refresh our lease with our progress; False when another replica has taken it over."""
+        with self.connection.transaction() as db:
+            return db.execute(self._heartbeat, (done, space, digest, owner)).rowcount > 0
 
     def release_build(self, space: str, digest: str, owner: str) -> None:
-        with self._transaction() as conn:
-            conn.execute(
-                "DELETE FROM clipserve_labelset_builds WHERE space = %s AND digest = %s AND owner = %s",
-                (space, digest, owner),
-            )
+        with self.connection.transaction() as db:
+            db.execute(self._release, (space, digest, owner))
 
     def build(self, space: str, digest: str) -> BuildLease | None:
-        with self._transaction() as conn:
-            return self._lease(conn, space, digest)
-
-    @staticmethod
-    def _lease(conn: psycopg.Connection, space: str, digest: str) -> BuildLease | None:
-        row = conn.execute(
-            "SELECT space, digest, owner, done, total, extract(epoch FROM now() - heartbeat)::float8 "
-            "FROM clipserve_labelset_builds WHERE space = %s AND digest = %s",
-            (space, digest),
-        ).fetchone()
+        with self.connection.transaction() as db:
+            row = db.execute(self._lease, (space, digest)).fetchone()
         return None if row is None else BuildLease(*row)
 
     def close(self) -> None:
-        self._pool.close()
+        self.connection.close()
 
 
 def open_labelsets(
@@ -419,9 +325,9 @@ def open_labelsets(
     if backend == "embedded":
         if data_dir is None:
             raise unavailable("the embedded backend needs a data dir")
-        return SqliteLabelSets(Path(data_dir) / "labelsets.sqlite3")
+        return LabelSetStore(SQLITE, SqliteFile(Path(data_dir) / "labelsets.sqlite3"))
     if backend == "pgvector":
         if not dsn:
             raise unavailable("the pgvector backend needs a PostgreSQL DSN (postgres_dsn)")
-        return PostgresLabelSets(dsn)
+        return LabelSetStore(POSTGRES, ConnectionPool(dsn, 4, unavailable))
     raise unavailable(f"unknown backend {backend!r}: use 'embedded' or 'pgvector'")

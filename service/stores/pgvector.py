@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import numpy as np
@@ -291,9 +290,6 @@ class PgVectorStore:
             conn.execute(_IMAGES)
             conn.execute(_JOBS)
 
-    def _transaction(self) -> AbstractContextManager[psycopg.Connection]:
-        return self._pool.transaction()
-
     def _catalog(self, conn: psycopg.Connection, name: str, lock: str = "") -> _Catalog:
         validate_collection_name(name)
         row = conn.execute(
@@ -330,7 +326,7 @@ class PgVectorStore:
     ) -> CollectionInfo:
         validate_collection_name(name)
         try:
-            with self._transaction() as conn:
+            with self._pool.transaction() as conn:
                 row = conn.execute(
                     "INSERT INTO clipserve_collections (name, model, version, content_hash, dim, index_params, "
                     f"policy) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_CATALOG_COLUMNS}",
@@ -362,32 +358,32 @@ class PgVectorStore:
         conn.execute(sql.SQL("CREATE INDEX ON {} USING gin (metadata jsonb_path_ops)").format(table))
 
     def drop_collection(self, name: str) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             catalog = self._catalog(conn, name, lock="FOR UPDATE")
             conn.execute(sql.SQL("DROP TABLE {}").format(catalog.table))
             conn.execute("DELETE FROM clipserve_collections WHERE id = %s", (catalog.id,))
 
     def list_collections(self) -> list[CollectionInfo]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             rows = conn.execute(
                 f"SELECT {_CATALOG_COLUMNS} FROM clipserve_collections ORDER BY name"
             ).fetchall()
             return [self._info(conn, _Catalog(row)) for row in rows]
 
     def describe(self, name: str) -> CollectionInfo:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             return self._info(conn, self._catalog(conn, name))
 
     def binding(self, name: str) -> ModelBinding:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             return self._catalog(conn, name).binding
 
     def spaces(self, name: str) -> CollectionSpaces:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             return self._catalog(conn, name).spaces
 
     def all_spaces(self) -> dict[str, CollectionSpaces]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             rows = conn.execute(
                 f"SELECT {_CATALOG_COLUMNS} FROM clipserve_collections ORDER BY name"
             ).fetchall()
@@ -410,7 +406,7 @@ class PgVectorStore:
         progress: ProgressCallback | None = None,
         also: SpaceVectors | None = None,
     ) -> int:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             catalog = self._catalog(conn, name)
         bound, other = vectors_by_space(name, catalog.spaces, content_hash, vectors, also)
         other_dim = catalog.other.binding.dim if catalog.other is not None else 0
@@ -426,7 +422,7 @@ class PgVectorStore:
 
     def _write_batch(self, catalog: _Catalog, batch: PreparedUpsert, metadata: list[str]) -> None:
         ids, sources = batch.ids, batch.sources
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             current = self._catalog(conn, catalog.name, lock="FOR SHARE")
             if current.id != catalog.id:
                 raise CollectionNotFoundError(f"collection {catalog.name!r} was dropped during the write")
@@ -541,7 +537,7 @@ class PgVectorStore:
             check_image_bytes(catalog.name, int(total), self.max_image_bytes)
 
     def images(self, name: str, digests: Sequence[str]) -> dict[str, bytes]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             catalog = self._catalog(conn, name)
             rows = conn.execute(
                 "SELECT digest, data FROM clipserve_images WHERE collection_id = %s AND digest = ANY(%s)",
@@ -552,7 +548,7 @@ class PgVectorStore:
     def _drop_hnsw_before_bulk(self, catalog: _Catalog, new_rows: int) -> None:
         if catalog.params.kind != "hnsw" or new_rows < self.reindex_min_rows:
             return
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             if conn.execute("SELECT to_regclass(%s)", (catalog.index_name,)).fetchone()[0] is None:
                 return
             if self._count(conn, catalog) > _REINDEX_RATIO * new_rows:
@@ -564,7 +560,7 @@ class PgVectorStore:
         threshold = catalog.index_threshold
         if threshold is None:
             return
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             if conn.execute("SELECT to_regclass(%s)", (catalog.index_name,)).fetchone()[0] is not None:
                 return
             if self._count(conn, catalog) < threshold:
@@ -585,7 +581,7 @@ class PgVectorStore:
 
     def get(self, name: str, item_id: str) -> StoredItem:
         validate_item_id(item_id)
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             catalog = self._catalog(conn, name)
             row = conn.execute(
                 sql.SQL(
@@ -600,7 +596,7 @@ class PgVectorStore:
 
     def delete(self, name: str, item_id: str) -> None:
         validate_item_id(item_id)
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             catalog = self._catalog(conn, name)
             deleted = conn.execute(
                 sql.SQL("DELETE FROM {} WHERE item_id = %s RETURNING source_kind, source").format(
@@ -625,7 +621,7 @@ class PgVectorStore:
     ) -> list[SearchHit]:
         validate_top_k(top_k)
         conditions = validate_filter(filter)
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             # one snapshot: the binding checked is the one of the rows searched (no re-bind in between)
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             catalog = self._catalog(conn, name)
@@ -665,7 +661,7 @@ class PgVectorStore:
     # Locks are taken job row first, then the catalog row, then item rows in id order, everywhere.
 
     def versions_in_use(self) -> dict[str, list[str]]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             rows = conn.execute(
                 f"SELECT {_CATALOG_COLUMNS} FROM clipserve_collections ORDER BY name"
@@ -700,11 +696,11 @@ class PgVectorStore:
         return catalog.other
 
     def get_job(self, job_id: str) -> JobRecord:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             return _job_record(self._job_row(conn, job_id))
 
     def list_jobs(self, collection: str | None = None, limit: int = 100) -> list[JobRecord]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             if collection is None:
                 rows = conn.execute(_JOB_SELECT + "ORDER BY j.seq DESC LIMIT %s", (limit,)).fetchall()
             else:
@@ -716,7 +712,7 @@ class PgVectorStore:
         return [_job_record(row) for row in rows]
 
     def job_errors(self, job_id: str, limit: int) -> list[ItemError]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             seq = self._job_row(conn, job_id)[0]
             rows = conn.execute(
                 "SELECT item_id, code, message FROM clipserve_job_errors WHERE job_seq = %s ORDER BY item_id LIMIT %s",
@@ -727,7 +723,7 @@ class PgVectorStore:
     def create_job(
         self, name: str, target: ModelBinding, *, auto: bool, drop_unembeddable: bool
     ) -> JobRecord | None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             collection_id = self._catalog(conn, name).id
             active = conn.execute(
                 _JOB_SELECT + "WHERE j.collection_id = %s AND j.state IN ('pending', 'running', 'waiting') "
@@ -797,7 +793,7 @@ class PgVectorStore:
         conn.execute("UPDATE clipserve_collections SET other = NULL WHERE id = %s", (catalog.id,))
 
     def cancel_job(self, job_id: str) -> JobRecord:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job = _job_record(self._job_row(conn, job_id, lock="FOR UPDATE OF j"))
             if job.state == "switched":
                 raise JobStateError(cannot_cancel_switched(job))
@@ -813,7 +809,7 @@ class PgVectorStore:
             return _job_record(self._job_row(conn, job_id))
 
     def claim_job(self, owner: str, lease_s: float) -> JobRecord | None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             row = conn.execute(
                 "UPDATE clipserve_jobs SET owner = %s, heartbeat = now(), started_at = coalesce(started_at, now()), "
                 "state = CASE state WHEN 'pending' THEN 'running' ELSE state END WHERE seq = ("
@@ -826,7 +822,7 @@ class PgVectorStore:
             return None if row is None else _job_record(self._job_row(conn, row[0]))
 
     def heartbeat_job(self, job_id: str, owner: str) -> JobRecord | None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             beat = conn.execute(
                 "UPDATE clipserve_jobs SET heartbeat = now() WHERE id = %s AND owner = %s "
                 "AND state IN ('running', 'waiting', 'switched')",
@@ -835,13 +831,13 @@ class PgVectorStore:
             return _job_record(self._job_row(conn, job_id)) if beat.rowcount else None
 
     def release_job(self, job_id: str, owner: str) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             conn.execute(
                 "UPDATE clipserve_jobs SET owner = NULL WHERE id = %s AND owner = %s", (job_id, owner)
             )
 
     def begin_space(self, job_id: str, owner: str) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             conn.execute("SELECT set_config('lock_timeout', %s, true)", (_DDL_LOCK_TIMEOUT,))
             job, catalog = self._fenced(conn, job_id, owner, ("running", "waiting"))
             if catalog.other is not None and catalog.other.job == job_id:
@@ -864,7 +860,7 @@ class PgVectorStore:
             )
 
     def job_chunk(self, job_id: str, after: str, limit: int) -> list[ChunkItem]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             job = _job_record(self._job_row(conn, job_id))
             catalog = self._catalog(conn, job.collection)
@@ -889,7 +885,7 @@ class PgVectorStore:
         cursor: str,
         rate: float | None,
     ) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job, catalog = self._fenced(conn, job_id, owner, ("running", "waiting"))
             space = self._target_space(job, catalog)
             if items:
@@ -960,13 +956,13 @@ class PgVectorStore:
         return Blockers(counts[1], counts[2], counts[3], [r[0] for r in first]), counts[0]
 
     def job_blockers(self, job_id: str) -> tuple[Blockers, int]:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             job = _job_record(self._job_row(conn, job_id))
             return self._blockers(conn, job, self._catalog(conn, job.collection))
 
     def set_job_state(self, job_id: str, owner: str, state: JobState, blockers: Blockers, total: int) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job, _ = self._fenced(conn, job_id, owner, ("running", "waiting"))
             conn.execute(
                 "UPDATE clipserve_jobs SET state = %s, unembeddable = %s, unembeddable_ids = %s, total = %s, "
@@ -984,7 +980,7 @@ class PgVectorStore:
     def prepare_switch(self, job_id: str, threads: int | None = None) -> None:
         """The target column's ANN index, built CONCURRENTLY (writes go on) when the collection is big
         enough for one; an index left invalid by a build that died is built again."""
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job = _job_record(self._job_row(conn, job_id))
             catalog = self._catalog(conn, job.collection)
             self._target_space(job, catalog)
@@ -1051,7 +1047,7 @@ class PgVectorStore:
         )
 
     def switch(self, job_id: str, owner: str, grace_s: float) -> bool:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job, catalog = self._fenced(conn, job_id, owner, ("running", "waiting"))
             space = self._target_space(job, catalog)
             blockers, _total = self._blockers(conn, job, catalog)
@@ -1067,13 +1063,13 @@ class PgVectorStore:
                 "unembeddable_ids = '[]', message = %s WHERE seq = %s",
                 (grace_s, dropped_message(dropped), job.seq),
             )
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             catalog = self._catalog(conn, job.collection)
         self._ensure_ann_index(catalog)  # when the collection grew past its threshold during the job
         return True
 
     def finish_job(self, job_id: str, owner: str) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job, catalog = self._fenced(conn, job_id, owner, ("switched",))
             if catalog.other is not None and catalog.other.job == job_id and catalog.other.role == "previous":
                 conn.execute("UPDATE clipserve_collections SET other = NULL WHERE id = %s", (catalog.id,))
@@ -1087,7 +1083,7 @@ class PgVectorStore:
         """Give the disk of a space nobody needs back now, if no search holds the table for long; else
         the next job's new column replaces it."""
         try:
-            with self._transaction() as conn:
+            with self._pool.transaction() as conn:
                 conn.execute("SELECT set_config('lock_timeout', %s, true)", (_DDL_LOCK_TIMEOUT,))
                 current = self._catalog_by_id(conn, catalog.id, lock="FOR UPDATE")
                 if current.other is None and current.bound_slot == catalog.bound_slot:
@@ -1100,7 +1096,7 @@ class PgVectorStore:
             pass
 
     def fail_job(self, job_id: str, owner: str, message: str) -> None:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             job, catalog = self._fenced(conn, job_id, owner, ACTIVE_STATES)
             conn.execute(
                 "UPDATE clipserve_jobs SET state = 'failed', owner = NULL, finished_at = now(), message = %s "
@@ -1111,7 +1107,7 @@ class PgVectorStore:
                 self._end_other_space(conn, catalog, message)
 
     def rollback(self, name: str, drop_unembeddable: bool) -> JobRecord:
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             collection_id = self._catalog(conn, name).id
             catalog = self._catalog_by_id(conn, collection_id)
             previous = catalog.other
@@ -1137,7 +1133,7 @@ class PgVectorStore:
                 (rolled_back(previous.binding, dropped), previous.job),
             )
             record = _job_record(self._job_row(conn, previous.job))
-        with self._transaction() as conn:
+        with self._pool.transaction() as conn:
             self._drop_unused_column(self._catalog(conn, name))
         return record
 

@@ -1,9 +1,9 @@
 """A few reusable autocommit PostgreSQL connections for the stores (psycopg_pool is not a dependency).
 
-Shared by the collections (`pgvector`) and the label sets (`labelsets`): a connection that fails
-is closed with the idle ones (after a server restart they are all dead), and one that cannot be
-opened raises the store's own
-"unavailable" error, so an outage of PostgreSQL reads as 503 + Retry-After in the API.
+Shared by the collections (`pgvector`) and the label sets (`labelset_store`), which both take their
+transactions from `ConnectionPool.transaction()`: a connection that fails is closed with the idle
+ones (after a server restart they are all dead), and one that cannot be opened raises the store's
+own "unavailable" error, so an outage of PostgreSQL reads as 503 + Retry-After in the API.
 
 What a caller is told of an outage is a few words (`outage_words`): PostgreSQL's own message names
 the host, the port and the user, so it goes to the log only. A value PostgreSQL refuses
