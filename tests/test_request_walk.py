@@ -4,12 +4,14 @@ request asks the cache for its matrix once.
 
 How it is traced: a profile hook (`sys.setprofile`), set once the app has started in the threads
 that serve a request (the event loop's, each tower's inference thread, and through
-`threading.setprofile` any thread started meanwhile), sees every Python call while the request runs. An *entry* is the first call into a frame of a clipserve module made from a frame of a
+`threading.setprofile` any thread started meanwhile), sees every Python call while the request
+runs. An *entry* is the first call into a frame of a clipserve module made from a frame of a
 different clipserve module; a coroutine resumed after an `await` is not a new entry (its frame was
 seen before), and a coroutine that a task runs counts as entered from the module that created it
 (`sys.set_coroutine_origin_tracking_depth`), so handing work to a task hides nothing. Calls made by
 frameworks (asyncio, Starlette, FastAPI, thread pools) are not entries, nor are those in and out of the
-ASGI stack that wraps every request (`api.middleware`, `api.guards`, `keys`).
+ASGI stack that wraps every request (`api.middleware`, `api.guards`, `keys`). The request traced is
+the common one: one image on an idle image tower (its direct path) and the set's matrix in the cache.
 """
 
 from __future__ import annotations
