@@ -18,7 +18,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from clipserve.service.api import ROUTERS
 from clipserve.service.api.docs import install_docs
 from clipserve.service.api.errors import install_error_handlers
-from clipserve.service.api.guards import AllowedHosts, ContentTypes, CrossSiteWrites, resolved_allowed_hosts
+from clipserve.service.api.guards import AllowedHosts, ContentTypes, CrossSiteWrites
 from clipserve.service.api.middleware import Auth, BodyLimit, RequestContext
 from clipserve.service.classification import Classifier
 from clipserve.service.collections import Collections
@@ -31,7 +31,7 @@ from clipserve.service.jobs import Jobs
 from clipserve.service.keys import KeyRing
 from clipserve.service.labelsets import LabelSets
 from clipserve.service.metrics import Metrics
-from clipserve.service.settings import Settings
+from clipserve.service.settings import Settings, resolved_allowed_hosts
 
 log = logging.getLogger("clipserve.app")
 

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Coroutine
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-
-from clipserve.service.api.schemas import ClassifyRequest
 from clipserve.service.errors import InvalidInput
 from clipserve.service.inference.engine import LabelScore, ModelEngine
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.registry import ModelRegistry
 from clipserve.service.inference.task_engine import TaskEngine
 from clipserve.service.labelsets import LabelSets
-from clipserve.service.limits import check_images, check_labels, check_prompts, check_top_k
+from clipserve.service.limits import check_classify, check_labels, check_prompts
 from clipserve.service.settings import Settings
 from clipserve.service.templates import resolve_templates
 
@@ -33,74 +28,82 @@ class Classifier:
     ):
         self.registry, self.labelsets, self.fetcher, self.settings = registry, labelsets, fetcher, settings
 
-    async def classify(self, request: ClassifyRequest) -> Classification:
-        """Top-k labels per image: the class matrix (cached, or built) and the image vectors are
-        computed at once, then scored as the model was trained. A full image queue refuses the
-        request before either starts, and when one fails the other stops."""
-        task = self.registry.task(request.model)
+    async def classify(
+        self,
+        images: Sequence[str | bytes],
+        *,
+        labels: Sequence[str] | None = None,
+        templates: list[str] | str | None = None,
+        labelset: str | None = None,
+        model: str | None = None,
+        top_k: int = 5,
+    ) -> Classification:
+        """Top-k labels per image, against `labels` (made prompts by `templates`) or the stored set
+        `labelset`: the class matrix (cached, or built) and the image vectors are computed at once,
+        then scored as the model was trained. Images are API strings or bytes already uploaded."""
+        task = self.registry.task(model)
         if task is not None:
-            return await self._classify_task(task, request)
-        templates = self._check(request)
-        images = await self.fetcher.load(request.images)
-        classes: Coroutine[Any, Any, np.ndarray]
-        if request.labelset is not None:
-            engine, labelset = await self.labelsets.bound(request.labelset, request.model)
-            engine.admit_images(len(images))
-            labels = labelset.labels
-            classes = self.labelsets.matrix(engine, labelset)
+            return await self._classify_task(task, images, labels, templates, labelset, top_k)
+        resolved = self._check(len(images), labels, templates, labelset, top_k)
+        data = await self.fetcher.load(list(images))
+        if labelset is not None:
+            classes = await self.labelsets.classes(labelset, model)
+            engine, chosen, matrix = classes.engine, classes.labels, classes.matrix
         else:
-            assert request.labels is not None and templates is not None
-            engine, labels = self.registry.resolve(request.model), request.labels
-            engine.admit_images(len(images))
-            classes = engine.class_matrix(labels, templates)
-        loop = asyncio.get_running_loop()
-        work = [loop.create_task(classes), loop.create_task(engine.encode_images(images))]
-        try:
-            matrix, vectors = await asyncio.gather(*work)
-        finally:
-            for task in work:
-                task.cancel()
-        return Classification(engine, engine.score(vectors, labels, matrix, request.top_k))
+            assert labels is not None and resolved is not None
+            engine, chosen = self.registry.resolve(model), list(labels)
+            matrix = engine.class_matrix(chosen, resolved)
+        return Classification(engine, await engine.classify(data, chosen, matrix, top_k))
 
-    async def _classify_task(self, task: TaskEngine, request: ClassifyRequest) -> Classification:
+    async def _classify_task(
+        self,
+        task: TaskEngine,
+        images: Sequence[str | bytes],
+        labels: Sequence[str] | None,
+        templates: list[str] | str | None,
+        labelset: str | None,
+        top_k: int,
+    ) -> Classification:
         """A task model: its graph's probabilities over its own labels (or those asked, among them)."""
-        if not request.images:
-            raise InvalidInput("images: the list is empty; give at least one image")
-        check_images(len(request.images), self.settings)
-        check_top_k(request.top_k, self.settings)
-        if request.labelset is not None:
+        check_classify(len(images), top_k, self.settings)
+        if labelset is not None:
             raise InvalidInput(
                 f"labelset: {task.ref} is a task model and answers over its own labels; leave out labelset"
             )
-        if request.templates is not None:
+        if templates is not None:
             raise InvalidInput(
                 f"templates: {task.ref} is a task model without a text tower; leave out templates"
             )
-        task.columns(request.labels)  # labels not among the model's: refused before any image is decoded
-        images = await self.fetcher.load(request.images)
-        probabilities = await task.probabilities(images)
-        return Classification(task, task.score(probabilities, request.labels, request.top_k))
+        asked = None if labels is None else list(labels)
+        task.columns(asked)  # labels not among the model's: refused before any image is decoded
+        data = await self.fetcher.load(list(images))
+        probabilities = await task.probabilities(data)
+        return Classification(task, task.score(probabilities, asked, top_k))
 
-    def _check(self, request: ClassifyRequest) -> tuple[str, ...] | None:
+    def _check(
+        self,
+        images: int,
+        labels: Sequence[str] | None,
+        templates: list[str] | str | None,
+        labelset: str | None,
+        top_k: int,
+    ) -> tuple[str, ...] | None:
         """Every limit, before any work; the templates of a labels request."""
-        if not request.images:
-            raise InvalidInput("images: the list is empty; give at least one image")
-        check_images(len(request.images), self.settings)
-        check_top_k(request.top_k, self.settings)
-        if (request.labels is None) == (request.labelset is None):
+        check_classify(images, top_k, self.settings)
+        if (labels is None) == (labelset is None):
             raise InvalidInput("give exactly one of labels or labelset")
-        if request.labels is None:
-            if request.templates is not None:
+        if labels is None:
+            if templates is not None:
                 raise InvalidInput("templates apply to labels; a label set keeps its own templates")
             return None
-        check_labels(request.labels, self.settings.max_labels_per_request, self.settings.max_text_chars)
-        templates = resolve_templates(request.templates, self.settings)
+        check_labels(labels, self.settings.max_labels_per_request, self.settings.max_text_chars)
+        resolved = resolve_templates(templates, self.settings)
         check_prompts(
-            len(request.labels),
-            len(templates),
+            len(labels),
+            len(resolved),
             self.settings.max_prompts_per_request,
             "max_prompts_per_request",
             "; store a larger vocabulary as a label set (PUT /v1/labelsets/{name}), which builds in the "
             "background",
         )
-        return templates
+        return resolved

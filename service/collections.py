@@ -19,7 +19,9 @@ Conventions: upsert by id, the last of duplicate ids in one call wins; a filter 
 top-level metadata fields, and a field no item has matches nothing (empty results, not an error).
 The store (embedded FAISS + SQLite, or pgvector) is opened on first use, so an app that never
 touches collections creates no files and needs no PostgreSQL; a store that failed to open is tried
-again on the next call. Store calls block, so they run in worker threads.
+again on the next call. Store calls block, so they run in worker threads. The operations take plain
+values (`NewItem`, `clipserve.service.embedding.Input`) and give plain results (`CollectionView`, the
+store's items and hits); the API layer turns its models into calls and the results into answers.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import anyio.to_thread
@@ -35,19 +38,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from clipserve.contract.bundle import BundleError, parse_model_ref
-from clipserve.service.api.schemas import (
-    CollectionDescription,
-    CreateCollection,
-    Hit,
-    Item,
-    ItemView,
-    JobSummary,
-    PreviousSpace,
-    SearchRequest,
-    StoredSource,
-    UpsertItems,
-)
-from clipserve.service.embedding import Embedder
+from clipserve.service.embedding import Embedder, Input
 from clipserve.service.errors import Conflict, InvalidInput, NotFound, TooLarge
 from clipserve.service.inference.engine import ModelEngine
 from clipserve.service.inference.inputs import is_url
@@ -62,7 +53,9 @@ from clipserve.service.stores import (
     JobStore,
     ModelBinding,
     ModelMismatchError,
+    SearchHit,
     Source,
+    StoredItem,
     open_store,
 )
 from clipserve.service.stores.collection_store import CollectionSpaces, SpaceVectors
@@ -73,6 +66,35 @@ T = TypeVar("T")
 # a request that meets a switch (or a job starting) between reading the spaces and writing reads
 # them again; a few times is plenty, switches are rare
 _ATTEMPTS = 3
+ModelStatus = Literal["current", "stale", "not_served"]
+
+
+@dataclass(frozen=True)
+class NewItem:
+    """An item to write: an id and exactly one of text, image (an API string, or bytes) or vector,
+    or a vector made elsewhere together with the text or image it was made from."""
+
+    id: str
+    text: str | None = None
+    image: str | bytes | None = None
+    vector: Sequence[float] | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def precomputed(self) -> bool:
+        """A vector given together with its source: stored as it is, the source kept beside it."""
+        return self.vector is not None and (self.text is not None or self.image is not None)
+
+
+@dataclass(frozen=True)
+class CollectionView:
+    """A collection as described: the store's record, whether the served model still matches, the
+    re-embed job moving it (if any) and, while that job keeps it, the space it moved from."""
+
+    info: CollectionInfo
+    model_status: ModelStatus
+    job: JobRecord | None = None
+    previous: ModelBinding | None = None
 
 
 class Collections:
@@ -132,15 +154,24 @@ class Collections:
 
     # Operations -------------------------------------------------------------------------------------
 
-    async def create(self, request: CreateCollection) -> CollectionDescription:
+    async def create(
+        self,
+        name: str,
+        *,
+        model: str | None = None,
+        dimensions: int | None = None,
+        index: str = "flat",
+        index_params: Mapping[str, Any] | None = None,
+        on_model_update: str | None = None,
+    ) -> CollectionView:
         """Bind a new collection to a served model's embedding space, with a flat, HNSW or IVF index. A
         model named with its version (`tiny@2`) pins the collection to it unless `on_model_update` says."""
-        params = _index_params(request)
-        engine = await self._engine_named(request.model)
-        dim = engine.output_dim(request.dimensions)
+        params = _index_params(index, index_params or {})
+        engine = await self._engine_named(model)
+        dim = engine.output_dim(dimensions)
         binding = ModelBinding(engine.name, engine.version, engine.content_hash, dim)
-        policy = request.on_model_update or ("pin" if request.model and "@" in request.model else "reembed")
-        info = await self._call("create_collection", request.name, binding, params, policy)
+        policy = on_model_update or ("pin" if model and "@" in model else "reembed")
+        info = await self._call("create_collection", name, binding, params, policy)
         return await self._describe(info)
 
     async def _engine_named(self, model: str | None) -> ModelEngine:
@@ -153,10 +184,10 @@ class Collections:
             raise InvalidInput(f"model: {exc}") from exc
         return self.registry.resolve(name) if version is None else await self.registry.version(name, version)
 
-    async def list_all(self) -> list[CollectionDescription]:
+    async def list_all(self) -> list[CollectionView]:
         return [await self._describe(info) for info in await self._call("list_collections")]
 
-    async def describe(self, name: str) -> CollectionDescription:
+    async def describe(self, name: str) -> CollectionView:
         return await self._describe(await self._call("describe", name))
 
     async def spaces(self, name: str) -> CollectionSpaces:
@@ -165,19 +196,18 @@ class Collections:
     async def drop(self, name: str) -> None:
         await self._call("drop_collection", name)
 
-    async def upsert(self, name: str, request: UpsertItems) -> int:
+    async def upsert(self, name: str, items: Sequence[NewItem], content_hash: str | None = None) -> int:
         """Upsert by id (the last of duplicate ids wins). Texts and images are embedded through the
         batchers by every space the collection holds, except where an item brings its vector with its
-        source; every item keeps its source."""
+        source (made by the bundle `content_hash` names); every item keeps its source."""
         spaces = await self._call("spaces", name)
-        items = request.items
-        _check_precomputed(name, request, spaces)
+        _check_precomputed(name, items, content_hash, spaces)
         texts = {i: item.text for i, item in enumerate(items) if item.text is not None}
         images = {i: item.image for i, item in enumerate(items) if item.image is not None}
         check_item_texts(texts, self.settings, field="items")
         check_images(len(images), self.settings, field="items (images)")
         check_metadata(items, self.settings.max_metadata_bytes)
-        given = request.content_hash or spaces.bound.content_hash
+        given = content_hash or spaces.bound.content_hash
         given_dim = next(s.dim for s in spaces.written if s.content_hash == given)
         for position, item in enumerate(items):
             if item.vector is not None and len(item.vector) != given_dim:
@@ -201,14 +231,14 @@ class Collections:
         sources = [_source(item, data.get(position)) for position, item in enumerate(items)]
         for attempt in range(_ATTEMPTS):
             written = await asyncio.gather(
-                *(self._space_vectors(name, space, request, data, given) for space in spaces.written)
+                *(self._space_vectors(name, space, items, data, given) for space in spaces.written)
             )
             bound, *other = written
             try:
                 return await self._call(
                     "upsert",
                     name,
-                    [str(item.id) for item in items],
+                    [item.id for item in items],
                     bound.vectors,
                     content_hash=bound.content_hash,
                     metadata=[item.metadata for item in items],
@@ -219,15 +249,14 @@ class Collections:
                 if attempt == _ATTEMPTS - 1:
                     raise
                 spaces = await self._call("spaces", name)
-                _check_precomputed(name, request, spaces)
+                _check_precomputed(name, items, content_hash, spaces)
         raise AssertionError("unreachable")
 
     async def _space_vectors(
-        self, name: str, space: ModelBinding, request: UpsertItems, data: dict[int, bytes], given: str
+        self, name: str, space: ModelBinding, items: Sequence[NewItem], data: dict[int, bytes], given: str
     ) -> SpaceVectors:
         """The items' vectors in one of the collection's spaces: given ones where they are of this space,
         the rest embedded from their sources by its version; a bare vector has none in another space."""
-        items = request.items
         vectors = np.zeros((len(items), space.dim), dtype=np.float32)
         present = np.ones(len(items), dtype=bool)
         to_embed = []
@@ -242,7 +271,7 @@ class Collections:
             engine = await self._engine_for(name, space)
             embedded = await self.embedder.encode_items(
                 engine,
-                {i: items[i].text for i in to_embed if items[i].text is not None},
+                {i: text for i in to_embed if (text := items[i].text) is not None},
                 {i: data[i] for i in to_embed if i in data},
                 len(items),
                 "items",
@@ -250,67 +279,49 @@ class Collections:
             vectors[to_embed] = engine.reduce(embedded, space.dim)[to_embed]
         return SpaceVectors(space.content_hash, vectors, present)
 
-    async def get_item(self, name: str, item_id: str) -> ItemView:
-        item = await self._call("get", name, item_id)
-        source = None if item.source is None else StoredSource(kind=item.source.kind, value=item.source.value)
-        return ItemView(id=item.id, metadata=item.metadata, source=source, vector=item.vector.tolist())
+    async def get_item(self, name: str, item_id: str) -> StoredItem:
+        """One item as stored: its metadata, its source (when kept) and its vector."""
+        return await self._call("get", name, item_id)
 
     async def delete_item(self, name: str, item_id: str) -> None:
         await self._call("delete", name, item_id)
 
-    async def search(self, name: str, request: SearchRequest) -> tuple[ModelEngine, list[Hit]]:
-        """Nearest items by cosine to a text, an image or a vector, optionally filtered on metadata."""
-        check_top_k(request.top_k, self.settings)
+    async def search(
+        self,
+        name: str,
+        query: Input,
+        *,
+        top_k: int = 10,
+        filter: Mapping[str, Any] | None = None,
+        min_score: float | None = None,
+    ) -> tuple[ModelEngine, list[SearchHit]]:
+        """Nearest items by cosine to a text, an image or a vector, optionally filtered on metadata
+        and cut at `min_score`."""
+        check_top_k(top_k, self.settings)
         for attempt in range(_ATTEMPTS):
             binding = (await self._call("spaces", name)).bound
             engine = await self._engine_for(name, binding)
-            query = await self.embedder.query(engine, request, binding.dim)
+            vector = await self.embedder.query(engine, query, binding.dim)
             try:
                 hits = await self._call(
-                    "search",
-                    name,
-                    query,
-                    content_hash=engine.content_hash,
-                    top_k=request.top_k,
-                    filter=request.filter,
+                    "search", name, vector, content_hash=engine.content_hash, top_k=top_k, filter=filter
                 )
                 break
             except ModelMismatchError:  # switched between reading the binding and searching
                 if attempt == _ATTEMPTS - 1:
                     raise
-        floor = request.min_score
-        return engine, [
-            Hit(id=hit.id, score=hit.score, metadata=hit.metadata)
-            for hit in hits
-            if floor is None or hit.score >= floor
-        ]
+        return engine, [hit for hit in hits if min_score is None or hit.score >= min_score]
 
     # Helpers ----------------------------------------------------------------------------------------
 
-    async def _describe(self, info: CollectionInfo) -> CollectionDescription:
+    async def _describe(self, info: CollectionInfo) -> CollectionView:
         jobs = await self._call("list_jobs", info.name, 1)
         job = jobs[0] if jobs and jobs[0].state in ("pending", "running", "waiting", "switched") else None
         previous = info.other if info.other is not None and info.other.role == "previous" else None
-        return CollectionDescription(
-            name=info.name,
-            count=info.count,
-            model=info.binding.model,
-            version=info.binding.version,
-            content_hash=info.binding.content_hash,
-            dim=info.binding.dim,
-            index=info.index,
-            created_at=info.created_at,
-            model_status=self._model_status(info),
-            on_model_update=info.policy,
-            job=None if job is None else job_summary(job),
-            previous=None
-            if previous is None or job is None
-            else PreviousSpace(
-                model=previous.binding.model, version=previous.binding.version, until=job.keep_until
-            ),
-        )
+        kept = None if previous is None or job is None else previous.binding
+        return CollectionView(info, self._model_status(info), job, kept)
 
-    def _model_status(self, info: CollectionInfo) -> Literal["current", "stale", "not_served"]:
+    def _model_status(self, info: CollectionInfo) -> ModelStatus:
         served = next((m for m in self.registry.models() if m.name == info.binding.model), None)
         if served is None:
             return "not_served"
@@ -335,7 +346,7 @@ class Collections:
         return engine
 
 
-def check_metadata(items: list[Item], limit: int) -> None:
+def check_metadata(items: Sequence[NewItem], limit: int) -> None:
     """Each item's metadata at most `limit` bytes as compact JSON: a search answers up to top_k
     items with their metadata, so this bounds what one answer can weigh."""
     for position, item in enumerate(items):
@@ -353,18 +364,7 @@ def check_metadata(items: list[Item], limit: int) -> None:
             )
 
 
-def job_summary(job: JobRecord) -> JobSummary:
-    return JobSummary(
-        id=job.id,
-        state=job.state,
-        model=job.target.model,
-        version=job.target.version,
-        done=min(job.done, job.total),
-        total=job.total,
-    )
-
-
-def _source(item: Item, image_bytes: bytes | None) -> Source | None:
+def _source(item: NewItem, image_bytes: bytes | None) -> Source | None:
     """What the item keeps to be re-embedded: its text, its image URL, or its inline image's bytes."""
     if item.text is not None:
         return Source("text", item.text)
@@ -375,31 +375,29 @@ def _source(item: Item, image_bytes: bytes | None) -> Source | None:
     return None
 
 
-def _check_precomputed(name: str, request: UpsertItems, spaces: CollectionSpaces) -> None:
+def _check_precomputed(
+    name: str, items: Sequence[NewItem], content_hash: str | None, spaces: CollectionSpaces
+) -> None:
     """Vectors given with their sources must say which embedding space they are in: one the collection
     holds (its bound one, or the one it is moving to or from)."""
     binding = spaces.bound
-    if request.content_hash is not None and request.content_hash not in {
-        s.content_hash for s in spaces.written
-    }:
+    if content_hash is not None and content_hash not in {s.content_hash for s in spaces.written}:
         raise Conflict(
-            f"content_hash {request.content_hash[:12]} names another embedding space than collection "
+            f"content_hash {content_hash[:12]} names another embedding space than collection "
             f"{name!r}'s, {binding.model}@{binding.version} (bundle {binding.content_hash[:12]}); "
             "embed the items with that model",
             code="model_mismatch",
         )
-    bare = next(
-        (i for i, item in enumerate(request.items) if item.vector is not None and not item.precomputed), None
-    )
-    if bare is not None and request.content_hash not in (None, binding.content_hash):
+    bare = next((i for i, item in enumerate(items) if item.vector is not None and not item.precomputed), None)
+    if bare is not None and content_hash not in (None, binding.content_hash):
         raise InvalidInput(
-            f"items[{bare}] is a bare vector of {request.content_hash[:12]}, not of the space collection "
+            f"items[{bare}] is a bare vector of {content_hash[:12]}, not of the space collection "
             f"{name!r} is bound to ({binding.ref}): give it with its text or image",
             index=bare,
         )
-    position = next((i for i, item in enumerate(request.items) if item.precomputed), None)
-    if position is not None and request.content_hash is None:
-        given = "text" if request.items[position].text is not None else "image"
+    position = next((i for i, item in enumerate(items) if item.precomputed), None)
+    if position is not None and content_hash is None:
+        given = "text" if items[position].text is not None else "image"
         raise InvalidInput(
             f"items[{position}] gives a vector with its {given}: name the bundle that made the vector "
             "with content_hash (GET /v1/models lists each model's)",
@@ -407,9 +405,9 @@ def _check_precomputed(name: str, request: UpsertItems, spaces: CollectionSpaces
         )
 
 
-def _index_params(request: CreateCollection) -> IndexParams:
+def _index_params(index: str, params: Mapping[str, Any]) -> IndexParams:
     try:
-        return IndexParams(kind=request.index, **request.index_params.model_dump(exclude_none=True))
+        return IndexParams(kind=index, **params)
     except ValidationError as exc:
         problems = "; ".join(
             f"index_params.{'.'.join(map(str, e['loc'])) or 'index'}: {e['msg']}" for e in exc.errors()

@@ -1,7 +1,8 @@
 """The embedding operations: texts and images to vectors (`/v1/embed`, `/v1/embeddings`), one query
 against candidates (`/v1/rank`), and the queries and items the collections embed.
 
-Each operation checks the server's limits first, then fetches images, then asks one engine.
+Each operation checks the server's limits first, then fetches images, then asks one engine. They
+take plain values (the API layer turns its request models into calls) and give plain results.
 """
 
 from __future__ import annotations
@@ -13,13 +14,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from clipserve.service.api.schemas import EmbeddingsRequest, Query, RankRequest
 from clipserve.service.errors import InvalidImage, InvalidInput, TooLarge
 from clipserve.service.inference.engine import ModelEngine, Ranked
 from clipserve.service.inference.inputs import ImageFetcher
 from clipserve.service.inference.registry import ModelRegistry
 from clipserve.service.limits import check_images, check_item_texts, check_texts, check_top_k, unit_vector
 from clipserve.service.settings import Settings
+
+
+@dataclass(frozen=True)
+class Input:
+    """One text, image (an API string: base64, data URI or URL; or bytes uploaded) or vector: a query,
+    or a candidate to rank (text or image)."""
+
+    text: str | None = None
+    image: str | bytes | None = None
+    vector: Sequence[float] | None = None
 
 
 @dataclass
@@ -89,38 +99,46 @@ class Embedder:
             tokens,
         )
 
-    async def embeddings(self, request: EmbeddingsRequest) -> Embedded:
-        """The OpenAI-compatible call: `input` is texts, or images with `modality: image`."""
-        inputs = [request.input] if isinstance(request.input, str) else request.input
+    async def embeddings(
+        self, model: str | None, inputs: Sequence[str], modality: str = "text", dimensions: int | None = None
+    ) -> Embedded:
+        """The OpenAI-compatible call: `inputs` are texts, or images with `modality` "image"."""
         if not inputs:
             raise InvalidInput("input: the list is empty")
-        engine = self.registry.resolve(request.model)
-        engine.output_dim(request.dimensions)
-        if request.modality == "image":
+        engine = self.registry.resolve(model)
+        engine.output_dim(dimensions)
+        if modality == "image":
             check_images(len(inputs), self.settings, field="input")
-            return await self._encode(engine, [], await self.fetcher.load(inputs), request.dimensions)
+            return await self._encode(engine, [], await self.fetcher.load(list(inputs)), dimensions)
         check_texts(inputs, self.settings, field="input")
-        return await self._encode(engine, inputs, [], request.dimensions)
+        return await self._encode(engine, inputs, [], dimensions)
 
-    async def rank(self, request: RankRequest) -> RankOutcome:
-        """Cosine of each candidate to the query, highest first (and the model's probabilities)."""
-        check_top_k(request.top_k, self.settings)
-        texts = {i: c.text for i, c in enumerate(request.candidates) if c.text is not None}
-        images = {i: c.image for i, c in enumerate(request.candidates) if c.image is not None}
+    async def rank(
+        self,
+        query: Input,
+        candidates: Sequence[Input],
+        *,
+        model: str | None = None,
+        top_k: int | None = None,
+        probabilities: bool = False,
+    ) -> RankOutcome:
+        """Cosine of each candidate (a text or an image) to the query, highest first (and the
+        model's probabilities)."""
+        check_top_k(top_k, self.settings)
+        texts = {i: c.text for i, c in enumerate(candidates) if c.text is not None}
+        images = {i: c.image for i, c in enumerate(candidates) if c.image is not None}
         check_item_texts(texts, self.settings, field="candidates")
         check_images(
-            len(images) + (request.query.image is not None),
-            self.settings,
-            field="images (query and candidates)",
+            len(images) + (query.image is not None), self.settings, field="images (query and candidates)"
         )
-        engine = self.registry.resolve(request.model)
-        query, candidates = await asyncio.gather(
-            self.query(engine, request.query),
-            self.items(engine, texts, images, len(request.candidates), "candidates"),
+        engine = self.registry.resolve(model)
+        query_vector, vectors = await asyncio.gather(
+            self.query(engine, query),
+            self.items(engine, texts, images, len(candidates), "candidates"),
         )
-        return RankOutcome(engine, engine.rank(query, candidates, request.top_k, request.probabilities))
+        return RankOutcome(engine, engine.rank(query_vector, vectors, top_k, probabilities))
 
-    async def query(self, engine: ModelEngine, query: Query, dim: int | None = None) -> np.ndarray:
+    async def query(self, engine: ModelEngine, query: Input, dim: int | None = None) -> np.ndarray:
         """A query (text, image or vector) as a unit vector of the engine's space, reduced to `dim`
         components when given (a collection made with fewer dimensions)."""
         if query.vector is not None:

@@ -41,7 +41,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -67,6 +67,16 @@ _WARM_POLL_S = 0.5  # how often the sets moving to a new version look for their 
 _FAILED_BUILDS = 64  # failed builds remembered, with their reasons, for the status of their sets
 T = TypeVar("T")
 Restart = Literal["any", "transient", "none"]
+
+
+@dataclass
+class Classes:
+    """What a stored set classifies with: the engine, the set's labels and their class matrix, or
+    the build that makes it within the request (a small set not built yet in this space)."""
+
+    engine: ModelEngine
+    labels: list[str]
+    matrix: np.ndarray | Awaitable[np.ndarray]
 
 
 @dataclass
@@ -241,14 +251,23 @@ class LabelSets:
                 *(self._failure_key(engine, head[0]) for engine in engines),
             )
 
-    async def bound(self, name: str, model: str | None) -> tuple[ModelEngine, LabelSet]:
-        """A stored set and the engine to classify with: the request's model, else the set's; while the
-        set moves to a newly served version, the previous one (unless the request names a version)."""
+    async def classes(self, name: str, model: str | None) -> Classes:
+        """A stored set's classes on the engine to classify with (the request's model, else the set's;
+        while the set moves to a newly served version, the previous one unless the request names a
+        version), looked up in the cache once: the matrix, or the build that makes it now (a set being
+        built in the background answers `labelset_building`)."""
         labelset = await self._definition(name)
         engine = self.registry.resolve(model or labelset.model)
+        matrix = None
         if model is None or "@" not in model:
-            engine = await self._while_warming(engine, labelset)
-        return engine, labelset
+            engine, matrix = await self._while_warming(engine, labelset)
+        if matrix is None:
+            matrix = await engine.cached_class_matrix(labelset.digest)
+        if matrix is None:
+            build = await self._build(engine, labelset, refuse_while_building=True)
+            assert build is not None
+            return Classes(engine, labelset.labels, build)
+        return Classes(engine, labelset.labels, matrix)
 
     # A new version ------------------------------------------------------------------------------
 
@@ -300,19 +319,23 @@ class LabelSets:
             return None
         return warming
 
-    async def _while_warming(self, engine: ModelEngine, labelset: LabelSet) -> ModelEngine:
-        """`engine`, or the previous version while the set's matrix on `engine` is not built yet."""
+    async def _while_warming(
+        self, engine: ModelEngine, labelset: LabelSet
+    ) -> tuple[ModelEngine, np.ndarray | None]:
+        """`engine`, or the previous version while the set's matrix on `engine` is not built yet; with
+        the matrix on `engine` when this had to look it up and found it (no second look-up)."""
         warming = self._warm(engine, labelset)
         if warming is None:
-            return engine
-        if await engine.cached_class_matrix(labelset.digest) is not None:
+            return engine, None
+        matrix = await engine.cached_class_matrix(labelset.digest)
+        if matrix is not None:
             await self._moved([warming])
-            return engine
+            return engine, matrix
         try:
-            return self.registry.resolve(warming.previous)
+            return self.registry.resolve(warming.previous), None
         except ServiceError:  # let go meanwhile: the set moves now
             await self._moved([warming])
-            return engine
+            return engine, None
 
     async def _watch_warming(self) -> None:
         """Until every moving set has moved: move those whose new matrix is ready (built here or on
@@ -357,12 +380,6 @@ class LabelSets:
             self._let_go.add(task)
             task.add_done_callback(self._let_go.discard)
 
-    async def matrix(self, engine: ModelEngine, labelset: LabelSet) -> np.ndarray:
-        """The set's classes on this engine, built here when its embedding space has none yet."""
-        matrix = await self._built(engine, labelset)
-        assert matrix is not None
-        return matrix
-
     # Builds -------------------------------------------------------------------------------------
 
     async def _built(
@@ -376,8 +393,17 @@ class LabelSets:
         matrix = await engine.cached_class_matrix(labelset.digest)
         if matrix is not None:
             return matrix
+        build = await self._build(engine, labelset, refuse_while_building)
+        return None if build is None else await build
+
+    async def _build(
+        self, engine: ModelEngine, labelset: LabelSet, refuse_while_building: bool
+    ) -> Awaitable[np.ndarray] | None:
+        """For a set whose matrix the cache has not got (the caller just looked): the build to await
+        for a small one; for a large one, its background build made sure of and, as `_built` says,
+        `labelset_building` or None."""
         if labelset.prompts <= SYNC_BUILD_TEXTS:
-            return await self._built_now(engine, labelset)
+            return self._built_now(engine, labelset)
         state = await self._background(
             engine, labelset, restart="any" if not refuse_while_building else "transient"
         )
@@ -521,8 +547,8 @@ class LabelSets:
         labelset, budget = build.labelset, self.settings.labelset_build_timeout_s
         try:
             async with asyncio.timeout(budget):
-                matrix = await engine.class_matrix(
-                    labelset.labels, labelset.templates, stored=True, progress=build.advance
+                matrix = await engine.build_class_matrix(
+                    labelset.labels, labelset.templates, labelset.digest, stored=True, progress=build.advance
                 )
         except TimeoutError:
             build.error = (
@@ -639,7 +665,7 @@ class LabelSets:
             return LabelSetStatus(labelset, "ready", 1.0, serving=engine.ref)
         warming = self._warm(engine, labelset)
         if warming is not None:
-            serving = await self._while_warming(engine, labelset)
+            serving, _ = await self._while_warming(engine, labelset)
             if serving is not engine:
                 next_state = await self._background(engine, labelset, restart="transient")
                 next_state.version = engine.ref

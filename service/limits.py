@@ -54,6 +54,14 @@ def check_images(count: int, settings: Settings, field: str = "images") -> None:
         )
 
 
+def check_classify(images: int, top_k: int, settings: Settings) -> None:
+    """A classification's images (at least one, within `max_images_per_request`) and its `top_k`."""
+    if not images:
+        raise InvalidInput("images: the list is empty; give at least one image")
+    check_images(images, settings)
+    check_top_k(top_k, settings)
+
+
 def check_labels(labels: Sequence[str], limit: int, max_chars: int, field: str = "labels") -> None:
     """Class labels: at least one, at most `limit`, none empty or over `max_chars`, no duplicates."""
     if not labels:

@@ -7,6 +7,8 @@ Fields used by the retrieval routers: `data_dir`, `collections_backend`, `postgr
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -338,3 +340,39 @@ class Settings(CliSettings):
         if isinstance(value, str) and value.strip().lower() in ("", "none"):
             return None
         return value
+
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on (`--host`) is a loopback one."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host(value: str) -> tuple[str, int | None]:
+    """`Host` header value -> (lower-case name without a trailing dot, port or None); IPv6 in brackets."""
+    text = value.strip().lower()
+    if text.startswith("["):
+        name, _, rest = text.partition("]")
+        name += "]"
+        port = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") > 1:  # a bare IPv6 address
+        name, port = f"[{text}]", ""
+    else:
+        name, _, port = text.partition(":")
+    port_number = int(port) if port.isdigit() and len(port) <= 5 else None
+    return name.rstrip("."), port_number
+
+
+def resolved_allowed_hosts(allowed_hosts: Sequence[str], listen_host: str) -> tuple[str, ...]:
+    """The setting as given, or by default the loopback names on a loopback address and any host
+    ('*') on any other (0.0.0.0 in a container, behind a proxy or an orchestrator)."""
+    if allowed_hosts:
+        return tuple(split_host(entry)[0] if entry.strip() != "*" else "*" for entry in allowed_hosts)
+    return LOOPBACK_NAMES if is_loopback(listen_host) else ("*",)

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from clipserve.service.api.guards import is_loopback, resolved_allowed_hosts, same_origin, split_host
+from clipserve.service.api.guards import same_origin
+from clipserve.service.settings import is_loopback, resolved_allowed_hosts, split_host
 from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.fixtures.service import b64, free_port, image_bytes
 

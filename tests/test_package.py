@@ -137,6 +137,19 @@ def test_dependencies_point_one_way() -> None:
         assert not {t for t in graph[name] if t.startswith("clipserve.training")}, name
 
 
+def test_only_the_http_layer_imports_the_api() -> None:
+    """The facades (embedding, classification, collections, label sets) take plain values and give
+    plain results: request and response models stay in `service/api/`, which the app alone wires in."""
+    graph = import_graph()
+    api = "clipserve.service.api"
+    importers = {
+        name
+        for name in _importers(graph, api)
+        if not (name == api or name.startswith(f"{api}.")) and name != "clipserve.service.app"
+    }
+    assert importers == set(), f"modules outside {api} import it: {sorted(importers)}"
+
+
 def _third_party_imports(path: Path) -> set[str]:
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):

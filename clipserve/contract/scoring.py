@@ -73,6 +73,11 @@ class Scoring:
         exp = np.exp(logits)
         return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
 
+    def ranked(self, similarity: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top k per row by probability, highest first (`top_k`), and the probabilities."""
+        probabilities = self.probabilities(similarity)
+        return top_k(probabilities, k), probabilities
+
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k highest scores per row, highest first (equal scores among them in index order)."""

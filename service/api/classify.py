@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 
 from clipserve.service.api.bodies import body_of, documented
-from clipserve.service.api.common import error_responses, unless_disconnected
+from clipserve.service.api.common import error_responses, model_header, unless_disconnected
 from clipserve.service.api.deps import ClassifierDep
 from clipserve.service.api.schemas import ClassifyRequest, ClassifyResponse, ClassifyResult, LabelScore
 
@@ -32,13 +32,18 @@ async def classify(
     `score` follows the model's own scoring (softmax over the labels, or sigmoid per label).
     JSON (images as base64, data URIs or URLs) or a multipart form (image files under `images`,
     one `labels` field per label)."""
-    outcome = await unless_disconnected(request, classifier.classify(body))
-    engine = outcome.engine
+    work = classifier.classify(
+        body.images,
+        labels=body.labels,
+        templates=body.templates,
+        labelset=body.labelset,
+        model=body.model,
+        top_k=body.top_k,
+    )
+    outcome = await unless_disconnected(request, work)
     return ClassifyResponse(
-        model=engine.name,
-        version=engine.version,
-        dim=engine.dim,
-        scoring=engine.scoring.kind,
+        **model_header(outcome.engine),
+        scoring=outcome.engine.scoring.kind,
         results=[
             ClassifyResult(index=i, labels=[LabelScore(**vars(s)) for s in scores])
             for i, scores in enumerate(outcome.results)

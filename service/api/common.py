@@ -1,4 +1,5 @@
-"""What several routes do with HTTP itself: cancel work when the client leaves, shape vectors."""
+"""What several routes do with HTTP itself: cancel work when the client leaves, shape vectors, head
+an answer with the model that made it."""
 
 from __future__ import annotations
 
@@ -12,10 +13,23 @@ import orjson
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from clipserve.service.api.schemas import ErrorResponse
+from clipserve.service.api.schemas import Candidate, ErrorResponse, Query
+from clipserve.service.embedding import Input
 from clipserve.service.errors import ClientGone
+from clipserve.service.inference.engine import ModelEngine
 
 T = TypeVar("T")
+
+
+def as_input(given: Query | Candidate) -> Input:
+    """A query or candidate of a request as the plain value the embedder takes."""
+    return Input(text=given.text, image=given.image, vector=getattr(given, "vector", None))
+
+
+def model_header(engine: ModelEngine, dim: int | None = None) -> dict[str, str | int]:
+    """The fields every answer made by a model starts with (`schemas.ModelHeader`): the model, its
+    version and the dim of the vectors given (the engine's own unless they were reduced)."""
+    return {"model": engine.name, "version": engine.version, "dim": engine.dim if dim is None else dim}
 
 
 def encode_vectors(vectors: np.ndarray, encoding_format: str) -> list[list[float]] | list[str]:

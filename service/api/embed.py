@@ -9,7 +9,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from clipserve.service.api.bodies import body_of, documented, validated
-from clipserve.service.api.common import VectorResponse, error_responses, unless_disconnected, vector_payload
+from clipserve.service.api.common import (
+    VectorResponse,
+    error_responses,
+    model_header,
+    unless_disconnected,
+    vector_payload,
+)
 from clipserve.service.api.deps import EmbedderDep
 from clipserve.service.api.schemas import EmbedRequest, EmbedResponse
 from clipserve.service.errors import InvalidInput
@@ -64,12 +70,9 @@ async def embed(
     one `texts` field per text), or one image as the body (`Content-Type: image/jpeg`, ...)."""
     work = embedder.embed(body.model, body.texts or [], images=body.images or [], dimensions=body.dimensions)
     result = await unless_disconnected(request, work)
-    engine = result.engine
     return VectorResponse(
         {
-            "model": engine.name,
-            "version": engine.version,
-            "dim": result.dim,
+            **model_header(result.engine, result.dim),
             "text_embeddings": vector_payload(result.text_vectors, body.encoding_format),
             "image_embeddings": vector_payload(result.image_vectors, body.encoding_format),
             "truncated": result.truncated,

@@ -21,7 +21,6 @@ stop that:
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from urllib.parse import urlsplit
 
@@ -30,44 +29,11 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from clipserve.service.api.middleware import _header, send_error
+from clipserve.service.settings import split_host
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 PROBE_PATHS = frozenset({"/livez", "/readyz"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def is_loopback(host: str) -> bool:
-    """Whether an address to listen on (`--host`) is a loopback one."""
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def split_host(value: str) -> tuple[str, int | None]:
-    """`Host` header value -> (lower-case name without a trailing dot, port or None); IPv6 in brackets."""
-    text = value.strip().lower()
-    if text.startswith("["):
-        name, _, rest = text.partition("]")
-        name += "]"
-        port = rest[1:] if rest.startswith(":") else ""
-    elif text.count(":") > 1:  # a bare IPv6 address
-        name, port = f"[{text}]", ""
-    else:
-        name, _, port = text.partition(":")
-    port_number = int(port) if port.isdigit() and len(port) <= 5 else None
-    return name.rstrip("."), port_number
-
-
-def resolved_allowed_hosts(allowed_hosts: Sequence[str], listen_host: str) -> tuple[str, ...]:
-    """The setting as given, or by default the loopback names on a loopback address and any host
-    ('*') on any other (0.0.0.0 in a container, behind a proxy or an orchestrator)."""
-    if allowed_hosts:
-        return tuple(split_host(entry)[0] if entry.strip() != "*" else "*" for entry in allowed_hosts)
-    return LOOPBACK_NAMES if is_loopback(listen_host) else ("*",)
 
 
 def host_allowed(name: str, allowed: Sequence[str]) -> bool:

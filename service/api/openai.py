@@ -22,7 +22,9 @@ router = APIRouter(tags=["openai"])
 )
 async def embeddings(body: EmbeddingsRequest, request: Request, embedder: EmbedderDep) -> EmbeddingsResponse:
     """OpenAI's embeddings API: texts (or images with `modality: image`) to vectors; the official clients work unchanged."""
-    result = await unless_disconnected(request, embedder.embeddings(body))
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    work = embedder.embeddings(body.model, inputs, body.modality, body.dimensions)
+    result = await unless_disconnected(request, work)
     vectors = result.image_vectors if body.modality == "image" else result.text_vectors
     return EmbeddingsResponse(
         data=[

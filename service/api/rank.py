@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Request
 
 from clipserve.service.api.bodies import body_of, documented
-from clipserve.service.api.common import error_responses, unless_disconnected
+from clipserve.service.api.common import as_input, error_responses, model_header, unless_disconnected
 from clipserve.service.api.deps import EmbedderDep
 from clipserve.service.api.schemas import RankRequest, RankResponse, RankResult
 
@@ -36,12 +36,16 @@ async def rank(
     request: Request, embedder: EmbedderDep, body: Annotated[RankRequest, body_of(RankRequest)]
 ) -> RankResponse:
     """Cosine similarity of each candidate to the query, highest first; `index` is the candidate's position."""
-    outcome = await unless_disconnected(request, embedder.rank(body))
-    engine = outcome.engine
+    work = embedder.rank(
+        as_input(body.query),
+        [as_input(candidate) for candidate in body.candidates],
+        model=body.model,
+        top_k=body.top_k,
+        probabilities=body.probabilities,
+    )
+    outcome = await unless_disconnected(request, work)
     return RankResponse(
-        model=engine.name,
-        version=engine.version,
-        dim=engine.dim,
-        scoring=engine.scoring.kind if body.probabilities else None,
+        **model_header(outcome.engine),
+        scoring=outcome.engine.scoring.kind if body.probabilities else None,
         results=[RankResult(**vars(r)) for r in outcome.results],
     )

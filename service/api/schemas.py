@@ -133,10 +133,16 @@ class EmbedRequest(_Request):
     dimensions: Dimensions = Field(None, examples=[None])
 
 
-class EmbedResponse(BaseModel):
-    model: str = Field(description="the model that made the vectors")
+class ModelHeader(BaseModel):
+    """The head of every answer a model made: which model, which version, and the vectors' dim
+    (`clipserve.service.api.common.model_header` fills it)."""
+
+    model: str = Field(description="the model that answered")
     version: int = Field(description="its version")
-    dim: int = Field(description="components per vector")
+    dim: int = Field(description="components per vector (the model's embedding dimension, or fewer if asked)")
+
+
+class EmbedResponse(ModelHeader):
     text_embeddings: Vectors = Field(description="one vector per text, in the order given")
     image_embeddings: Vectors = Field(description="one vector per image, in the order given")
     truncated: list[bool] = Field(description="one per text: true where it was cut to the context length")
@@ -200,10 +206,7 @@ class ClassifyResult(BaseModel):
 Scoring = Literal["softmax", "sigmoid"]
 
 
-class ClassifyResponse(BaseModel):
-    model: str = Field(description="the model that classified")
-    version: int = Field(description="its version")
-    dim: int = Field(description="its embedding dimension")
+class ClassifyResponse(ModelHeader):
     scoring: Scoring = Field(description="how `score` was computed from the cosine (the model's own rule)")
     results: list[ClassifyResult] = Field(description="one per image, in the order given")
 
@@ -438,10 +441,7 @@ class RankResult(BaseModel):
     probability: float | None = Field(None, description="the model's probability, when asked for")
 
 
-class RankResponse(BaseModel):
-    model: str = Field(description="the model that ranked")
-    version: int = Field(description="its version")
-    dim: int = Field(description="its embedding dimension")
+class RankResponse(ModelHeader):
     scoring: Scoring | None = Field(None, description="how `probability` was computed, when asked for")
     results: list[RankResult] = Field(description="candidates, best first")
 
@@ -680,10 +680,7 @@ class Hit(BaseModel):
     metadata: dict[str, Any]
 
 
-class SearchResponse(BaseModel):
-    model: str
-    version: int
-    dim: int
+class SearchResponse(ModelHeader):
     results: list[Hit]
 
 

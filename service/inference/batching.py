@@ -137,6 +137,11 @@ class Batcher:
                 retry_after_s=self.retry_after_s(),
             )
 
+    def admit_when_busy(self, count: int) -> None:
+        """`admit`, unless the tower is idle (it then takes the rows in one direct trip)."""
+        if not self.idle:
+            self.admit(count)
+
     def retry_after_s(self) -> int:
         return max(1, math.ceil(len(self._queue) / self.max_batch * self._last_batch_s))
 

@@ -3,7 +3,7 @@ request (the corpus indexer's Ray actors, a collection's re-embed job in a backg
 
 It is the service's own path without the request machinery: the bundle is loaded by
 `loading.load_version` (hashes verified, the same runtimes, providers and precision choice), images go
-through the service's `ImagePreprocessor`, texts through the bundle's tokenizer and `engine.token_rows`,
+through the service's `ImagePreprocessor`, texts through the bundle's tokenizer and `towers.token_rows`,
 and vectors come out L2-normalized, exactly as `/v1/embed` gives them. No batcher, no cache, no event
 loop: the caller decides where it runs and how many threads each runtime takes.
 
@@ -31,9 +31,9 @@ from clipserve.contract.bundle import Bundle, ModelRepository, parse_model_ref
 from clipserve.contract.scoring import normalize
 from clipserve.contract.tokenizer import TextTokenizer, load_tokenizer
 from clipserve.service.errors import ServiceError
-from clipserve.service.inference.engine import pad_rows, token_rows
 from clipserve.service.inference.loading import LoadedBundle, load_version
 from clipserve.service.inference.preprocess import ImagePreprocessor
+from clipserve.service.inference.towers import pad_rows, token_rows
 from clipserve.service.settings import Settings
 
 

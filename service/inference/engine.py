@@ -6,13 +6,15 @@ Everything that asks a model for vectors or scores goes through these public met
     engine.encode_images([png_bytes, ...])  -> float32 [N, D]   (bad image -> InvalidImage naming it)
     engine.encode_items(texts, images, n)   -> float32 [n, D]   (items given by position, both towers)
     engine.class_matrix(labels, templates)  -> float32 [labels, D], cached by the embedding space
-    engine.score(image_vectors, labels, matrix, top_k) -> one ranked list of labels per image
+    engine.classify(images, labels, classes, top_k) -> one ranked list of labels per image
     engine.rank(query, candidates, top_k, probabilities) -> candidates ranked by cosine
 
-Vectors are L2-normalized. Requests go through the model's dynamic batchers (`Overloaded` when a
-queue is full, `TimedOut` past the request timeout). Text vectors are cached by the bundle's content
-hash (Redis shared by replicas, else in process), class matrices likewise; scoring follows the
-bundle (`clipserve.contract.scoring`: softmax for CLIP, sigmoid for SigLIP).
+Each tower (`clipserve.service.inference.towers`) owns its runtime and its rows; the engine owns
+the caches, the batchers and the scores. Vectors are L2-normalized. Requests go through the
+model's dynamic batchers (`Overloaded` when a queue is full, `TimedOut` past the request timeout).
+Text vectors are cached by the bundle's content hash (Redis shared by replicas, else in process),
+class matrices likewise; scoring follows the bundle (`clipserve.contract.scoring`: softmax for CLIP,
+sigmoid for SigLIP).
 
 An engine stays usable for `retire_grace_s` after a newer version replaced it, and until its last
 in-flight call ends (`using()`).
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
 
 import numpy as np
 
@@ -41,6 +44,7 @@ from clipserve.service.inference.batching import Batcher
 from clipserve.service.inference.cache import KEY_PREFIX, VectorCache
 from clipserve.service.inference.loading import LoadedBundle
 from clipserve.service.inference.preprocess import ImagePreprocessor
+from clipserve.service.inference.towers import ImageTower, TextTower, TowerStats
 from clipserve.service.metrics import Metrics
 from clipserve.service.settings import Settings
 
@@ -68,22 +72,6 @@ def shares_text_vectors(mode: str, cache: VectorCache, encode_ms: float | None) 
         return True
     round_trip = cache.round_trip_ms if cache.round_trip_ms is not None else _UNMEASURED_ROUND_TRIP_MS
     return encode_ms >= SHARED_TEXT_CACHE_FACTOR * round_trip
-
-
-def pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> np.ndarray:
-    width = max(len(r) for r in rows)
-    batch = np.full((len(rows), width), pad_id, dtype=np.int64)
-    for i, row in enumerate(rows):
-        batch[i, : len(row)] = row
-    return batch
-
-
-def token_rows(batch: TokenizedBatch, dynamic_length: bool) -> list[np.ndarray]:
-    """A tokenized batch as one id row per text: cut at each text's end for a graph with a dynamic
-    sequence axis (`pad_rows` then pads a batch only to its longest text), whole rows otherwise."""
-    if dynamic_length:
-        return [batch.ids[i, : int(n)] for i, n in enumerate(batch.lengths)]
-    return list(batch.ids)
 
 
 def prompt_chars(labels: Sequence[str], templates: Sequence[str]) -> int:
@@ -121,12 +109,6 @@ class Ranked:
     probability: float | None = None
 
 
-@dataclass
-class TowerStats:
-    calls: int = 0
-    items: int = 0
-
-
 class ModelEngine:
     def __init__(
         self,
@@ -145,14 +127,25 @@ class ModelEngine:
         self.content_hash = self.manifest.content_hash
         self.scoring: Scoring = self.manifest.scorer
         self._tokenizer = loaded.tokenizer
-        self._preprocessor = ImagePreprocessor(
-            self.manifest.image, settings.max_image_pixels, settings.jpeg_draft_margin, settings.image_formats
-        )
         self._settings, self._metrics, self._cache, self._pool = settings, metrics, cache, pool
-        self.text_stats, self.image_stats = TowerStats(), TowerStats()
-        self._encoder_calls = {
-            t: metrics.encoder_calls.labels(model=self.ref, tower=t) for t in ("image", "text")
-        }
+        self._preprocess_seconds = metrics.preprocess_seconds.labels(model=self.ref, tower="image")
+        self.image_tower = ImageTower(
+            loaded.image_runtime,
+            metrics.encoder_calls.labels(model=self.ref, tower="image"),
+            ImagePreprocessor(
+                self.manifest.image,
+                settings.max_image_pixels,
+                settings.jpeg_draft_margin,
+                settings.image_formats,
+            ),
+            self._preprocess_seconds,
+        )
+        self.text_tower = TextTower(
+            loaded.text_runtime,
+            metrics.encoder_calls.labels(model=self.ref, tower="text"),
+            self.manifest.tokenizer.pad_token_id,
+            self.manifest.text.dynamic_length,
+        )
         self.in_flight = 0
         variant = "" if loaded.text_precision == "fp32" else f"-{loaded.text_precision}"
         # Vectors of an int8 or fp16 text graph differ slightly: they get a space of their own.
@@ -166,23 +159,27 @@ class ModelEngine:
             metrics=metrics,
         )
         self.image_batcher = Batcher(
-            self.ref, "image", self._run_images, max_batch=settings.max_batch_size_image, **common
+            self.ref, "image", self.image_tower.run, max_batch=settings.max_batch_size_image, **common
         )
         self.text_batcher = Batcher(
-            self.ref, "text", self._run_texts, max_batch=settings.max_batch_size_text, **common
+            self.ref, "text", self.text_tower.run, max_batch=settings.max_batch_size_text, **common
         )
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    @property
+    def text_stats(self) -> TowerStats:
+        return self.text_tower.stats
+
+    @property
+    def image_stats(self) -> TowerStats:
+        return self.image_tower.stats
+
     def describe(self) -> dict:
-        """What `/v1/models` lists: OpenAI's fields (`id`, `object`, `created`, `owned_by`) and ours."""
+        """What this version is: the fields `/v1/models` lists (the API adds OpenAI's own)."""
         return {
-            "id": self.name,
-            "object": "model",
-            "created": int(datetime.fromisoformat(self.manifest.created_at).timestamp()),
-            "owned_by": "clipserve",
             "name": self.name,
             "version": self.version,
             "dim": self.dim,
@@ -221,23 +218,6 @@ class ModelEngine:
             )
         return dimensions
 
-    # Inference, in the towers' own threads ------------------------------------------------------
-
-    def _run_images(self, rows: Sequence[np.ndarray]) -> np.ndarray:
-        output = self.loaded.image_runtime.run(np.stack(rows))
-        self._count("image", self.image_stats, len(rows))
-        return normalize(output)
-
-    def _run_texts(self, rows: Sequence[np.ndarray]) -> np.ndarray:
-        output = self.loaded.text_runtime.run(pad_rows(rows, self.manifest.tokenizer.pad_token_id))
-        self._count("text", self.text_stats, len(rows))
-        return normalize(output)
-
-    def _count(self, tower: str, stats: TowerStats, items: int) -> None:
-        stats.calls += 1
-        stats.items += items
-        self._encoder_calls[tower].inc()
-
     # Texts ------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -267,9 +247,6 @@ class ModelEngine:
             self._pool, lambda: self._tokenizer.encode(prompts(labels, templates))
         )
 
-    def _token_rows(self, batch: TokenizedBatch) -> list[np.ndarray]:
-        return token_rows(batch, self.manifest.text.dynamic_length)
-
     def _text_key(self, row: np.ndarray) -> str:
         digest = hashlib.sha256(np.ascontiguousarray(row, dtype=np.int64).tobytes()).hexdigest()
         return self._text_key_prefix + digest
@@ -278,7 +255,7 @@ class ModelEngine:
         """Unit vectors of `texts`, each from the cache or the text tower's batcher."""
         with self.using():
             batch = await self._tokenize(texts)
-            vectors = await self._vectors_for_rows(self._token_rows(batch), self._encode_text_rows)
+            vectors = await self._vectors_for_rows(self.text_tower.rows(batch), self._encode_text_rows)
             return TextVectors(vectors, [bool(t) for t in batch.truncated], int(batch.lengths.sum()))
 
     async def _encode_text_rows(self, rows: list[np.ndarray]) -> np.ndarray:
@@ -326,7 +303,8 @@ class ModelEngine:
         than one image, their pixels together from their headers (`max_request_pixels`)."""
         with self.using():
             if len(images) == 1:
-                direct = await self.image_batcher.run_if_idle(lambda: self._prepare_one(images[0]))
+                prepare = functools.partial(self.image_tower.prepare_one, images[0])
+                direct = await self.image_batcher.run_if_idle(prepare)
                 if direct is not None:
                     return direct
             self.image_batcher.admit(len(images))
@@ -338,26 +316,20 @@ class ModelEngine:
                     await self._check_pixels(images)
                 rows = await asyncio.gather(
                     *(
-                        loop.run_in_executor(self._pool, self._preprocessor, data, i)
+                        loop.run_in_executor(self._pool, self.image_tower.prepare, data, i)
                         for i, data in enumerate(images)
                     )
                 )
             finally:
                 self.image_batcher.withdraw(len(images))
             if images:
-                per_item = (time.perf_counter() - started) / len(images)
-                self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(per_item)
+                self._preprocess_seconds.observe((time.perf_counter() - started) / len(images))
             return await self.image_batcher.submit(rows)
-
-    def admit_images(self, count: int) -> None:
-        """Refuse `count` images now (`Overloaded`) when the image queue has no room for them."""
-        if not self.image_batcher.idle:
-            self.image_batcher.admit(count)
 
     async def _check_pixels(self, images: Sequence[bytes]) -> None:
         """The images' pixels together, read from their headers in the pool, within the budget of
         one request (one image is within it by `max_image_pixels`, which is never larger)."""
-        read = self._preprocessor.size
+        read = self.image_tower.preprocessor.size
         sizes = await asyncio.get_running_loop().run_in_executor(
             self._pool, lambda: [read(data, i) for i, data in enumerate(images)]
         )
@@ -368,15 +340,6 @@ class ModelEngine:
                 "(max_request_pixels); send them in several requests",
                 code="too_many_pixels",
             )
-
-    def _prepare_one(self, data: bytes) -> list[np.ndarray]:
-        """One image decoded and preprocessed on the inference thread (the idle tower's direct path)."""
-        started = time.perf_counter()
-        row = self._preprocessor(data, 0)
-        self._metrics.preprocess_seconds.labels(model=self.ref, tower="image").observe(
-            time.perf_counter() - started
-        )
-        return [row]
 
     async def encode_items(
         self, texts: Mapping[int, str], images: Mapping[int, bytes], count: int
@@ -436,6 +399,19 @@ class ModelEngine:
         matrix = await self.cached_class_matrix(digest)
         if matrix is not None:
             return matrix
+        return await self.build_class_matrix(labels, templates, digest, stored=stored, progress=progress)
+
+    async def build_class_matrix(
+        self,
+        labels: Sequence[str],
+        templates: Sequence[str],
+        digest: str,
+        *,
+        stored: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """`class_matrix` for a caller that has just looked the cache up itself (`digest` is
+        `classes_digest(labels, templates)`): computed and cached, without a second look-up."""
         with self.using():
             matrix = await self._compute_classes(list(labels), list(templates), not stored, progress)
         await self._cache.set_blob(self.matrix_key(digest), matrix.tobytes(), shared=stored)
@@ -452,7 +428,7 @@ class ModelEngine:
         matrix = np.empty((len(labels), self.dim), dtype=np.float32)
         for start in range(0, len(labels), per_chunk):
             chunk = labels[start : start + per_chunk]
-            rows = self._token_rows(await self._tokenize_prompts(chunk, templates))
+            rows = self.text_tower.rows(await self._tokenize_prompts(chunk, templates))
             if cache_texts:
                 vectors = await self._vectors_for_rows(rows, self._encode_bulk)
             else:
@@ -467,11 +443,38 @@ class ModelEngine:
     ) -> list[list[LabelScore]]:
         """Top-k labels per image, scored as the model was trained (`self.scoring`)."""
         similarity = image_vectors @ matrix.T
-        probabilities = self.scoring.probabilities(similarity)
+        orders, probabilities = self.scoring.ranked(similarity, k)
         return [
             [LabelScore(labels[j], float(probs[j]), float(sims[j])) for j in order]
-            for order, probs, sims in zip(top_k(probabilities, k), probabilities, similarity, strict=True)
+            for order, probs, sims in zip(orders, probabilities, similarity, strict=True)
         ]
+
+    async def classify(
+        self,
+        images: Sequence[bytes],
+        labels: Sequence[str],
+        classes: np.ndarray | Awaitable[np.ndarray],
+        k: int,
+    ) -> list[list[LabelScore]]:
+        """Top-k of `labels` for each image. `classes` is their class matrix, or the work that makes
+        it, which then runs while the images are encoded (when one fails, the other stops). A full
+        image queue refuses the request before either starts."""
+        try:
+            self.image_batcher.admit_when_busy(len(images))
+        except BaseException:
+            if inspect.iscoroutine(classes):
+                classes.close()  # never started
+            raise
+        if isinstance(classes, np.ndarray):
+            return self.score(await self.encode_images(images), labels, classes, k)
+        loop = asyncio.get_running_loop()
+        work = [loop.create_task(_awaited(classes)), loop.create_task(self.encode_images(images))]
+        try:
+            matrix, vectors = await asyncio.gather(*work)
+        finally:
+            for task in work:
+                task.cancel()
+        return self.score(vectors, labels, matrix, k)
 
     def rank(
         self, query: np.ndarray, candidates: np.ndarray, k: int | None, probabilities: bool
@@ -505,3 +508,7 @@ class ModelEngine:
             await asyncio.to_thread(batcher.executor.shutdown, wait=True)
         self.loaded.image_runtime.close()
         self.loaded.text_runtime.close()
+
+
+async def _awaited(work: Awaitable[np.ndarray]) -> np.ndarray:
+    return await work

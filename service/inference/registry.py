@@ -132,30 +132,33 @@ class ModelRegistry:
 
     def task(self, model_ref: str | None) -> TaskEngine | None:
         """The task model a request names (`name` or its served `name@version`), or None."""
-        if model_ref is None:
+        if model_ref is None or not self._tasks:
             return None
         try:
             name, version = parse_model_ref(model_ref)
         except BundleError:
             return None
+        return self._task_named(name, version, model_ref)
+
+    def _task_named(self, name: str, version: int | None, ref: str) -> TaskEngine | None:
         task = self._tasks.get(name)
         if task is not None and version not in (None, task.version):
-            raise NotFound(
-                f"model {model_ref!r} is not served here; served: {task.ref}", code="model_not_found"
-            )
+            raise NotFound(f"model {ref!r} is not served here; served: {task.ref}", code="model_not_found")
         return task
 
     def resolve(self, model_ref: str | None) -> ModelEngine:
-        task = self.task(model_ref)
-        if task is not None:
-            raise task.refuse_embedding()
-        if not self._served:
+        if not self._served and (model_ref is None or not self._tasks):
             raise Unavailable("no model is loaded yet", code="not_ready", retry_after_s=1)
         ref = model_ref if model_ref is not None else self.default_name
         try:
             name, version = parse_model_ref(ref or "")
         except BundleError as exc:
             raise InvalidInput(f"model: {exc}") from exc
+        task = self._task_named(name, version, ref or "") if model_ref is not None else None
+        if task is not None:
+            raise task.refuse_embedding()
+        if not self._served:
+            raise Unavailable("no model is loaded yet", code="not_ready", retry_after_s=1)
         served = self._served.get(name)
         if served is not None and (version is None or version == served.version):
             return served

@@ -16,7 +16,7 @@ from clipserve.contract.bundle import BundleError, ModelRepository, parse_model_
 from clipserve.service.errors import ServiceError
 from clipserve.service.keys import KeyRing
 from clipserve.service.runtime import RuntimeConfigError
-from clipserve.service.settings import Settings
+from clipserve.service.settings import Settings, resolved_allowed_hosts
 
 STARTUP_PROBLEMS = (BundleError, RuntimeConfigError, ServiceError)
 
@@ -92,10 +92,6 @@ def _auth(settings: Settings) -> str:
 
 
 def _browsers(settings: Settings) -> str:
-    from clipserve.service.api.guards import (
-        resolved_allowed_hosts,  # the HTTP layer, loaded with the app anyway
-    )
-
     hosts = resolved_allowed_hosts(settings.allowed_hosts, settings.host)
     shown = "any" if "*" in hosts else ", ".join(hosts)
     origins = ", ".join(settings.cors_origins) or "none (only the service's own pages)"
