@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clipserve.contract.scoring import Scoring, ScoringKind
 
-# 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. A format-1 manifest
-# still loads, with the same content hash.
-FORMAT_VERSION = 2
+# 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. 3: the fused ops each
+# graph carries (BundleFile.fusions). Older manifests still load, with the same content hash.
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".publish.lock"
@@ -175,6 +175,12 @@ class BundleFile(_Strict):
     # TensorRT engines only work on the GPU model and TensorRT version that built them.
     gpu: str | None = None
     tensorrt_version: str | None = None
+    fusions: dict[str, int] | None = Field(
+        None,
+        description="graphs (format 3): how many nodes of each fused op type ONNX Runtime runs in it "
+        "(MultiHeadAttention, SkipLayerNormalization, LayerNormalization, BiasGelu, ...); none in "
+        "bundles exported before fusions were recorded",
+    )
 
     @field_validator("path")
     @classmethod
