@@ -56,6 +56,11 @@ class ExportSettings(CliSettings):
     tensorrt: bool = Field(
         False, description="add TensorRT fp16 engines for this GPU (needs CUDA and tensorrt)"
     )
+    fuse: bool = Field(
+        True,
+        description="CPU graphs with ONNX Runtime's fused attention, LayerNorm and GELU (graphs that miss "
+        "the fp32 threshold fused are exported unfused); --no-fuse: plain ONNX ops only",
+    )
     min_cosine: float | None = Field(None, description="fp32 parity threshold; none: 0.9999")
     min_cosine_int8: float | None = Field(None, description="int8 parity threshold; none: 0.99")
     min_cosine_fp16: float | None = Field(None, description="fp16 and TensorRT parity threshold; none: 0.999")
@@ -170,6 +175,7 @@ def run(args: ExportSettings) -> Bundle:
         version=args.version,
         progress=not args.quiet,
         tokenizer=tokenizer,
+        fuse=args.fuse,
     )
 
 

@@ -1,0 +1,172 @@
+"""Raw ONNX Runtime speed of the exported towers before and after fusion (fp32, and int8 dynamic).
+
+    python bench/fusion.py                          # random-init ViT-B-32; images at batch 1 and 16, texts at 1 and 64
+    python bench/fusion.py --quick                  # the tiny test model, to check it runs
+    python bench/fusion.py --models ViT-B-32 ViT-B-16-SigLIP --image-batch 32 --repeats 9 --threads 2
+
+Both graphs of a model come from the same exporter (`export_tower_graphs`, `fuse=False` and
+`fuse=True`), in one process, one ONNX Runtime session each with `--threads` intra-op threads.
+Figures are images/s and texts/s from the median of `--repeats` timed runs after one warm-up run;
+texts are CLIP captions padded to the batch's longest (the served path for a dynamic-length text
+graph). Printed, never asserted: on shared cores the figures are noisy, compare them within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import open_clip
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipserve.export.exporter import export_tower_graphs
+from clipserve.export.fusion import graph_fusions
+from clipserve.export.quantize import quantize_int8
+from clipserve.export.sources import model_from_config
+from clipserve.export.verify import agreement, fixed_images, token_counts
+
+QUICK_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+CAPTIONS = (
+    "a photo of a dog",
+    "a diagram of the water cycle",
+    "two people riding bicycles in the rain on a grey autumn afternoon",
+    "a red car",
+    "a bowl of ramen with chopsticks",
+    "the skyline of a city at night",
+    "a close-up photograph of a small green frog sitting on a leaf",
+    "an old map",
+)
+
+
+def median_s(run: Callable[[], object], repeats: int) -> float:
+    run()
+    timings = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def session(path: Path, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def text_batch(model_name: str | None, batch: int) -> np.ndarray:
+    tokenizer = open_clip.get_tokenizer(model_name) if model_name else open_clip.tokenize
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch)]
+    ids = tokenizer(captions).numpy().astype(np.int64)
+    return np.ascontiguousarray(ids[:, : int(token_counts(ids).max())])
+
+
+def build(name: str | None, quick: bool) -> tuple[torch.nn.Module, tuple[int, int]]:
+    torch.manual_seed(0)
+    model = model_from_config(QUICK_CONFIG) if quick else open_clip.create_model(name, pretrained=None)
+    model.eval()
+    size = open_clip.get_model_preprocess_cfg(model)["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return model, size
+
+
+def bench_model(name: str | None, args: argparse.Namespace, folder: Path) -> None:
+    label = name or "tiny test model"
+    model, size = build(name, args.quick)
+    graphs = {}
+    for fused in (False, True):
+        out = folder / f"{label}-{'fused' if fused else 'plain'}".replace("/", "_")
+        out.mkdir(parents=True)
+        started = time.perf_counter()
+        exported = export_tower_graphs(model, out, fuse=fused)
+        print(
+            f"  exported {'fused' if fused else 'plain'} graphs in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+        graphs[("fused" if fused else "plain", "fp32")] = exported
+        if args.int8:
+            for tower in ("image", "text"):
+                quantize_int8(out / f"{tower}.onnx", out / f"{tower}.int8.onnx")
+            graphs[("fused" if fused else "plain", "int8")] = type(exported)(
+                out / "image.int8.onnx", out / "text.int8.onnx", exported.text_length_free
+            )
+    if not graphs[("plain", "fp32")].text_length_free:
+        print("  (text graph of fixed length: texts padded to the context)")
+    images = {
+        b: np.ascontiguousarray(np.resize(fixed_images(*size), (b, 3, *size)).astype(np.float32))
+        for b in (1, args.image_batch)
+    }
+    texts = {b: text_batch(name, b) for b in (1, args.text_batch)}
+    if not graphs[("plain", "fp32")].text_length_free:
+        context = open_clip.get_tokenizer(name).context_length if name else 77
+        texts = {b: np.pad(ids, ((0, 0), (0, context - ids.shape[1]))) for b, ids in texts.items()}
+
+    print(f"\n{label}: fusions (fp32) image {graph_fusions(graphs[('fused', 'fp32')].image)}")
+    print(f"{' ' * len(label)}                text  {graph_fusions(graphs[('fused', 'fp32')].text)}")
+    header = f"{'graph':<12} {'tower':<6} {'batch':>5} {'plain /s':>10} {'fused /s':>10} {'speed-up':>9} {'min cos':>9}"
+    print(header)
+    print("-" * len(header))
+    for precision in ("fp32", "int8") if args.int8 else ("fp32",):
+        plain, fused = graphs[("plain", precision)], graphs[("fused", precision)]
+        for tower, inputs in (("image", images), ("text", texts)):
+            sessions = [session(getattr(g, tower), args.threads) for g in (plain, fused)]
+            for batch, batch_inputs in inputs.items():
+                feeds = [{s.get_inputs()[0].name: batch_inputs} for s in sessions]
+                rates = [
+                    batch / median_s(lambda s=s, f=f: s.run(None, f), args.repeats)
+                    for s, f in zip(sessions, feeds, strict=True)
+                ]
+                outputs = [s.run(None, f)[0] for s, f in zip(sessions, feeds, strict=True)]
+                cosine = agreement(outputs[0], outputs[1]).min_cosine
+                print(
+                    f"{precision:<12} {tower:<6} {batch:>5} {rates[0]:>10.1f} {rates[1]:>10.1f} "
+                    f"{rates[1] / rates[0]:>8.2f}x {cosine:>9.6f}",
+                    flush=True,
+                )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--models", nargs="+", default=["ViT-B-32"], help="open_clip model names (random init)"
+    )
+    parser.add_argument("--image-batch", type=int, default=16, help="the larger image batch (besides 1)")
+    parser.add_argument("--text-batch", type=int, default=64, help="the larger text batch (besides 1)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per figure (median)")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads"
+    )
+    parser.add_argument("--no-int8", dest="int8", action="store_false", help="fp32 graphs only")
+    parser.add_argument("--quick", action="store_true", help="the tiny test model, 2 repeats")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.image_batch, args.text_batch = 2, 4, 8
+    torch.set_num_threads(args.threads)
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, "
+        f"torch {torch.__version__}, {args.threads} ORT threads; images/s and texts/s (median of {args.repeats})",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="clipserve-fusion-bench-") as scratch:
+        for name in [None] if args.quick else args.models:
+            bench_model(name, args, Path(scratch))
+
+
+if __name__ == "__main__":
+    main()
