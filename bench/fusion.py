@@ -2,11 +2,13 @@
 
     python bench/fusion.py                          # random-init ViT-B-32; images at batch 1 and 16, texts at 1 and 64
     python bench/fusion.py --quick                  # the tiny test model, to check it runs
+    python bench/fusion.py --static                 # also static (QDQ, calibrated) int8 against dynamic int8
     python bench/fusion.py --models ViT-B-32 ViT-B-16-SigLIP --image-batch 32 --repeats 9 --threads 2
 
 Both graphs of a model come from the same exporter (`export_tower_graphs`, `fuse=False` and
 `fuse=True`), in one process, one ONNX Runtime session each with `--threads` intra-op threads.
-Figures are images/s and texts/s from the median of `--repeats` timed runs after one warm-up run;
+Figures are images/s and texts/s from the median of `--repeats` timed runs after one warm-up run
+(the graphs compared take turns, run by run);
 texts are CLIP captions padded to the batch's longest (the served path for a dynamic-length text
 graph). Printed, never asserted: on shared cores the figures are noisy, compare them within one run.
 """
@@ -20,7 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clipserve.export.exporter import export_tower_graphs
 from clipserve.export.fusion import graph_fusions
-from clipserve.export.quantize import quantize_int8
+from clipserve.export.quantize import quantize_int8, quantize_int8_static
 from clipserve.export.sources import model_from_config
 from clipserve.export.verify import agreement, fixed_images, token_counts
 
@@ -53,14 +55,18 @@ CAPTIONS = (
 )
 
 
-def median_s(run: Callable[[], object], repeats: int) -> float:
-    run()
-    timings = []
-    for _ in range(repeats):
-        started = time.perf_counter()
+def median_s(runs: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Median seconds of each run; the runs take turns, so load from elsewhere on shared cores falls
+    on all of them alike."""
+    for run in runs:
         run()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+    timings: list[list[float]] = [[] for _ in runs]
+    for _ in range(repeats):
+        for run, spent in zip(runs, timings, strict=True):
+            started = time.perf_counter()
+            run()
+            spent.append(time.perf_counter() - started)
+    return [statistics.median(spent) for spent in timings]
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:
@@ -95,6 +101,7 @@ def bench_model(name: str | None, args: argparse.Namespace, folder: Path) -> Non
         out.mkdir(parents=True)
         started = time.perf_counter()
         exported = export_tower_graphs(model, out, fuse=fused)
+        model.eval()
         print(
             f"  exported {'fused' if fused else 'plain'} graphs in {time.perf_counter() - started:.1f}s",
             flush=True,
@@ -128,10 +135,8 @@ def bench_model(name: str | None, args: argparse.Namespace, folder: Path) -> Non
             sessions = [session(getattr(g, tower), args.threads) for g in (plain, fused)]
             for batch, batch_inputs in inputs.items():
                 feeds = [{s.get_inputs()[0].name: batch_inputs} for s in sessions]
-                rates = [
-                    batch / median_s(lambda s=s, f=f: s.run(None, f), args.repeats)
-                    for s, f in zip(sessions, feeds, strict=True)
-                ]
+                runs = [lambda s=s, f=f: s.run(None, f) for s, f in zip(sessions, feeds, strict=True)]
+                rates = [batch / spent for spent in median_s(runs, args.repeats)]
                 outputs = [s.run(None, f)[0] for s, f in zip(sessions, feeds, strict=True)]
                 cosine = agreement(outputs[0], outputs[1]).min_cosine
                 print(
@@ -139,6 +144,59 @@ def bench_model(name: str | None, args: argparse.Namespace, folder: Path) -> Non
                     f"{rates[1] / rates[0]:>8.2f}x {cosine:>9.6f}",
                     flush=True,
                 )
+    if args.static:
+        bench_static(graphs[("fused", "fp32")], images, texts, size, name, args)
+
+
+def calibration_feeds(size: tuple[int, int], name: str | None, length_free: bool) -> dict[str, list]:
+    """Generated calibration inputs, one per run: the parity images and noise; each caption alone."""
+    rng = np.random.default_rng(0)
+    pictures = np.concatenate([fixed_images(*size), rng.standard_normal((12, 3, *size), dtype=np.float32)])
+    ids = text_batch(name, len(CAPTIONS))
+    if length_free:
+        rows = [row[None, :count] for row, count in zip(ids, token_counts(ids), strict=True)]
+    else:
+        context = open_clip.get_tokenizer(name).context_length if name else 77
+        rows = [np.pad(row, (0, context - len(row)))[None, :] for row in ids]
+    return {
+        "image": [{"pixel_values": pictures[i : i + 1]} for i in range(len(pictures))],
+        "text": [{"input_ids": np.ascontiguousarray(row)} for row in rows],
+    }
+
+
+def bench_static(fused, images: dict, texts: dict, size, name: str | None, args: argparse.Namespace) -> None:
+    """fp32 against dynamic and static (QDQ, calibrated) int8, all on the fused graphs."""
+    feeds = calibration_feeds(size, name, fused.text_length_free)
+    print(
+        f"\nint8 kinds on the fused graphs (static: QDQ, per-channel, calibrated on {len(feeds['image'])} generated"
+    )
+    print(f"images / {len(feeds['text'])} captions; min cos against fused fp32)")
+    header = (
+        f"{'tower':<6} {'batch':>5} {'fp32 /s':>9} {'dynamic /s':>11} {'static /s':>10} "
+        f"{'dyn cos':>9} {'static cos':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for tower, inputs in (("image", images), ("text", texts)):
+        fp32 = getattr(fused, tower)
+        dynamic, static = fp32.with_suffix(".int8.onnx"), fp32.with_suffix(".static.onnx")
+        if not dynamic.is_file():
+            quantize_int8(fp32, dynamic)
+        started = time.perf_counter()
+        quantize_int8_static(fp32, static, feeds[tower])
+        print(f"  ({tower}: calibrated and quantized in {time.perf_counter() - started:.1f}s)", flush=True)
+        sessions = [session(p, args.threads) for p in (fp32, dynamic, static)]
+        for batch, batch_inputs in inputs.items():
+            feed = {sessions[0].get_inputs()[0].name: batch_inputs}
+            runs = [lambda s=s, f=feed: s.run(None, f) for s in sessions]
+            rates = [batch / spent for spent in median_s(runs, args.repeats)]
+            outputs = [s.run(None, feed)[0] for s in sessions]
+            cosines = [agreement(outputs[0], out).min_cosine for out in outputs[1:]]
+            print(
+                f"{tower:<6} {batch:>5} {rates[0]:>9.1f} {rates[1]:>11.1f} {rates[2]:>10.1f} "
+                f"{cosines[0]:>9.5f} {cosines[1]:>10.5f}",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -153,6 +211,11 @@ def main() -> None:
         "--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads"
     )
     parser.add_argument("--no-int8", dest="int8", action="store_false", help="fp32 graphs only")
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help="also static (QDQ) int8 against dynamic int8 on the fused graphs",
+    )
     parser.add_argument("--quick", action="store_true", help="the tiny test model, 2 repeats")
     args = parser.parse_args()
     if args.quick:
