@@ -61,6 +61,11 @@ class ExportSettings(CliSettings):
         description="with --tensorrt: folder where TensorRT's layer timing cache is kept between builds; "
         "none: the user cache folder ($XDG_CACHE_HOME or ~/.cache, then clipserve/tensorrt)",
     )
+    fuse: bool = Field(
+        True,
+        description="CPU graphs with ONNX Runtime's fused attention, LayerNorm and GELU (graphs that miss "
+        "the fp32 threshold fused are exported unfused); --no-fuse: plain ONNX ops only",
+    )
     min_cosine: float | None = Field(None, description="fp32 parity threshold; none: 0.9999")
     min_cosine_int8: float | None = Field(None, description="int8 parity threshold; none: 0.99")
     min_cosine_fp16: float | None = Field(None, description="fp16 and TensorRT parity threshold; none: 0.999")
@@ -176,6 +181,7 @@ def run(args: ExportSettings) -> Bundle:
         progress=not args.quiet,
         tokenizer=tokenizer,
         timing_cache_dir=args.timing_cache_dir,
+        fuse=args.fuse,
     )
 
 

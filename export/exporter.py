@@ -12,6 +12,7 @@ import copy
 import json
 import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -48,6 +49,7 @@ from clipserve.contract.bundle import (
 from clipserve.contract.scoring import Scoring
 from clipserve.contract.tokenizer import VOCAB_FILENAME, load_tokenizer
 from clipserve.export.errors import ExportError, ParityError, SourceError
+from clipserve.export.fusion import TRANSLATIONS, fused_attention, graph_fusions, optimize_fused
 from clipserve.export.logs import quiet_logs
 from clipserve.export.quantize import convert_fp16, quantize_int8
 from clipserve.export.sources import check_tokenizer_vocab, hf_tokenizer_name, load_hf_tokenizer
@@ -140,6 +142,7 @@ def export_graph(
                 external_data=False,
                 optimize=True,
                 verbose=False,
+                custom_translation_table=TRANSLATIONS,
             )
         except Exception as exc:
             raise ExportError(f"ONNX export of {path.name} failed: {type(exc).__name__}: {exc}") from exc
@@ -155,15 +158,20 @@ def dynamic_input_axes(path: Path, input_name: str) -> set[int]:
     raise ExportError(f"{path.name} has no input named {input_name!r}")
 
 
-def export_image_graph(tower: nn.Module, images: np.ndarray, path: Path) -> None:
-    """The image tower as a bundle holds it: any batch size."""
+def export_image_graph(tower: nn.Module, images: np.ndarray, path: Path, fuse: bool = True) -> None:
+    """The image tower as a bundle holds it: any batch size; with `fuse`, attention, LayerNorm and
+    GELU as ONNX Runtime's fused ops (see clipserve.export.fusion)."""
     example = torch.from_numpy(images[:EXAMPLE_BATCH])
-    export_graph(
-        tower, example, path, IMAGE_INPUT, IMAGE_OUTPUT, {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
-    )
+    axes = {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}
+    # Only the image encoder's layers: the tower holds the whole model.
+    encoder = getattr(getattr(tower, "model", None), "visual", tower)
+    with fused_attention(encoder) if fuse else contextlib.nullcontext():
+        export_graph(tower, example, path, IMAGE_INPUT, IMAGE_OUTPUT, axes)
+    if fuse:
+        optimize_fused(path)
 
 
-def export_text_graph(plan: TextTowerPlan, token_ids: np.ndarray, path: Path) -> bool:
+def export_text_graph(plan: TextTowerPlan, token_ids: np.ndarray, path: Path, fuse: bool = True) -> bool:
     """The text tower as a bundle holds it; True when the saved graph takes any length up to the
     context (the service then pads a batch only to its longest text)."""
     ids = token_ids[:EXAMPLE_BATCH]
@@ -171,9 +179,11 @@ def export_text_graph(plan: TextTowerPlan, token_ids: np.ndarray, path: Path) ->
     if plan.length_free:
         ids = ids[:, : max(3, int(token_counts(ids).max()))]
         axes[1] = torch.export.Dim("sequence", min=2, max=plan.context_length)
-    export_graph(
-        plan.module, torch.from_numpy(np.ascontiguousarray(ids)), path, TEXT_INPUT, TEXT_OUTPUT, axes
-    )
+    example = torch.from_numpy(np.ascontiguousarray(ids))
+    with fused_attention(plan.module, plan.causal_mask) if fuse else contextlib.nullcontext():
+        export_graph(plan.module, example, path, TEXT_INPUT, TEXT_OUTPUT, axes)
+    if fuse:
+        optimize_fused(path)
     return plan.length_free and 1 in dynamic_input_axes(path, TEXT_INPUT)
 
 
@@ -189,10 +199,11 @@ def export_tower_graphs(
     folder: Path,
     preprocess: ImagePreprocess | None = None,
     tokenizer: TokenizerCall | None = None,
+    fuse: bool = True,
 ) -> TowerGraphs:
     """The fp32 image.onnx and text.onnx that a bundle of `model` would hold, written to `folder`
     without checks or a manifest: for measuring the served graphs (`clip-distill eval`). `tokenizer`:
-    the model's open_clip tokenizer when it is not CLIP BPE."""
+    the model's open_clip tokenizer when it is not CLIP BPE; `fuse`: with ONNX Runtime's fused ops."""
     was_training = model.training
     folder = Path(folder)
     try:
@@ -200,9 +211,10 @@ def export_tower_graphs(
         preprocess = preprocess or preprocess_from_model(exported)
         deployed = inference_copy(exported)
         plan = plan_text_tower(deployed, getattr(tokenizer, "context_length", None))
-        export_image_graph(ImageTower(deployed).eval(), fixed_images(*preprocess.size), folder / "image.onnx")
+        images = fixed_images(*preprocess.size)
+        export_image_graph(ImageTower(deployed).eval(), images, folder / "image.onnx", fuse)
         ids = fixed_token_ids(plan.context_length, tokenizer=tokenizer)
-        length_free = export_text_graph(plan, ids, folder / "text.onnx")
+        length_free = export_text_graph(plan, ids, folder / "text.onnx", fuse)
     finally:
         model.train(was_training)
     return TowerGraphs(folder / "image.onnx", folder / "text.onnx", length_free)
@@ -411,28 +423,81 @@ class _BundleWriter:
     """Writes and checks the files of one bundle inside a staging directory."""
 
     def __init__(
-        self, staging: Staging, towers: _Towers, thresholds: Mapping[str, float], progress: Progress
+        self,
+        staging: Staging,
+        towers: _Towers,
+        thresholds: Mapping[str, float],
+        progress: Progress,
+        fuse: bool,
+        scratch: Path,
     ):
         self.staging = staging
         self.towers = towers
         self.thresholds = thresholds
         self.progress = progress
+        self.fuse = fuse
+        # Unfused fp32 graphs, for the fp16 graphs and TensorRT engines (GPU runtimes that are given
+        # standard ONNX ops): the bundle's own graphs when they are not fused.
+        self.scratch = scratch
+        self._plain: Path | None = None
         self.files: list[BundleFile] = []
         self.parity: list[ParityReport] = []
         self.length_free = False
 
-    def export_fp32(self) -> None:
+    def describe_graph(self, file: str, tower: Tower, precision: Precision) -> BundleFile:
+        return self.staging.describe(file, tower, precision, fusions=graph_fusions(self.staging.path / file))
+
+    def _export_towers(self, folder: Path, fuse: bool) -> bool:
         towers = self.towers
-        with self.progress.step("exporting image tower to image.onnx"):
-            export_image_graph(towers.image, towers.images, self.staging.path / "image.onnx")
-        with self.progress.step("exporting text tower to text.onnx"):
-            self.length_free = export_text_graph(
-                towers.text, towers.token_ids, self.staging.path / "text.onnx"
-            )
-        self.files += [
-            self.staging.describe("image.onnx", "image", "fp32"),
-            self.staging.describe("text.onnx", "text", "fp32"),
-        ]
+        fused = " with fused attention, LayerNorm and GELU" if fuse else ""
+        with self.progress.step(f"exporting image tower to image.onnx{fused}"):
+            export_image_graph(towers.image, towers.images, folder / "image.onnx", fuse)
+        with self.progress.step(f"exporting text tower to text.onnx{fused}"):
+            return export_text_graph(towers.text, towers.token_ids, folder / "text.onnx", fuse)
+
+    def export_fp32(self) -> None:
+        if self.fuse:
+            try:
+                self.length_free = self._export_towers(self.staging.path, fuse=True)
+                return
+            except ExportError as exc:
+                self._note(f"fused export failed ({exc}): exporting unfused")
+                self.fuse = False
+        self.length_free = self._export_towers(self.staging.path, fuse=False)
+
+    def _note(self, message: str) -> None:
+        if self.progress.enabled:
+            print(f"  {message}", file=sys.stderr, flush=True)
+
+    def verify_fp32(self) -> None:
+        """The fp32 graphs checked against the torch model; fused graphs that miss the threshold are
+        exported again unfused (and then checked, and refused, as before)."""
+        if self.fuse:
+            with self.progress.step("checking fp32 parity of the fused graphs with the torch model"):
+                reports = [self._image_report("fp32", "image.onnx"), self._text_report("fp32", "text.onnx")]
+            if all(r.passed for r in reports):
+                self.parity += reports
+                self._describe_fp32()
+                return
+            worst = min(r.min_cosine for r in reports)
+            self._note(f"fused graphs reach min cosine {worst:.6f} only: exporting them unfused")
+            self.fuse = False
+            self.export_fp32()
+        self.verify("fp32", "image.onnx", "text.onnx")
+        self._describe_fp32()
+
+    def _describe_fp32(self) -> None:
+        self.files += [self.describe_graph("image.onnx", "image", "fp32")]
+        self.files += [self.describe_graph("text.onnx", "text", "fp32")]
+
+    def plain_graphs(self) -> Path:
+        """The folder holding unfused image.onnx and text.onnx (exported on first use)."""
+        if not self.fuse:
+            return self.staging.path
+        if self._plain is None:
+            self._export_towers(self.scratch, fuse=False)
+            self._plain = self.scratch
+        return self._plain
 
     def write_tokenizer(self, tokenizer: BundleTokenizer) -> None:
         with self.progress.step(f"writing {tokenizer.file} and checking it against open_clip's tokenizer"):
@@ -491,16 +556,17 @@ class _BundleWriter:
             for tower in ("image", "text"):
                 quantize_int8(self.staging.path / f"{tower}.onnx", self.staging.path / f"{tower}.int8.onnx")
         self.files += [
-            self.staging.describe(f"{tower}.int8.onnx", tower, "int8") for tower in ("image", "text")
+            self.describe_graph(f"{tower}.int8.onnx", tower, "int8") for tower in ("image", "text")
         ]
         self.verify("int8", "image.int8.onnx", "text.int8.onnx")
 
     def add_fp16(self) -> None:
+        plain = self.plain_graphs()
         with self.progress.step("converting to fp16"):
             for tower in ("image", "text"):
-                convert_fp16(self.staging.path / f"{tower}.onnx", self.staging.path / f"{tower}.fp16.onnx")
+                convert_fp16(plain / f"{tower}.onnx", self.staging.path / f"{tower}.fp16.onnx")
         self.files += [
-            self.staging.describe(f"{tower}.fp16.onnx", tower, "fp16") for tower in ("image", "text")
+            self.describe_graph(f"{tower}.fp16.onnx", tower, "fp16") for tower in ("image", "text")
         ]
         self.verify("fp16", "image.fp16.onnx", "text.fp16.onnx")
 
@@ -512,6 +578,7 @@ class _BundleWriter:
                 self.towers.text.context_length,
                 self.length_free,
                 timing_cache_dir,
+                fp32_dir=self.plain_graphs(),
             )
         for engine in engines:
             self.files.append(
@@ -593,8 +660,13 @@ def export_bundle(
     progress: bool = True,
     tokenizer: str | Path | HFTokenizer | None = None,
     timing_cache_dir: Path | None = None,
+    fuse: bool = True,
 ) -> Bundle:
     """Export both towers of `model`, verify them against it, and publish the bundle as `name`.
+
+    `fuse`: the CPU graphs (fp32, int8) carry ONNX Runtime's fused attention, LayerNorm and GELU
+    (clipserve.export.fusion; the manifest lists them per file); graphs that would miss the fp32
+    threshold fused are exported unfused. fp16 graphs and TensorRT engines are always made unfused.
 
     `min_cosine`: a float sets the fp32 parity threshold; a mapping {"fp32"|"int8"|"fp16": value}
     sets any of them. Below its threshold, a graph is refused and nothing is published.
@@ -621,6 +693,7 @@ def export_bundle(
             Progress(progress),
             tokenizer,
             timing_cache_dir,
+            fuse,
         )
     finally:
         model.train(was_training)
@@ -651,6 +724,7 @@ def _export(
     steps: Progress,
     tokenizer_given: str | Path | HFTokenizer | None,
     timing_cache_dir: Path | None,
+    fuse: bool = True,
 ) -> Bundle:
     preprocess = preprocess or preprocess_from_model(model)
     if source.open_clip_version is None:
@@ -662,11 +736,14 @@ def _export(
         towers = _prepare_towers(model, preprocess, tokenizer)
     scoring = model_scoring(model)
     thresholds = {p: cosine_threshold(p, min_cosine) for p in ("fp32", "int8", "fp16")}
-    with repository.stage(name) as staging:
-        writer = _BundleWriter(staging, towers, thresholds, steps)
+    with (
+        repository.stage(name) as staging,
+        tempfile.TemporaryDirectory(prefix="clipserve-plain-") as scratch,
+    ):
+        writer = _BundleWriter(staging, towers, thresholds, steps, fuse, Path(scratch))
         writer.export_fp32()
         writer.write_tokenizer(tokenizer)
-        writer.verify("fp32", "image.onnx", "text.onnx")
+        writer.verify_fp32()
         if int8:
             writer.add_int8()
         if fp16:

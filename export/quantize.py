@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
 from clipserve.export.logs import quiet_logs
@@ -32,6 +42,32 @@ def quantize_int8(source: Path, target: Path) -> None:
             op_types_to_quantize=list(INT8_OP_TYPES),
             weight_type=INT8_WEIGHT_TYPE,
             per_channel=True,
+        )
+
+
+class _Feeds(CalibrationDataReader):
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8_static(source: Path, target: Path, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+    """Static 8-bit quantization (QDQ): per-channel uint8 weights of MatMul/Gemm/Conv, activation
+    ranges calibrated (min/max) on `feeds`, inputs as the graph takes them. Measured against the
+    dynamic kind by `bench/fusion.py --static`; bundles keep dynamic int8 for now."""
+    with quiet_logs(logging.ERROR):
+        quantize_static(
+            source,
+            target,
+            _Feeds(feeds),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=[*INT8_OP_TYPES, "Conv"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=INT8_WEIGHT_TYPE,
+            calibrate_method=CalibrationMethod.MinMax,
         )
 
 

@@ -141,9 +141,11 @@ def build_engines(
     context_length: int,
     dynamic_length: bool,
     timing_cache_dir: Path | None = None,
+    fp32_dir: Path | None = None,
 ) -> list[EngineFile]:
-    """fp16 engines for both towers, from the fp16 graphs in `bundle_dir` (converted from its fp32
-    graphs into a scratch folder when the bundle has none); the timing cache is kept in
+    """fp16 engines for both towers, from the fp16 graphs in `bundle_dir` (converted into a scratch
+    folder, when the bundle has none, from the fp32 graphs of `fp32_dir`, by default the bundle's:
+    they must be unfused, TensorRT parses standard ONNX ops only); the timing cache is kept in
     `timing_cache_dir`, or the user cache folder when None."""
     trt, _ = require_tensorrt()
     gpu = gpu_name()
@@ -154,19 +156,20 @@ def build_engines(
             ("text", text_shapes(context_length, dynamic_length)),
         ):
             name = engine_filename(tower, gpu, trt.__version__)
-            graph = fp16_graph(bundle_dir, tower, Path(scratch))
+            graph = fp16_graph(bundle_dir, tower, Path(scratch), fp32_dir)
             build_engine(graph, bundle_dir / name, shapes, timing_cache_dir)
             engines.append(EngineFile(name, tower, gpu, trt.__version__))
     return engines
 
 
-def fp16_graph(bundle_dir: Path, tower: str, scratch: Path) -> Path:
-    """The tower's fp16 graph: the bundle's own, or one converted from its fp32 graph into `scratch`."""
+def fp16_graph(bundle_dir: Path, tower: str, scratch: Path, fp32_dir: Path | None = None) -> Path:
+    """The tower's fp16 graph: the bundle's own, or one converted from the fp32 graph of `fp32_dir`
+    (by default the bundle's) into `scratch`."""
     published = bundle_dir / f"{tower}.fp16.onnx"
     if published.is_file():
         return published
     from clipserve.export.quantize import convert_fp16
 
     converted = scratch / f"{tower}.fp16.onnx"
-    convert_fp16(bundle_dir / f"{tower}.onnx", converted)
+    convert_fp16((fp32_dir or bundle_dir) / f"{tower}.onnx", converted)
     return converted

@@ -20,6 +20,7 @@ from open_clip.transformer import TextTransformer
 from torch import nn
 
 from clipserve.export.errors import ExportError
+from clipserve.export.fusion import is_causal_mask
 
 CLIP_BPE_VOCAB_SIZE = 49408
 SUPPORTED_POOLING = ("argmax", "last", "first", "eos")
@@ -80,6 +81,9 @@ class TextTowerPlan:
     # True when padding cannot change the vectors, so the graph may take any length <= context.
     length_free: bool
     vocab_size: int = CLIP_BPE_VOCAB_SIZE
+    # True when the only attention mask the tower passes is its causal mask (then fused attention is
+    # unidirectional attention; other masked layers stay as traced).
+    causal_mask: bool = False
 
 
 def _text_parts(model: nn.Module) -> tuple[nn.Module, str]:
@@ -130,8 +134,9 @@ def plan_text_tower(model: nn.Module, context_length: int | None = None) -> Text
     context_length = int(text.positional_embedding.shape[0])
     causal = getattr(text, "attn_mask", None) is not None
     plain = getattr(text, "cls_emb", None) is None and not getattr(text, "use_pad_mask", False)
+    causal_mask = causal and plain and is_causal_mask(text.attn_mask)
     # Only argmax pooling of CLIP's BPE ids (the end token has the highest id) reads a position that
     # does not move with the padding.
     if causal and plain and pool_type == "argmax" and vocab_size == CLIP_BPE_VOCAB_SIZE:
-        return TextTowerPlan(CausalTextTower(text), context_length, pool_type, True, vocab_size)
-    return TextTowerPlan(WholeTextTower(model), context_length, pool_type, False, vocab_size)
+        return TextTowerPlan(CausalTextTower(text), context_length, pool_type, True, vocab_size, causal_mask)
+    return TextTowerPlan(WholeTextTower(model), context_length, pool_type, False, vocab_size, causal_mask)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from clipserve.contract.bundle import (
-    EMBEDDING_FORMAT_VERSION,
     FORMAT_VERSION,
     BundleError,
     BundleIntegrityError,
@@ -60,7 +59,7 @@ def test_manifest_round_trip_and_content_hash(tmp_path: Path) -> None:
     bundle = publish_fake(ModelRepository(tmp_path))
     again = read_manifest(bundle.path)
     assert again == bundle.manifest
-    assert again.format_version == EMBEDDING_FORMAT_VERSION
+    assert again.format_version == FORMAT_VERSION
     assert again.version == 1
     assert (
         json.loads((bundle.path / "manifest.json").read_text())["files"][0]["sha256"] == again.files[0].sha256

@@ -40,7 +40,7 @@ def test_family_exports_verified_with_its_own_tokenizer_and_scoring(family: str,
     made = family_bundle(family)
     manifest = made.bundle.manifest
     scoring, pooling, resize = EXPECTED[family]
-    assert manifest.format_version == 2
+    assert manifest.format_version == 3
     assert manifest.scoring == scoring
     if scoring == "sigmoid":
         assert manifest.logit_bias == pytest.approx(float(made.model.logit_bias.detach()))

@@ -34,12 +34,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from clipserve.contract.scoring import Scoring, ScoringKind
 
-# 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. A format-1 manifest
-# still loads, with the same content hash. 3: task models (`Manifest.task`): an image graph that ends
-# in class probabilities over a fixed label set, no text tower. Embedding bundles are still written
-# as format 2, so a service that understands 2 keeps loading them.
+# 2: Hugging Face tokenizers (TokenizerSpec kind "hf"), more text poolings. 3: the fused ops each
+# graph carries (BundleFile.fusions), and task models (`Manifest.task`): an image graph that ends in
+# class probabilities over a fixed label set, no text tower. Older manifests still load, with the
+# same content hash.
 FORMAT_VERSION = 3
-EMBEDDING_FORMAT_VERSION = 2
 TASK_FORMAT_VERSION = 3
 # The outputs of a task model's image graph, in order: the heads mixed (what the service answers
 # with), the labeled (cross-entropy) head and the teacher-distilled (KD) head; each [batch, labels].
@@ -182,6 +181,12 @@ class BundleFile(_Strict):
     # TensorRT engines only work on the GPU model and TensorRT version that built them.
     gpu: str | None = None
     tensorrt_version: str | None = None
+    fusions: dict[str, int] | None = Field(
+        None,
+        description="graphs (format 3): how many nodes of each fused op type ONNX Runtime runs in it "
+        "(MultiHeadAttention, SkipLayerNormalization, LayerNormalization, BiasGelu, ...); none in "
+        "bundles exported before fusions were recorded",
+    )
 
     @field_validator("path")
     @classmethod
@@ -254,7 +259,7 @@ class TaskSpec(_Strict):
 
 
 class Manifest(_Strict):
-    format_version: int = EMBEDDING_FORMAT_VERSION
+    format_version: int = FORMAT_VERSION
     name: str
     version: int = Field(0, ge=0, description="0 until published; then >= 1")
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
