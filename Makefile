@@ -29,7 +29,7 @@ browser:
 	@bash scripts/ensure-browser.sh
 
 test: venv redis browser
-	@PYTHON=$(PY) bash scripts/chart-tools.sh || echo "chart-tools: helm could not be installed (above): tests/test_chart.py skips"
+	@PYTHON=$(PY) bash scripts/chart-tools.sh || echo "chart-tools: helm could not be installed (above): tests/deploy/test_chart.py skips"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv
@@ -52,7 +52,7 @@ constraints:
 container-smoke: venv compose-env
 	@bash scripts/container-smoke.sh
 
-# helm, kubectl and the Kubernetes schemas, pinned, into .tools/ (tests/test_chart.py renders with them).
+# helm, kubectl and the Kubernetes schemas, pinned, into .tools/ (tests/deploy/test_chart.py renders with them).
 chart-tools: venv
 	@PYTHON=$(PY) bash scripts/chart-tools.sh
 

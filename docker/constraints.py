@@ -7,7 +7,7 @@ extras, pinned exactly, so that building the image twice installs the same versi
 It makes a throw-away virtual environment with this interpreter, installs `.[EXTRAS]` into it as
 pip resolves them today, and writes `pip freeze` of it (the project itself left out). Run it with
 the Python of the image (its `PYTHON_IMAGE`: 3.11) on Linux x86_64, the image's platform, after
-changing a requirement in pyproject.toml; tests/test_docker.py checks that the pins still satisfy
+changing a requirement in pyproject.toml; tests/deploy/test_docker.py checks that the pins still satisfy
 pyproject.toml. The image installs with `pip install --constraint <file> '.[serve]'`.
 """
 

@@ -6,7 +6,7 @@
 #   2. helm lint, default values and every ci/*-values.yaml
 #   3. helm template of each, every object validated strictly against the Kubernetes schemas
 #      (scripts/chart_validate.py)
-#   4. pytest over the rendered YAML (tests/test_chart.py): probes, security, PDB beside HPA, refusals
+#   4. pytest over the rendered YAML (tests/deploy/test_chart.py): probes, security, PDB beside HPA, refusals
 #   5. podman kube play of the rendered pods with the real images (scripts/chart_podman.py says what):
 #      the serving image (the smoke's: built again from its cache), the training image
 #      (docker/Dockerfile.train) and a model image (docker/Dockerfile.model around a tiny bundle)
@@ -105,7 +105,7 @@ main() {
   "$PY" scripts/chart_validate.py || fail "a values case did not render or validate (above)"
 
   stage "pytest over the rendered YAML"
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_chart.py || fail "tests/test_chart.py (above)"
+  "$PY" -m pytest -q -p no:cacheprovider tests/deploy/test_chart.py || fail "tests/deploy/test_chart.py (above)"
 
   if [ "${CHART_CHECK_PODMAN:-1}" = 0 ]; then
     engine_log "podman kube play: not run (CHART_CHECK_PODMAN=0)"

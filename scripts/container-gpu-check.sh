@@ -120,11 +120,11 @@ check_pytest_gate() {
   version=$("$VENV/bin/python" -c 'import pytest; print(pytest.__version__)')
   "$VENV/bin/python" -m pip download -q --disable-pip-version-check --only-binary=:all: \
     -d "$RUN_DIR/wheels" "pytest==$version" 2>/dev/null || fail "pip download of pytest $version failed"
-  engine_log "pytest $version -m gpu -rs tests/test_gpu_runtimes.py tests/test_service_app.py, in the image"
+  engine_log "pytest $version -m gpu -rs tests/service/test_gpu_runtimes.py tests/service/test_service_app.py, in the image"
   "$ENGINE" run --rm --network none --no-healthcheck -v "$RUN_DIR/wheels:/wheels:ro" \
     -v "$PWD/tests:/check/tests:ro" -v "$PWD/pyproject.toml:/check/pyproject.toml:ro" -w /check "$IMAGE" \
     sh -c 'pip install -q --no-index --find-links /wheels --target /tmp/pytest pytest \
-      && PYTHONPATH=/tmp/pytest python -m pytest -p no:cacheprovider -q -m gpu -rs tests/test_gpu_runtimes.py tests/test_service_app.py' \
+      && PYTHONPATH=/tmp/pytest python -m pytest -p no:cacheprovider -q -m gpu -rs tests/service/test_gpu_runtimes.py tests/service/test_service_app.py' \
     >"$out" 2>&1 || status=$?
   grep -E '^SKIPPED|passed|failed|error' "$out" | cut -c1-220
   [ "$status" = 0 ] || { cat "$out" >&2; fail "pytest -m gpu in the image exited $status"; }

@@ -49,7 +49,7 @@ IDENTITY_ONNX_HEX = (
 )
 
 # Every TensorRT name export/tensorrt.py and service/runtime/tensorrt.py use, relative to the
-# `tensorrt` module; tests/test_tensorrt_api.py keeps this list and the code in step.
+# `tensorrt` module; tests/export/test_tensorrt_api.py keeps this list and the code in step.
 TENSORRT_API = (
     "__version__",
     "nptype",
@@ -395,7 +395,7 @@ def run_checks(require_gpu: bool, cuda_only: bool) -> bool:
                 "skip",
                 "TensorRT API",
                 "not walked: the tensorrt package is not installed (a gpu-cuda install has no TensorRT; "
-                "its libraries come only from NVIDIA's package index). tests/test_tensorrt_api.py walks "
+                "its libraries come only from NVIDIA's package index). tests/export/test_tensorrt_api.py walks "
                 "the pinned tensorrt-cu13-bindings instead",
             )
         else:

@@ -41,7 +41,7 @@ def test_two_process_gloo_ddp_matches_single_process(tiny_student_config: Path, 
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "clipserve.training.cli", *common, "--out", str(tmp_path / "ddp")]
     done = subprocess.run(
-        command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[1]
+        command, env=env, capture_output=True, text=True, timeout=240, cwd=Path(__file__).parents[2]
     )
     assert done.returncode == 0, done.stderr[-3000:]
 

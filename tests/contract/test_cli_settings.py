@@ -24,7 +24,7 @@ from clipserve.service.settings import Settings
 from clipserve.training.cli import main as distill_main
 from clipserve.training.settings import EvalSettings, TargetsSettings, TrainSettings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMMANDS: list[tuple[type[CliSettings], object, list[str]]] = [
     (Settings, serve_main, []),
     (ExportSettings, export_main, []),

@@ -22,7 +22,7 @@ from clipserve.service.settings import Settings
 from tests.fixtures.models import publish_copy
 from tests.fixtures.service import b64, free_port, image_bytes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_automatic_count_follows_backend_and_model_size(tiny_repo: Path, monkeypatch) -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from clipserve.service.runtime.gpu_stack import TENSORRT_API
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = (ROOT / "export" / "tensorrt.py", ROOT / "service" / "runtime" / "tensorrt.py")
 STANDIN = ROOT / "tests" / "data" / "tensorrt_standin.c"
 # Names the code gives TensorRT objects, and their classes in the bindings.

@@ -22,7 +22,7 @@ import pytest
 
 from tests.fixtures.service import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def rooms() -> dict[str, str]:
@@ -287,11 +287,35 @@ def test_the_wheel_installs_one_package_and_clip_serve_starts_from_it(
         server.wait(timeout=30)
 
 
+def _is_test_module(name: str) -> bool:
+    return name.startswith("tests.") and name.rpartition(".")[2].startswith("test_")
+
+
 def test_tests_share_helpers_through_fixtures_not_each_other() -> None:
     """A test module imports helpers from tests/fixtures/, never from another test module."""
-    for path in sorted((ROOT / "tests").glob("test_*.py")):
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module:
-                assert not node.module.startswith("tests.test_"), f"{path.name} imports {node.module}"
+                assert not _is_test_module(node.module), f"{path.name} imports {node.module}"
             if isinstance(node, ast.Import):
-                assert not any(a.name.startswith("tests.test_") for a in node.names), path.name
+                assert not any(_is_test_module(a.name) for a in node.names), path.name
+
+
+TEST_ROOMS = {
+    "contract": "clipserve/contract/",
+    "service": "service/",
+    "export": "export/",
+    "training": "training/",
+    "index": "index/",
+    "deploy": "docker/, deploy/, docker-compose.yml, scripts/",
+    "project": "the package, the docs",
+}
+
+
+def test_test_modules_live_in_the_room_they_test() -> None:
+    """tests/<room>/test_*.py, one folder per room of the code (TEST_ROOMS), none at the top."""
+    assert sorted((ROOT / "tests").glob("test_*.py")) == []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        room = path.relative_to(ROOT / "tests").parts[0]
+        assert room in TEST_ROOMS, f"{path.relative_to(ROOT)}: not in a room folder ({', '.join(TEST_ROOMS)})"
+        assert (path.parent / "__init__.py").is_file(), f"{path.parent} has no __init__.py"

@@ -241,7 +241,7 @@ def test_filter_selecting_many_items_goes_through_the_index(store_factory):
 
 
 def test_model_binding_refuses_other_spaces(store):
-    """Moving a collection to another space is a re-embed job's (tests/test_refresh_store.py)."""
+    """Moving a collection to another space is a re-embed job's (tests/service/test_refresh_store.py)."""
     store.create_collection("c", BINDING, IndexParams())
     texts = [f"photo number {i}" for i in range(20)]
     store.upsert(

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fixtures.browser import CHROMIUM, CHROMIUM_ARGS, screenshot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts" / "demo"
 LABELS = ["red circle", "blue square", "green triangle", "yellow diamond"]
 

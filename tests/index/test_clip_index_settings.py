@@ -11,7 +11,7 @@ import pytest
 from clipserve.index.cli import main
 from clipserve.index.sources import list_source
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

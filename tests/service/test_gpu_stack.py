@@ -36,7 +36,7 @@ from clipserve.service.runtime.tensorrt import device_name, matching_engine
 from clipserve.service.settings import Settings
 from tests.fixtures.project import expanded_extras, requirement_names
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXTRAS = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
 ONNXRUNTIMES = {"onnxruntime", "onnxruntime-gpu"}
 

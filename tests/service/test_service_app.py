@@ -137,7 +137,7 @@ def test_clip_serve_command_serves_an_exported_bundle(tiny_repo: Path, service_r
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         deadline = time.monotonic() + 60
@@ -171,7 +171,7 @@ def test_clip_serve_refuses_an_empty_repository(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
         timeout=60,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 1 and "no models in" in result.stderr
 

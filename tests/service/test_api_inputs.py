@@ -203,7 +203,7 @@ TRY_ORDER = [
 
 
 # A refresh moves a collection to another model version; a fresh service serves one
-# (tests/test_refresh_api.py runs these).
+# (tests/service/test_refresh_api.py runs these).
 NEED_A_SECOND_VERSION = {
     ("post", "/v1/collections/{name}/reembed"),
     ("post", "/v1/collections/{name}/rollback"),

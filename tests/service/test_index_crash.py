@@ -13,7 +13,7 @@ import numpy as np
 
 from clipserve.service.stores import IndexParams, ModelBinding
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 HASH = "c" * 64
 BINDING = ModelBinding("tiny", 1, HASH, 64)
 ACKED_BATCHES_BEFORE_KILL = 12

@@ -15,7 +15,7 @@ import pytest
 from tests.fixtures.containers import machine_without_engine
 from tests.fixtures.project import expanded_extras
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CHECK = ROOT / "scripts" / "container-gpu-check.sh"
 REQUIREMENTS = ROOT / "docker" / "requirements.py"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

@@ -37,7 +37,7 @@ from tests.fixtures.project import (
 )
 from tests.fixtures.service import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
 IMAGES = ("serve", "serve-gpu", "train")
 TORCH_PACKAGES = ("torch", "torchvision", "open_clip_torch", "open-clip-torch")

@@ -3,8 +3,8 @@ training/README.md) hold together: every relative link and `#anchor` resolves, e
 the index and linked from the README, every repository path, `clipserve.*` module and `make`
 target they name exists, and "what CI proves" is told on one page.
 
-Other tests run what the pages say: the README's tour (tests/test_first_run.py), the install,
-start and image commands (tests/test_docker.py), the compose commands (tests/test_container_smoke.py).
+Other tests run what the pages say: the README's tour (tests/deploy/test_first_run.py), the install,
+start and image commands (tests/deploy/test_docker.py), the compose commands (tests/deploy/test_container_smoke.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 README_MAX_LINES = 200
 # Where the repository's own paths start, and the folder of each `clipserve.<room>` package.

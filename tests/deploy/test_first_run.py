@@ -27,7 +27,7 @@ import pytest
 
 from tests.fixtures.service import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SERVE_SH = ROOT / "scripts" / "serve.sh"
 VENV = Path(sys.executable).parent.parent
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -21,7 +21,7 @@ from clipserve.service.metrics import Metrics
 from tests.fixtures.containers import machine_without_engine
 from tests.fixtures.project import documented_commands
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = ROOT / "scripts" / "container-smoke.sh"
 SMOKE_CHECKS = ROOT / "scripts" / "container_smoke_checks.py"
 

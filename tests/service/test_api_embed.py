@@ -158,7 +158,7 @@ def test_the_service_never_imports_torch(tiny_repo: Path, service_redis_url: str
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -28,7 +28,7 @@ import yaml
 
 from clipserve.service.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 SCHEMA_FILE = ROOT / "tests" / "data" / "compose" / "compose-spec.json"
 NGINX_TEMPLATE = ROOT / "deploy" / "nginx.conf.template"

@@ -337,6 +337,6 @@ def test_import_pulls_in_neither_torch_nor_open_clip() -> None:
         "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'onnx'))\n"
         "print(heavy)\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
