@@ -12,11 +12,12 @@ from fastapi import APIRouter
 from clipserve.service.api.deps import RegistryDep
 from clipserve.service.api.schemas import ModelInfo, ModelList
 from clipserve.service.inference.engine import ModelEngine
+from clipserve.service.inference.task_engine import TaskEngine
 
 router = APIRouter(tags=["models"])
 
 
-def _model_info(engine: ModelEngine, model_id: str, **ours: Any) -> ModelInfo:
+def _model_info(engine: ModelEngine | TaskEngine, model_id: str, **ours: Any) -> ModelInfo:
     """One entry: OpenAI's `id`, `object`, `created` (the version's publish time) and `owned_by`,
     then the engine's description and `ours`."""
     created = int(datetime.fromisoformat(engine.manifest.created_at).timestamp())
@@ -40,5 +41,5 @@ async def list_models(registry: RegistryDep) -> ModelList:
         for m, why in registry.loaded()
         if why[:1] != ["serving"]
     ]
-    tasks = [ModelInfo(**m.describe(), default=False, status="serving") for m in registry.tasks()]
+    tasks = [_model_info(m, m.name, default=False, status="serving") for m in registry.tasks()]
     return ModelList(data=served + tasks + kept)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 
 import numpy as np
 
@@ -54,12 +53,8 @@ class TaskEngine:
         return f"{self.name}@{self.version}"
 
     def describe(self) -> dict:
-        """What `/v1/models` lists for it."""
+        """What `/v1/models` lists for it (the API adds OpenAI's own fields)."""
         return {
-            "id": self.name,
-            "object": "model",
-            "created": int(datetime.fromisoformat(self.manifest.created_at).timestamp()),
-            "owned_by": "clipserve",
             "name": self.name,
             "version": self.version,
             "dim": self.dim,
