@@ -37,6 +37,8 @@ from clipserve.service.inference.bulk import (
 from clipserve.service.inference.inputs import ImageFetcher
 
 log = logging.getLogger("clipserve.index")
+ACTORS_START_S = 600
+"""How long the inference actors may take to start (each loads the bundle) before the job fails."""
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,9 @@ def run_shards(
     import ray.data
 
     _quiet_libraries()
+    # The pool starts whole: every actor has loaded the bundle before the first shard is handed out, so
+    # shards spread over every actor (and node) from the start instead of going to the first one up.
+    ray.data.DataContext.get_current().wait_for_min_actors_s = ACTORS_START_S
     rows = [
         {"number": number, "items": json.dumps([item.to_json() for item in items])}
         for number, items in shards
