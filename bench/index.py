@@ -44,6 +44,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import cpu_name, photo  # noqa: E402
 
 from clipserve.contract.bundle import Bundle, ModelRepository  # noqa: E402
 from clipserve.contract.cli_settings import usable_cores, validated  # noqa: E402
@@ -54,38 +55,6 @@ MODELS = {
     "vitb32": (["--model", "ViT-B-32"], 384, 64),
     "student": (["--config", str(ROOT / "training" / "configs" / "shapes-student.json")], 4096, 256),
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def photo(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
-    """A JPEG with photo-like statistics: smooth shapes plus mild noise."""
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [
-        127
-        + 100
-        * np.sin(x / rng.uniform(20, 90) + rng.uniform(0, 6))
-        * np.cos(y / rng.uniform(20, 90) + rng.uniform(0, 6))
-        for _ in range(3)
-    ]
-    pixels = np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 3))
-    out = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
-    return out.getvalue()
 
 
 def write_corpus(folder: Path, count: int) -> None:

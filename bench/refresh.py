@@ -55,20 +55,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import cpu_name  # noqa: E402
 
 from clipserve.contract.bundle import ModelRepository  # noqa: E402
 from clipserve.contract.cli_settings import usable_cores  # noqa: E402
 
 LABELS = ["circle", "square", "triangle", "star", "cross", "ring", "heart", "arrow"]
 KINDS = ("search-text", "search-image", "write", "classify")
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def picture(seed: int, size: int = 64) -> bytes:

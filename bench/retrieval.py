@@ -21,7 +21,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_common import cpu_name
 
 from clipserve.contract.cli_settings import usable_cores
 from clipserve.service.stores import CollectionStore, IndexParams, ModelBinding
@@ -54,14 +54,6 @@ class Row:
     qps: float
     recall_at_10: float
     note: str = ""
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def unit_rows(array: np.ndarray) -> np.ndarray:

@@ -21,10 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -39,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench_common import cpu_name, photo  # noqa: E402
 
 from clipserve.contract.bundle import Bundle, ModelRepository  # noqa: E402
 from clipserve.contract.cli_settings import usable_cores  # noqa: E402
@@ -59,36 +58,6 @@ TEXTS = [
     "a diagram of a transformer network",
     "snow on the mountains at dusk",
 ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def photo(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
-    """A JPEG with photo-like statistics: smooth shapes plus mild noise."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    width, height = size
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    channels = [
-        127
-        + 100
-        * np.sin(x / rng.uniform(20, 90) + rng.uniform(0, 6))
-        * np.cos(y / rng.uniform(20, 90) + rng.uniform(0, 6))
-        for _ in range(3)
-    ]
-    pixels = np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 3))
-    out = io.BytesIO()
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
-    return out.getvalue()
 
 
 def ensure_bundle(repo: Path, name: str, export_args: list[str]) -> Bundle:

@@ -1,0 +1,40 @@
+"""What several benchmarks share: the machine's CPU in words, and photo-like test images. The
+benchmarks run as scripts (`python bench/NAME.py`), so this module is imported from their folder."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import platform
+from pathlib import Path
+
+import numpy as np
+
+
+def cpu_name() -> str:
+    """The CPU's model name, for the line every benchmark prints about its machine."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def photo(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
+    """A JPEG with photo-like statistics: smooth shapes plus mild noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = [
+        127
+        + 100
+        * np.sin(x / rng.uniform(20, 90) + rng.uniform(0, 6))
+        * np.cos(y / rng.uniform(20, 90) + rng.uniform(0, 6))
+        for _ in range(3)
+    ]
+    pixels = np.stack(channels, axis=-1) + rng.normal(0, 8, (height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
+    return out.getvalue()
