@@ -1,4 +1,4 @@
-"""What several benchmarks share: the machine's CPU in words, and photo-like test images. The
+"""What several benchmarks share: the machine's CPU in words, photo-like test images, a PostgreSQL. The
 benchmarks run as scripts (`python bench/NAME.py`), so this module is imported from their folder."""
 
 from __future__ import annotations
@@ -6,6 +6,10 @@ from __future__ import annotations
 import contextlib
 import io
 import platform
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +42,21 @@ def photo(seed: int, size: tuple[int, int] = (640, 480)) -> bytes:
     out = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(out, format="JPEG", quality=90)
     return out.getvalue()
+
+
+@contextlib.contextmanager
+def postgres(dsn: str | None) -> Iterator[str]:
+    """The PostgreSQL (with pgvector) at `dsn`, or one started for the run in a temporary folder."""
+    if dsn:
+        yield dsn
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import pgserver
+    pgdata = Path(tempfile.mkdtemp(prefix="clipserve-bench-pg-"))
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    try:
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(pgdata, ignore_errors=True)

@@ -51,7 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.retrieval import postgres as throwaway_postgres  # noqa: E402
+from bench_common import postgres as throwaway_postgres  # noqa: E402
+
 from bench.serve import TEXTS, cpu_name, ensure_bundle, photo, wait_ready  # noqa: E402
 from clipserve.contract.bundle import Bundle  # noqa: E402
 from clipserve.contract.cli_settings import usable_cores  # noqa: E402

@@ -44,9 +44,7 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +53,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench_common import cpu_name  # noqa: E402
+from bench_common import cpu_name, postgres  # noqa: E402
 
 from clipserve.contract.bundle import ModelRepository  # noqa: E402
 from clipserve.contract.cli_settings import usable_cores  # noqa: E402
@@ -98,23 +96,6 @@ def free_port() -> int:
 
 
 # Set-up: PostgreSQL, students, replicas ---------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def postgres(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-    pgdata = Path(tempfile.mkdtemp(prefix="clipserve-bench-pg-"))
-    server = pgserver.get_server(pgdata, cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 def train_student(work: Path, seed: int, args: argparse.Namespace) -> Path:

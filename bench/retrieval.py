@@ -27,7 +27,6 @@ import sys
 import tempfile
 import time
 import uuid
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_common import cpu_name
+from bench_common import cpu_name, postgres
 
 from clipserve.contract.cli_settings import usable_cores
 from clipserve.service.stores import CollectionStore, IndexParams, ModelBinding
@@ -85,23 +84,6 @@ def brute_force(vectors: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, l
         truth.append(top[np.argsort(-scores[top])])
         times.append(time.perf_counter() - started)
     return np.array(truth), times
-
-
-@contextlib.contextmanager
-def postgres(dsn: str | None) -> Iterator[str]:
-    if dsn:
-        yield dsn
-        return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pgserver
-    pgdata = Path(tempfile.mkdtemp(prefix="clipserve-bench-pg-"))
-    server = pgserver.get_server(pgdata, cleanup_mode="delete")
-    try:
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(pgdata, ignore_errors=True)
 
 
 @contextlib.contextmanager
